@@ -1,0 +1,261 @@
+//! `tidemark bench`: reproducible performance figures (docs/BENCHMARKS.md).
+//!
+//! `bench pull` serves N pages of M records (about 330 bytes each) from a
+//! static file server on loopback, each page naming the next one's URL, then
+//! times `tidemark pull` over them as a separate process, and, with `--dlt`,
+//! dlt's RESTClient walking the same pages (bench/dlt_pull.py, needs
+//! `pip install dlt`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::exit::Failure;
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum BenchCommand {
+    /// `tidemark pull` over static pages on loopback, optionally against dlt.
+    Pull(PullBench),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PullBench {
+    #[arg(long, default_value_t = 200)]
+    pub pages: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub page_size: usize,
+    #[arg(long, default_value_t = 330)]
+    pub record_bytes: usize,
+    /// Runs of each tool; the best run is reported, all runs are in --json.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Also run dlt's RESTClient (python3 with the `dlt` package).
+    #[arg(long)]
+    pub dlt: bool,
+    #[arg(long, default_value = "bench/dlt_pull.py")]
+    pub dlt_script: PathBuf,
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub tool: String,
+    pub records: u64,
+    pub seconds: f64,
+    pub records_per_sec: f64,
+    pub peak_rss_mib: Option<f64>,
+}
+
+pub async fn run(cmd: BenchCommand, out: &mut dyn Write) -> Result<(), Failure> {
+    match cmd {
+        BenchCommand::Pull(b) => pull_bench(&b, out).await,
+    }
+}
+
+fn record(i: usize, bytes: usize) -> String {
+    let head = format!(
+        r#"{{"id":"{:08x}-0000-4000-8000-{:012x}","updated_at":"2024-01-{:02}T{:02}:{:02}:{:02}Z","seq":{i},"name":"record {i}","status":"open","payload":""#,
+        i / 65536,
+        i,
+        1 + (i / 86400) % 28,
+        (i / 3600) % 24,
+        (i / 60) % 60,
+        i % 60
+    );
+    let pad = bytes.saturating_sub(head.len() + 2).max(1);
+    let filler: String = (0..pad)
+        .map(|k| (b'a' + ((i + k) % 26) as u8) as char)
+        .collect();
+    format!("{head}{filler}\"}}")
+}
+
+/// Write the pages; page k names page k+1 as its `next`.
+fn write_pages(dir: &Path, base: &str, b: &PullBench) -> std::io::Result<u64> {
+    std::fs::create_dir_all(dir.join("pages"))?;
+    let mut total = 0u64;
+    for p in 1..=b.pages {
+        let mut body = String::with_capacity(b.page_size * (b.record_bytes + 2) + 128);
+        body.push_str("{\"data\":[");
+        for r in 0..b.page_size {
+            if r > 0 {
+                body.push(',');
+            }
+            body.push_str(&record((p - 1) * b.page_size + r, b.record_bytes));
+        }
+        body.push_str("],\"next\":");
+        if p < b.pages {
+            body.push_str(&format!("\"{base}/pages/{}.json\"", p + 1));
+        } else {
+            body.push_str("null");
+        }
+        body.push('}');
+        total += body.len() as u64;
+        std::fs::write(dir.join("pages").join(format!("{p}.json")), body)?;
+    }
+    Ok(total)
+}
+
+async fn pull_bench(b: &PullBench, out: &mut dyn Write) -> Result<(), Failure> {
+    let dir = tempfile::tempdir().map_err(|e| Failure::runtime(e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| Failure::runtime(format!("cannot bind: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Failure::runtime(e.to_string()))?;
+    let base = format!("http://{addr}");
+    let bytes = write_pages(dir.path(), &base, b)
+        .map_err(|e| Failure::runtime(format!("cannot write pages: {e}")))?;
+    let app = axum::Router::new().fallback_service(tower_http::services::ServeDir::new(dir.path()));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let config = dir.path().join("bench.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "sources:\n  static: {{ base_url: \"{base}\" }}\nfeeds:\n  - name: bench\n    source: static\n    path: /pages/1.json\n    records: /data\n    pagination: {{ next_url: /next }}\n    key: /id\n"
+        ),
+    )
+    .map_err(|e| Failure::runtime(e.to_string()))?;
+    let exe = std::env::current_exe().map_err(|e| Failure::runtime(e.to_string()))?;
+    let expected = (b.pages * b.page_size) as u64;
+
+    let mut results: Vec<RunResult> = Vec::new();
+    for _ in 0..b.runs {
+        results.push(run_tidemark(&exe, &config, dir.path()).await?);
+    }
+    if b.dlt {
+        for _ in 0..b.runs {
+            results.push(run_dlt(b, &format!("{base}/pages/1.json")).await?);
+        }
+    }
+    server.abort();
+    for r in &results {
+        if r.records != expected {
+            return Err(Failure::runtime(format!(
+                "{} delivered {} records, expected {expected}",
+                r.tool, r.records
+            )));
+        }
+    }
+    let best = |tool: &str| {
+        results
+            .iter()
+            .filter(|r| r.tool == tool)
+            .max_by(|a, b| a.records_per_sec.total_cmp(&b.records_per_sec))
+            .cloned()
+    };
+    let tm = best("tidemark pull");
+    let dlt = best("dlt RESTClient");
+    if b.json {
+        let v = serde_json::json!({
+            "pages": b.pages, "page_size": b.page_size, "record_bytes": b.record_bytes,
+            "dataset_mib": bytes as f64 / 1048576.0, "runs": results,
+            "best": { "tidemark": tm, "dlt": dlt },
+            "ratio_vs_dlt": match (&tm, &dlt) { (Some(t), Some(d)) => Some(t.records_per_sec / d.records_per_sec), _ => None },
+        });
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&v).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let _ = writeln!(
+        out,
+        "pull benchmark: {} pages x {} records (~{} B each), {:.1} MiB, static files on loopback, best of {}",
+        b.pages,
+        b.page_size,
+        b.record_bytes,
+        bytes as f64 / 1048576.0,
+        b.runs
+    );
+    let _ = writeln!(
+        out,
+        "| tool | records | seconds | records/s | peak RSS MiB | vs dlt |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    for r in [tm, dlt.clone()].into_iter().flatten() {
+        let ratio = match &dlt {
+            Some(d) => format!("{:.2}x", r.records_per_sec / d.records_per_sec),
+            None => "-".into(),
+        };
+        let rss = r
+            .peak_rss_mib
+            .map(|m| format!("{m:.1}"))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.3} | {:.0} | {rss} | {ratio} |",
+            r.tool, r.records, r.seconds, r.records_per_sec
+        );
+    }
+    Ok(())
+}
+
+async fn run_tidemark(exe: &Path, config: &Path, dir: &Path) -> Result<RunResult, Failure> {
+    let stats = dir.join("stats.json");
+    let started = Instant::now();
+    let status = tokio::process::Command::new(exe)
+        .args(["pull", "--no-progress", "--feed", "bench", "--config"])
+        .arg(config)
+        .arg("--stats-json")
+        .arg(&stats)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .map_err(|e| Failure::runtime(format!("cannot run tidemark pull: {e}")))?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !status.success() {
+        return Err(Failure::runtime(format!("tidemark pull failed: {status}")));
+    }
+    let s: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&stats).map_err(|e| Failure::runtime(e.to_string()))?,
+    )
+    .map_err(|e| Failure::runtime(e.to_string()))?;
+    let records = s["records"].as_u64().unwrap_or(0);
+    Ok(RunResult {
+        tool: "tidemark pull".into(),
+        records,
+        seconds,
+        records_per_sec: records as f64 / seconds,
+        peak_rss_mib: s["peak_rss_bytes"].as_u64().map(|b| b as f64 / 1048576.0),
+    })
+}
+
+async fn run_dlt(b: &PullBench, url: &str) -> Result<RunResult, Failure> {
+    let started = Instant::now();
+    let output = tokio::process::Command::new(&b.python)
+        .arg(&b.dlt_script)
+        .arg(url)
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .map_err(|e| Failure::runtime(format!("cannot run {}: {e}", b.python)))?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !output.status.success() {
+        return Err(Failure::runtime(format!(
+            "{} failed ({}); is dlt installed? (pip install dlt)",
+            b.dlt_script.display(),
+            output.status
+        )));
+    }
+    let s: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| Failure::runtime(format!("dlt script printed no JSON summary: {e}")))?;
+    let records = s["records"].as_u64().unwrap_or(0);
+    Ok(RunResult {
+        tool: "dlt RESTClient".into(),
+        records,
+        seconds,
+        records_per_sec: records as f64 / seconds,
+        peak_rss_mib: s["peak_rss_kib"].as_f64().map(|k| k / 1024.0),
+    })
+}

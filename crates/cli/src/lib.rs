@@ -1,0 +1,8 @@
+//! The `tidemark` command line: each subcommand is a library function here
+//! so tests and benchmarks can call it; `main.rs` only parses flags.
+
+pub mod bench;
+pub mod exit;
+pub mod mockapi;
+pub mod pull;
+pub mod validate;

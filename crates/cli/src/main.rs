@@ -1,0 +1,170 @@
+//! The `tidemark` binary: parse flags, set up logging, call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tidemark::exit::Failure;
+use tidemark::{bench, mockapi, pull, validate};
+
+#[derive(Parser)]
+#[command(
+    name = "tidemark",
+    version,
+    about = "Sync records out of cursor-paginated HTTP APIs, resuming exactly where it stopped"
+)]
+struct Cli {
+    /// Log filter (also RUST_LOG), e.g. info or tidemark_source=debug.
+    #[arg(long, global = true, env = "TIDEMARK_LOG", default_value = "warn")]
+    log: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a config file: exit 0, or exit 2 printing file:line:col: field: reason.
+    Validate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Walk one chain of one feed and print its records as JSON Lines on stdout. No state.
+    Pull {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        feed: String,
+        /// Partition id (a partition value, or a window start); needed when the feed has several.
+        #[arg(long)]
+        partition: Option<String>,
+        /// Stop after this many pages.
+        #[arg(long)]
+        max_pages: Option<u64>,
+        /// Start at this time (RFC 3339, a date, or unix seconds) instead of start.from.
+        #[arg(long, conflicts_with = "cursor")]
+        from: Option<String>,
+        /// Start at this cursor (or next URL, page number, offset).
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Do not show the live progress line.
+        #[arg(long)]
+        no_progress: bool,
+        /// Also write the summary as JSON to this file.
+        #[arg(long)]
+        stats_json: Option<PathBuf>,
+    },
+    /// Serve the mock cursor API (every pagination style, with fault knobs).
+    MockApi {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        #[command(flatten)]
+        mock: tidemark_mock::MockArgs,
+    },
+    /// Benchmarks; results go to docs/BENCHMARKS.md.
+    Bench {
+        #[command(subcommand)]
+        which: bench::BenchCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log, cli.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {f}");
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<(), Failure> {
+    let mut stderr = std::io::stderr();
+    match command {
+        Command::Validate { config } => {
+            validate::run(&config, &mut std::io::stdout())?;
+        }
+        Command::Pull {
+            config,
+            feed,
+            partition,
+            max_pages,
+            from,
+            cursor,
+            no_progress,
+            stats_json,
+        } => {
+            let opts = pull::PullOptions {
+                config,
+                feed,
+                partition,
+                max_pages,
+                from,
+                cursor,
+                progress: !no_progress,
+                stats_json,
+            };
+            pull::run(&opts, Box::new(std::io::stdout()), &mut stderr).await?;
+        }
+        Command::MockApi { host, port, mock } => {
+            mockapi::run(&host, port, &mock, shutdown_signal(), &mut stderr).await?;
+        }
+        Command::Bench { which } => bench::run(which, &mut std::io::stdout()).await?,
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+fn init_tracing(filter: &str, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_new(filter).ok())
+        .unwrap_or_else(|| EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,381 @@
+//! `tidemark pull`: walk one chain of one feed and print its records as JSON
+//! Lines on stdout, with progress and a summary on stderr. No state: this is
+//! how a user checks that a feed config pages through their API.
+//!
+//! Fetching and writing overlap: a task fetches and reads page N+1 while a
+//! writer thread prints page N, with at most [`PIPELINE_PAGES`] pages in
+//! flight, so memory stays at a few pages whatever the size of the stream.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+use tidemark_core::config::{FeedConfig, Partition, load_file};
+use tidemark_core::pagination::{Next, Position, redact_query};
+use tidemark_core::timefmt::parse_timestamp;
+use tidemark_source::HttpSource;
+
+use crate::exit::Failure;
+
+/// Pages read ahead of the writer.
+pub const PIPELINE_PAGES: usize = 2;
+
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    pub config: PathBuf,
+    pub feed: String,
+    pub partition: Option<String>,
+    pub max_pages: Option<u64>,
+    /// Start at this time instead of the feed's `start.from`.
+    pub from: Option<String>,
+    /// Start at this cursor (or next URL, page, offset) instead of the start.
+    pub cursor: Option<String>,
+    /// Show a live progress line on stderr (only when it is a terminal).
+    pub progress: bool,
+    /// Also write the summary as JSON to this file.
+    pub stats_json: Option<PathBuf>,
+}
+
+/// How a pull ended.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    EndOfStream,
+    MaxPages,
+    OutputClosed,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PullSummary {
+    pub feed: String,
+    pub partition: String,
+    pub pages: u64,
+    pub records: u64,
+    pub bytes: u64,
+    pub elapsed_secs: f64,
+    pub records_per_sec: f64,
+    pub end: EndReason,
+    /// Where a next walk would start: the resume cursor at end of stream, or
+    /// the next position when stopped by --max-pages.
+    pub resume: Option<String>,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// A page's records as byte ranges of its body.
+struct Chunk {
+    body: Bytes,
+    spans: Vec<(usize, usize)>,
+}
+
+/// Run a pull, writing records to `out` and messages to `err`.
+pub async fn run(
+    opts: &PullOptions,
+    out: Box<dyn Write + Send>,
+    err: &mut (dyn Write + Send),
+) -> Result<PullSummary, Failure> {
+    let config = load_file(&opts.config).map_err(|e| Failure::usage(e.to_string()))?;
+    let feed = config.feed(&opts.feed).ok_or_else(|| {
+        let names: Vec<&str> = config.feeds.iter().map(|f| f.name.as_str()).collect();
+        Failure::usage(format!(
+            "no feed named {:?} in {}; feeds: {}",
+            opts.feed,
+            opts.config.display(),
+            names.join(", ")
+        ))
+    })?;
+    let source_cfg = config
+        .source_of(feed)
+        .ok_or_else(|| Failure::usage(format!("feed {} names an unknown source", feed.name)))?;
+    let partition = choose_partition(feed, opts.partition.as_deref())?;
+    let paginator = feed
+        .paginator(source_cfg, &partition)
+        .map_err(Failure::usage)?;
+    let source =
+        HttpSource::new(&feed.source, source_cfg).map_err(|e| Failure::usage(e.to_string()))?;
+    let mut pos = match (&opts.cursor, &opts.from) {
+        (Some(_), Some(_)) => return Err(Failure::usage("--cursor and --from exclude each other")),
+        (Some(c), None) => Position::At(c.clone()),
+        (None, Some(t)) => Position::Start {
+            from: Some(parse_timestamp(t).map_err(|e| Failure::usage(format!("--from: {e}")))?),
+        },
+        (None, None) => feed.start_position(&partition).map_err(Failure::usage)?,
+    };
+
+    let (tx, rx) = mpsc::sync_channel::<Chunk>(PIPELINE_PAGES);
+    let writer = std::thread::spawn(move || write_records(out, rx));
+
+    let started = Instant::now();
+    let show_progress = opts.progress && std::io::stderr().is_terminal();
+    let mut last_progress = Instant::now();
+    let (mut pages, mut records, mut bytes) = (0u64, 0u64, 0u64);
+    let mut end = EndReason::EndOfStream;
+    let mut resume: Option<String> = None;
+    let failure = loop {
+        if opts.max_pages.is_some_and(|m| pages >= m) {
+            end = EndReason::MaxPages;
+            resume = match &pos {
+                Position::At(c) => Some(c.clone()),
+                Position::Start { .. } => None,
+            };
+            break None;
+        }
+        let req = match paginator.request(&pos) {
+            Ok(r) => r,
+            Err(e) => {
+                break Some(format!(
+                    "cannot build the request at {}: {e}",
+                    describe(&pos)
+                ));
+            }
+        };
+        let page = match source.fetch(&req).await {
+            Ok(p) => p,
+            Err(e) => {
+                break Some(format!(
+                    "page {} ({}): {e}",
+                    pages + 1,
+                    redact_query(&req.url)
+                ));
+            }
+        };
+        let body = page.body.clone();
+        let read = match paginator.read(&pos, &req, &page, &body) {
+            Ok(r) => r,
+            Err(e) => {
+                break Some(format!(
+                    "page {} ({}): {e}",
+                    pages + 1,
+                    redact_query(&req.url)
+                ));
+            }
+        };
+        let base = body.as_ptr() as usize;
+        let spans: Vec<(usize, usize)> = read
+            .records
+            .iter()
+            .map(|r| {
+                let start = r.get().as_ptr() as usize - base;
+                (start, start + r.get().len())
+            })
+            .collect();
+        pages += 1;
+        records += spans.len() as u64;
+        bytes += body.len() as u64;
+        let next = read.next;
+        if tx.send(Chunk { body, spans }).is_err() {
+            end = EndReason::OutputClosed;
+            break None;
+        }
+        if show_progress && last_progress.elapsed() >= Duration::from_millis(250) {
+            last_progress = Instant::now();
+            let rate = records as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            let _ = write!(
+                err,
+                "\r{}: {pages} pages, {records} records ({rate:.0} records/s)   ",
+                feed.name
+            );
+        }
+        match next {
+            Next::More(c) => pos = Position::At(c),
+            Next::End { resume: r } => {
+                resume = r;
+                break None;
+            }
+        }
+    };
+    drop(tx);
+    let write_result = writer
+        .join()
+        .map_err(|_| Failure::runtime("the output thread panicked"))?;
+    if show_progress {
+        let _ = write!(err, "\r\x1b[2K");
+    }
+    if let Err(e) = write_result {
+        return Err(Failure::runtime(format!("cannot write records: {e}")));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    if let Some(message) = failure {
+        let _ = writeln!(
+            err,
+            "tidemark pull: feed {} partition {}: {pages} page(s), {records} record(s) printed before the error; the failed page was not printed (retry from: {})",
+            feed.name,
+            partition.id,
+            describe(&pos)
+        );
+        return Err(Failure::runtime(format!("feed {}: {message}", feed.name)));
+    }
+    let summary = PullSummary {
+        feed: feed.name.clone(),
+        partition: partition.id.clone(),
+        pages,
+        records,
+        bytes,
+        elapsed_secs: elapsed,
+        records_per_sec: records as f64 / elapsed.max(1e-9),
+        end,
+        resume,
+        peak_rss_bytes: peak_rss_bytes(),
+    };
+    let _ = writeln!(err, "{}", summary_line(&summary));
+    if let Some(path) = &opts.stats_json {
+        let json =
+            serde_json::to_vec_pretty(&summary).map_err(|e| Failure::runtime(e.to_string()))?;
+        std::fs::write(path, json)
+            .map_err(|e| Failure::runtime(format!("cannot write {}: {e}", path.display())))?;
+    }
+    Ok(summary)
+}
+
+fn choose_partition(feed: &FeedConfig, wanted: Option<&str>) -> Result<Partition, Failure> {
+    let all = feed
+        .partitions(chrono::Utc::now())
+        .map_err(Failure::usage)?;
+    let ids = || {
+        all.iter()
+            .map(|p| p.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match wanted {
+        Some(w) => all.iter().find(|p| p.id == w).cloned().ok_or_else(|| {
+            Failure::usage(format!(
+                "feed {} has no partition {w:?}; partitions: {}",
+                feed.name,
+                ids()
+            ))
+        }),
+        None if all.len() == 1 => Ok(all[0].clone()),
+        None => Err(Failure::usage(format!(
+            "feed {} has {} partitions ({}); choose one with --partition",
+            feed.name,
+            all.len(),
+            ids()
+        ))),
+    }
+}
+
+fn describe(pos: &Position) -> String {
+    match pos {
+        Position::Start { from: Some(t) } => format!("the start ({t})"),
+        Position::Start { from: None } => "the start".to_string(),
+        Position::At(c) if c.starts_with("http://") || c.starts_with("https://") => {
+            match url::Url::parse(c) {
+                Ok(u) => format!("--cursor '{}'", redact_query(&u)),
+                Err(_) => "a next URL".to_string(),
+            }
+        }
+        Position::At(c) => format!("--cursor '{c}'"),
+    }
+}
+
+fn summary_line(s: &PullSummary) -> String {
+    let end = match s.end {
+        EndReason::EndOfStream => "end of stream".to_string(),
+        EndReason::MaxPages => "stopped at --max-pages".to_string(),
+        EndReason::OutputClosed => "output closed".to_string(),
+    };
+    let mut line = format!(
+        "tidemark pull: feed {} partition {}: {} pages, {} records, {:.1} MiB in {:.3}s ({:.0} records/s), {end}",
+        s.feed,
+        s.partition,
+        s.pages,
+        s.records,
+        s.bytes as f64 / (1024.0 * 1024.0),
+        s.elapsed_secs,
+        s.records_per_sec,
+    );
+    if let Some(r) = &s.resume {
+        let shown = match url::Url::parse(r) {
+            Ok(u) if r.starts_with("http") => redact_query(&u),
+            _ => r.clone(),
+        };
+        line.push_str(&format!("; next cursor: {shown}"));
+    }
+    if let Some(rss) = s.peak_rss_bytes {
+        line.push_str(&format!(
+            "; peak RSS {:.1} MiB",
+            rss as f64 / (1024.0 * 1024.0)
+        ));
+    }
+    line
+}
+
+/// Print every record on its own line. A closed pipe (`| head`) ends quietly.
+fn write_records(out: Box<dyn Write + Send>, rx: mpsc::Receiver<Chunk>) -> std::io::Result<()> {
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
+    let mut compact = Vec::new();
+    for chunk in rx {
+        for (a, b) in chunk.spans {
+            let rec = &chunk.body[a..b];
+            let res = if memchr::memchr2(b'\n', b'\r', rec).is_some() {
+                compact.clear();
+                compact_json(rec, &mut compact);
+                w.write_all(&compact).and_then(|_| w.write_all(b"\n"))
+            } else {
+                w.write_all(rec).and_then(|_| w.write_all(b"\n"))
+            };
+            match res {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    match w.flush() {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+/// Drop whitespace outside strings, so a pretty-printed record fits one line.
+/// Inside strings JSON has no raw newlines, so the bytes there are kept as is.
+pub fn compact_json(input: &[u8], out: &mut Vec<u8>) {
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in input {
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+            if b == b'"' {
+                in_string = true;
+            }
+            out.push(b);
+        }
+    }
+}
+
+/// Peak resident set size of this process (Linux; None elsewhere).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compact_json;
+
+    #[test]
+    fn compacting_keeps_strings_intact() {
+        let mut out = Vec::new();
+        compact_json(
+            b"{\n  \"a b\": \"x \\\" \\n y\",\n  \"n\": [1, 2]\n}",
+            &mut out,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"a b":"x \" \n y","n":[1,2]}"#
+        );
+    }
+}

@@ -1,0 +1,1 @@
+//! Checkpoints: the stored state of a job, with a checked advance. (being written)

@@ -1,0 +1,130 @@
+//! What a validated feed means at run time: its pagination spec, its start
+//! point and its partitions.
+
+use chrono::{DateTime, Utc};
+
+use super::{FeedConfig, PaginationSpec, SourceConfig, StartConfig};
+use crate::pagination::{Paginator, Position};
+use crate::timefmt::{TimeFormat, parse_timestamp};
+
+/// The partition id of a feed without partitions.
+pub const DEFAULT_PARTITION: &str = "all";
+
+/// One independent slice of a feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    /// Stable id: the partition value, the window start (RFC 3339), or `all`.
+    pub id: String,
+    /// Parameters sent with every request of this partition.
+    pub params: Vec<(String, String)>,
+    /// Overrides the feed's `start.from` (time windows).
+    pub from: Option<DateTime<Utc>>,
+}
+
+impl FeedConfig {
+    /// The pagination spec of the main (or bulk) walk. Call on validated configs.
+    pub fn pagination_spec(&self) -> Result<PaginationSpec, String> {
+        PaginationSpec::resolve(&self.pagination, self.records.as_ref()).map_err(join)
+    }
+
+    /// The start block in force: the feed's, or the one its preset implies.
+    pub fn effective_start(&self) -> Option<StartConfig> {
+        self.start.clone().or_else(|| {
+            PaginationSpec::resolve(&self.pagination, self.records.as_ref())
+                .ok()
+                .and_then(|s| s.preset)
+                .and_then(|p| p.default_start())
+        })
+    }
+
+    /// The partitions of this feed. Time windows end at `windows.to` or `now`.
+    pub fn partitions(&self, now: DateTime<Utc>) -> Result<Vec<Partition>, String> {
+        let Some(p) = &self.partitions else {
+            return Ok(vec![Partition {
+                id: DEFAULT_PARTITION.into(),
+                params: vec![],
+                from: None,
+            }]);
+        };
+        if let (Some(param), Some(values)) = (&p.param, &p.values) {
+            return Ok(values
+                .iter()
+                .map(|v| Partition {
+                    id: v.clone(),
+                    params: vec![(param.clone(), v.clone())],
+                    from: None,
+                })
+                .collect());
+        }
+        let Some(w) = &p.windows else {
+            return Err("partitions: set values (with param) or windows".into());
+        };
+        let fmt = self
+            .effective_start()
+            .map(|s| s.format)
+            .unwrap_or(TimeFormat::Iso8601);
+        let from = parse_timestamp(&w.from)?;
+        let to = match &w.to {
+            Some(t) => parse_timestamp(t)?,
+            None => now,
+        };
+        let step = chrono::Duration::from_std(w.every.std()).map_err(|e| e.to_string())?;
+        if step <= chrono::Duration::zero() {
+            return Err("partitions.windows.every must be above 0".into());
+        }
+        let mut out = Vec::new();
+        let mut t = from;
+        while t < to {
+            let end = (t + step).min(to);
+            out.push(Partition {
+                id: t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                params: vec![(w.end_param.clone(), fmt.format(end))],
+                from: Some(t),
+            });
+            t = end;
+        }
+        Ok(out)
+    }
+
+    /// The position a fresh chain of `partition` starts at.
+    pub fn start_position(&self, partition: &Partition) -> Result<Position, String> {
+        let from = match partition.from {
+            Some(f) => Some(f),
+            None => match self.effective_start().and_then(|s| s.from) {
+                Some(s) => Some(parse_timestamp(&s)?),
+                None => None,
+            },
+        };
+        Ok(Position::Start { from })
+    }
+
+    /// A paginator for `partition` of this feed on `source`.
+    pub fn paginator(
+        &self,
+        source: &SourceConfig,
+        partition: &Partition,
+    ) -> Result<Paginator, String> {
+        let spec = self.pagination_spec()?;
+        let mut params: Vec<(String, String)> = self
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        params.extend(partition.params.iter().cloned());
+        Ok(Paginator::new(
+            &source.base_url,
+            &self.path,
+            spec,
+            params,
+            self.effective_start().as_ref(),
+        ))
+    }
+}
+
+fn join(problems: Vec<(String, String)>) -> String {
+    problems
+        .into_iter()
+        .map(|(p, r)| format!("{p}: {r}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}

@@ -1,0 +1,532 @@
+//! Loading a config file: parse, then validate, and report every problem as
+//! `file:line:col: field.path: reason`.
+//!
+//! serde (with `deny_unknown_fields`) catches unknown fields, missing fields
+//! and wrong types, and serde_yaml_ng tells where. Everything else (unknown
+//! sources, duplicate feed names, pointers, presets, durations in context)
+//! is checked afterwards on the typed config; to point at the right line for
+//! those, a second parse with yaml-rust2 records where every node starts,
+//! keyed by the same field paths serde_path_to_error produces.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::Marker;
+
+use super::{Config, FeedConfig, Mode, PaginationSpec, Preset};
+use crate::timefmt::parse_timestamp;
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    /// e.g. `feeds[1].pagination.next_cursor`
+    pub path: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = if self.path.is_empty() {
+            "(top level)"
+        } else {
+            &self.path
+        };
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file, self.line, self.col, path, self.reason
+        )
+    }
+}
+
+/// Every problem found, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Read and validate a config file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: name.clone(),
+            line: 0,
+            col: 0,
+            path: String::new(),
+            reason: format!("cannot read the file: {e}"),
+        }])
+    })?;
+    load_str(&name, &text)
+}
+
+/// Parse and validate config text; `file` names it in errors.
+pub fn load_str(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+    let index = Locations::build(text);
+    let err = |path: String, reason: String, at: Option<(usize, usize)>| {
+        let (line, col) = at.unwrap_or_else(|| index.find(&path));
+        ConfigError {
+            file: file.to_string(),
+            line,
+            col,
+            path,
+            reason,
+        }
+    };
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    let config: Config = match serde_path_to_error::deserialize(de) {
+        Ok(c) => c,
+        Err(e) => {
+            let path = clean_path(&e.path().to_string());
+            let inner = e.into_inner();
+            let reason = strip_location(&inner.to_string());
+            let reason = strip_path_prefix(&reason, &path);
+            // serde_yaml_ng puts custom errors (a bad pointer, a bad duration)
+            // at the enclosing mapping; the value's own place is more useful.
+            let at = match index.at.get(&path) {
+                Some(l)
+                    if !reason.starts_with("unknown field")
+                        && !reason.starts_with("missing field") =>
+                {
+                    Some(*l)
+                }
+                _ => inner.location().map(|l| (l.line(), l.column())),
+            };
+            // A document that is empty or only comments deserialises as an error "EOF".
+            if text
+                .trim()
+                .lines()
+                .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+            {
+                return Ok(Config {
+                    sources: Default::default(),
+                    feeds: Vec::new(),
+                });
+            }
+            return Err(ConfigErrors(vec![err(path, reason, at)]));
+        }
+    };
+    let problems = validate(&config);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        let mut errors: Vec<ConfigError> =
+            problems.into_iter().map(|(p, r)| err(p, r, None)).collect();
+        errors.sort_by_key(|e| (e.line, e.col));
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn clean_path(p: &str) -> String {
+    if p == "." {
+        String::new()
+    } else {
+        p.to_string()
+    }
+}
+
+/// serde_yaml_ng prefixes messages with the path of the enclosing mapping;
+/// the path is printed separately, so drop it.
+fn strip_path_prefix(reason: &str, path: &str) -> String {
+    if let Some((head, rest)) = reason.split_once(": ")
+        && !head.contains(' ')
+        && path.starts_with(head)
+    {
+        return rest.to_string();
+    }
+    reason.to_string()
+}
+
+fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) if msg[i..].contains(" column ") => msg[..i].to_string(),
+        _ => msg.to_string(),
+    }
+}
+
+/// Semantic checks on a parsed config: `(field path, reason)` pairs.
+pub fn validate(config: &Config) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (name, s) in &config.sources {
+        let at = format!("sources.{name}");
+        if !matches!(s.base_url.scheme(), "http" | "https") {
+            out.push((
+                format!("{at}.base_url"),
+                "must be an http:// or https:// URL".into(),
+            ));
+        }
+        if s.base_url.cannot_be_a_base() || s.base_url.host_str().is_none() {
+            out.push((
+                format!("{at}.base_url"),
+                "must be an absolute URL with a host".into(),
+            ));
+        }
+        if let Some(auth) = &s.auth {
+            let n = [
+                auth.bearer.is_some(),
+                auth.basic.is_some(),
+                auth.api_key.is_some(),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
+            if n != 1 {
+                out.push((
+                    format!("{at}.auth"),
+                    "set exactly one of bearer, basic or api_key".into(),
+                ));
+            }
+            if let Some(k) = &auth.api_key
+                && k.header.is_some() == k.query.is_some()
+            {
+                out.push((
+                    format!("{at}.auth.api_key"),
+                    "set exactly one of header (a header name) or query (a query parameter name)"
+                        .into(),
+                ));
+            }
+            for secret in auth.secrets() {
+                if secret.variables().is_err() {
+                    out.push((
+                        format!("{at}.auth"),
+                        "an unclosed ${ in a secret (write ${VAR})".into(),
+                    ));
+                }
+            }
+        }
+        if let Some(rl) = &s.rate_limit
+            && !(rl.per_second.is_finite() && rl.per_second > 0.0)
+        {
+            out.push((
+                format!("{at}.rate_limit.per_second"),
+                "must be a number above 0".into(),
+            ));
+        }
+        if s.max_body_bytes == Some(0) {
+            out.push((format!("{at}.max_body_bytes"), "must be above 0".into()));
+        }
+        if let Some(r) = &s.retry
+            && r.max_attempts == 0
+        {
+            out.push((
+                format!("{at}.retry.max_attempts"),
+                "must be at least 1 (1 = no retries)".into(),
+            ));
+        }
+        if s.timeout.is_some_and(|t| t.std().is_zero()) {
+            out.push((format!("{at}.timeout"), "must be above 0".into()));
+        }
+        for (h, v) in &s.headers {
+            if v.variables().is_err() {
+                out.push((
+                    format!("{at}.headers.{h}"),
+                    "an unclosed ${ (write ${VAR})".into(),
+                ));
+            }
+        }
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, feed) in config.feeds.iter().enumerate() {
+        let at = format!("feeds[{i}]");
+        if feed.name.trim().is_empty() {
+            out.push((format!("{at}.name"), "must not be empty".into()));
+        } else if !feed
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+        {
+            out.push((
+                format!("{at}.name"),
+                "may hold only letters, digits, '_' and '-' (it becomes part of routing keys)"
+                    .into(),
+            ));
+        }
+        if let Some(first) = seen.insert(&feed.name, i) {
+            out.push((
+                format!("{at}.name"),
+                format!("two feeds are named {:?} (feeds[{first}] and feeds[{i}]); names must be unique", feed.name),
+            ));
+        }
+        if !config.sources.contains_key(&feed.source) {
+            let known: Vec<&str> = config.sources.keys().map(String::as_str).collect();
+            out.push((
+                format!("{at}.source"),
+                format!(
+                    "unknown source {:?}; defined sources: {}",
+                    feed.source,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        validate_feed(feed, &at, &mut out);
+    }
+    out
+}
+
+fn validate_feed(feed: &FeedConfig, at: &str, out: &mut Vec<(String, String)>) {
+    let spec = PaginationSpec::resolve(&feed.pagination, feed.records.as_ref());
+    if let Err(problems) = &spec {
+        out.extend(
+            problems
+                .iter()
+                .map(|(p, r)| (format!("{at}.{p}"), r.clone())),
+        );
+    }
+    if let Some(start) = &feed.start
+        && let Some(from) = &start.from
+        && let Err(e) = parse_timestamp(from)
+    {
+        out.push((format!("{at}.start.from"), e));
+    }
+    match (&feed.incremental, feed.mode) {
+        (Some(_), m) if m != Mode::BulkThenIncremental => out.push((
+            format!("{at}.incremental"),
+            "an incremental block only applies to mode: bulk_then_incremental".into(),
+        )),
+        (Some(inc), _) => {
+            let records = inc.records.as_ref().or(feed.records.as_ref()).cloned().or_else(|| {
+                spec.as_ref().ok().map(|s| s.records.clone())
+            });
+            if let Err(problems) = PaginationSpec::resolve(&inc.pagination, records.as_ref()) {
+                out.extend(problems.iter().map(|(p, r)| (format!("{at}.incremental.{p}"), r.clone())));
+            }
+            if let Some(start) = &inc.start
+                && let Some(from) = &start.from
+            {
+                out.push((
+                    format!("{at}.incremental.start.from"),
+                    format!("not used: incremental syncs start from T0 - lag (got {from:?}); remove it"),
+                ));
+            }
+            if inc.start.is_none() && feed.start.is_none() {
+                out.push((
+                    format!("{at}.incremental.start"),
+                    "missing: the parameter that carries the updated-since time (e.g. { param: updatedSince, format: iso8601 })".into(),
+                ));
+            }
+        }
+        (None, Mode::BulkThenIncremental) => out.push((
+            format!("{at}.incremental"),
+            "missing: mode bulk_then_incremental needs an incremental block (params, start, pagination) for the syncs after the bulk walk".into(),
+        )),
+        (None, _) => {}
+    }
+    if feed.every.is_some_and(|d| d.std().is_zero()) {
+        out.push((format!("{at}.every"), "must be above 0".into()));
+    }
+    if let Some(p) = &feed.partitions {
+        match (&p.values, &p.windows) {
+            (Some(values), None) => {
+                if p.param.is_none() {
+                    out.push((
+                        format!("{at}.partitions.param"),
+                        "missing: the parameter that carries the partition value".into(),
+                    ));
+                }
+                if values.is_empty() {
+                    out.push((
+                        format!("{at}.partitions.values"),
+                        "must list at least one value".into(),
+                    ));
+                }
+                let mut seen = std::collections::HashSet::new();
+                for (j, v) in values.iter().enumerate() {
+                    if !seen.insert(v) {
+                        out.push((
+                            format!("{at}.partitions.values[{j}]"),
+                            format!("{v:?} is listed twice"),
+                        ));
+                    }
+                }
+            }
+            (None, Some(w)) => {
+                if p.param.is_some() {
+                    out.push((
+                        format!("{at}.partitions.param"),
+                        "not used with windows: the window start goes in start.param and its end in windows.end_param".into(),
+                    ));
+                }
+                if feed.start.is_none()
+                    && !matches!(
+                        spec.as_ref().ok().and_then(|s| s.preset),
+                        Some(Preset::ZendeskCursor)
+                    )
+                {
+                    out.push((
+                        format!("{at}.start"),
+                        "missing: time windows need start.param, the parameter that carries each window's start".into(),
+                    ));
+                }
+                if let Err(e) = parse_timestamp(&w.from) {
+                    out.push((format!("{at}.partitions.windows.from"), e));
+                }
+                if let Some(to) = &w.to
+                    && let Err(e) = parse_timestamp(to)
+                {
+                    out.push((format!("{at}.partitions.windows.to"), e));
+                }
+                if w.every.std().is_zero() {
+                    out.push((
+                        format!("{at}.partitions.windows.every"),
+                        "must be above 0".into(),
+                    ));
+                }
+            }
+            _ => out.push((
+                format!("{at}.partitions"),
+                "set exactly one of values (with param) or windows".into(),
+            )),
+        }
+    }
+}
+
+/// Where each node of the document starts, by field path.
+struct Locations {
+    at: HashMap<String, (usize, usize)>,
+}
+
+impl Locations {
+    fn build(text: &str) -> Self {
+        let mut rec = Recorder {
+            at: HashMap::new(),
+            stack: Vec::new(),
+        };
+        let mut parser = Parser::new_from_str(text);
+        // A syntax error is reported by serde; partial locations are still useful.
+        let _ = parser.load(&mut rec, false);
+        Locations { at: rec.at }
+    }
+
+    /// The location of `path`, or of its nearest ancestor that exists.
+    fn find(&self, path: &str) -> (usize, usize) {
+        let mut p = path.to_string();
+        loop {
+            if let Some(l) = self.at.get(&p) {
+                return *l;
+            }
+            match p.rfind(['.', '[']) {
+                Some(i) => p.truncate(i),
+                None => return self.at.get("").copied().unwrap_or((1, 1)),
+            }
+        }
+    }
+}
+
+enum Frame {
+    /// `key` is the pending key and where it was written; `unplaced` is set
+    /// while the mapping's own path still needs a location (its first key's).
+    Map {
+        path: String,
+        key: Option<(String, (usize, usize))>,
+        unplaced: bool,
+    },
+    Seq {
+        path: String,
+        next: usize,
+    },
+}
+
+struct Recorder {
+    at: HashMap<String, (usize, usize)>,
+    stack: Vec<Frame>,
+}
+
+impl Recorder {
+    /// The path of a node that starts now (and, for a mapping value, where
+    /// its key was written), advancing the parent's state. `None`: the node
+    /// is a key.
+    fn child_path(
+        &mut self,
+        scalar: Option<&str>,
+        loc: (usize, usize),
+    ) -> Option<(String, Option<(usize, usize)>)> {
+        match self.stack.last_mut() {
+            None => Some((String::new(), None)),
+            Some(Frame::Seq { path, next }) => {
+                let p = format!("{path}[{next}]");
+                *next += 1;
+                Some((p, None))
+            }
+            Some(Frame::Map {
+                path,
+                key,
+                unplaced,
+            }) => match key.take() {
+                Some((k, key_loc)) => Some((
+                    if path.is_empty() {
+                        k
+                    } else {
+                        format!("{path}.{k}")
+                    },
+                    Some(key_loc),
+                )),
+                None => {
+                    if *unplaced {
+                        *unplaced = false;
+                        self.at.entry(path.clone()).or_insert(loc);
+                    }
+                    *key = Some((scalar.unwrap_or("?").to_string(), loc));
+                    None
+                }
+            },
+        }
+    }
+}
+
+impl MarkedEventReceiver for Recorder {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        let loc = (mark.line(), mark.col() + 1);
+        match ev {
+            Event::Scalar(value, ..) => {
+                if let Some((p, _)) = self.child_path(Some(&value), loc) {
+                    self.at.entry(p).or_insert(loc);
+                }
+            }
+            Event::Alias(_) => {
+                self.child_path(None, loc);
+            }
+            // A collection is located at its key when it has one, else at its first key.
+            Event::MappingStart(..) => {
+                let (p, key_loc) = self.child_path(None, loc).unwrap_or_default();
+                if let Some(l) = key_loc {
+                    self.at.entry(p.clone()).or_insert(l);
+                }
+                self.stack.push(Frame::Map {
+                    path: p,
+                    key: None,
+                    unplaced: key_loc.is_none(),
+                });
+            }
+            Event::SequenceStart(..) => {
+                let (p, key_loc) = self.child_path(None, loc).unwrap_or_default();
+                self.at.entry(p.clone()).or_insert(key_loc.unwrap_or(loc));
+                self.stack.push(Frame::Seq { path: p, next: 0 });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The feed config: the user-facing contract of DESIGN.md ("Feed config").
+//!
+//! Types here mirror the YAML one to one and reject unknown fields. Loading
+//! ([`load`]) parses, then validates everything that serde cannot check
+//! (references between sections, pointers, presets, mixed pagination
+//! styles), and reports each problem as `file:line:col: field.path: reason`.
+
+mod feed;
+mod load;
+mod preset;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use url::Url;
+
+use crate::duration::Duration;
+use crate::pointer::JsonPointer;
+use crate::secret::Secret;
+use crate::timefmt::TimeFormat;
+
+pub use feed::{DEFAULT_PARTITION, Partition};
+pub use load::{ConfigError, ConfigErrors, load_file, load_str, validate};
+pub use preset::{CursorFrom, NextUrlFrom, PageStyle, PaginationSpec, Preset, Strategy};
+
+/// Default maximum size of one response body.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// Default request timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A whole config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceConfig>,
+    #[serde(default)]
+    pub feeds: Vec<FeedConfig>,
+}
+
+impl Config {
+    pub fn feed(&self, name: &str) -> Option<&FeedConfig> {
+        self.feeds.iter().find(|f| f.name == name)
+    }
+    pub fn source_of(&self, feed: &FeedConfig) -> Option<&SourceConfig> {
+        self.sources.get(&feed.source)
+    }
+}
+
+/// One API host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub base_url: Url,
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Timeout of one request, connect to last body byte. Default 30s.
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+    /// Extra headers sent with every request (values may hold `${VAR}`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+    /// Largest response body accepted, in bytes. Default 64 MiB.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+}
+
+impl SourceConfig {
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout.unwrap_or(DEFAULT_TIMEOUT).std()
+    }
+    pub fn max_body_bytes(&self) -> u64 {
+        self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES)
+    }
+    pub fn retry(&self) -> RetryConfig {
+        self.retry.clone().unwrap_or_default()
+    }
+}
+
+/// How requests authenticate: exactly one of `bearer`, `basic`, `api_key`.
+/// Every secret may be a `${VAR}` reference.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `Authorization: Bearer <token>`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer: Option<Secret>,
+    /// `Authorization: Basic base64(username:password)`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic: Option<BasicAuth>,
+    /// A key in a header (`header: X-Api-Key`) or a query parameter (`query: api_key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<ApiKeyAuth>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    pub username: Secret,
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyAuth {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    pub value: Secret,
+}
+
+impl AuthConfig {
+    /// Every secret this auth holds.
+    pub fn secrets(&self) -> Vec<&Secret> {
+        let mut v = Vec::new();
+        if let Some(b) = &self.bearer {
+            v.push(b);
+        }
+        if let Some(b) = &self.basic {
+            v.push(&b.username);
+            v.push(&b.password);
+        }
+        if let Some(k) = &self.api_key {
+            v.push(&k.value);
+        }
+        v
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub per_second: f64,
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// Retries of one request inside the HTTP client (timeouts, 5xx, 429).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts in total, the first included. 1 disables retries.
+    pub max_attempts: u32,
+    /// First backoff; doubles each attempt, with full jitter.
+    pub base_delay: Duration,
+    /// Largest backoff between two attempts.
+    pub max_delay: Duration,
+    /// Largest Retry-After honoured; a longer one is capped to this.
+    pub max_retry_after: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(300),
+        }
+    }
+}
+
+/// One stream of records from a source.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedConfig {
+    pub name: String,
+    pub source: String,
+    pub path: String,
+    #[serde(default, deserialize_with = "scalar_map")]
+    pub params: BTreeMap<String, String>,
+    /// JSON pointer to the array of records; `""` means the body is the array.
+    /// Presets supply one where their seed fixes it.
+    #[serde(default)]
+    pub records: Option<JsonPointer>,
+    #[serde(default)]
+    pub pagination: PaginationConfig,
+    pub key: JsonPointer,
+    #[serde(default)]
+    pub version: Option<JsonPointer>,
+    #[serde(default)]
+    pub start: Option<StartConfig>,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub incremental: Option<IncrementalConfig>,
+    #[serde(default)]
+    pub every: Option<Duration>,
+    #[serde(default)]
+    pub lag: Option<Duration>,
+    #[serde(default)]
+    pub partitions: Option<PartitionsConfig>,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+}
+
+/// The pagination block as written. A preset fills the fields left unset.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaginationConfig {
+    #[serde(default)]
+    pub preset: Option<String>,
+    #[serde(default)]
+    pub cursor_param: Option<String>,
+    /// A body pointer, `link:next`, `header:NAME` or `last_record:/pointer`.
+    #[serde(default)]
+    pub next_cursor: Option<String>,
+    /// A body pointer to the full URL of the next page, or `link:next`.
+    #[serde(default)]
+    pub next_url: Option<String>,
+    /// Body pointer to the cursor of the page just read (seed 001's `Self`).
+    #[serde(default)]
+    pub self_cursor: Option<JsonPointer>,
+    #[serde(default)]
+    pub has_more: Option<JsonPointer>,
+    #[serde(default)]
+    pub end_of_stream: Option<JsonPointer>,
+    /// End the stream at a page with no records even if more is claimed.
+    #[serde(default)]
+    pub stop_on_empty_page: Option<bool>,
+    #[serde(default)]
+    pub page_param: Option<String>,
+    #[serde(default)]
+    pub first_page: Option<u64>,
+    #[serde(default)]
+    pub offset_param: Option<String>,
+    #[serde(default)]
+    pub page_size_param: Option<String>,
+    #[serde(default)]
+    pub page_size: Option<u64>,
+    #[serde(default)]
+    pub total_pages: Option<JsonPointer>,
+    #[serde(default)]
+    pub total_count: Option<JsonPointer>,
+}
+
+/// Where a chain starts when it has no cursor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartConfig {
+    pub param: String,
+    #[serde(default)]
+    pub format: TimeFormat,
+    /// The first start point (RFC 3339, a date, or unix seconds). Absent: the
+    /// API's own beginning (the parameter is not sent).
+    #[serde(default, deserialize_with = "opt_scalar")]
+    pub from: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Incremental,
+    BulkThenIncremental,
+    Snapshot,
+}
+
+/// The incremental half of a `bulk_then_incremental` feed: replaces the feed's
+/// own params, start and pagination after the bulk walk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncrementalConfig {
+    #[serde(default, deserialize_with = "scalar_map")]
+    pub params: BTreeMap<String, String>,
+    #[serde(default)]
+    pub start: Option<StartConfig>,
+    #[serde(default)]
+    pub pagination: PaginationConfig,
+    #[serde(default)]
+    pub records: Option<JsonPointer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionsConfig {
+    #[serde(default)]
+    pub param: Option<String>,
+    #[serde(default, deserialize_with = "opt_scalar_vec")]
+    pub values: Option<Vec<String>>,
+    #[serde(default)]
+    pub windows: Option<WindowsConfig>,
+}
+
+/// Time windows of a backfill: one job per window `[from + k*every, +every)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowsConfig {
+    #[serde(deserialize_with = "scalar")]
+    pub from: String,
+    /// End of the last window; default: now when the feed is split.
+    #[serde(default, deserialize_with = "opt_scalar")]
+    pub to: Option<String>,
+    pub every: Duration,
+    /// The parameter that carries the window's end (the start goes in `start.param`).
+    pub end_param: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    #[serde(default)]
+    pub per: DeliveryPer,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryPer {
+    #[default]
+    Record,
+    Page,
+}
+
+fn scalar_to_string<E: serde::de::Error>(v: serde_json::Value) -> Result<String, E> {
+    match v {
+        serde_json::Value::String(s) => Ok(s),
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        serde_json::Value::Bool(b) => Ok(b.to_string()),
+        other => Err(E::custom(format!(
+            "expected a string, number or boolean, found {}",
+            kind(&other)
+        ))),
+    }
+}
+
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "a mapping",
+    }
+}
+
+fn scalar<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    scalar_to_string(serde_json::Value::deserialize(d)?)
+}
+
+fn opt_scalar<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match Option::<serde_json::Value>::deserialize(d)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => scalar_to_string(v).map(Some),
+    }
+}
+
+fn opt_scalar_vec<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    match Option::<Vec<serde_json::Value>>::deserialize(d)? {
+        None => Ok(None),
+        Some(vs) => vs
+            .into_iter()
+            .map(scalar_to_string)
+            .collect::<Result<_, _>>()
+            .map(Some),
+    }
+}
+
+fn scalar_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let m = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+    m.into_iter()
+        .map(|(k, v)| scalar_to_string(v).map(|v| (k, v)))
+        .collect()
+}

@@ -1,0 +1,603 @@
+//! The pagination engine: pure functions from a position to the request for
+//! the next page, and from a response to records, the next position and
+//! end of stream.
+//!
+//! A chain starts at [`Position::Start`] (the start parameter carries a time,
+//! if the feed has one) and moves through [`Position::At`] values, whose
+//! meaning depends on the strategy: a cursor token, the URL of the next page,
+//! or a page number / offset. [`Paginator::read`] never spins: a next
+//! position equal to the one just used while the API claims more is a
+//! [`ReadError::Loop`], and every malformed response is a [`ReadError`] that
+//! leaves the caller's position where it was.
+
+mod extract;
+pub mod link;
+
+use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
+use url::Url;
+
+use crate::config::{CursorFrom, NextUrlFrom, PageStyle, PaginationSpec, StartConfig, Strategy};
+use crate::pointer::JsonPointer;
+use crate::timefmt::TimeFormat;
+
+use extract::Plan;
+
+/// Default longest cursor accepted from an API.
+pub const DEFAULT_MAX_CURSOR_LEN: usize = 8 * 1024;
+
+/// Where a chain is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Position {
+    /// The beginning: no cursor yet. `from` goes into the start parameter.
+    Start { from: Option<DateTime<Utc>> },
+    /// A cursor, next URL, page number or offset, as the strategy reads it.
+    At(String),
+}
+
+/// The request for one page: a GET of this URL (auth is added by the source).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    pub url: Url,
+}
+
+/// Response headers as the engine sees them. Repeated headers are joined
+/// with ", ".
+pub trait Headers {
+    fn header(&self, name: &str) -> Option<String>;
+}
+
+impl Headers for [(String, String)] {
+    fn header(&self, name: &str) -> Option<String> {
+        let vals: Vec<&str> = self
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        (!vals.is_empty()).then(|| vals.join(", "))
+    }
+}
+
+impl Headers for Vec<(String, String)> {
+    fn header(&self, name: &str) -> Option<String> {
+        self.as_slice().header(name)
+    }
+}
+
+/// What comes after a page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Fetch this position next.
+    More(String),
+    /// End of stream. `resume` is where the next poll starts (`None`: from
+    /// the start point again, because the API gave nothing to continue from).
+    End { resume: Option<String> },
+}
+
+/// One page as read.
+#[derive(Debug)]
+pub struct Page<'b> {
+    /// The records, each exactly as the API sent it.
+    pub records: Vec<&'b RawValue>,
+    pub next: Next,
+}
+
+/// Why a response could not be read. Each is permanent for this response:
+/// retrying the same request will not help, except where noted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    #[error("response is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("records not found at {0} in the response")]
+    RecordsMissing(String),
+    #[error("records at {ptr} is {kind}, expected an array")]
+    RecordsNotArray { ptr: String, kind: &'static str },
+    #[error("{field} at {ptr} is {kind}, expected {expected}")]
+    WrongType {
+        field: &'static str,
+        ptr: String,
+        kind: &'static str,
+        expected: &'static str,
+    },
+    #[error(
+        "pagination loop: the API returned the cursor it was given ({cursor:?}) and claims more pages"
+    )]
+    Loop { cursor: String },
+    #[error("the API claims more pages but gives no next cursor ({field})")]
+    MoreWithoutNext { field: &'static str },
+    #[error("the API returned an empty page but claims more pages")]
+    EmptyClaimsMore,
+    #[error("next cursor is {len} bytes, over the limit of {limit}")]
+    CursorTooLong { len: usize, limit: usize },
+    #[error(
+        "next URL {url} is on another origin than the source ({origin}); refusing to follow it"
+    )]
+    CrossOrigin { url: String, origin: String },
+    #[error("next URL {url:?} is not a valid URL: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("{field}: {reason}")]
+    BadPosition { field: &'static str, reason: String },
+}
+
+/// Builds requests and reads responses for one feed (and partition).
+pub struct Paginator {
+    base: Url,
+    spec: PaginationSpec,
+    /// Fixed parameters: preset's, feed's and partition's, in that order.
+    params: Vec<(String, String)>,
+    start: Option<(String, TimeFormat)>,
+    plan: Plan,
+    slots: Slots,
+    max_cursor_len: usize,
+}
+
+#[derive(Default)]
+struct Slots {
+    next: Option<usize>,
+    self_cursor: Option<usize>,
+    has_more: Option<usize>,
+    end_of_stream: Option<usize>,
+    total_pages: Option<usize>,
+    total_count: Option<usize>,
+}
+
+impl Paginator {
+    /// `base_url` is the source's; `path` is appended to its path. `params`
+    /// are the feed's and partition's fixed parameters.
+    pub fn new(
+        base_url: &Url,
+        path: &str,
+        spec: PaginationSpec,
+        params: Vec<(String, String)>,
+        start: Option<&StartConfig>,
+    ) -> Self {
+        let mut base = base_url.clone();
+        let joined = format!(
+            "{}/{}",
+            base_url.path().trim_end_matches('/'),
+            path.trim_start_matches('/')
+        );
+        let (p, q) = match joined.split_once('?') {
+            Some((p, q)) => (p.to_string(), Some(q.to_string())),
+            None => (joined, None),
+        };
+        base.set_path(&p);
+        base.set_query(q.as_deref());
+        base.set_fragment(None);
+
+        let mut all = spec.preset_params.clone();
+        all.extend(params);
+        if let (Some(name), Some(size)) = (&spec.page_size_param, spec.page_size) {
+            all.push((name.clone(), size.to_string()));
+        }
+
+        let mut ptrs: Vec<&JsonPointer> = Vec::new();
+        let mut slots = Slots::default();
+        fn add<'p>(
+            ptrs: &mut Vec<&'p JsonPointer>,
+            p: Option<&'p JsonPointer>,
+            slot: &mut Option<usize>,
+        ) {
+            if let Some(p) = p {
+                *slot = Some(ptrs.len());
+                ptrs.push(p);
+            }
+        }
+        let next_ptr = match &spec.strategy {
+            Strategy::Cursor {
+                from: CursorFrom::Body(p),
+                ..
+            } => Some(p),
+            Strategy::NextUrl {
+                from: NextUrlFrom::Body(p),
+            } => Some(p),
+            _ => None,
+        };
+        add(&mut ptrs, next_ptr, &mut slots.next);
+        add(&mut ptrs, spec.self_cursor.as_ref(), &mut slots.self_cursor);
+        add(&mut ptrs, spec.has_more.as_ref(), &mut slots.has_more);
+        add(
+            &mut ptrs,
+            spec.end_of_stream.as_ref(),
+            &mut slots.end_of_stream,
+        );
+        add(&mut ptrs, spec.total_pages.as_ref(), &mut slots.total_pages);
+        add(&mut ptrs, spec.total_count.as_ref(), &mut slots.total_count);
+        let plan = Plan::new(&spec.records, &ptrs);
+
+        Paginator {
+            base,
+            params: all,
+            start: start.map(|s| (s.param.clone(), s.format)),
+            plan,
+            slots,
+            spec,
+            max_cursor_len: DEFAULT_MAX_CURSOR_LEN,
+        }
+    }
+
+    pub fn with_max_cursor_len(mut self, n: usize) -> Self {
+        self.max_cursor_len = n;
+        self
+    }
+
+    pub fn spec(&self) -> &PaginationSpec {
+        &self.spec
+    }
+
+    /// The URL of the first page without parameters: the source origin and path.
+    pub fn endpoint(&self) -> &Url {
+        &self.base
+    }
+
+    /// The request that fetches the page at `pos`.
+    pub fn request(&self, pos: &Position) -> Result<PageRequest, ReadError> {
+        if let (Strategy::NextUrl { .. }, Position::At(u)) = (&self.spec.strategy, pos) {
+            return Ok(PageRequest {
+                url: self.same_origin(u, &self.base)?,
+            });
+        }
+        let mut url = self.base.clone();
+        {
+            let mut q = url.query_pairs_mut();
+            for (k, v) in &self.params {
+                q.append_pair(k, v);
+            }
+            match (pos, &self.spec.strategy) {
+                (Position::Start { from }, strategy) => {
+                    if let (Some(from), Some((param, fmt))) = (from, &self.start) {
+                        q.append_pair(param, &fmt.format(*from));
+                    }
+                    if let Strategy::Pages(style) = strategy {
+                        match style {
+                            PageStyle::Number { param, first } => {
+                                q.append_pair(param, &first.to_string())
+                            }
+                            PageStyle::Offset { param } => q.append_pair(param, "0"),
+                        };
+                    }
+                }
+                (Position::At(c), Strategy::Cursor { param, .. }) => {
+                    q.append_pair(param, c);
+                }
+                (Position::At(n), Strategy::Pages(style)) => {
+                    let (param, field) = match style {
+                        PageStyle::Number { param, .. } => (param, "page"),
+                        PageStyle::Offset { param } => (param, "offset"),
+                    };
+                    n.parse::<u64>().map_err(|_| ReadError::BadPosition {
+                        field,
+                        reason: format!("{n:?} is not a {field} number"),
+                    })?;
+                    q.append_pair(param, n);
+                }
+                (Position::At(_), Strategy::NextUrl { .. }) => unreachable_next_url(),
+            }
+        }
+        if url.query() == Some("") {
+            url.set_query(None);
+        }
+        Ok(PageRequest { url })
+    }
+
+    fn same_origin(&self, candidate: &str, relative_to: &Url) -> Result<Url, ReadError> {
+        let url = relative_to.join(candidate).map_err(|e| ReadError::BadUrl {
+            url: candidate.to_string(),
+            reason: e.to_string(),
+        })?;
+        if url.origin() != self.base.origin() {
+            return Err(ReadError::CrossOrigin {
+                url: redact_query(&url),
+                origin: self.base.origin().ascii_serialization(),
+            });
+        }
+        Ok(url)
+    }
+
+    /// Read the response to `req`, which fetched the page at `used`.
+    pub fn read<'b>(
+        &self,
+        used: &Position,
+        req: &PageRequest,
+        headers: &dyn Headers,
+        body: &'b [u8],
+    ) -> Result<Page<'b>, ReadError> {
+        let got = self
+            .plan
+            .run(body)
+            .map_err(|e| ReadError::NotJson(e.to_string()))?;
+        let ptr = self.spec.records.to_string();
+        let records = match (got.records, got.records_wrong_kind) {
+            (Some(r), _) => r,
+            (None, Some(kind)) => return Err(ReadError::RecordsNotArray { ptr, kind }),
+            (None, None) => return Err(ReadError::RecordsMissing(ptr)),
+        };
+        let value = |slot: Option<usize>| slot.and_then(|i| got.values[i]);
+        let has_more = self.bool_at(
+            "has_more",
+            self.spec.has_more.as_ref(),
+            value(self.slots.has_more),
+        )?;
+        let eos = self.bool_at(
+            "end_of_stream",
+            self.spec.end_of_stream.as_ref(),
+            value(self.slots.end_of_stream),
+        )?;
+        let used_str = match used {
+            Position::At(s) => Some(s.as_str()),
+            Position::Start { .. } => None,
+        };
+        // The API's own verdict, where it gives one.
+        let declared_end = eos == Some(true) || has_more == Some(false);
+        let declared_more = eos == Some(false) || has_more == Some(true);
+        let empty = records.is_empty();
+
+        let next = match &self.spec.strategy {
+            Strategy::Cursor { from, .. } => {
+                let next = match from {
+                    CursorFrom::Body(p) => {
+                        self.string_at("next_cursor", p, value(self.slots.next))?
+                    }
+                    CursorFrom::Header(name) => headers.header(name).filter(|s| !s.is_empty()),
+                    CursorFrom::LastRecord(p) => match records.last() {
+                        Some(r) => record_string(r, p)?,
+                        None => None,
+                    },
+                };
+                if let Some(n) = &next {
+                    self.check_len(n)?;
+                }
+                let self_cursor = match &self.spec.self_cursor {
+                    Some(p) => self.string_at("self_cursor", p, value(self.slots.self_cursor))?,
+                    None => None,
+                };
+                let resume = |n: Option<String>| {
+                    n.or(self_cursor.clone())
+                        .or_else(|| used_str.map(str::to_string))
+                };
+                if declared_end || (empty && self.spec.stop_on_empty_page) {
+                    Next::End {
+                        resume: resume(next),
+                    }
+                } else {
+                    match next {
+                        None if declared_more => {
+                            return Err(ReadError::MoreWithoutNext {
+                                field: "next_cursor",
+                            });
+                        }
+                        None => Next::End {
+                            resume: resume(None),
+                        },
+                        Some(n) if Some(n.as_str()) == used_str => {
+                            if declared_more || !empty {
+                                return Err(ReadError::Loop { cursor: n });
+                            }
+                            // An empty page that hands back the same cursor: caught up (seed 004).
+                            Next::End { resume: Some(n) }
+                        }
+                        Some(n) => Next::More(n),
+                    }
+                }
+            }
+            Strategy::NextUrl { from } => {
+                let next = match from {
+                    NextUrlFrom::Body(p) => {
+                        self.string_at("next_url", p, value(self.slots.next))?
+                    }
+                    NextUrlFrom::LinkNext => headers
+                        .header("link")
+                        .and_then(|h| link::find_rel(&h, "next").map(str::to_string)),
+                };
+                let here = req.url.to_string();
+                if declared_end || (empty && self.spec.stop_on_empty_page) {
+                    Next::End { resume: Some(here) }
+                } else {
+                    match next {
+                        None if declared_more => {
+                            return Err(ReadError::MoreWithoutNext { field: "next_url" });
+                        }
+                        None => Next::End { resume: Some(here) },
+                        Some(n) => {
+                            let url = self.same_origin(&n, &req.url)?;
+                            self.check_len(url.as_str())?;
+                            if url == req.url {
+                                return Err(ReadError::Loop {
+                                    cursor: redact_query(&url),
+                                });
+                            }
+                            Next::More(url.to_string())
+                        }
+                    }
+                }
+            }
+            Strategy::Pages(style) => {
+                let total_pages = self.u64_at(
+                    "total_pages",
+                    self.spec.total_pages.as_ref(),
+                    value(self.slots.total_pages),
+                )?;
+                let total_count = self.u64_at(
+                    "total_count",
+                    self.spec.total_count.as_ref(),
+                    value(self.slots.total_count),
+                )?;
+                let n = records.len() as u64;
+                let (this, next) = match (style, used_str) {
+                    (PageStyle::Number { first, .. }, None) => (*first, first + 1),
+                    (PageStyle::Number { .. }, Some(s)) => {
+                        let p = parse_num(s, "page")?;
+                        (p, p + 1)
+                    }
+                    (PageStyle::Offset { .. }, None) => (0, n),
+                    (PageStyle::Offset { .. }, Some(s)) => {
+                        let o = parse_num(s, "offset")?;
+                        (o, o + n)
+                    }
+                };
+                let past_total = match style {
+                    PageStyle::Number { first, .. } => {
+                        total_pages.is_some_and(|t| this + 1 - first >= t)
+                            || total_count.is_some_and(|c| {
+                                self.spec
+                                    .page_size
+                                    .is_some_and(|size| (this + 1 - first) * size >= c)
+                            })
+                    }
+                    PageStyle::Offset { .. } => total_count.is_some_and(|c| next >= c),
+                };
+                if empty && declared_more {
+                    return Err(ReadError::EmptyClaimsMore);
+                }
+                let resume = match style {
+                    PageStyle::Number { .. } => this,
+                    PageStyle::Offset { .. } => next,
+                };
+                if empty || declared_end || (past_total && !declared_more) {
+                    Next::End {
+                        resume: Some(resume.to_string()),
+                    }
+                } else {
+                    Next::More(next.to_string())
+                }
+            }
+        };
+        Ok(Page { records, next })
+    }
+
+    fn check_len(&self, s: &str) -> Result<(), ReadError> {
+        if s.len() > self.max_cursor_len {
+            return Err(ReadError::CursorTooLong {
+                len: s.len(),
+                limit: self.max_cursor_len,
+            });
+        }
+        Ok(())
+    }
+
+    fn bool_at(
+        &self,
+        field: &'static str,
+        ptr: Option<&JsonPointer>,
+        raw: Option<&RawValue>,
+    ) -> Result<Option<bool>, ReadError> {
+        let (Some(ptr), Some(raw)) = (ptr, raw) else {
+            return Ok(None);
+        };
+        match raw.get() {
+            "true" => Ok(Some(true)),
+            "false" => Ok(Some(false)),
+            "null" => Ok(None),
+            other => Err(ReadError::WrongType {
+                field,
+                ptr: ptr.to_string(),
+                kind: kind_of(other),
+                expected: "a boolean",
+            }),
+        }
+    }
+
+    fn u64_at(
+        &self,
+        field: &'static str,
+        ptr: Option<&JsonPointer>,
+        raw: Option<&RawValue>,
+    ) -> Result<Option<u64>, ReadError> {
+        let (Some(ptr), Some(raw)) = (ptr, raw) else {
+            return Ok(None);
+        };
+        if raw.get() == "null" {
+            return Ok(None);
+        }
+        raw.get()
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| ReadError::WrongType {
+                field,
+                ptr: ptr.to_string(),
+                kind: kind_of(raw.get()),
+                expected: "a non-negative integer",
+            })
+    }
+
+    fn string_at(
+        &self,
+        field: &'static str,
+        ptr: &JsonPointer,
+        raw: Option<&RawValue>,
+    ) -> Result<Option<String>, ReadError> {
+        match raw {
+            None => Ok(None),
+            Some(raw) => raw_to_string(raw).map_err(|kind| ReadError::WrongType {
+                field,
+                ptr: ptr.to_string(),
+                kind,
+                expected: "a string",
+            }),
+        }
+    }
+}
+
+fn unreachable_next_url() {
+    // `request` returns early for NextUrl positions; nothing to add here.
+}
+
+fn parse_num(s: &str, field: &'static str) -> Result<u64, ReadError> {
+    s.parse().map_err(|_| ReadError::BadPosition {
+        field,
+        reason: format!("{s:?} is not a {field} number"),
+    })
+}
+
+/// A cursor-like value: a string, or a number written as text. Null and ""
+/// mean "none".
+fn raw_to_string(raw: &RawValue) -> Result<Option<String>, &'static str> {
+    let s = raw.get();
+    match s.as_bytes().first() {
+        Some(b'"') => {
+            let v: String = serde_json::from_str(s).map_err(|_| "a broken string")?;
+            Ok((!v.is_empty()).then_some(v))
+        }
+        Some(b'-' | b'0'..=b'9') => Ok(Some(s.to_string())),
+        _ if s == "null" => Ok(None),
+        _ => Err(kind_of(s)),
+    }
+}
+
+fn record_string(record: &RawValue, ptr: &JsonPointer) -> Result<Option<String>, ReadError> {
+    // Records are small: a Value parse is simplest and exact.
+    let v: serde_json::Value =
+        serde_json::from_str(record.get()).map_err(|e| ReadError::NotJson(e.to_string()))?;
+    match ptr.get(&v) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok((!s.is_empty()).then(|| s.clone())),
+        Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(other) => Err(ReadError::WrongType {
+            field: "next_cursor",
+            ptr: format!("last_record:{ptr}"),
+            kind: kind_of(&other.to_string()),
+            expected: "a string or number",
+        }),
+    }
+}
+
+fn kind_of(raw: &str) -> &'static str {
+    match raw.as_bytes().first() {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+/// A URL for messages: the query is dropped (it may carry an api key).
+pub fn redact_query(url: &Url) -> String {
+    let mut u = url.clone();
+    if u.query().is_some() {
+        u.set_query(Some("…"));
+    }
+    u.set_password(None).ok();
+    u.to_string()
+}

@@ -1,0 +1,165 @@
+//! Secrets in config: either a literal or a `${VAR}` reference to the
+//! environment of the process that sends the request.
+//!
+//! A [`Secret`] stores the template as written, never the resolved value, so
+//! whatever is stored, logged or sent over a queue carries `${VAR}` only.
+//! [`Secret::resolve`] is called at request time; its `Debug` output is
+//! redacted. A literal secret in a config file is allowed (for the demo and
+//! tests) but its value is redacted in every `Debug` and error message.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A secret as written in the config: `"${HELPDESK_TOKEN}"` or a literal.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+/// Why a secret could not be resolved. Names the variable, never a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    #[error("environment variable {var} is not set (needed for a secret)")]
+    Unset { var: String },
+    #[error("malformed secret reference: an unclosed `${{` (write `${{VAR}}`)")]
+    Malformed,
+}
+
+/// A resolved secret value. `Debug` and `Display` print `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Resolved(String);
+
+impl Resolved {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Resolved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Resolved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Secret {
+    pub fn new(template: impl Into<String>) -> Self {
+        Self(template.into())
+    }
+
+    /// The names of the `${VAR}` references in this secret.
+    pub fn variables(&self) -> Result<Vec<&str>, SecretError> {
+        let mut out = Vec::new();
+        let mut rest = self.0.as_str();
+        while let Some(start) = rest.find("${") {
+            let after = &rest[start + 2..];
+            let end = after.find('}').ok_or(SecretError::Malformed)?;
+            out.push(&after[..end]);
+            rest = &after[end + 1..];
+        }
+        Ok(out)
+    }
+
+    /// True when the secret is written inline rather than referenced.
+    pub fn is_literal(&self) -> bool {
+        !self.0.contains("${")
+    }
+
+    /// Substitute every `${VAR}` using `lookup` (normally `std::env::var`).
+    pub fn resolve_with(
+        &self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Resolved, SecretError> {
+        let mut out = String::with_capacity(self.0.len());
+        let mut rest = self.0.as_str();
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let end = after.find('}').ok_or(SecretError::Malformed)?;
+            let var = &after[..end];
+            let value = lookup(var).ok_or_else(|| SecretError::Unset {
+                var: var.to_string(),
+            })?;
+            out.push_str(&value);
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        Ok(Resolved(out))
+    }
+
+    /// Resolve against this process's environment.
+    pub fn resolve(&self) -> Result<Resolved, SecretError> {
+        self.resolve_with(|v| std::env::var(v).ok())
+    }
+
+    /// The template as written; safe to store because references are not values.
+    /// For a literal secret this is the value itself, so callers that print
+    /// use [`Secret::display_safe`].
+    pub fn template(&self) -> &str {
+        &self.0
+    }
+
+    /// What may be shown to a person: the template if it only references
+    /// variables, `***` if it holds a literal value.
+    pub fn display_safe(&self) -> String {
+        if self.is_literal() {
+            "***".to_string()
+        } else {
+            let mut s = String::new();
+            for v in self.variables().unwrap_or_default() {
+                if !s.is_empty() {
+                    s.push(' ');
+                }
+                s.push_str("${");
+                s.push_str(v);
+                s.push('}');
+            }
+            s
+        }
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret({})", self.display_safe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_references_and_names_missing_variables() {
+        let s = Secret::new("Bearer ${TOKEN}");
+        let got = s
+            .resolve_with(|v| (v == "TOKEN").then(|| "abc".to_string()))
+            .unwrap();
+        assert_eq!(got.expose(), "Bearer abc");
+        let err = Secret::new("${NOPE}").resolve_with(|_| None).unwrap_err();
+        assert_eq!(err, SecretError::Unset { var: "NOPE".into() });
+        assert!(err.to_string().contains("NOPE"));
+    }
+
+    #[test]
+    fn debug_never_shows_values() {
+        let lit = Secret::new("hunter2");
+        assert!(!format!("{lit:?}").contains("hunter2"));
+        let r = lit.resolve_with(|_| None).unwrap();
+        assert_eq!(format!("{r:?} {r}"), "*** ***");
+        assert_eq!(format!("{:?}", Secret::new("${A}")), "Secret(${A})");
+    }
+
+    #[test]
+    fn unclosed_reference_is_an_error() {
+        assert_eq!(
+            Secret::new("${OOPS").resolve_with(|_| None).unwrap_err(),
+            SecretError::Malformed
+        );
+    }
+}

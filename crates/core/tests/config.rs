@@ -1,0 +1,279 @@
+//! Config validation: every kind of mistake is reported with its file, line,
+//! column, field path and a reason a person can act on.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+use tidemark_core::config::{ConfigError, DeliveryPer, Mode, load_str};
+
+const GOOD: &str = r#"sources:
+  helpdesk:
+    base_url: https://example.test
+    auth: { bearer: "${HELPDESK_TOKEN}" }
+    rate_limit: { per_second: 10, burst: 20 }
+    timeout: 30s
+feeds:
+  - name: tickets
+    source: helpdesk
+    path: /api/v2/incremental/tickets/cursor.json
+    params: { per_page: 1000 }
+    records: /tickets
+    pagination:
+      preset: zendesk_cursor
+    key: /id
+    version: /updated_at
+    start: { param: start_time, format: unix, from: "2024-01-01T00:00:00Z" }
+    mode: incremental
+    every: 5m
+    lag: 1m
+    partitions: { param: account_id, values: ["1", "2"] }
+    delivery: { per: record }
+"#;
+
+/// Replace the line holding `needle` with `with` (which may span lines).
+fn edit(needle: &str, with: &str) -> String {
+    let mut found = false;
+    let out: Vec<String> = GOOD
+        .lines()
+        .map(|l| {
+            if !found && l.contains(needle) {
+                found = true;
+                with.to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    assert!(found, "fixture has no line with {needle:?}");
+    out.join("\n") + "\n"
+}
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    load_str("feeds.yaml", text)
+        .expect_err("config must be rejected")
+        .0
+}
+
+fn one(text: &str) -> String {
+    let e = errors(text);
+    assert_eq!(e.len(), 1, "expected one error, got {e:#?}");
+    e[0].to_string()
+}
+
+#[test]
+fn the_design_example_is_valid() {
+    let c = load_str("feeds.yaml", GOOD).unwrap();
+    let f = c.feed("tickets").unwrap();
+    assert_eq!(f.params["per_page"], "1000");
+    assert_eq!(f.mode, Mode::Incremental);
+    assert_eq!(f.delivery.per, DeliveryPer::Record);
+    assert_eq!(f.every.unwrap().std().as_secs(), 300);
+    assert_eq!(f.partitions(chrono::Utc::now()).unwrap().len(), 2);
+}
+
+#[test]
+fn unknown_field() {
+    let msg = one(&edit("timeout: 30s", "    timeout: 30s\n    timeuot: 10s"));
+    assert!(
+        msg.starts_with("feeds.yaml:7:5: sources.helpdesk.timeuot: unknown field `timeuot`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_required_field() {
+    let msg = one(&edit("key: /id", ""));
+    assert!(
+        msg.starts_with("feeds.yaml:8:5: feeds[0]: missing field `key`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn wrong_type() {
+    let msg = one(&edit("timeout: 30s", "    timeout: [30]"));
+    assert!(
+        msg.starts_with(
+            "feeds.yaml:6:5: sources.helpdesk.timeout: invalid type: sequence, expected a string"
+        ),
+        "{msg}"
+    );
+    let msg = one(&edit("rate_limit:", "    rate_limit: { per_second: fast }"));
+    assert!(
+        msg.starts_with("feeds.yaml:5:") && msg.contains("rate_limit.per_second: invalid type"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn malformed_json_pointer() {
+    let msg = one(&edit("version: /updated_at", "    version: updated_at"));
+    assert_eq!(
+        msg,
+        "feeds.yaml:16:14: feeds[0].version: malformed JSON pointer \"updated_at\": it must be empty or start with '/' (e.g. /data or /meta/next)"
+    );
+    let msg = one(&edit(
+        "preset: zendesk_cursor",
+        "      preset: zendesk_cursor\n      has_more: /meta/~2",
+    ));
+    assert!(
+        msg.starts_with("feeds.yaml:15:17: feeds[0].pagination.has_more: malformed JSON pointer"),
+        "{msg}"
+    );
+    let msg = one(&edit(
+        "preset: zendesk_cursor",
+        "      preset: zendesk_cursor\n      next_cursor: after_cursor",
+    ));
+    assert!(
+        msg.starts_with(
+            "feeds.yaml:15:20: feeds[0].pagination.next_cursor: malformed JSON pointer"
+        ),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unknown_preset() {
+    let msg = one(&edit("preset: zendesk_cursor", "      preset: zendesk"));
+    assert_eq!(
+        msg,
+        "feeds.yaml:14:15: feeds[0].pagination.preset: unknown preset \"zendesk\"; expected one of: zendesk_cursor, start_after, self_next, cursor, next_url, link_header"
+    );
+}
+
+#[test]
+fn feed_naming_an_unknown_source() {
+    let msg = one(&edit("source: helpdesk", "    source: helpdesc"));
+    assert_eq!(
+        msg,
+        "feeds.yaml:9:13: feeds[0].source: unknown source \"helpdesc\"; defined sources: helpdesk"
+    );
+}
+
+#[test]
+fn two_feeds_with_one_name() {
+    let text = format!(
+        "{GOOD}  - name: tickets\n    source: helpdesk\n    path: /other\n    records: /items\n    key: /id\n    pagination: {{ preset: cursor }}\n"
+    );
+    let msg = one(&text);
+    assert!(
+        msg.starts_with("feeds.yaml:23:11: feeds[1].name: two feeds are named \"tickets\""),
+        "{msg}"
+    );
+}
+
+#[test]
+fn bad_duration() {
+    let msg = one(&edit("every: 5m", "    every: soon"));
+    assert!(
+        msg.starts_with("feeds.yaml:19:12: feeds[0].every: invalid duration \"soon\""),
+        "{msg}"
+    );
+    let msg = one(&edit("timeout: 30s", "    timeout: 30"));
+    assert!(
+        msg.starts_with("feeds.yaml:6:14: sources.helpdesk.timeout: invalid duration"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn pagination_mistakes() {
+    let msg = one(&edit(
+        "preset: zendesk_cursor",
+        "      page_param: page\n      cursor_param: c\n      next_cursor: /n",
+    ));
+    assert!(
+        msg.starts_with("feeds.yaml:13:5: feeds[0].pagination: mixes page-based fields"),
+        "{msg}"
+    );
+    let msg = one(&edit("preset: zendesk_cursor", "      next_cursor: /next"));
+    assert!(
+        msg.contains("feeds[0].pagination.cursor_param: missing"),
+        "{msg}"
+    );
+    let msg = one(&edit(
+        "preset: zendesk_cursor",
+        "      stop_on_empty_page: true",
+    ));
+    assert!(
+        msg.contains("feeds[0].pagination: no way to reach the next page"),
+        "{msg}"
+    );
+    let e = errors(&edit("records: /tickets", "    records: \"\""));
+    assert_eq!(e.len(), 2, "{e:#?}");
+    assert!(
+        e[0].to_string()
+            .contains("feeds[0].pagination.next_cursor: records is \"\""),
+        "{}",
+        e[0]
+    );
+    assert!(
+        e[1].to_string()
+            .contains("feeds[0].pagination.end_of_stream: records is \"\""),
+        "{}",
+        e[1]
+    );
+}
+
+#[test]
+fn modes_partitions_and_timestamps() {
+    let msg = one(&edit(
+        "mode: incremental",
+        "    mode: incremental\n    incremental: { params: { a: b } }",
+    ));
+    assert!(msg.starts_with("feeds.yaml:19:5: feeds[0].incremental: an incremental block only applies to mode: bulk_then_incremental"), "{msg}");
+    let msg = one(&edit("mode: incremental", "    mode: fast"));
+    assert!(
+        msg.starts_with("feeds.yaml:18:11: feeds[0].mode: unknown variant `fast`"),
+        "{msg}"
+    );
+    let msg = one(&edit(
+        "partitions:",
+        "    partitions: { param: account_id }",
+    ));
+    assert!(
+        msg.contains("feeds[0].partitions: set exactly one of values"),
+        "{msg}"
+    );
+    let msg = one(&edit(
+        "start:",
+        "    start: { param: start_time, format: unix, from: last tuesday }",
+    ));
+    assert!(
+        msg.contains("feeds[0].start.from: invalid timestamp \"last tuesday\""),
+        "{msg}"
+    );
+}
+
+#[test]
+fn several_errors_are_all_reported_in_file_order() {
+    let text = edit("source: helpdesk", "    source: nope")
+        .replace("every: 5m", "every: soonish")
+        .replace("key: /id", "key: id");
+    let e = errors(&text);
+    // serde stops at the first structural error; semantic checks run only on a parsed file.
+    assert_eq!(e.len(), 1, "{e:#?}");
+    let text = edit("source: helpdesk", "    source: nope")
+        .replace("preset: zendesk_cursor", "preset: nope");
+    let e = errors(&text);
+    assert_eq!(e.len(), 2, "{e:#?}");
+    assert!(e[0].line < e[1].line);
+}
+
+#[test]
+fn secrets_never_appear_in_errors() {
+    let text = edit(
+        "auth:",
+        "    auth: { bearer: hunter2-literal, basic: { username: u, password: pw-literal } }",
+    );
+    let msg = one(&text);
+    assert!(
+        msg.contains("sources.helpdesk.auth: set exactly one of bearer, basic or api_key"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("hunter2") && !msg.contains("pw-literal"),
+        "{msg}"
+    );
+    let c = load_str("f.yaml", GOOD).unwrap();
+    let dbg = format!("{c:?}");
+    assert!(dbg.contains("${HELPDESK_TOKEN}"));
+}

@@ -1,0 +1,290 @@
+//! The HTTP server: routing, fault injection, admin and ground truth.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+
+use crate::dataset::{Dataset, Truth};
+use crate::endpoints::{self, Ctx};
+use crate::{Faults, MockConfig};
+
+struct Shared {
+    config: MockConfig,
+    data: Mutex<Dataset>,
+    faults: RwLock<Faults>,
+    requests: AtomicU64,
+    by_path: Mutex<BTreeMap<String, u64>>,
+}
+
+/// A handle on the mock's state, for tests in the same process.
+#[derive(Clone)]
+pub struct MockState(Arc<Shared>);
+
+/// Data requests served, in total and per path.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub requests: u64,
+    pub by_path: BTreeMap<String, u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves the data usable; keep serving.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl MockState {
+    pub fn new(config: MockConfig) -> Self {
+        let data = Dataset::new(config.records, config.seed, config.record_bytes);
+        MockState(Arc::new(Shared {
+            faults: RwLock::new(config.faults.clone()),
+            config,
+            data: Mutex::new(data),
+            requests: AtomicU64::new(0),
+            by_path: Mutex::new(BTreeMap::new()),
+        }))
+    }
+    pub fn insert(&self, n: usize) {
+        lock(&self.0.data).insert(n);
+    }
+    pub fn update(&self, n: usize) {
+        lock(&self.0.data).update(n);
+    }
+    pub fn truth(&self) -> Truth {
+        lock(&self.0.data).truth()
+    }
+    pub fn len(&self) -> usize {
+        lock(&self.0.data).len()
+    }
+    pub fn is_empty(&self) -> bool {
+        lock(&self.0.data).is_empty()
+    }
+    pub fn stats(&self) -> Stats {
+        Stats {
+            requests: self.0.requests.load(Ordering::SeqCst),
+            by_path: lock(&self.0.by_path).clone(),
+        }
+    }
+    pub fn faults(&self) -> Faults {
+        self.0.faults.read().map(|f| f.clone()).unwrap_or_default()
+    }
+    pub fn set_faults(&self, f: Faults) {
+        if let Ok(mut w) = self.0.faults.write() {
+            *w = f;
+        }
+    }
+}
+
+/// The mock API's routes.
+pub fn router(state: MockState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route(
+            "/_truth",
+            get(|State(s): State<MockState>| async move { axum::Json(s.truth()) }),
+        )
+        .route(
+            "/_stats",
+            get(|State(s): State<MockState>| async move { axum::Json(s.stats()) }),
+        )
+        .route("/_admin/insert", post(admin_insert))
+        .route("/_admin/update", post(admin_update))
+        .route("/_admin/faults", post(admin_faults))
+        .fallback(data)
+        .with_state(state)
+}
+
+async fn admin_insert(
+    State(s): State<MockState>,
+    Query(q): Query<HashMap<String, usize>>,
+) -> impl IntoResponse {
+    let n = q.get("n").copied().unwrap_or(1);
+    s.insert(n);
+    axum::Json(serde_json::json!({ "inserted": n }))
+}
+
+async fn admin_update(
+    State(s): State<MockState>,
+    Query(q): Query<HashMap<String, usize>>,
+) -> impl IntoResponse {
+    let n = q.get("n").copied().unwrap_or(1);
+    s.update(n);
+    axum::Json(serde_json::json!({ "updated": n }))
+}
+
+async fn admin_faults(
+    State(s): State<MockState>,
+    axum::Json(f): axum::Json<Faults>,
+) -> impl IntoResponse {
+    s.set_faults(f.clone());
+    axum::Json(f)
+}
+
+async fn index() -> &'static str {
+    "tidemark mock API\n\
+     GET /api/v2/incremental/tickets/cursor.json?start_time=&cursor=&per_page=&end_time=   zendesk_cursor (seed 003)\n\
+     GET /v2/clients/{uuid}/inspections?paginationMode=CURSOR&startAfter=&limit=          start_after (seed 002)\n\
+     GET /v2/clients/{uuid}/inspections?updatedSince=&page=&limit=                        page-based incremental (seed 002)\n\
+     GET /v1/events?cursor=&limit=&updated_since=&updated_before=&omit_next=1             self_next (seed 001)\n\
+     GET /items?starting_at=&limit=&updated_since=&updated_before=                        cursor, base64 keyset (seed 004)\n\
+     GET /sync/records?cursor=&limit=&updated_since=                                       cursor, opaque (seed 000)\n\
+     GET /jsonapi/records?after=&limit=&updated_since=&updated_before=                    next_url\n\
+     GET /github/records?after=&per_page=&since_ms=&until_ms=                             link_header\n\
+     GET /paged/records?page=&per_page=                                                   page numbers\n\
+     GET /offset/records?offset=&limit=                                                   offsets\n\
+     GET /_truth  GET /_stats  POST /_admin/insert?n=  POST /_admin/update?n=  POST /_admin/faults\n"
+}
+
+fn every(n: u64, k: Option<u64>) -> bool {
+    k.is_some_and(|k| k > 0 && n.is_multiple_of(k))
+}
+
+fn json_error(status: u16, error: &str, description: &str) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+    (
+        code,
+        axum::Json(serde_json::json!({ "error": error, "description": description })),
+    )
+        .into_response()
+}
+
+async fn data(State(s): State<MockState>, uri: Uri, headers: HeaderMap) -> Response {
+    let n = s.0.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    *lock(&s.0.by_path)
+        .entry(uri.path().to_string())
+        .or_insert(0) += 1;
+    let faults = s.faults();
+    let cfg = &s.0.config;
+    if !cfg.latency.is_zero() {
+        tokio::time::sleep(cfg.latency).await;
+    }
+    if every(n, faults.mutate_every) {
+        let mut d = lock(&s.0.data);
+        d.insert(faults.mutate_count);
+        d.update(faults.mutate_count);
+    }
+    if every(n, faults.fail_429_every) {
+        let mut r = json_error(429, "rate_limited", "too many requests");
+        if let Ok(v) = faults.retry_after_secs.to_string().parse() {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return r;
+    }
+    if every(n, faults.fail_500_every) {
+        return json_error(500, "internal", "injected server error");
+    }
+    if every(n, faults.slow_every) {
+        tokio::time::sleep(Duration::from_millis(faults.slow_ms)).await;
+    }
+    let q: HashMap<String, String> =
+        url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    let base = format!("http://{host}");
+    let ctx = Ctx {
+        base: &base,
+        default_page_size: cfg.page_size.max(1),
+        max_page_size: cfg.max_page_size.max(1),
+        visible_until: (!cfg.hide_newest.is_zero())
+            .then(|| chrono::Utc::now().timestamp() - cfg.hide_newest.as_secs() as i64),
+        cursor_ttl_ms: faults.cursor_ttl_secs.map(|t| t as i64 * 1000),
+    };
+    let reply = {
+        let d = lock(&s.0.data);
+        endpoints::serve(&d, uri.path(), &q, &ctx)
+    };
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) => return json_error(e.status, e.error, &e.description),
+    };
+    if every(n, faults.corrupt_every) {
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            "{\"broken\": [1, 2,",
+        )
+            .into_response();
+    }
+    let mut builder = Response::builder()
+        .status(200)
+        .header(header::CONTENT_TYPE, "application/json");
+    for (k, v) in &reply.headers {
+        builder = builder.header(*k, v);
+    }
+    let body = if every(n, faults.truncate_every) {
+        let full = reply.body.into_bytes();
+        builder = builder.header(header::CONTENT_LENGTH, full.len());
+        let half = bytes::Bytes::copy_from_slice(&full[..full.len() / 2]);
+        let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = vec![
+            Ok(half),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "injected truncation",
+            )),
+        ];
+        Body::from_stream(futures::stream::iter(chunks))
+    } else {
+        Body::from(reply.body)
+    };
+    builder
+        .body(body)
+        .unwrap_or_else(|_| json_error(500, "internal", "cannot build the response"))
+}
+
+/// A running mock server.
+pub struct MockServer {
+    addr: SocketAddr,
+    state: MockState,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockServer {
+    /// Listen on `addr` (port 0 picks a free port) and serve until shut down.
+    pub async fn start(config: MockConfig, addr: SocketAddr) -> std::io::Result<MockServer> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = MockState::new(config);
+        let app = router(state.clone());
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+                let _ = rx.await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "mock API server failed");
+            }
+        });
+        Ok(MockServer {
+            addr,
+            state,
+            stop,
+            task,
+        })
+    }
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn state(&self) -> MockState {
+        self.state.clone()
+    }
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}

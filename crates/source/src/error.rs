@@ -1,0 +1,67 @@
+//! Fetch errors, each able to say whether a retry could help. Messages never
+//! contain a query string (it may hold an API key) or a header value.
+
+use std::time::Duration;
+
+use tidemark_core::secret::SecretError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{url} is on another origin than the source ({origin}); not requested")]
+    CrossOrigin { url: String, origin: String },
+    #[error("{0}")]
+    Secret(#[from] SecretError),
+    #[error("invalid auth or header configuration: {0}")]
+    Config(String),
+    #[error("request to {url} timed out")]
+    Timeout { url: String },
+    #[error("cannot reach {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("response body from {url} was cut off: {reason}")]
+    Body { url: String, reason: String },
+    #[error("redirect refused for {url}: {reason}")]
+    Redirect { url: String, reason: String },
+    #[error("HTTP {status} from {url}{}{}", retry_after.map(|d| format!(" (Retry-After {}s)", d.as_secs())).unwrap_or_default(), if body_snippet.is_empty() { String::new() } else { format!(": {body_snippet}") })]
+    Status {
+        status: u16,
+        url: String,
+        retry_after: Option<Duration>,
+        body_snippet: String,
+    },
+    #[error("response body from {url} exceeds the limit of {limit} bytes (max_body_bytes)")]
+    TooLarge { url: String, limit: u64 },
+}
+
+impl FetchError {
+    /// True when the same request may succeed later: timeouts, connection
+    /// failures, cut-off bodies, 5xx, 408 and 429.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FetchError::Timeout { .. } | FetchError::Connect { .. } | FetchError::Body { .. } => {
+                true
+            }
+            FetchError::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
+            _ => false,
+        }
+    }
+
+    /// The server's Retry-After, when it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            FetchError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            FetchError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// True when the configuration (a secret, auth) is at fault, not the API.
+    pub fn is_config(&self) -> bool {
+        matches!(self, FetchError::Secret(_) | FetchError::Config(_))
+    }
+}
