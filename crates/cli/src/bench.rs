@@ -116,7 +116,8 @@ async fn pull_bench(b: &PullBench, out: &mut dyn Write) -> Result<(), Failure> {
     let base = format!("http://{addr}");
     let bytes = write_pages(dir.path(), &base, b)
         .map_err(|e| Failure::runtime(format!("cannot write pages: {e}")))?;
-    let app = static_files(dir.path()).map_err(|e| Failure::runtime(format!("cannot load pages: {e}")))?;
+    let app = static_files(dir.path())
+        .map_err(|e| Failure::runtime(format!("cannot load pages: {e}")))?;
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let config = dir.path().join("bench.yaml");
@@ -212,7 +213,10 @@ fn static_files(dir: &Path) -> std::io::Result<axum::Router> {
     for entry in std::fs::read_dir(dir.join("pages"))? {
         let path = entry?.path();
         if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
-            files.insert(format!("/pages/{name}"), bytes::Bytes::from(std::fs::read(&path)?));
+            files.insert(
+                format!("/pages/{name}"),
+                bytes::Bytes::from(std::fs::read(&path)?),
+            );
         }
     }
     let files = std::sync::Arc::new(files);
@@ -221,7 +225,11 @@ fn static_files(dir: &Path) -> std::io::Result<axum::Router> {
         async move {
             use axum::response::IntoResponse;
             match files.get(uri.path()) {
-                Some(b) => ([(axum::http::header::CONTENT_TYPE, "application/json")], b.clone()).into_response(),
+                Some(b) => (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    b.clone(),
+                )
+                    .into_response(),
                 None => axum::http::StatusCode::NOT_FOUND.into_response(),
             }
         }
@@ -285,7 +293,11 @@ async fn run_dlt(b: &PullBench, url: &str, walk_only: bool) -> Result<RunResult,
     let seconds = s["seconds"].as_f64().unwrap_or(wall_seconds);
     Ok(RunResult {
         wall_seconds,
-        tool: if walk_only { "dlt RESTClient (walk only, no output)".into() } else { "dlt RESTClient".into() },
+        tool: if walk_only {
+            "dlt RESTClient (walk only, no output)".into()
+        } else {
+            "dlt RESTClient".into()
+        },
         records,
         seconds,
         records_per_sec: records as f64 / seconds,
