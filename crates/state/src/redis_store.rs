@@ -1,0 +1,413 @@
+//! The Redis implementation: one hash per job, every state change a
+//! server-side Lua script that checks before it writes (loaded with EVALSHA,
+//! reloaded on NOSCRIPT by `redis::Script`), times from the server's clock.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use tidemark_core::checkpoint::{
+    Checkpoint, Commit, CommitOutcome, JobId, Phase, Stage, normalize_version,
+};
+
+use crate::keys::Keys;
+use crate::{Acquire, Control, Rewind, StateError, StateStore, now_ms};
+
+pub const DEFAULT_PREFIX: &str = "tidemark:";
+
+struct Scripts {
+    commit: Script,
+    acquire: Script,
+    lease: Script,
+    control: Script,
+    leader: Script,
+    ratelimit: Script,
+    source_pause: Script,
+    ensure: Script,
+}
+
+/// Job state in Redis. Cheap to clone; the connection reconnects by itself.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    keys: Keys,
+    scripts: std::sync::Arc<Scripts>,
+}
+
+impl RedisStore {
+    /// Connect to `url` (`redis://` or `rediss://`) and keep every key under `prefix`.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StateError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(5))
+            .set_response_timeout(Duration::from_secs(5))
+            .set_number_of_retries(3);
+        let conn = ConnectionManager::new_with_config(client, config).await?;
+        Ok(RedisStore {
+            conn,
+            keys: Keys::new(prefix),
+            scripts: std::sync::Arc::new(Scripts {
+                commit: Script::new(include_str!("lua/commit.lua")),
+                acquire: Script::new(include_str!("lua/acquire.lua")),
+                lease: Script::new(include_str!("lua/lease.lua")),
+                control: Script::new(include_str!("lua/control.lua")),
+                leader: Script::new(include_str!("lua/leader.lua")),
+                ratelimit: Script::new(include_str!("lua/ratelimit.lua")),
+                source_pause: Script::new(include_str!("lua/source_pause.lua")),
+                ensure: Script::new(include_str!("lua/ensure.lua")),
+            }),
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        self.keys.prefix()
+    }
+
+    /// PING, for readiness probes.
+    pub async fn ping(&self) -> Result<(), StateError> {
+        let mut c = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut c).await?;
+        Ok(())
+    }
+
+    /// Delete every key under this store's prefix (tests and `tidemark reset`).
+    pub async fn delete_all(&self) -> Result<(), StateError> {
+        let mut c = self.conn.clone();
+        let pattern = format!("{}*", self.keys.prefix());
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        if !keys.is_empty() {
+            let _: () = c.del(keys).await?;
+        }
+        Ok(())
+    }
+}
+
+fn opt(v: &Option<String>) -> String {
+    v.clone().unwrap_or_default()
+}
+
+/// The hash fields of a checkpoint; `None` fields are left out.
+fn to_fields(job: &JobId, cp: &Checkpoint) -> Vec<(&'static str, String)> {
+    let mut f = vec![
+        ("feed", job.feed.clone()),
+        ("partition", job.partition.clone()),
+        ("seq", cp.seq.to_string()),
+        ("epoch", cp.epoch.to_string()),
+        ("lease_until_ms", cp.lease_until_ms.to_string()),
+        ("phase", cp.phase.as_str().to_string()),
+        (
+            "stage",
+            match cp.stage {
+                Stage::Bulk => "bulk".into(),
+                Stage::Incremental => "incremental".into(),
+            },
+        ),
+        ("pages", cp.pages.to_string()),
+        ("records", cp.records.to_string()),
+        ("next_due_ms", cp.next_due_ms.to_string()),
+    ];
+    for (name, v) in [
+        ("cursor", &cp.cursor),
+        ("start_from", &cp.start_from),
+        ("high_water", &cp.high_water),
+        ("t0", &cp.t0),
+        ("last_error", &cp.last_error),
+    ] {
+        if v.is_some() {
+            f.push((name, opt(v)));
+        }
+    }
+    if let Some(t) = cp.last_end_of_stream_ms {
+        f.push(("last_eos_ms", t.to_string()));
+    }
+    f
+}
+
+fn from_fields(key: &str, h: &HashMap<String, String>) -> Result<(JobId, Checkpoint), StateError> {
+    let corrupt = |reason: String| StateError::Corrupt {
+        job: key.to_string(),
+        reason,
+    };
+    let num = |name: &str| -> Result<u64, StateError> {
+        match h.get(name) {
+            None => Ok(0),
+            Some(v) => v
+                .parse()
+                .map_err(|_| corrupt(format!("field {name} is not a number: {v:?}"))),
+        }
+    };
+    let s = |name: &str| h.get(name).cloned();
+    let phase = match h.get("phase") {
+        None => Phase::Idle,
+        Some(p) => Phase::parse(p).ok_or_else(|| corrupt(format!("unknown phase {p:?}")))?,
+    };
+    let stage = match h.get("stage").map(String::as_str) {
+        None | Some("bulk") => Stage::Bulk,
+        Some("incremental") => Stage::Incremental,
+        Some(other) => return Err(corrupt(format!("unknown stage {other:?}"))),
+    };
+    let job = JobId {
+        feed: s("feed").ok_or_else(|| corrupt("no feed field".into()))?,
+        partition: s("partition").ok_or_else(|| corrupt("no partition field".into()))?,
+    };
+    let cp = Checkpoint {
+        cursor: s("cursor"),
+        start_from: s("start_from"),
+        seq: num("seq")?,
+        epoch: num("epoch")?,
+        lease_until_ms: num("lease_until_ms")?,
+        high_water: s("high_water"),
+        phase,
+        stage,
+        t0: s("t0"),
+        pages: num("pages")?,
+        records: num("records")?,
+        last_error: s("last_error"),
+        last_end_of_stream_ms: h
+            .get("last_eos_ms")
+            .map(|_| num("last_eos_ms"))
+            .transpose()?,
+        next_due_ms: num("next_due_ms")?,
+    };
+    Ok((job, cp))
+}
+
+#[async_trait]
+impl StateStore for RedisStore {
+    async fn get(&self, job: &JobId) -> Result<Option<Checkpoint>, StateError> {
+        let key = self.keys.job(job);
+        let h: HashMap<String, String> = self.conn.clone().hgetall(&key).await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        from_fields(&key, &h).map(|(_, cp)| Some(cp))
+    }
+
+    async fn list(&self) -> Result<Vec<(JobId, Checkpoint)>, StateError> {
+        let mut c = self.conn.clone();
+        let mut keys: Vec<String> = c.smembers(self.keys.jobs()).await?;
+        keys.sort();
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.hgetall(k);
+        }
+        let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut c).await?;
+        let mut out = Vec::with_capacity(keys.len());
+        for (k, h) in keys.iter().zip(hashes) {
+            if !h.is_empty() {
+                out.push(from_fields(k, &h)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ensure(&self, job: &JobId, init: &Checkpoint) -> Result<bool, StateError> {
+        let mut inv = self.scripts.ensure.key(self.keys.job(job));
+        inv.key(self.keys.jobs());
+        for (k, v) in to_fields(job, init) {
+            inv.arg(k).arg(v);
+        }
+        let created: i64 = inv.invoke_async(&mut self.conn.clone()).await?;
+        Ok(created == 1)
+    }
+
+    async fn acquire(
+        &self,
+        job: &JobId,
+        lease: Duration,
+        force: bool,
+    ) -> Result<Acquire, StateError> {
+        let (status, value): (String, String) = self
+            .scripts
+            .acquire
+            .key(self.keys.job(job))
+            .arg(lease.as_millis() as u64)
+            .arg(if force { "1" } else { "0" })
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let parse = |v: &str| {
+            v.parse::<u64>().map_err(|_| StateError::Corrupt {
+                job: job.to_string(),
+                reason: format!("bad number {v:?}"),
+            })
+        };
+        Ok(match status.as_str() {
+            "GRANTED" => Acquire::Granted {
+                epoch: parse(&value)?,
+            },
+            "BUSY" => Acquire::Busy {
+                until_ms: parse(&value)?,
+            },
+            "PAUSED" => Acquire::Paused,
+            "FAILED" => Acquire::Failed,
+            _ => Acquire::Missing,
+        })
+    }
+
+    async fn renew(&self, job: &JobId, epoch: u64, lease: Duration) -> Result<bool, StateError> {
+        self.lease_op(job, "renew", epoch, (lease.as_millis() as u64).to_string())
+            .await
+    }
+
+    async fn release(&self, job: &JobId, epoch: u64) -> Result<bool, StateError> {
+        self.lease_op(job, "release", epoch, String::new()).await
+    }
+
+    async fn commit(&self, job: &JobId, c: &Commit) -> Result<CommitOutcome, StateError> {
+        let hw = c.high_water.as_deref().map(normalize_version);
+        let out: String = self
+            .scripts
+            .commit
+            .key(self.keys.job(job))
+            .arg(c.epoch)
+            .arg(c.expected_seq)
+            .arg(if c.new_cursor.is_some() { "1" } else { "0" })
+            .arg(c.new_cursor.clone().unwrap_or_default())
+            .arg(c.new_seq)
+            .arg(if hw.is_some() { "1" } else { "0" })
+            .arg(hw.unwrap_or_default())
+            .arg(c.count)
+            .arg(if c.end_of_stream { "1" } else { "0" })
+            .arg(c.next_due_ms)
+            .arg(c.lease_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        CommitOutcome::parse(&out).ok_or_else(|| StateError::Corrupt {
+            job: job.to_string(),
+            reason: format!("commit answered {out:?}"),
+        })
+    }
+
+    async fn fail(&self, job: &JobId, epoch: u64, error: &str) -> Result<bool, StateError> {
+        self.lease_op(job, "fail", epoch, error.to_string()).await
+    }
+
+    async fn control(&self, job: &JobId, control: &Control) -> Result<u64, StateError> {
+        let (op, target, value) = match control {
+            Control::Pause => ("pause", "", String::new()),
+            Control::Resume => ("resume", "", String::new()),
+            Control::Rewind(Rewind::Start) => ("rewind", "start", String::new()),
+            Control::Rewind(Rewind::Cursor(c)) => ("rewind", "cursor", c.clone()),
+            Control::Rewind(Rewind::Time(t)) => ("rewind", "time", t.clone()),
+        };
+        let e: String = self
+            .scripts
+            .control
+            .key(self.keys.job(job))
+            .arg(op)
+            .arg(target)
+            .arg(value)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        if e.is_empty() {
+            return Err(StateError::NoSuchJob(job.clone()));
+        }
+        e.parse().map_err(|_| StateError::Corrupt {
+            job: job.to_string(),
+            reason: format!("epoch {e:?}"),
+        })
+    }
+
+    async fn try_lead(&self, id: &str, ttl: Duration) -> Result<bool, StateError> {
+        let r: i64 = self
+            .scripts
+            .leader
+            .key(self.keys.leader())
+            .arg("lead")
+            .arg(id)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(r == 1)
+    }
+
+    async fn resign(&self, id: &str) -> Result<(), StateError> {
+        let _: i64 = self
+            .scripts
+            .leader
+            .key(self.keys.leader())
+            .arg("resign")
+            .arg(id)
+            .arg(0)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn rate_acquire(
+        &self,
+        source: &str,
+        per_second: f64,
+        burst: u32,
+    ) -> Result<Option<Duration>, StateError> {
+        let interval_us = (1_000_000.0 / per_second.max(1e-6)).round() as u64;
+        let (granted, wait_us): (i64, i64) = self
+            .scripts
+            .ratelimit
+            .key(self.keys.rate(source))
+            .arg(interval_us.max(1))
+            .arg(burst.max(1))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok((granted != 1).then(|| Duration::from_micros(wait_us.max(1) as u64)))
+    }
+
+    async fn pause_source(&self, source: &str, until_ms: u64) -> Result<(), StateError> {
+        let _: i64 = self
+            .scripts
+            .source_pause
+            .key(self.keys.source_pause(source))
+            .arg(until_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn source_paused_until(&self, source: &str) -> Result<Option<u64>, StateError> {
+        let v: Option<u64> = self
+            .conn
+            .clone()
+            .get(self.keys.source_pause(source))
+            .await?;
+        Ok(v.filter(|t| *t > now_ms()))
+    }
+}
+
+impl RedisStore {
+    async fn lease_op(
+        &self,
+        job: &JobId,
+        op: &str,
+        epoch: u64,
+        arg: String,
+    ) -> Result<bool, StateError> {
+        let r: i64 = self
+            .scripts
+            .lease
+            .key(self.keys.job(job))
+            .arg(op)
+            .arg(epoch)
+            .arg(arg)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(r == 1)
+    }
+}

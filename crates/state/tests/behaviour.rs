@@ -1,0 +1,383 @@
+//! One behavioural suite, run against Redis and against the embedded store.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId, Phase};
+use tidemark_state::{Acquire, Control, Rewind, StateStore};
+
+const LEASE: Duration = Duration::from_secs(30);
+
+fn commit(epoch: u64, seq: u64, cursor: &str) -> Commit {
+    Commit {
+        epoch,
+        expected_seq: seq,
+        new_cursor: Some(cursor.to_string()),
+        new_seq: seq + 1,
+        high_water: Some(format!("2024-01-01T00:00:{:02}Z", seq % 60)),
+        count: 100,
+        end_of_stream: false,
+        next_due_ms: 0,
+        lease_ms: 30_000,
+    }
+}
+
+async fn granted(s: &dyn StateStore, job: &JobId, force: bool) -> u64 {
+    match s.acquire(job, LEASE, force).await.unwrap() {
+        Acquire::Granted { epoch } => epoch,
+        other => panic!("expected a lease, got {other:?}"),
+    }
+}
+
+async fn new_job(s: &dyn StateStore, name: &str) -> JobId {
+    let job = JobId::new(name, "p/1 ü");
+    assert!(s.ensure(&job, &Checkpoint::default()).await.unwrap());
+    assert!(
+        !s.ensure(&job, &Checkpoint::default()).await.unwrap(),
+        "ensure must not overwrite"
+    );
+    job
+}
+
+async fn lifecycle(s: Arc<dyn StateStore>) {
+    let job = new_job(&*s, "life").await;
+    let e = granted(&*s, &job, false).await;
+    assert_eq!(
+        s.acquire(&job, LEASE, false).await.unwrap(),
+        Acquire::Busy {
+            until_ms: s.get(&job).await.unwrap().unwrap().lease_until_ms
+        }
+    );
+    assert_eq!(
+        s.commit(&job, &commit(e, 0, "c1")).await.unwrap(),
+        CommitOutcome::Ok
+    );
+    // A retry after a lost reply: applied once, answered ALREADY_APPLIED.
+    assert_eq!(
+        s.commit(&job, &commit(e, 0, "c1")).await.unwrap(),
+        CommitOutcome::AlreadyApplied
+    );
+    let cp = s.get(&job).await.unwrap().unwrap();
+    assert_eq!(
+        (cp.seq, cp.pages, cp.records, cp.cursor.as_deref()),
+        (1, 1, 100, Some("c1"))
+    );
+    assert!(cp.lease_until_ms > tidemark_state::now_ms());
+    let mut last = commit(e, 1, "resume-here");
+    last.end_of_stream = true;
+    last.next_due_ms = 12345;
+    assert_eq!(s.commit(&job, &last).await.unwrap(), CommitOutcome::Ok);
+    let cp = s.get(&job).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            cp.phase,
+            cp.cursor.as_deref(),
+            cp.next_due_ms,
+            cp.lease_until_ms
+        ),
+        (Phase::Idle, Some("resume-here"), 12345, 0)
+    );
+    assert!(cp.last_end_of_stream_ms.is_some());
+    assert_eq!(
+        cp.high_water.as_deref(),
+        Some("2024-01-01T00:00:01.000000000Z")
+    );
+    assert_eq!(
+        s.commit(&job, &last).await.unwrap(),
+        CommitOutcome::AlreadyApplied
+    );
+    let listed = s.list().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].0, job);
+}
+
+async fn concurrent_commits(s: Arc<dyn StateStore>) {
+    let job = new_job(&*s, "race").await;
+    let e = granted(&*s, &job, false).await;
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let s = s.clone();
+        let job = job.clone();
+        let cursor = if i % 2 == 0 {
+            "same".to_string()
+        } else {
+            format!("other-{i}")
+        };
+        tasks.push(tokio::spawn(async move {
+            s.commit(&job, &commit(e, 0, &cursor)).await.unwrap()
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == CommitOutcome::Ok).count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(outcomes.iter().all(|o| matches!(
+        o,
+        CommitOutcome::Ok | CommitOutcome::AlreadyApplied | CommitOutcome::Conflict
+    )));
+    assert_eq!(s.get(&job).await.unwrap().unwrap().seq, 1);
+
+    // Mixed epochs: only the current one applies.
+    let old = e;
+    let new = granted(&*s, &job, true).await;
+    assert!(new > old);
+    let mut tasks = Vec::new();
+    for i in 0..32u64 {
+        let s = s.clone();
+        let job = job.clone();
+        let epoch = if i % 2 == 0 { old } else { new };
+        tasks.push(tokio::spawn(async move {
+            (
+                epoch,
+                s.commit(&job, &commit(epoch, 1, "two")).await.unwrap(),
+            )
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let (epoch, o) = t.await.unwrap();
+        if epoch == old {
+            assert_eq!(o, CommitOutcome::Fenced);
+        } else if o == CommitOutcome::Ok {
+            ok += 1;
+        } else {
+            assert_eq!(o, CommitOutcome::AlreadyApplied);
+        }
+    }
+    assert_eq!(ok, 1);
+}
+
+async fn expired_lease_fences_the_old_epoch(s: Arc<dyn StateStore>) {
+    let job = new_job(&*s, "expiry").await;
+    let Acquire::Granted { epoch: old } = s
+        .acquire(&job, Duration::from_millis(100), false)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert!(
+        s.renew(&job, old, Duration::from_millis(100))
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let new = granted(&*s, &job, false).await;
+    assert!(new > old);
+    assert_eq!(
+        s.commit(&job, &commit(old, 0, "late")).await.unwrap(),
+        CommitOutcome::Fenced
+    );
+    assert!(!s.renew(&job, old, LEASE).await.unwrap());
+    assert!(!s.release(&job, old).await.unwrap());
+    assert_eq!(
+        s.commit(&job, &commit(new, 0, "c1")).await.unwrap(),
+        CommitOutcome::Ok
+    );
+    assert!(s.release(&job, new).await.unwrap());
+    assert_eq!(s.get(&job).await.unwrap().unwrap().lease_until_ms, 0);
+}
+
+async fn controls_take_new_epochs(s: Arc<dyn StateStore>) {
+    let job = new_job(&*s, "ctl").await;
+    let e1 = granted(&*s, &job, false).await;
+    assert_eq!(
+        s.commit(&job, &commit(e1, 0, "c1")).await.unwrap(),
+        CommitOutcome::Ok
+    );
+    let e2 = s.control(&job, &Control::Pause).await.unwrap();
+    assert!(e2 > e1);
+    assert_eq!(
+        s.commit(&job, &commit(e1, 1, "c2")).await.unwrap(),
+        CommitOutcome::Fenced
+    );
+    assert_eq!(s.acquire(&job, LEASE, true).await.unwrap(), Acquire::Paused);
+    assert_eq!(s.get(&job).await.unwrap().unwrap().phase, Phase::Paused);
+    let e3 = s.control(&job, &Control::Resume).await.unwrap();
+    assert!(e3 > e2);
+    let e4 = granted(&*s, &job, false).await;
+    let e5 = s
+        .control(&job, &Control::Rewind(Rewind::Cursor("back".into())))
+        .await
+        .unwrap();
+    assert!(e5 > e4);
+    assert_eq!(
+        s.commit(&job, &commit(e4, 1, "c2")).await.unwrap(),
+        CommitOutcome::Fenced
+    );
+    let cp = s.get(&job).await.unwrap().unwrap();
+    assert_eq!(
+        (cp.cursor.as_deref(), cp.phase, cp.seq),
+        (Some("back"), Phase::Idle, 1)
+    );
+    s.control(
+        &job,
+        &Control::Rewind(Rewind::Time("2024-05-01T00:00:00Z".into())),
+    )
+    .await
+    .unwrap();
+    let cp = s.get(&job).await.unwrap().unwrap();
+    assert_eq!(
+        (cp.cursor, cp.start_from.as_deref()),
+        (None, Some("2024-05-01T00:00:00Z"))
+    );
+    assert!(cp.high_water.is_some());
+    s.control(&job, &Control::Rewind(Rewind::Start))
+        .await
+        .unwrap();
+    let cp = s.get(&job).await.unwrap().unwrap();
+    assert_eq!(
+        (cp.cursor, cp.start_from, cp.high_water),
+        (None, None, None)
+    );
+    let missing = JobId::new("nope", "x");
+    assert!(s.control(&missing, &Control::Pause).await.is_err());
+    assert_eq!(
+        s.acquire(&missing, LEASE, false).await.unwrap(),
+        Acquire::Missing
+    );
+    assert_eq!(
+        s.commit(&missing, &commit(1, 0, "x")).await.unwrap(),
+        CommitOutcome::Fenced
+    );
+}
+
+async fn failure_is_visible_and_retried_by_force(s: Arc<dyn StateStore>) {
+    let job = new_job(&*s, "fail").await;
+    let e = granted(&*s, &job, false).await;
+    assert!(!s.fail(&job, e - 1, "stale").await.unwrap());
+    assert!(
+        s.fail(
+            &job,
+            e,
+            "HTTP 500 from https://api.test/x (after 5 attempts)"
+        )
+        .await
+        .unwrap()
+    );
+    let cp = s.get(&job).await.unwrap().unwrap();
+    assert_eq!(cp.phase, Phase::Failed);
+    assert_eq!(
+        cp.last_error.as_deref(),
+        Some("HTTP 500 from https://api.test/x (after 5 attempts)")
+    );
+    assert_eq!(
+        s.acquire(&job, LEASE, false).await.unwrap(),
+        Acquire::Failed
+    );
+    granted(&*s, &job, true).await;
+    assert_eq!(s.get(&job).await.unwrap().unwrap().last_error, None);
+}
+
+async fn source_pause_and_leadership(s: Arc<dyn StateStore>) {
+    assert_eq!(s.source_paused_until("api").await.unwrap(), None);
+    let until = tidemark_state::now_ms() + 2000;
+    s.pause_source("api", until).await.unwrap();
+    s.pause_source("api", until - 1000).await.unwrap();
+    assert_eq!(s.source_paused_until("api").await.unwrap(), Some(until));
+    assert_eq!(s.source_paused_until("other").await.unwrap(), None);
+
+    let ttl = Duration::from_secs(5);
+    assert!(s.try_lead("a", ttl).await.unwrap());
+    assert!(!s.try_lead("b", ttl).await.unwrap());
+    assert!(s.try_lead("a", ttl).await.unwrap());
+    s.resign("b").await.unwrap();
+    assert!(!s.try_lead("b", ttl).await.unwrap());
+    s.resign("a").await.unwrap();
+    assert!(s.try_lead("b", ttl).await.unwrap());
+}
+
+async fn rate_limiter_shares_one_budget(s: Arc<dyn StateStore>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut granted = 0u32;
+            loop {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return granted;
+                }
+                match s.rate_acquire("limited", 50.0, 1).await.unwrap() {
+                    None => granted += 1,
+                    Some(wait) => tokio::time::sleep(wait.min(deadline - now)).await,
+                }
+            }
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert!(
+        (140..=160).contains(&total),
+        "granted {total} permits in 3 s at 50/s"
+    );
+}
+
+macro_rules! both {
+    ($($name:ident),*) => {
+        mod redis_backed {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let s = redis_store().await;
+                super::$name(s.clone()).await;
+                s.delete_all().await.unwrap();
+            })*
+        }
+        mod embedded_backed {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let dir = tempfile::tempdir().unwrap();
+                super::$name(embedded_store(&dir)).await;
+            })*
+        }
+    };
+}
+
+both!(
+    lifecycle,
+    concurrent_commits,
+    expired_lease_fences_the_old_epoch,
+    controls_take_new_epochs,
+    failure_is_visible_and_retried_by_force,
+    source_pause_and_leadership,
+    rate_limiter_shares_one_budget
+);
+
+#[tokio::test]
+async fn the_embedded_store_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = JobId::new("f", "p");
+    let epoch;
+    {
+        let s = embedded_store(&dir);
+        s.ensure(&job, &Checkpoint::default()).await.unwrap();
+        epoch = granted(&*s, &job, false).await;
+        assert_eq!(
+            s.commit(&job, &commit(epoch, 0, "kept")).await.unwrap(),
+            CommitOutcome::Ok
+        );
+    }
+    let s = embedded_store(&dir);
+    let cp = s.get(&job).await.unwrap().unwrap();
+    assert_eq!(
+        (cp.cursor.as_deref(), cp.seq, cp.epoch),
+        (Some("kept"), 1, epoch)
+    );
+    assert!(granted(&*s, &job, true).await > epoch);
+    std::fs::write(dir.path().join("state.json"), b"{not json").unwrap();
+    assert!(tidemark_state::EmbeddedStore::open(&dir.path().join("state.json")).is_err());
+}

@@ -1,0 +1,365 @@
+//! What only a real Redis can show: surviving a SIGKILL and an AOF restart,
+//! leadership moving when a leader goes quiet, and the same answers as the
+//! embedded store for random sequences of operations.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use support::*;
+use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId};
+use tidemark_state::{
+    Acquire, Control, EmbeddedStore, LeaderGuard, RedisStore, Rewind, StateStore,
+};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A private redis-server with AOF (appendfsync everysec) in `dir`.
+struct OwnRedis {
+    child: Child,
+    port: u16,
+}
+
+impl OwnRedis {
+    fn start(dir: &std::path::Path, port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (./scripts/test installs it)");
+        // Dropping OwnRedis kills and waits for the child on every path.
+        let server = OwnRedis { child, port };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start on {port}");
+    }
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+    fn kill9(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn commit(epoch: u64, seq: u64, cursor: &str) -> Commit {
+    Commit {
+        epoch,
+        expected_seq: seq,
+        new_cursor: Some(cursor.into()),
+        new_seq: seq + 1,
+        high_water: None,
+        count: 1,
+        end_of_stream: false,
+        next_due_ms: 0,
+        lease_ms: 60_000,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigkilled_aof_redis_comes_back_with_state_and_never_reuses_an_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = OwnRedis::start(dir.path(), port);
+    let store = RedisStore::connect(&server.url(), "tidemark:")
+        .await
+        .unwrap();
+    let job = JobId::new("feed", "p");
+    store.ensure(&job, &Checkpoint::default()).await.unwrap();
+    let mut epochs = Vec::new();
+    for seq in 0..5 {
+        let Acquire::Granted { epoch } = store
+            .acquire(&job, Duration::from_secs(60), true)
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        epochs.push(epoch);
+        assert_eq!(
+            store
+                .commit(&job, &commit(epoch, seq, &format!("c{}", seq + 1)))
+                .await
+                .unwrap(),
+            CommitOutcome::Ok
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await; // everysec: now on disk
+    // Writes in the last second may be lost; this one is allowed to be.
+    let Acquire::Granted { epoch: last } = store
+        .acquire(&job, Duration::from_secs(60), true)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    epochs.push(last);
+    server.kill9();
+    let _server = OwnRedis::start(dir.path(), port);
+
+    let fresh = RedisStore::connect(&format!("redis://127.0.0.1:{port}"), "tidemark:")
+        .await
+        .unwrap();
+    let cp = fresh
+        .get(&job)
+        .await
+        .unwrap()
+        .expect("the checkpoint survived");
+    assert_eq!(
+        (cp.seq, cp.cursor.as_deref()),
+        (5, Some("c5")),
+        "at most the last second is lost"
+    );
+    let max_before = *epochs.iter().max().unwrap();
+    // Even if the restored epoch were older still, time has moved past every lost one.
+    let Acquire::Granted { epoch: next } = fresh
+        .acquire(&job, Duration::from_secs(60), true)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert!(
+        next > max_before,
+        "epoch {next} reused or went back (max before kill {max_before})"
+    );
+    // The commit script is loaded again after the restart (NOSCRIPT is handled).
+    assert_eq!(
+        fresh.commit(&job, &commit(next, 5, "c6")).await.unwrap(),
+        CommitOutcome::Ok
+    );
+    // The old store's connection reconnects by itself.
+    let mut ok = false;
+    for _ in 0..20 {
+        if let Ok(Some(cp)) = store.get(&job).await {
+            assert_eq!(cp.seq, 6);
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "the first store did not reconnect");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leadership_moves_when_the_leader_goes_quiet() {
+    let redis = redis_store().await;
+    let s: Arc<dyn StateStore> = redis.clone();
+    let ttl = Duration::from_millis(600);
+    let a = LeaderGuard::new(s.clone(), "coordinator-a", ttl);
+    let b = LeaderGuard::new(s.clone(), "coordinator-b", ttl);
+    assert!(a.tick().await.unwrap());
+    assert!(!b.tick().await.unwrap());
+    assert!(a.is_leader() && !b.is_leader());
+    // a stops renewing (a stalled process): it stops acting before b can take over.
+    tokio::time::sleep(ttl.mul_f64(0.85)).await;
+    assert!(!a.is_leader(), "a stale leader must stop acting at once");
+    tokio::time::sleep(ttl.mul_f64(0.3)).await;
+    assert!(b.tick().await.unwrap());
+    assert!(b.is_leader());
+    assert!(!a.tick().await.unwrap());
+    b.resign().await.unwrap();
+    assert!(!b.is_leader());
+    assert!(a.tick().await.unwrap());
+    redis.delete_all().await.unwrap();
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Acquire {
+        force: bool,
+    },
+    Renew {
+        stale: bool,
+    },
+    Release {
+        stale: bool,
+    },
+    Commit {
+        stale: bool,
+        seq_offset: i8,
+        same_cursor: bool,
+        eos: bool,
+        hw: u8,
+    },
+    Fail {
+        stale: bool,
+    },
+    Pause,
+    Resume,
+    RewindCursor,
+    RewindStart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        any::<bool>().prop_map(|force| Op::Acquire { force }),
+        any::<bool>().prop_map(|stale| Op::Renew { stale }),
+        any::<bool>().prop_map(|stale| Op::Release { stale }),
+        (
+            prop::bool::weighted(0.2),
+            -1i8..=1,
+            prop::bool::weighted(0.8),
+            prop::bool::weighted(0.2),
+            0u8..20
+        )
+            .prop_map(|(stale, seq_offset, same_cursor, eos, hw)| Op::Commit {
+                stale,
+                seq_offset,
+                same_cursor,
+                eos,
+                hw
+            }),
+        any::<bool>().prop_map(|stale| Op::Fail { stale }),
+        Just(Op::Pause),
+        Just(Op::Resume),
+        Just(Op::RewindCursor),
+        Just(Op::RewindStart),
+    ]
+}
+
+/// Apply `op` to `s`, tracking its current and previous epochs; return a comparable answer.
+async fn run(s: &dyn StateStore, job: &JobId, epochs: &mut (u64, u64), op: &Op) -> String {
+    let lease = Duration::from_secs(60);
+    let pick = |stale: bool, e: &(u64, u64)| if stale { e.1 } else { e.0 };
+    match op {
+        Op::Acquire { force } => match s.acquire(job, lease, *force).await.unwrap() {
+            Acquire::Granted { epoch } => {
+                *epochs = (epoch, epochs.0);
+                "granted".into()
+            }
+            Acquire::Busy { .. } => "busy".into(),
+            other => format!("{other:?}"),
+        },
+        Op::Renew { stale } => s
+            .renew(job, pick(*stale, epochs), lease)
+            .await
+            .unwrap()
+            .to_string(),
+        Op::Release { stale } => s
+            .release(job, pick(*stale, epochs))
+            .await
+            .unwrap()
+            .to_string(),
+        Op::Commit {
+            stale,
+            seq_offset,
+            same_cursor,
+            eos,
+            hw,
+        } => {
+            let seq = s.get(job).await.unwrap().unwrap().seq;
+            let expected = (seq as i64 + i64::from(*seq_offset)).max(0) as u64;
+            let mut c = commit(
+                pick(*stale, epochs),
+                expected,
+                if *same_cursor { "c" } else { "d" },
+            );
+            c.new_cursor = Some(format!(
+                "{}{}",
+                c.new_cursor.unwrap_or_default(),
+                expected + 1
+            ));
+            c.end_of_stream = *eos;
+            c.high_water = Some(hw.to_string());
+            format!("{:?}", s.commit(job, &c).await.unwrap())
+        }
+        Op::Fail { stale } => s
+            .fail(job, pick(*stale, epochs), "boom")
+            .await
+            .unwrap()
+            .to_string(),
+        Op::Pause | Op::Resume | Op::RewindCursor | Op::RewindStart => {
+            let control = match op {
+                Op::Pause => Control::Pause,
+                Op::Resume => Control::Resume,
+                Op::RewindCursor => Control::Rewind(Rewind::Cursor("rewound".into())),
+                _ => Control::Rewind(Rewind::Start),
+            };
+            let e = s.control(job, &control).await.unwrap();
+            *epochs = (e, epochs.0);
+            "controlled".into()
+        }
+    }
+}
+
+fn comparable(
+    cp: &Checkpoint,
+) -> (
+    Option<String>,
+    u64,
+    String,
+    Option<String>,
+    u64,
+    u64,
+    Option<String>,
+) {
+    (
+        cp.cursor.clone(),
+        cp.seq,
+        cp.phase.as_str().into(),
+        cp.high_water.clone(),
+        cp.pages,
+        cp.records,
+        cp.last_error.clone(),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+    #[test]
+    fn redis_and_the_embedded_store_answer_alike(ops in prop::collection::vec(op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let redis = redis_store().await;
+            let embedded = EmbeddedStore::in_memory();
+            let job = JobId::new("prop", "p");
+            redis.ensure(&job, &Checkpoint::default()).await.unwrap();
+            embedded.ensure(&job, &Checkpoint::default()).await.unwrap();
+            let (mut er, mut ee) = ((0, 0), (0, 0));
+            for (i, op) in ops.iter().enumerate() {
+                let a = run(&*redis, &job, &mut er, op).await;
+                let b = run(&embedded, &job, &mut ee, op).await;
+                assert_eq!(a, b, "step {i} {op:?}");
+                let (x, y) = (redis.get(&job).await.unwrap().unwrap(), embedded.get(&job).await.unwrap().unwrap());
+                assert_eq!(comparable(&x), comparable(&y), "state after step {i} {op:?}");
+            }
+            redis.delete_all().await.unwrap();
+        });
+    }
+}
