@@ -288,7 +288,7 @@ impl StateStore for EmbeddedStore {
     ) -> Result<Option<Duration>, StateError> {
         let mut inner = self.lock();
         let now = now_ms() * 1000;
-        let interval = ((1_000_000.0 / per_second.max(1e-6)).round() as u64).max(1);
+        let interval = crate::emission_interval_us(per_second);
         let tat = inner
             .rate_tat_us
             .get(source)

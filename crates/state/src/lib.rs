@@ -112,6 +112,11 @@ pub trait StateStore: Send + Sync {
     async fn source_paused_until(&self, source: &str) -> Result<Option<u64>, StateError>;
 }
 
+/// The GCRA emission interval of a limit, in microseconds (at least 1).
+pub(crate) fn emission_interval_us(per_second: f64) -> u64 {
+    ((1_000_000.0 / per_second.max(1e-6)).round() as u64).max(1)
+}
+
 /// Now, unix milliseconds.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -358,12 +358,12 @@ impl StateStore for RedisStore {
         per_second: f64,
         burst: u32,
     ) -> Result<Option<Duration>, StateError> {
-        let interval_us = (1_000_000.0 / per_second.max(1e-6)).round() as u64;
+        let interval_us = crate::emission_interval_us(per_second);
         let (granted, wait_us): (i64, i64) = self
             .scripts
             .ratelimit
             .key(self.keys.rate(source))
-            .arg(interval_us.max(1))
+            .arg(interval_us)
             .arg(burst.max(1))
             .invoke_async(&mut self.conn.clone())
             .await?;
