@@ -1,0 +1,518 @@
+//! RabbitMQ: topology, supervision, page tasks and downstream publishing.
+//!
+//! A supervisor task owns the connection. It connects with backoff, declares
+//! the topology (idempotent, so whichever role starts first creates it),
+//! opens a confirm-mode publishing channel and, for consumers, a consuming
+//! channel with bounded prefetch, then watches the connection. On any error
+//! it drops that generation and starts over. Deliveries taken on a lost
+//! channel keep their old acker, so acking them fails (`Abandoned`) instead
+//! of touching the new channel; the broker redelivers them. Publishes whose
+//! confirms were pending fail with the connection, or at the confirm timeout
+//! at the latest.
+//!
+//! Topology under a prefix `P` (default `tidemark`):
+//! - `P.tasks`: quorum queue of page tasks, `x-delivery-limit`, dead-letters to `P.dead`;
+//! - `P.retry.<ms>`: one classic queue per delay tier with `x-message-ttl`,
+//!   dead-lettering back to `P.tasks` (a delayed retry with what RabbitMQ 3.10 has);
+//! - `P.dead`: quorum queue of dead letters; tidemark's own carry `x-reason`
+//!   and `x-last-error` headers, the broker's carry `x-first-death-reason`;
+//! - the downstream topic exchange (default `tidemark.records`), durable.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    PublisherConfirm,
+};
+use tidemark_core::config::DeliveryPer;
+use tokio::sync::{Mutex, mpsc, watch};
+
+use crate::message::Acker;
+use crate::{
+    BusError, DeadLetter, Downstream, OutPage, PageTask, TaskDelivery, TaskQueue, routing_key,
+};
+
+/// How to reach and lay out the broker.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    pub url: String,
+    /// Prefix of every queue name, so deployments can share a broker.
+    pub prefix: String,
+    /// The downstream topic exchange.
+    pub records_exchange: String,
+    /// Deliveries of one task before the broker dead-letters it.
+    pub delivery_limit: u32,
+    /// Unacked page tasks one consumer may hold.
+    pub prefetch: u16,
+    /// Longest wait for the publisher confirms of one page.
+    pub confirm_timeout: Duration,
+    /// Delays a retried task can wait, in ascending order; a request rounds up.
+    pub retry_tiers: Vec<Duration>,
+    /// Longest wait for a connection before an operation fails.
+    pub connect_wait: Duration,
+}
+
+impl BusConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: "tidemark".into(),
+            records_exchange: "tidemark.records".into(),
+            delivery_limit: 10,
+            prefetch: 16,
+            confirm_timeout: Duration::from_secs(30),
+            retry_tiers: [1, 5, 30, 120, 600]
+                .into_iter()
+                .map(Duration::from_secs)
+                .collect(),
+            connect_wait: Duration::from_secs(10),
+        }
+    }
+    pub fn tasks_queue(&self) -> String {
+        format!("{}.tasks", self.prefix)
+    }
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+    pub fn retry_queue(&self, tier: Duration) -> String {
+        format!("{}.retry.{}", self.prefix, tier.as_millis())
+    }
+    /// The tier a requested delay waits in: the smallest not shorter than it.
+    pub fn tier_for(&self, delay: Duration) -> Duration {
+        self.retry_tiers
+            .iter()
+            .copied()
+            .find(|t| *t >= delay)
+            .or_else(|| self.retry_tiers.last().copied())
+            .unwrap_or(delay)
+    }
+}
+
+struct Generation {
+    connection: Connection,
+    /// Confirm-mode channel shared by concurrent page publishes: each awaits
+    /// its own messages' confirms; order holds within a page, and a partition
+    /// never has two pages in flight (one chain per job).
+    publish: Channel,
+}
+
+struct Shared {
+    cfg: BusConfig,
+    current: watch::Receiver<Option<Arc<Generation>>>,
+    deliveries: Option<Mutex<mpsc::Receiver<TaskDelivery>>>,
+    stop: watch::Sender<bool>,
+}
+
+/// Page tasks and downstream publishing on RabbitMQ.
+#[derive(Clone)]
+pub struct AmqpBus {
+    shared: Arc<Shared>,
+}
+
+fn s(v: &str) -> ShortString {
+    v.into()
+}
+
+fn long(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v.to_string()))
+}
+
+impl AmqpBus {
+    /// Start the supervisor. With `consume`, also consume page tasks.
+    /// Returns once connected for the first time (or after `connect_wait`).
+    pub async fn start(cfg: BusConfig, consume: bool) -> Result<Self, BusError> {
+        let (gen_tx, gen_rx) = watch::channel(None);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (del_tx, del_rx) = mpsc::channel(usize::from(cfg.prefetch.max(1)));
+        let bus = AmqpBus {
+            shared: Arc::new(Shared {
+                cfg: cfg.clone(),
+                current: gen_rx,
+                deliveries: consume.then(|| Mutex::new(del_rx)),
+                stop: stop_tx,
+            }),
+        };
+        tokio::spawn(supervise(cfg, gen_tx, consume.then_some(del_tx), stop_rx));
+        bus.generation().await?;
+        Ok(bus)
+    }
+
+    pub fn config(&self) -> &BusConfig {
+        &self.shared.cfg
+    }
+
+    /// True while connected (for readiness probes).
+    pub fn is_connected(&self) -> bool {
+        self.shared.current.borrow().is_some()
+    }
+
+    /// Stop the supervisor and close the connection; unacked deliveries go back to the queue.
+    pub async fn close(&self) {
+        let _ = self.shared.stop.send(true);
+        let generation = self.shared.current.borrow().clone();
+        if let Some(g) = generation {
+            let closing = g.connection.close(200, s("tidemark shutting down"));
+            let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
+        }
+    }
+
+    async fn generation(&self) -> Result<Arc<Generation>, BusError> {
+        let mut rx = self.shared.current.clone();
+        let wait = rx.wait_for(|g| g.is_some());
+        match tokio::time::timeout(self.shared.cfg.connect_wait, wait).await {
+            Ok(Ok(g)) => g.clone().ok_or(BusError::NotConnected),
+            Ok(Err(_)) => Err(BusError::Closed),
+            Err(_) => Err(BusError::NotConnected),
+        }
+    }
+
+    /// Publish `payloads` and wait for all their confirms.
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        rk: &str,
+        messages: impl Iterator<Item = (Vec<u8>, BasicProperties)>,
+        mandatory: bool,
+    ) -> Result<(), BusError> {
+        let g = self.generation().await?;
+        let timeout = self.shared.cfg.confirm_timeout;
+        let work = async {
+            let mut confirms: Vec<PublisherConfirm> = Vec::new();
+            for (body, props) in messages {
+                let c = g
+                    .publish
+                    .basic_publish(
+                        s(exchange),
+                        s(rk),
+                        BasicPublishOptions {
+                            mandatory,
+                            immediate: false,
+                        },
+                        &body,
+                        props,
+                    )
+                    .await?;
+                confirms.push(c);
+            }
+            let (mut nacked, mut returned) = (0usize, 0usize);
+            for c in confirms {
+                match c.await? {
+                    Confirmation::Ack(None) | Confirmation::NotRequested => {}
+                    Confirmation::Ack(Some(_)) => returned += 1,
+                    Confirmation::Nack(_) => nacked += 1,
+                }
+            }
+            if returned > 0 {
+                return Err(BusError::Unroutable {
+                    count: returned,
+                    routing_key: rk.to_string(),
+                });
+            }
+            if nacked > 0 {
+                return Err(BusError::Nacked(nacked));
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(BusError::ConfirmTimeout(timeout)),
+        }
+    }
+}
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(s("application/json"))
+}
+
+#[async_trait]
+impl Downstream for AmqpBus {
+    async fn publish_page(&self, page: &OutPage) -> Result<(), BusError> {
+        let rk = routing_key(&page.feed, &page.partition);
+        let base_headers = |h: &mut FieldTable| {
+            h.insert(s("x-feed"), long(&page.feed));
+            h.insert(s("x-partition"), long(&page.partition));
+            h.insert(s("x-page-seq"), AMQPValue::LongLongInt(page.seq as i64));
+        };
+        let exchange = self.shared.cfg.records_exchange.clone();
+        match page.per {
+            DeliveryPer::Record => {
+                let msgs = page.records.iter().map(|r| {
+                    let mut h = FieldTable::default();
+                    base_headers(&mut h);
+                    h.insert(s("x-record-key"), long(&r.key));
+                    (
+                        r.body.to_vec(),
+                        persistent()
+                            .with_message_id(s(&r.message_id))
+                            .with_headers(h),
+                    )
+                });
+                self.publish_confirmed(&exchange, &rk, msgs, true).await
+            }
+            DeliveryPer::Page => {
+                let mut h = FieldTable::default();
+                base_headers(&mut h);
+                let props = persistent()
+                    .with_message_id(s(&page.page_message_id))
+                    .with_headers(h);
+                self.publish_confirmed(
+                    &exchange,
+                    &rk,
+                    std::iter::once((page.page_body(), props)),
+                    true,
+                )
+                .await
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl TaskQueue for AmqpBus {
+    async fn publish_task(&self, task: &PageTask, delay: Option<Duration>) -> Result<(), BusError> {
+        let body = serde_json::to_vec(task).map_err(|e| BusError::Encode(e.to_string()))?;
+        let cfg = &self.shared.cfg;
+        let queue = match delay {
+            Some(d) if !d.is_zero() => cfg.retry_queue(cfg.tier_for(d)),
+            _ => cfg.tasks_queue(),
+        };
+        self.publish_confirmed("", &queue, std::iter::once((body, persistent())), true)
+            .await
+    }
+
+    async fn next_delivery(&self) -> Result<TaskDelivery, BusError> {
+        let Some(rx) = &self.shared.deliveries else {
+            return Err(BusError::Closed);
+        };
+        rx.lock().await.recv().await.ok_or(BusError::Closed)
+    }
+
+    async fn dead_letter(
+        &self,
+        delivery: TaskDelivery,
+        reason: &str,
+        error: &str,
+    ) -> Result<(), BusError> {
+        let mut h = FieldTable::default();
+        h.insert(s("x-reason"), long(reason));
+        h.insert(
+            s("x-last-error"),
+            long(&error.chars().take(4000).collect::<String>()),
+        );
+        let props = persistent().with_headers(h);
+        let dead = self.shared.cfg.dead_queue();
+        self.publish_confirmed(
+            "",
+            &dead,
+            std::iter::once((delivery.body.to_vec(), props)),
+            true,
+        )
+        .await?;
+        delivery.ack().await
+    }
+
+    async fn take_dead_letter(&self) -> Result<Option<DeadLetter>, BusError> {
+        let g = self.generation().await?;
+        let get = g.publish.basic_get(
+            s(&self.shared.cfg.dead_queue()),
+            BasicGetOptions { no_ack: true },
+        );
+        let got = tokio::time::timeout(self.shared.cfg.confirm_timeout, get)
+            .await
+            .map_err(|_| BusError::ConfirmTimeout(self.shared.cfg.confirm_timeout))??;
+        Ok(got.map(|m| {
+            let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+            let text = |k: &str| match headers.inner().get(k) {
+                Some(AMQPValue::LongString(v)) => {
+                    Some(String::from_utf8_lossy(v.as_bytes()).into_owned())
+                }
+                Some(AMQPValue::ShortString(v)) => Some(v.as_str().to_string()),
+                _ => None,
+            };
+            let reason = text("x-reason")
+                .or_else(|| text("x-first-death-reason"))
+                .unwrap_or_else(|| "unknown".into());
+            DeadLetter {
+                body: bytes::Bytes::from(m.delivery.data.clone()),
+                reason,
+                last_error: text("x-last-error"),
+            }
+        }))
+    }
+}
+
+/// Declare everything; safe to run again and from every role.
+async fn declare(ch: &Channel, cfg: &BusConfig) -> Result<(), BusError> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        s(&cfg.records_exchange),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    let mut dead = FieldTable::default();
+    dead.insert(s("x-queue-type"), long("quorum"));
+    ch.queue_declare(s(&cfg.dead_queue()), durable, dead)
+        .await?;
+    let mut tasks = FieldTable::default();
+    tasks.insert(s("x-queue-type"), long("quorum"));
+    tasks.insert(
+        s("x-delivery-limit"),
+        AMQPValue::LongLongInt(i64::from(cfg.delivery_limit)),
+    );
+    tasks.insert(s("x-dead-letter-exchange"), long(""));
+    tasks.insert(s("x-dead-letter-routing-key"), long(&cfg.dead_queue()));
+    ch.queue_declare(s(&cfg.tasks_queue()), durable, tasks)
+        .await?;
+    for tier in &cfg.retry_tiers {
+        let mut retry = FieldTable::default();
+        retry.insert(
+            s("x-message-ttl"),
+            AMQPValue::LongLongInt(tier.as_millis() as i64),
+        );
+        retry.insert(s("x-dead-letter-exchange"), long(""));
+        retry.insert(s("x-dead-letter-routing-key"), long(&cfg.tasks_queue()));
+        ch.queue_declare(s(&cfg.retry_queue(*tier)), durable, retry)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn connect(
+    cfg: &BusConfig,
+    deliveries: Option<&mpsc::Sender<TaskDelivery>>,
+) -> Result<(Arc<Generation>, Option<tokio::task::JoinHandle<()>>), BusError> {
+    let connection = Connection::connect(&cfg.url, ConnectionProperties::default()).await?;
+    let publish = connection.create_channel().await?;
+    declare(&publish, cfg).await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let forwarder = match deliveries {
+        None => None,
+        Some(tx) => {
+            let ch = connection.create_channel().await?;
+            ch.basic_qos(cfg.prefetch, BasicQosOptions::default())
+                .await?;
+            let mut consumer = ch
+                .basic_consume(
+                    s(&cfg.tasks_queue()),
+                    s(""),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let tx = tx.clone();
+            Some(tokio::spawn(async move {
+                let _channel = ch;
+                while let Some(d) = consumer.next().await {
+                    let Ok(d) = d else { break };
+                    let delivery = TaskDelivery {
+                        body: bytes::Bytes::from(d.data),
+                        redelivered: d.redelivered,
+                        acker: Acker::Amqp(d.acker),
+                    };
+                    if tx.send(delivery).await.is_err() {
+                        break;
+                    }
+                }
+            }))
+        }
+    };
+    Ok((
+        Arc::new(Generation {
+            connection,
+            publish,
+        }),
+        forwarder,
+    ))
+}
+
+async fn supervise(
+    cfg: BusConfig,
+    current: watch::Sender<Option<Arc<Generation>>>,
+    deliveries: Option<mpsc::Sender<TaskDelivery>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        match connect(&cfg, deliveries.as_ref()).await {
+            Ok((generation, forwarder)) => {
+                backoff = Duration::from_millis(100);
+                tracing::info!(prefix = %cfg.prefix, "connected to the broker");
+                let mut events = generation.connection.events_listener();
+                let _ = current.send(Some(generation.clone()));
+                let lost = async {
+                    loop {
+                        match events.next().await {
+                            Some(lapin::Event::Error(e)) => return e.to_string(),
+                            Some(_) => {}
+                            None => return "connection closed".to_string(),
+                        }
+                    }
+                };
+                let consumer_ended = async {
+                    match forwarder {
+                        Some(f) => {
+                            let _ = f.await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    reason = lost => tracing::warn!(%reason, "broker connection lost; reconnecting"),
+                    _ = consumer_ended => tracing::warn!("task consumer ended; reconnecting"),
+                    _ = stop.changed() => {}
+                }
+                let _ = current.send(None);
+                if !generation.connection.status().connected() {
+                    // Already gone.
+                } else {
+                    let stopping = *stop.borrow();
+                    let (code, text) = if stopping {
+                        (200, "tidemark shutting down")
+                    } else {
+                        (320, "reconnecting")
+                    };
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        generation.connection.close(code, s(text)),
+                    )
+                    .await;
+                    if stopping {
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, delay_ms = backoff.as_millis() as u64, "cannot connect to the broker; retrying");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    let _ = current.send(None);
+}

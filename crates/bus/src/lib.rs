@@ -1,0 +1,111 @@
+//! tidemark-bus: the queues between the roles and the records' way out.
+//!
+//! [`TaskQueue`] carries page tasks (confirmed publishes, manual acks,
+//! bounded prefetch, delayed retries, a dead-letter queue). [`Downstream`]
+//! publishes a page's records to subscribers and returns only when the
+//! broker has confirmed every one: a nack, a returned (unroutable) message,
+//! a lost connection or a timeout is an error, never a success.
+//! [`amqp::AmqpBus`] implements both on RabbitMQ with a supervisor that
+//! reconnects; [`memory`] implements both in process for embedded mode.
+
+pub mod amqp;
+pub mod memory;
+mod message;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tidemark_core::checkpoint::JobId;
+
+pub use message::{OutPage, OutRecord, routing_key};
+
+/// "Fetch page `seq` of `job` at `cursor` under `epoch`."
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageTask {
+    pub job: JobId,
+    pub epoch: u64,
+    pub seq: u64,
+    /// `None`: the chain's start point.
+    pub cursor: Option<String>,
+    /// The start time (RFC 3339) of a chain without a cursor.
+    #[serde(default)]
+    pub start_from: Option<String>,
+    #[serde(default)]
+    pub attempt: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("not connected to the broker (reconnecting)")]
+    NotConnected,
+    #[error("publisher confirms not received within {0:?}")]
+    ConfirmTimeout(Duration),
+    #[error("the broker refused (nacked) {0} message(s)")]
+    Nacked(usize),
+    #[error(
+        "{count} message(s) could not be routed to any queue (routing key {routing_key}): nothing is bound to receive them"
+    )]
+    Unroutable { count: usize, routing_key: String },
+    #[error("delivery abandoned: its channel is gone, the broker will redeliver it")]
+    Abandoned,
+    #[error("the bus is shut down")]
+    Closed,
+    #[error("{0}")]
+    Encode(String),
+}
+
+/// A page task as received. Ack it only after its work is committed.
+pub struct TaskDelivery {
+    pub body: bytes::Bytes,
+    pub redelivered: bool,
+    acker: message::Acker,
+}
+
+impl TaskDelivery {
+    /// The task, or why the message is not one (it then belongs in the dead-letter queue).
+    pub fn task(&self) -> Result<PageTask, String> {
+        serde_json::from_slice(&self.body).map_err(|e| format!("malformed page task: {e}"))
+    }
+    pub async fn ack(self) -> Result<(), BusError> {
+        self.acker.ack().await
+    }
+    /// Give the task back to the queue now (counts toward the delivery limit).
+    pub async fn requeue(self) -> Result<(), BusError> {
+        self.acker.requeue().await
+    }
+}
+
+/// A dead-lettered task and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub body: bytes::Bytes,
+    /// `x-reason`, or the broker's own (`delivery_limit`, `expired`, ...).
+    pub reason: String,
+    pub last_error: Option<String>,
+}
+
+#[async_trait]
+pub trait TaskQueue: Send + Sync {
+    /// Publish a task (confirmed); with a delay, it reaches consumers no sooner.
+    async fn publish_task(&self, task: &PageTask, delay: Option<Duration>) -> Result<(), BusError>;
+    /// The next delivered task.
+    async fn next_delivery(&self) -> Result<TaskDelivery, BusError>;
+    /// Move a delivery to the dead-letter queue with its reason and last error, and ack it.
+    async fn dead_letter(
+        &self,
+        delivery: TaskDelivery,
+        reason: &str,
+        error: &str,
+    ) -> Result<(), BusError>;
+    /// Take the oldest dead letter, if any.
+    async fn take_dead_letter(&self) -> Result<Option<DeadLetter>, BusError>;
+}
+
+#[async_trait]
+pub trait Downstream: Send + Sync {
+    /// Publish a page and wait for every confirm.
+    async fn publish_page(&self, page: &OutPage) -> Result<(), BusError>;
+}
