@@ -108,6 +108,9 @@ pub struct Checkpoint {
     pub last_end_of_stream_ms: Option<u64>,
     /// When the job should run next, unix ms.
     pub next_due_ms: u64,
+    /// Chains restarted from the high-water mark after a lost cursor.
+    #[serde(default)]
+    pub recoveries: u64,
 }
 
 /// One page's commit.
@@ -126,6 +129,29 @@ pub struct Commit {
     pub next_due_ms: u64,
     /// How long the lease lasts from now.
     pub lease_ms: u64,
+    /// With `end_of_stream`: start the next chain from a start point instead
+    /// of the cursor (snapshots, the bulk→incremental handoff, page walks).
+    #[serde(default)]
+    pub restart: Option<Restart>,
+}
+
+/// Where the next chain of a job starts when it does not continue the cursor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restart {
+    pub stage: Stage,
+    /// The start time (RFC 3339); `None`: the feed's own start point.
+    pub start_from: Option<String>,
+}
+
+impl Commit {
+    /// The cursor the job holds after this commit.
+    pub fn stored_cursor(&self) -> Option<&String> {
+        if self.end_of_stream && self.restart.is_some() {
+            None
+        } else {
+            self.new_cursor.as_ref()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,7 +194,10 @@ impl Checkpoint {
         if c.epoch != self.epoch {
             return (CommitOutcome::Fenced, None);
         }
-        if self.seq == c.new_seq && self.cursor == c.new_cursor && c.new_seq == c.expected_seq + 1 {
+        if self.seq == c.new_seq
+            && self.cursor.as_ref() == c.stored_cursor()
+            && c.new_seq == c.expected_seq + 1
+        {
             return (CommitOutcome::AlreadyApplied, None);
         }
         if self.phase != Phase::Running {
@@ -178,7 +207,7 @@ impl Checkpoint {
             return (CommitOutcome::Conflict, None);
         }
         let mut next = self.clone();
-        next.cursor = c.new_cursor.clone();
+        next.cursor = c.stored_cursor().cloned();
         next.seq = c.new_seq;
         let page_hw = c.high_water.as_deref().map(normalize_version);
         next.high_water =
@@ -191,6 +220,10 @@ impl Checkpoint {
             next.lease_until_ms = 0;
             next.last_end_of_stream_ms = Some(now_ms);
             next.next_due_ms = c.next_due_ms;
+            if let Some(r) = &c.restart {
+                next.stage = r.stage;
+                next.start_from = r.start_from.clone();
+            }
         } else {
             next.lease_until_ms = now_ms + c.lease_ms;
         }
@@ -278,6 +311,7 @@ mod tests {
             end_of_stream: false,
             next_due_ms: 0,
             lease_ms: 1000,
+            restart: None,
         }
     }
 

@@ -46,6 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     end_of_stream: false,
                     next_due_ms: 0,
                     lease_ms: 60_000,
+                    restart: None,
                 };
                 if store.commit(&job, &c).await? == CommitOutcome::Ok {
                     seq += 1;

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId, Phase, next_epoch};
+use tidemark_core::checkpoint::{
+    Checkpoint, Commit, CommitOutcome, JobId, Phase, Stage, next_epoch,
+};
 
 use crate::{Acquire, Control, Rewind, StateError, StateStore, now_ms};
 
@@ -19,6 +21,9 @@ use crate::{Acquire, Control, Rewind, StateError, StateStore, now_ms};
 struct Persisted {
     jobs: BTreeMap<String, (JobId, Checkpoint)>,
     source_pauses: BTreeMap<String, u64>,
+    /// (version, digest, document)
+    #[serde(default)]
+    registry: Option<(u64, String, String)>,
 }
 
 #[derive(Default)]
@@ -220,6 +225,67 @@ impl StateStore for EmbeddedStore {
         Ok(r.unwrap_or(false))
     }
 
+    async fn recover(
+        &self,
+        job: &JobId,
+        epoch: u64,
+        start_from: Option<&str>,
+    ) -> Result<bool, StateError> {
+        let r = self.with_job(job, |cp, now| {
+            if cp.epoch != epoch || cp.phase != Phase::Running {
+                return (false, false);
+            }
+            cp.cursor = None;
+            cp.start_from = start_from.map(str::to_string);
+            cp.phase = Phase::Idle;
+            cp.lease_until_ms = 0;
+            cp.next_due_ms = now;
+            cp.recoveries += 1;
+            (true, true)
+        })?;
+        Ok(r.unwrap_or(false))
+    }
+
+    async fn set_t0(&self, job: &JobId, epoch: u64, t0: &str) -> Result<bool, StateError> {
+        let r = self.with_job(job, |cp, _| {
+            if cp.epoch != epoch || cp.phase != Phase::Running {
+                return (false, false);
+            }
+            if cp.t0.is_some() {
+                return (true, false);
+            }
+            cp.t0 = Some(t0.to_string());
+            (true, true)
+        })?;
+        Ok(r.unwrap_or(false))
+    }
+
+    async fn put_registry(&self, digest: &str, doc: &str) -> Result<u64, StateError> {
+        let mut inner = self.lock();
+        if let Some((v, d, _)) = &inner.data.registry
+            && d == digest
+        {
+            return Ok(*v);
+        }
+        let v = inner.data.registry.as_ref().map_or(0, |r| r.0) + 1;
+        inner.data.registry = Some((v, digest.to_string(), doc.to_string()));
+        self.persist(&inner)?;
+        Ok(v)
+    }
+
+    async fn registry(&self) -> Result<Option<(u64, String)>, StateError> {
+        Ok(self
+            .lock()
+            .data
+            .registry
+            .as_ref()
+            .map(|(v, _, d)| (*v, d.clone())))
+    }
+
+    async fn registry_version(&self) -> Result<Option<u64>, StateError> {
+        Ok(self.lock().data.registry.as_ref().map(|r| r.0))
+    }
+
     async fn control(&self, job: &JobId, control: &Control) -> Result<u64, StateError> {
         let r = self.with_job(job, |cp, now| {
             cp.epoch = next_epoch(cp.epoch, now);
@@ -245,6 +311,9 @@ impl StateStore for EmbeddedStore {
                             cp.cursor = None;
                             cp.start_from = None;
                             cp.high_water = None;
+                            cp.t0 = None;
+                            cp.last_end_of_stream_ms = None;
+                            cp.stage = Stage::Bulk;
                         }
                     }
                     if cp.phase != Phase::Paused {

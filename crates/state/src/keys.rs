@@ -25,6 +25,10 @@ impl Keys {
     pub fn jobs(&self) -> String {
         format!("{}jobs", self.prefix)
     }
+    /// The feed registry: version, digest and document.
+    pub fn registry(&self) -> String {
+        format!("{}registry", self.prefix)
+    }
     pub fn leader(&self) -> String {
         format!("{}leader", self.prefix)
     }

@@ -94,6 +94,23 @@ pub trait StateStore: Send + Sync {
     async fn commit(&self, job: &JobId, commit: &Commit) -> Result<CommitOutcome, StateError>;
     /// Mark the job failed with `error`; false when `epoch` is not current.
     async fn fail(&self, job: &JobId, epoch: u64, error: &str) -> Result<bool, StateError>;
+    /// The cursor was rejected or expired: drop it and make the job due at
+    /// once, to restart from `start_from` (RFC 3339; `None`: the feed's start)
+    /// under a new epoch. False when `epoch` is not current.
+    async fn recover(
+        &self,
+        job: &JobId,
+        epoch: u64,
+        start_from: Option<&str>,
+    ) -> Result<bool, StateError>;
+    /// Record T0 (RFC 3339) before a bulk walk, unless one is recorded already.
+    async fn set_t0(&self, job: &JobId, epoch: u64, t0: &str) -> Result<bool, StateError>;
+    /// Store the feed registry if `digest` differs from the stored one; returns the version in force.
+    async fn put_registry(&self, digest: &str, doc: &str) -> Result<u64, StateError>;
+    /// The feed registry: (version, document).
+    async fn registry(&self) -> Result<Option<(u64, String)>, StateError>;
+    /// The version of the feed registry, cheaply.
+    async fn registry_version(&self) -> Result<Option<u64>, StateError>;
     /// Pause, resume or rewind; returns the new epoch.
     async fn control(&self, job: &JobId, control: &Control) -> Result<u64, StateError>;
     /// Take or renew the coordinator leadership for `id`; true while `id` leads.

@@ -26,6 +26,7 @@ struct Scripts {
     ratelimit: Script,
     source_pause: Script,
     ensure: Script,
+    registry: Script,
 }
 
 /// Job state in Redis. Cheap to clone; the connection reconnects by itself.
@@ -57,6 +58,7 @@ impl RedisStore {
                 ratelimit: Script::new(include_str!("lua/ratelimit.lua")),
                 source_pause: Script::new(include_str!("lua/source_pause.lua")),
                 ensure: Script::new(include_str!("lua/ensure.lua")),
+                registry: Script::new(include_str!("lua/registry.lua")),
             }),
         })
     }
@@ -123,6 +125,7 @@ fn to_fields(job: &JobId, cp: &Checkpoint) -> Vec<(&'static str, String)> {
         ("pages", cp.pages.to_string()),
         ("records", cp.records.to_string()),
         ("next_due_ms", cp.next_due_ms.to_string()),
+        ("recoveries", cp.recoveries.to_string()),
     ];
     for (name, v) in [
         ("cursor", &cp.cursor),
@@ -186,6 +189,7 @@ fn from_fields(key: &str, h: &HashMap<String, String>) -> Result<(JobId, Checkpo
             .map(|_| num("last_eos_ms"))
             .transpose()?,
         next_due_ms: num("next_due_ms")?,
+        recoveries: num("recoveries")?,
     };
     Ok((job, cp))
 }
@@ -288,6 +292,21 @@ impl StateStore for RedisStore {
             .arg(if c.end_of_stream { "1" } else { "0" })
             .arg(c.next_due_ms)
             .arg(c.lease_ms)
+            .arg(if c.restart.is_some() { "1" } else { "0" })
+            .arg(match c.restart.as_ref().map(|r| r.stage) {
+                Some(Stage::Incremental) => "incremental",
+                _ => "bulk",
+            })
+            .arg(match c.restart.as_ref().and_then(|r| r.start_from.as_ref()) {
+                Some(_) => "1",
+                None => "0",
+            })
+            .arg(
+                c.restart
+                    .as_ref()
+                    .and_then(|r| r.start_from.clone())
+                    .unwrap_or_default(),
+            )
             .invoke_async(&mut self.conn.clone())
             .await?;
         CommitOutcome::parse(&out).ok_or_else(|| StateError::Corrupt {
@@ -298,6 +317,49 @@ impl StateStore for RedisStore {
 
     async fn fail(&self, job: &JobId, epoch: u64, error: &str) -> Result<bool, StateError> {
         self.lease_op(job, "fail", epoch, error.to_string()).await
+    }
+
+    async fn recover(
+        &self,
+        job: &JobId,
+        epoch: u64,
+        start_from: Option<&str>,
+    ) -> Result<bool, StateError> {
+        self.lease_op(job, "recover", epoch, start_from.unwrap_or("").to_string())
+            .await
+    }
+
+    async fn set_t0(&self, job: &JobId, epoch: u64, t0: &str) -> Result<bool, StateError> {
+        self.lease_op(job, "t0", epoch, t0.to_string()).await
+    }
+
+    async fn put_registry(&self, digest: &str, doc: &str) -> Result<u64, StateError> {
+        let v: u64 = self
+            .scripts
+            .registry
+            .key(self.keys.registry())
+            .arg(digest)
+            .arg(doc)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(v)
+    }
+
+    async fn registry(&self) -> Result<Option<(u64, String)>, StateError> {
+        let (v, doc): (Option<u64>, Option<String>) = self
+            .conn
+            .clone()
+            .hget(self.keys.registry(), &["version", "doc"])
+            .await?;
+        Ok(v.zip(doc))
+    }
+
+    async fn registry_version(&self) -> Result<Option<u64>, StateError> {
+        Ok(self
+            .conn
+            .clone()
+            .hget(self.keys.registry(), "version")
+            .await?)
     }
 
     async fn control(&self, job: &JobId, control: &Control) -> Result<u64, StateError> {

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
-use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId, Phase};
+use tidemark_core::checkpoint::{
+    Checkpoint, Commit, CommitOutcome, JobId, Phase, Restart, Stage,
+};
 use tidemark_state::{Acquire, Control, Rewind, StateStore};
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -23,6 +25,7 @@ fn commit(epoch: u64, seq: u64, cursor: &str) -> Commit {
         end_of_stream: false,
         next_due_ms: 0,
         lease_ms: 30_000,
+        restart: None,
     }
 }
 
@@ -347,7 +350,90 @@ macro_rules! both {
     };
 }
 
+/// The handoff, snapshot restarts, cursor recovery, T0 and the registry.
+async fn restarts_recovery_t0_and_registry(s: Arc<dyn StateStore>) {
+    let job = new_job(&*s, "restart").await;
+    let e = granted(&*s, &job, false).await;
+    assert!(s.set_t0(&job, e, "2024-05-01T00:00:00Z").await.unwrap());
+    assert!(s.set_t0(&job, e, "2030-01-01T00:00:00Z").await.unwrap());
+    assert!(!s.set_t0(&job, e - 1, "2030-01-01T00:00:00Z").await.unwrap());
+    let mut end = commit(e, 0, "bulk-last");
+    end.end_of_stream = true;
+    end.restart = Some(Restart {
+        stage: Stage::Incremental,
+        start_from: Some("2024-04-30T23:59:00Z".into()),
+    });
+    assert_eq!(s.commit(&job, &end).await.unwrap(), CommitOutcome::Ok);
+    assert_eq!(
+        s.commit(&job, &end).await.unwrap(),
+        CommitOutcome::AlreadyApplied,
+        "a retried restart commit is recognised"
+    );
+    let cp = s.get(&job).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            cp.stage,
+            cp.cursor.as_deref(),
+            cp.start_from.as_deref(),
+            cp.t0.as_deref(),
+            cp.phase
+        ),
+        (
+            Stage::Incremental,
+            None,
+            Some("2024-04-30T23:59:00Z"),
+            Some("2024-05-01T00:00:00Z"),
+            Phase::Idle
+        )
+    );
+
+    // Recovery drops the cursor, keeps the high-water mark, and makes the job due now.
+    let e = granted(&*s, &job, false).await;
+    assert_eq!(
+        s.commit(&job, &commit(e, 1, "c2")).await.unwrap(),
+        CommitOutcome::Ok
+    );
+    assert!(!s.recover(&job, e - 1, None).await.unwrap(), "fenced");
+    assert!(
+        s.recover(&job, e, Some("2024-01-01T00:00:00Z"))
+            .await
+            .unwrap()
+    );
+    let cp = s.get(&job).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            cp.cursor.as_deref(),
+            cp.start_from.as_deref(),
+            cp.phase,
+            cp.recoveries,
+            cp.seq
+        ),
+        (None, Some("2024-01-01T00:00:00Z"), Phase::Idle, 1, 2)
+    );
+    assert!(cp.high_water.is_some());
+    assert!(cp.next_due_ms <= tidemark_state::now_ms());
+
+    // Rewind to the start forgets the stage and T0 too.
+    s.control(&job, &Control::Rewind(Rewind::Start))
+        .await
+        .unwrap();
+    let cp = s.get(&job).await.unwrap().unwrap();
+    assert_eq!((cp.stage, cp.t0, cp.high_water), (Stage::Bulk, None, None));
+
+    // The registry changes version only when its digest changes.
+    assert_eq!(s.registry().await.unwrap(), None);
+    assert_eq!(s.put_registry("d1", "{\"a\":1}").await.unwrap(), 1);
+    assert_eq!(s.put_registry("d1", "{\"a\":1}").await.unwrap(), 1);
+    assert_eq!(s.put_registry("d2", "{\"a\":2}").await.unwrap(), 2);
+    assert_eq!(s.registry_version().await.unwrap(), Some(2));
+    assert_eq!(
+        s.registry().await.unwrap(),
+        Some((2, "{\"a\":2}".to_string()))
+    );
+}
+
 both!(
+    restarts_recovery_t0_and_registry,
     lifecycle,
     concurrent_commits,
     expired_lease_fences_the_old_epoch,

@@ -88,6 +88,7 @@ fn commit(epoch: u64, seq: u64, cursor: &str) -> Commit {
         end_of_stream: false,
         next_due_ms: 0,
         lease_ms: 60_000,
+        restart: None,
     }
 }
 

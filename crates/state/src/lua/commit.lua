@@ -5,6 +5,8 @@
 -- ARGV[5]  new_seq          ARGV[6]  has_high_water 0/1   ARGV[7] high_water (normalised)
 -- ARGV[8]  record count     ARGV[9]  end_of_stream 0/1    ARGV[10] next_due_ms
 -- ARGV[11] lease_ms
+-- ARGV[12] restart 0/1 (with end_of_stream: the next chain starts from a start point)
+-- ARGV[13] restart stage     ARGV[14] has_start_from 0/1    ARGV[15] start_from
 -- Returns OK | ALREADY_APPLIED | FENCED | CONFLICT (same as Checkpoint::apply in tidemark-core).
 local h = KEYS[1]
 if redis.call('EXISTS', h) == 0 then return 'FENCED' end
@@ -14,6 +16,8 @@ local expected = tonumber(ARGV[2])
 local new_seq = tonumber(ARGV[5])
 local new_cursor = false
 if ARGV[3] == '1' then new_cursor = ARGV[4] end
+local restart = ARGV[9] == '1' and ARGV[12] == '1'
+if restart then new_cursor = false end
 
 if f[1] ~= ARGV[1] then return 'FENCED' end
 if seq == new_seq and f[3] == new_cursor and new_seq == expected + 1 then return 'ALREADY_APPLIED' end
@@ -40,6 +44,10 @@ redis.call('HDEL', h, 'last_error')
 if ARGV[9] == '1' then
   redis.call('HSET', h, 'phase', 'idle', 'lease_until_ms', '0', 'last_eos_ms', string.format('%.0f', now),
     'next_due_ms', ARGV[10])
+  if restart then
+    redis.call('HSET', h, 'stage', ARGV[13])
+    if ARGV[14] == '1' then redis.call('HSET', h, 'start_from', ARGV[15]) else redis.call('HDEL', h, 'start_from') end
+  end
 else
   redis.call('HSET', h, 'lease_until_ms', string.format('%.0f', now + tonumber(ARGV[11])))
 end

@@ -25,7 +25,8 @@ elseif ARGV[1] == 'rewind' then
     redis.call('HSET', h, 'start_from', ARGV[3])
     redis.call('HDEL', h, 'cursor')
   else
-    redis.call('HDEL', h, 'cursor', 'start_from', 'high_water')
+    redis.call('HDEL', h, 'cursor', 'start_from', 'high_water', 't0', 'last_eos_ms')
+    redis.call('HSET', h, 'stage', 'bulk')
   end
   if f[2] ~= 'paused' then redis.call('HSET', h, 'phase', 'idle') end
   redis.call('HSET', h, 'next_due_ms', n)
