@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{FeedConfig, PaginationSpec, SourceConfig, StartConfig};
+use super::{FeedConfig, Mode, PaginationSpec, SourceConfig, StartConfig};
+use crate::checkpoint::Stage;
 use crate::pagination::{Paginator, Position};
 use crate::timefmt::{TimeFormat, parse_timestamp};
 
@@ -104,9 +105,50 @@ impl FeedConfig {
         source: &SourceConfig,
         partition: &Partition,
     ) -> Result<Paginator, String> {
-        let spec = self.pagination_spec()?;
-        let mut params: Vec<(String, String)> = self
-            .params
+        self.paginator_for(source, partition, Stage::Bulk)
+    }
+
+    /// True when `stage` walks the `incremental:` block (after a bulk walk).
+    fn uses_incremental_block(&self, stage: Stage) -> bool {
+        stage == Stage::Incremental
+            && self.mode == Mode::BulkThenIncremental
+            && self.incremental.is_some()
+    }
+
+    /// The start block of `stage`'s walk.
+    pub fn start_for(&self, stage: Stage) -> Option<StartConfig> {
+        match &self.incremental {
+            Some(inc) if self.uses_incremental_block(stage) => {
+                inc.start.clone().or_else(|| self.effective_start())
+            }
+            _ => self.effective_start(),
+        }
+    }
+
+    /// A paginator for `partition` of this feed on `source`, for the walk of
+    /// `stage`: the feed's own pagination, or for the incremental syncs of a
+    /// `bulk_then_incremental` feed its `incremental:` block.
+    pub fn paginator_for(
+        &self,
+        source: &SourceConfig,
+        partition: &Partition,
+        stage: Stage,
+    ) -> Result<Paginator, String> {
+        let (spec, fixed) = match &self.incremental {
+            Some(inc) if self.uses_incremental_block(stage) => {
+                let records = inc
+                    .records
+                    .as_ref()
+                    .or(self.records.as_ref())
+                    .cloned()
+                    .or_else(|| self.pagination_spec().ok().map(|s| s.records));
+                let spec =
+                    PaginationSpec::resolve(&inc.pagination, records.as_ref()).map_err(join)?;
+                (spec, &inc.params)
+            }
+            _ => (self.pagination_spec()?, &self.params),
+        };
+        let mut params: Vec<(String, String)> = fixed
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
@@ -116,8 +158,23 @@ impl FeedConfig {
             &self.path,
             spec,
             params,
-            self.effective_start().as_ref(),
+            self.start_for(stage).as_ref(),
         ))
+    }
+
+    /// The pause between two polls (`every`, default 5 minutes).
+    pub fn every(&self) -> std::time::Duration {
+        self.every.unwrap_or(super::DEFAULT_EVERY).std()
+    }
+
+    /// How far behind the high-water mark (or T0) a restart begins (`lag`, default 0).
+    pub fn lag(&self) -> std::time::Duration {
+        self.lag.map(|d| d.std()).unwrap_or_default()
+    }
+
+    /// The partition with this id, if the feed has it (time windows as of `now`).
+    pub fn partition(&self, id: &str, now: DateTime<Utc>) -> Result<Option<Partition>, String> {
+        Ok(self.partitions(now)?.into_iter().find(|p| p.id == id))
     }
 }
 

@@ -197,6 +197,49 @@ pub struct FeedConfig {
     pub partitions: Option<PartitionsConfig>,
     #[serde(default)]
     pub delivery: DeliveryConfig,
+    /// Which error responses to a request that carried a cursor mean "this
+    /// cursor expired or is no longer accepted": the job then restarts from
+    /// its high-water mark minus `lag`.
+    #[serde(default)]
+    pub cursor_expired: CursorExpiredConfig,
+}
+
+/// Default pause between two polls of a feed.
+pub const DEFAULT_EVERY: Duration = Duration::from_secs(300);
+
+/// Error responses that mean a cursor expired or was rejected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CursorExpiredConfig {
+    /// HTTP statuses that may mean it.
+    pub status: Vec<u16>,
+    /// The response body must contain one of these (case-insensitive); empty: any body.
+    pub body_contains: Vec<String>,
+}
+
+impl Default for CursorExpiredConfig {
+    fn default() -> Self {
+        Self {
+            status: vec![400, 404, 410, 422],
+            body_contains: vec!["cursor".into(), "expired".into()],
+        }
+    }
+}
+
+impl CursorExpiredConfig {
+    /// True when an error answer (`status`, `body`) to a cursor request means the cursor is gone.
+    pub fn matches(&self, status: u16, body: &str) -> bool {
+        if !self.status.contains(&status) {
+            return false;
+        }
+        if self.body_contains.is_empty() {
+            return true;
+        }
+        let body = body.to_ascii_lowercase();
+        self.body_contains
+            .iter()
+            .any(|needle| body.contains(&needle.to_ascii_lowercase()))
+    }
 }
 
 /// The pagination block as written. A preset fills the fields left unset.
@@ -366,4 +409,24 @@ fn scalar_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String
     m.into_iter()
         .map(|(k, v)| scalar_to_string(v).map(|v| (k, v)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CursorExpiredConfig;
+
+    #[test]
+    fn the_default_cursor_expired_rule_needs_status_and_wording() {
+        let d = CursorExpiredConfig::default();
+        assert!(d.matches(400, r#"{"error":"cursor_expired"}"#));
+        assert!(d.matches(422, "Invalid CURSOR"));
+        assert!(!d.matches(400, r#"{"error":"per_page must be a number"}"#));
+        assert!(!d.matches(500, "cursor expired"));
+        let any_body = CursorExpiredConfig {
+            status: vec![410],
+            body_contains: vec![],
+        };
+        assert!(any_body.matches(410, ""));
+        assert!(!any_body.matches(400, "expired"));
+    }
 }
