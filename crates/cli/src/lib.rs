@@ -5,4 +5,5 @@ pub mod bench;
 pub mod exit;
 pub mod mockapi;
 pub mod pull;
+pub mod roles;
 pub mod validate;

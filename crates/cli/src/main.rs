@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tidemark::exit::Failure;
-use tidemark::{bench, mockapi, pull, validate};
+use tidemark::{bench, mockapi, pull, roles, validate};
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +56,10 @@ enum Command {
         #[arg(long)]
         stats_json: Option<PathBuf>,
     },
+    /// Distributed: lead (or stand by), register the feeds, start and re-issue chains. Needs REDIS_URL, AMQP_URL.
+    Coordinator(roles::CoordinatorArgs),
+    /// Distributed: fetch, publish and commit page tasks. Needs REDIS_URL, AMQP_URL; no config file.
+    Worker(roles::WorkerArgs),
     /// Serve the mock cursor API (every pagination style, with fault knobs).
     MockApi {
         #[arg(long, default_value = "127.0.0.1")]
@@ -122,6 +126,10 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             };
             pull::run(&opts, Box::new(std::io::stdout()), &mut stderr).await?;
         }
+        Command::Coordinator(args) => {
+            roles::coordinator(args, shutdown_signal(), &mut stderr).await?;
+        }
+        Command::Worker(args) => roles::worker(args, shutdown_signal(), &mut stderr).await?,
         Command::MockApi { host, port, mock } => {
             mockapi::run(&host, port, &mock, shutdown_signal(), &mut stderr).await?;
         }

@@ -13,6 +13,7 @@ mod embedded;
 mod keys;
 mod leader;
 mod redis_store;
+pub mod registry;
 
 use std::time::Duration;
 

@@ -1,0 +1,244 @@
+//! `tidemark coordinator` and `tidemark worker`: wire Redis, RabbitMQ and
+//! the HTTP endpoints to the two roles of the distributed deployment.
+
+use std::future::Future;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use tidemark_bus::amqp::{AmqpBus, BusConfig};
+use tidemark_coordinator::{CoordinatorDeps, CoordinatorOptions};
+use tidemark_core::config::load_file;
+use tidemark_state::{RedisStore, StateStore};
+use tidemark_telemetry::{Metrics, ReadyCheck};
+use tidemark_worker::{WorkerDeps, WorkerOptions};
+
+use crate::exit::Failure;
+
+/// Where the distributed roles find Redis and RabbitMQ.
+#[derive(Args, Debug, Clone)]
+pub struct Infra {
+    /// Redis URL (state, leases, the feed registry, the rate limiter).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prefix of every Redis key, so deployments can share a Redis.
+    #[arg(long, env = "TIDEMARK_REDIS_PREFIX", default_value = tidemark_state::DEFAULT_PREFIX)]
+    pub redis_prefix: String,
+    /// RabbitMQ URL (page tasks, downstream records).
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// Prefix of the task, retry and dead-letter queue names.
+    #[arg(long, env = "TIDEMARK_QUEUE_PREFIX", default_value = "tidemark")]
+    pub queue_prefix: String,
+    /// The downstream topic exchange.
+    #[arg(long, env = "TIDEMARK_RECORDS_EXCHANGE", default_value = "tidemark.records")]
+    pub records_exchange: String,
+    /// Serve /metrics, /healthz and /readyz here (port 0: a free port, printed on stderr).
+    #[arg(long, env = "TIDEMARK_LISTEN")]
+    pub listen: Option<String>,
+    /// After SIGTERM, how long in-flight work may take before it is handed back.
+    #[arg(long, env = "TIDEMARK_GRACE", default_value = "25s")]
+    pub grace: tidemark_core::Duration,
+    /// The lease of a chain: a chain silent this long is re-issued.
+    #[arg(long, env = "TIDEMARK_LEASE", default_value = "60s")]
+    pub lease: tidemark_core::Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CoordinatorArgs {
+    #[arg(long, short)]
+    pub config: PathBuf,
+    #[command(flatten)]
+    pub infra: Infra,
+    /// Time between two passes over the jobs.
+    #[arg(long, env = "TIDEMARK_TICK", default_value = "1s")]
+    pub tick: tidemark_core::Duration,
+    /// The leadership lease: how soon a standby takes over from a dead leader.
+    #[arg(long, env = "TIDEMARK_LEADER_TTL", default_value = "10s")]
+    pub leader_ttl: tidemark_core::Duration,
+    /// This replica's name in the leader election (default: host name and a random suffix).
+    #[arg(long, env = "TIDEMARK_ID")]
+    pub id: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub infra: Infra,
+    /// Page tasks worked on at once.
+    #[arg(long, env = "TIDEMARK_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: usize,
+    /// Attempts of a page that fails transiently before its job is marked failed.
+    #[arg(long, env = "TIDEMARK_MAX_ATTEMPTS", default_value_t = 8)]
+    pub max_attempts: u32,
+    /// First retry delay of a failed page (doubles per attempt, with jitter).
+    #[arg(long, env = "TIDEMARK_RETRY_BASE", default_value = "1s")]
+    pub retry_base: tidemark_core::Duration,
+}
+
+async fn connect_store(infra: &Infra) -> Result<Arc<RedisStore>, Failure> {
+    let store = RedisStore::connect(&infra.redis_url, &infra.redis_prefix)
+        .await
+        .map_err(|e| Failure::runtime(format!("cannot connect to Redis: {e}")))?;
+    store
+        .ping()
+        .await
+        .map_err(|e| Failure::runtime(format!("Redis does not answer: {e}")))?;
+    Ok(Arc::new(store))
+}
+
+async fn connect_bus(infra: &Infra, consume: bool, prefetch: u16) -> Result<AmqpBus, Failure> {
+    let mut cfg = BusConfig::new(infra.amqp_url.clone());
+    cfg.prefix = infra.queue_prefix.clone();
+    cfg.records_exchange = infra.records_exchange.clone();
+    cfg.prefetch = prefetch;
+    AmqpBus::start(cfg, consume)
+        .await
+        .map_err(|e| Failure::runtime(format!("cannot connect to RabbitMQ: {e}")))
+}
+
+fn ready_check(store: Arc<RedisStore>, bus: AmqpBus) -> ReadyCheck {
+    Arc::new(move || {
+        let store = store.clone();
+        let bus = bus.clone();
+        Box::pin(async move {
+            tokio::time::timeout(Duration::from_secs(2), store.ping())
+                .await
+                .map_err(|_| "redis: no answer within 2s".to_string())?
+                .map_err(|e| format!("redis: {e}"))?;
+            if !bus.is_connected() {
+                return Err("rabbitmq: not connected (reconnecting)".into());
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Serve the endpoints; returns a sender that stops them.
+async fn serve_endpoints(
+    role: &str,
+    listen: &str,
+    metrics: Metrics,
+    ready: ReadyCheck,
+    err: &mut (dyn Write + Send),
+) -> Result<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>), Failure> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr, task) = tidemark_telemetry::serve(
+        listen,
+        tidemark_telemetry::router(metrics, ready),
+        async {
+            let _ = rx.await;
+        },
+    )
+    .await
+    .map_err(|e| Failure::usage(format!("cannot listen on {listen}: {e}")))?;
+    let _ = writeln!(
+        err,
+        "tidemark {role}: metrics on http://{addr}/metrics, health on /healthz and /readyz"
+    );
+    tracing::info!(role, %addr, "endpoints listening");
+    Ok((tx, task))
+}
+
+pub async fn coordinator(
+    args: CoordinatorArgs,
+    shutdown: impl Future<Output = ()> + Send,
+    err: &mut (dyn Write + Send),
+) -> Result<(), Failure> {
+    let config = load_file(&args.config).map_err(|e| Failure::usage(e.to_string()))?;
+    let store = connect_store(&args.infra).await?;
+    let bus = connect_bus(&args.infra, false, 1).await?;
+    let metrics = Metrics::new();
+    let listen = args
+        .infra
+        .listen
+        .clone()
+        .unwrap_or_else(|| "127.0.0.1:9464".into());
+    let (stop_http, http) = serve_endpoints(
+        "coordinator",
+        &listen,
+        metrics.clone(),
+        ready_check(store.clone(), bus.clone()),
+        err,
+    )
+    .await?;
+    let mut opts = CoordinatorOptions {
+        tick: args.tick.std(),
+        lease: args.infra.lease.std(),
+        leader_ttl: args.leader_ttl.std(),
+        ..CoordinatorOptions::default()
+    };
+    if let Some(id) = args.id {
+        opts.id = id;
+    }
+    let _ = writeln!(
+        err,
+        "tidemark coordinator {}: {} feed(s) from {}",
+        opts.id,
+        config.feeds.len(),
+        args.config.display()
+    );
+    let deps = CoordinatorDeps {
+        store: store.clone() as Arc<dyn StateStore>,
+        tasks: Arc::new(bus.clone()),
+        metrics,
+    };
+    let result = tidemark_coordinator::run(deps, config, opts, shutdown).await;
+    bus.close().await;
+    let _ = stop_http.send(());
+    let _ = http.await;
+    result.map_err(|e| Failure::runtime(e.to_string()))
+}
+
+pub async fn worker(
+    args: WorkerArgs,
+    shutdown: impl Future<Output = ()> + Send,
+    err: &mut (dyn Write + Send),
+) -> Result<(), Failure> {
+    if args.concurrency == 0 {
+        return Err(Failure::usage("--concurrency must be at least 1"));
+    }
+    let store = connect_store(&args.infra).await?;
+    let prefetch = u16::try_from(args.concurrency).unwrap_or(u16::MAX);
+    let bus = connect_bus(&args.infra, true, prefetch).await?;
+    let metrics = Metrics::new();
+    let listen = args
+        .infra
+        .listen
+        .clone()
+        .unwrap_or_else(|| "127.0.0.1:0".into());
+    let (stop_http, http) = serve_endpoints(
+        "worker",
+        &listen,
+        metrics.clone(),
+        ready_check(store.clone(), bus.clone()),
+        err,
+    )
+    .await?;
+    let opts = WorkerOptions {
+        concurrency: args.concurrency,
+        lease: args.infra.lease.std(),
+        grace: args.infra.grace.std(),
+        max_attempts: args.max_attempts.max(1),
+        retry_base: args.retry_base.std(),
+        ..WorkerOptions::default()
+    };
+    let deps = WorkerDeps {
+        store: store.clone() as Arc<dyn StateStore>,
+        tasks: Arc::new(bus.clone()),
+        downstream: Arc::new(bus.clone()),
+        metrics,
+    };
+    let result = tidemark_worker::run(deps, opts, shutdown).await;
+    // Closing returns every delivery this worker still holds to the queue.
+    bus.close().await;
+    let _ = stop_http.send(());
+    let _ = http.await;
+    result.map_err(|e| Failure::runtime(e.to_string()))
+}

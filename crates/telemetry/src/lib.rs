@@ -1,0 +1,325 @@
+//! tidemark-telemetry: the metrics of both roles, with fixed names and
+//! labels (the README's metrics table lists them), and the HTTP endpoints
+//! every long-running role serves: `/metrics` (Prometheus text),
+//! `/healthz` (the process is alive) and `/readyz` (its dependencies answer).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+fn l1(k: &'static str, v: &str) -> Labels {
+    vec![(k, v.to_string())]
+}
+
+/// Every metric tidemark exports. Cheap to clone; clones share values.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+    pub pages_fetched: Family<Labels, Counter>,
+    pub records_published: Family<Labels, Counter>,
+    pub commits: Family<Labels, Counter>,
+    pub fetch_seconds: Family<Labels, Histogram>,
+    pub fetch_errors: Family<Labels, Counter>,
+    pub tasks_dropped: Family<Labels, Counter>,
+    pub tasks_retried: Family<Labels, Counter>,
+    pub tasks_dead_lettered: Family<Labels, Counter>,
+    pub rate_limit_waits: Family<Labels, Counter>,
+    pub source_pauses: Family<Labels, Counter>,
+    pub cursor_recoveries: Family<Labels, Counter>,
+    pub jobs_failed: Family<Labels, Counter>,
+    pub tasks_in_flight: Gauge,
+    pub chains_started: Family<Labels, Counter>,
+    pub chains_reissued: Family<Labels, Counter>,
+    pub job_lag_seconds: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub jobs: Family<Labels, Gauge>,
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("tidemark");
+        let pages_fetched = Family::<Labels, Counter>::default();
+        r.register(
+            "pages_fetched",
+            "Pages fetched and read, by feed",
+            pages_fetched.clone(),
+        );
+        let records_published = Family::<Labels, Counter>::default();
+        r.register(
+            "records_published",
+            "Records published downstream and confirmed by the broker, by feed",
+            records_published.clone(),
+        );
+        let commits = Family::<Labels, Counter>::default();
+        r.register(
+            "commits",
+            "Cursor commits by result (ok, already_applied, fenced, conflict)",
+            commits.clone(),
+        );
+        let fetch_seconds = Family::<Labels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ])
+        });
+        r.register(
+            "fetch_duration_seconds",
+            "Time to fetch one page, by feed",
+            fetch_seconds.clone(),
+        );
+        let fetch_errors = Family::<Labels, Counter>::default();
+        r.register(
+            "fetch_errors",
+            "Failed page fetches, by feed and kind (transient, rate_limited, cursor_expired, permanent)",
+            fetch_errors.clone(),
+        );
+        let tasks_dropped = Family::<Labels, Counter>::default();
+        r.register(
+            "tasks_dropped",
+            "Page tasks acked without work, by reason (stale_epoch, already_applied, conflict, not_running, unknown_job)",
+            tasks_dropped.clone(),
+        );
+        let tasks_retried = Family::<Labels, Counter>::default();
+        r.register(
+            "tasks_retried",
+            "Page tasks re-queued with a delay after a transient failure, by feed",
+            tasks_retried.clone(),
+        );
+        let tasks_dead_lettered = Family::<Labels, Counter>::default();
+        r.register(
+            "tasks_dead_lettered",
+            "Page tasks moved to the dead-letter queue, by feed",
+            tasks_dead_lettered.clone(),
+        );
+        let rate_limit_waits = Family::<Labels, Counter>::default();
+        r.register(
+            "rate_limit_waits",
+            "Times a worker waited for the shared rate limiter or a source pause, by source",
+            rate_limit_waits.clone(),
+        );
+        let source_pauses = Family::<Labels, Counter>::default();
+        r.register(
+            "source_pauses",
+            "Source-wide pauses set after a 429 with Retry-After, by source",
+            source_pauses.clone(),
+        );
+        let cursor_recoveries = Family::<Labels, Counter>::default();
+        r.register(
+            "cursor_recoveries",
+            "Chains restarted from the high-water mark after an expired or rejected cursor, by feed",
+            cursor_recoveries.clone(),
+        );
+        let jobs_failed = Family::<Labels, Counter>::default();
+        r.register(
+            "jobs_failed",
+            "Jobs marked failed by a worker, by feed",
+            jobs_failed.clone(),
+        );
+        let tasks_in_flight = Gauge::default();
+        r.register(
+            "tasks_in_flight",
+            "Page tasks this worker is working on",
+            tasks_in_flight.clone(),
+        );
+        let chains_started = Family::<Labels, Counter>::default();
+        r.register(
+            "chains_started",
+            "Chains started for due jobs, by feed",
+            chains_started.clone(),
+        );
+        let chains_reissued = Family::<Labels, Counter>::default();
+        r.register(
+            "chains_reissued",
+            "Chains re-issued under a new epoch after their lease expired, by feed",
+            chains_reissued.clone(),
+        );
+        let job_lag_seconds = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        r.register(
+            "job_lag_seconds",
+            "Now minus the job's high-water mark, by feed and partition (jobs with versioned records)",
+            job_lag_seconds.clone(),
+        );
+        let jobs = Family::<Labels, Gauge>::default();
+        r.register(
+            "jobs",
+            "Jobs by phase (idle, running, paused, failed)",
+            jobs.clone(),
+        );
+        let leader = Gauge::default();
+        r.register(
+            "coordinator_leader",
+            "1 while this coordinator is the leader",
+            leader.clone(),
+        );
+        Self {
+            registry: Arc::new(Mutex::new(r)),
+            pages_fetched,
+            records_published,
+            commits,
+            fetch_seconds,
+            fetch_errors,
+            tasks_dropped,
+            tasks_retried,
+            tasks_dead_lettered,
+            rate_limit_waits,
+            source_pauses,
+            cursor_recoveries,
+            jobs_failed,
+            tasks_in_flight,
+            chains_started,
+            chains_reissued,
+            job_lag_seconds,
+            jobs,
+            leader,
+        }
+    }
+
+    pub fn feed(feed: &str) -> Labels {
+        l1("feed", feed)
+    }
+    pub fn source(source: &str) -> Labels {
+        l1("source", source)
+    }
+    pub fn result(result: &str) -> Labels {
+        l1("result", result)
+    }
+    pub fn reason(reason: &str) -> Labels {
+        l1("reason", reason)
+    }
+    pub fn phase(phase: &str) -> Labels {
+        l1("phase", phase)
+    }
+    pub fn feed_kind(feed: &str, kind: &str) -> Labels {
+        vec![("feed", feed.to_string()), ("kind", kind.to_string())]
+    }
+    pub fn job(feed: &str, partition: &str) -> Labels {
+        vec![
+            ("feed", feed.to_string()),
+            ("partition", partition.to_string()),
+        ]
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if encode(&mut out, &r).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Answers `/readyz`: `Err(reason)` while a dependency does not answer.
+pub type ReadyCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Metrics,
+    ready: ReadyCheck,
+}
+
+/// The router of `/metrics`, `/healthz` and `/readyz`; more routes may be merged in.
+pub fn router(metrics: Metrics, ready: ReadyCheck) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready_handler))
+        .with_state(AppState { metrics, ready })
+}
+
+async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+async fn ready_handler(State(s): State<AppState>) -> impl IntoResponse {
+    match (s.ready)().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+    }
+}
+
+/// Bind `listen` (port 0 picks a free port) and serve `router` until
+/// `shutdown` resolves. Returns the bound address and the server task.
+pub async fn serve(
+    listen: &str,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "the HTTP endpoint stopped");
+        }
+    });
+    Ok((addr, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn endpoints_answer() {
+        let m = Metrics::new();
+        m.pages_fetched.get_or_create(&Metrics::feed("tickets")).inc();
+        m.commits.get_or_create(&Metrics::result("ok")).inc_by(3);
+        let ready: ReadyCheck = Arc::new(|| Box::pin(async { Err("redis: refused".to_string()) }));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr, task) = serve("127.0.0.1:0", router(m, ready), async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("bind");
+        let base = format!("http://{addr}");
+        let text = reqwest::get(format!("{base}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("body");
+        assert!(
+            text.contains(r#"tidemark_pages_fetched_total{feed="tickets"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"tidemark_commits_total{result="ok"} 3"#));
+        let h = reqwest::get(format!("{base}/healthz")).await.expect("healthz");
+        assert_eq!(h.status(), 200);
+        let r = reqwest::get(format!("{base}/readyz")).await.expect("readyz");
+        assert_eq!(r.status(), 503);
+        assert!(r.text().await.expect("body").contains("redis: refused"));
+        let _ = tx.send(());
+        task.await.expect("server task");
+    }
+}

@@ -1,0 +1,290 @@
+//! tidemark-worker: the stateless role. It takes page tasks from the task
+//! queue, runs up to `concurrency` of them at once, and for each follows
+//! DESIGN.md's "life of a page" ([`page`]). It needs no config file: feed
+//! definitions come from the registry in the state store, secrets from its
+//! own environment.
+//!
+//! Shutdown: when `shutdown` resolves the worker stops taking tasks, lets
+//! the pages in flight finish for up to `grace`, then abandons the rest
+//! (their tasks go back to the queue unacked, and their leases are released
+//! so the coordinator re-issues them at once) and returns.
+
+mod feeds;
+mod page;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tidemark_bus::{BusError, Downstream, PageTask, TaskDelivery, TaskQueue};
+use tidemark_core::checkpoint::JobId;
+use tidemark_state::StateStore;
+use tidemark_telemetry::Metrics;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+pub use page::Outcome;
+
+/// How a worker behaves.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Page tasks worked on at once.
+    pub concurrency: usize,
+    /// The job lease a page holds and renews while it works.
+    pub lease: Duration,
+    /// How long in-flight pages may take to finish after shutdown.
+    pub grace: Duration,
+    /// Attempts of a page task that fails transiently before its job fails.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt, with jitter.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// How often the feed registry's version is checked.
+    pub registry_refresh: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 8,
+            lease: Duration::from_secs(60),
+            grace: Duration::from_secs(25),
+            max_attempts: 8,
+            retry_base: Duration::from_millis(500),
+            retry_max: Duration::from_secs(60),
+            registry_refresh: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What a worker runs on.
+#[derive(Clone)]
+pub struct WorkerDeps {
+    pub store: Arc<dyn StateStore>,
+    pub tasks: Arc<dyn TaskQueue>,
+    pub downstream: Arc<dyn Downstream>,
+    pub metrics: Metrics,
+}
+
+pub struct Worker {
+    store: Arc<dyn StateStore>,
+    tasks: Arc<dyn TaskQueue>,
+    downstream: Arc<dyn Downstream>,
+    metrics: Metrics,
+    feeds: feeds::Feeds,
+    opts: WorkerOptions,
+    in_flight: Mutex<HashMap<u64, (JobId, u64)>>,
+    next_id: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("task queue: {0}")]
+    Queue(#[from] BusError),
+}
+
+/// Run a worker until `shutdown` resolves.
+pub async fn run(
+    deps: WorkerDeps,
+    opts: WorkerOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), WorkerError> {
+    let worker = Arc::new(Worker {
+        feeds: feeds::Feeds::new(deps.store.clone(), opts.registry_refresh),
+        store: deps.store,
+        tasks: deps.tasks,
+        downstream: deps.downstream,
+        metrics: deps.metrics,
+        opts: opts.clone(),
+        in_flight: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(0),
+    });
+    let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let mut running = JoinSet::new();
+    tokio::pin!(shutdown);
+    tracing::info!(concurrency = opts.concurrency, "worker started");
+    let result = loop {
+        while running.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break Ok(()),
+            },
+        };
+        let delivery = tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            d = worker.tasks.next_delivery() => d,
+        };
+        match delivery {
+            Ok(d) => {
+                let w = worker.clone();
+                running.spawn(async move {
+                    w.handle(d).await;
+                    drop(permit);
+                });
+            }
+            Err(BusError::Closed) => break Err(WorkerError::Queue(BusError::Closed)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot receive page tasks; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    tracing::info!(in_flight = running.len(), "worker stopping: no new tasks");
+    let drained = tokio::time::timeout(opts.grace, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        running.abort_all();
+        while running.join_next().await.is_some() {}
+        let left: Vec<(JobId, u64)> = worker
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, v)| v)
+            .collect();
+        tracing::warn!(pages = left.len(), "grace period over: releasing unfinished pages");
+        for (job, epoch) in left {
+            if let Err(e) = worker.store.release(&job, epoch).await {
+                tracing::warn!(job = %job, error = %e, "cannot release the lease");
+            }
+        }
+    }
+    result
+}
+
+impl Worker {
+    async fn handle(&self, d: TaskDelivery) {
+        let task = match d.task() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "malformed page task; dead-lettering it");
+                self.metrics
+                    .tasks_dead_lettered
+                    .get_or_create(&Metrics::feed(""))
+                    .inc();
+                if let Err(err) = self.tasks.dead_letter(d, "malformed", &e).await {
+                    tracing::warn!(error = %err, "cannot dead-letter a malformed task");
+                }
+                return;
+            }
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (task.job.clone(), task.epoch));
+        self.metrics.tasks_in_flight.inc();
+        let outcome = self.process(&task).await;
+        self.metrics.tasks_in_flight.dec();
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.settle(d, &task, outcome).await;
+    }
+
+    /// Ack, retry, fail or give back the delivery according to `outcome`.
+    async fn settle(&self, d: TaskDelivery, task: &PageTask, outcome: Outcome) {
+        let job = &task.job;
+        let ack = |d: TaskDelivery| async move {
+            if let Err(e) = d.ack().await {
+                tracing::debug!(error = %e, "ack not delivered; the task will come back and be dropped");
+            }
+        };
+        match outcome {
+            Outcome::Done | Outcome::Recovered => ack(d).await,
+            Outcome::Dropped(reason) => {
+                tracing::debug!(job = %job, seq = task.seq, epoch = task.epoch, reason, "task dropped");
+                self.metrics
+                    .tasks_dropped
+                    .get_or_create(&Metrics::reason(reason))
+                    .inc();
+                ack(d).await;
+            }
+            Outcome::Retry { delay, error } if task.attempt + 1 < self.opts.max_attempts => {
+                tracing::warn!(job = %job, seq = task.seq, attempt = task.attempt + 1, delay_ms = delay.as_millis() as u64, error = %error, "page failed; retrying later");
+                let mut again = task.clone();
+                again.attempt += 1;
+                // The lease must outlast the wait, or the chain is re-issued meanwhile.
+                let _ = self
+                    .store
+                    .renew(job, task.epoch, delay + self.opts.lease)
+                    .await;
+                match self.tasks.publish_task(&again, Some(delay)).await {
+                    Ok(()) => {
+                        self.metrics
+                            .tasks_retried
+                            .get_or_create(&Metrics::feed(&job.feed))
+                            .inc();
+                        ack(d).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = %job, error = %e, "cannot publish the retry; giving the task back");
+                        self.give_back(d).await;
+                    }
+                }
+            }
+            Outcome::Retry { error, .. } => {
+                let error = format!(
+                    "gave up after {} attempts: {error}",
+                    self.opts.max_attempts
+                );
+                self.fail(d, task, &error).await;
+            }
+            Outcome::Fail { error } => self.fail(d, task, &error).await,
+            Outcome::Requeue { error } => {
+                tracing::warn!(job = %job, seq = task.seq, error = %error, "infrastructure error; giving the task back");
+                self.give_back(d).await;
+            }
+        }
+    }
+
+    async fn give_back(&self, d: TaskDelivery) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Err(e) = d.requeue().await {
+            tracing::debug!(error = %e, "requeue not delivered; the broker redelivers the task");
+        }
+    }
+
+    async fn fail(&self, d: TaskDelivery, task: &PageTask, error: &str) {
+        let job = &task.job;
+        tracing::error!(job = %job, seq = task.seq, error = %error, "job failed");
+        match self.store.fail(job, task.epoch, error).await {
+            Ok(true) => {
+                self.metrics
+                    .jobs_failed
+                    .get_or_create(&Metrics::feed(&job.feed))
+                    .inc();
+            }
+            Ok(false) => {
+                // A newer epoch owns the job: this task is stale, nothing to report.
+                self.metrics
+                    .tasks_dropped
+                    .get_or_create(&Metrics::reason("fenced"))
+                    .inc();
+                if let Err(e) = d.ack().await {
+                    tracing::debug!(error = %e, "ack not delivered");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(job = %job, error = %e, "cannot mark the job failed; giving the task back");
+                self.give_back(d).await;
+                return;
+            }
+        }
+        self.metrics
+            .tasks_dead_lettered
+            .get_or_create(&Metrics::feed(&job.feed))
+            .inc();
+        if let Err(e) = self.tasks.dead_letter(d, "failed", error).await {
+            tracing::warn!(job = %job, error = %e, "cannot dead-letter the task");
+        }
+    }
+}
