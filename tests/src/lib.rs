@@ -1,1 +1,575 @@
-//! End-to-end suites live in tests/*.rs.
+//! The end-to-end harness: real `tidemark` processes (mock API,
+//! coordinators, workers) against real Redis and RabbitMQ, and a checker
+//! that consumes the downstream exchange and compares what arrived with the
+//! mock's ground truth.
+//!
+//! Every cluster uses its own Redis key prefix, queue prefix and records
+//! exchange, and removes them (and its processes) when dropped, even when
+//! the test failed.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is the failure report
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use tidemark_bus::amqp::BusConfig;
+use tidemark_core::checkpoint::{Checkpoint, JobId};
+use tidemark_mock::{Truth, TruthRecord};
+use tidemark_state::{RedisStore, StateStore};
+
+fn answers(hostport: &str) -> bool {
+    hostport
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .or_else(|| {
+            use std::net::ToSocketAddrs;
+            hostport.to_socket_addrs().ok().and_then(|mut a| a.next())
+        })
+        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+}
+
+fn host_port(url: &str, default: &str) -> String {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let rest = rest.rsplit('@').next().unwrap_or(rest);
+    rest.split('/').next().unwrap_or(default).to_string()
+}
+
+fn docker() -> bool {
+    Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// REDIS_URL (default the local server) when it answers; else a container when Docker is there.
+pub fn redis_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        if answers(&host_port(&url, "127.0.0.1:6379")) {
+            return url;
+        }
+        assert!(
+            docker(),
+            "no Redis at {url} and no Docker: ./scripts/test starts one, or set REDIS_URL"
+        );
+        use testcontainers_modules::testcontainers::runners::SyncRunner;
+        let c = testcontainers_modules::redis::Redis::default()
+            .start()
+            .expect("start a Redis container");
+        let port = c.get_host_port_ipv4(6379).expect("container port");
+        static KEEP: OnceLock<Box<dyn std::any::Any + Send + Sync>> = OnceLock::new();
+        let _ = KEEP.set(Box::new(c));
+        format!("redis://127.0.0.1:{port}")
+    })
+    .clone()
+}
+
+/// AMQP_URL (default the local broker) when it answers; else a container when Docker is there.
+pub fn amqp_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let url = std::env::var("AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        if answers(&host_port(&url, "127.0.0.1:5672")) {
+            return url;
+        }
+        assert!(
+            docker(),
+            "no RabbitMQ at {url} and no Docker: ./scripts/test starts one, or set AMQP_URL"
+        );
+        use testcontainers_modules::testcontainers::runners::SyncRunner;
+        let c = testcontainers_modules::rabbitmq::RabbitMq::default()
+            .start()
+            .expect("start a RabbitMQ container");
+        let port = c.get_host_port_ipv4(5672).expect("container port");
+        static KEEP: OnceLock<Box<dyn std::any::Any + Send + Sync>> = OnceLock::new();
+        let _ = KEEP.set(Box::new(c));
+        format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+    })
+    .clone()
+}
+
+/// The `tidemark` binary of this build (built on demand when a test runs alone).
+pub fn tidemark_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current exe");
+        // target/<profile>/deps/<test> -> target/<profile>/tidemark
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let bin = profile_dir.join("tidemark");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "tidemark", "--bin", "tidemark"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build -p tidemark failed");
+        assert!(bin.exists(), "no binary at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A child process whose stderr goes to a log file; killed when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+    /// The address it announced (mock API base URL, or metrics endpoint).
+    pub addr: Option<String>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    /// SIGTERM, then wait up to `within` for the exit status.
+    pub fn term(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status();
+    }
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawn `tidemark args...` and wait until its stderr has a line containing
+/// `ready_marker`; the URL in that line becomes `addr`.
+fn spawn(
+    name: &str,
+    args: &[&str],
+    env: &[(String, String)],
+    dir: &Path,
+    ready_marker: &str,
+) -> Proc {
+    let log = dir.join(format!("{name}.log"));
+    let mut child = Command::new(tidemark_bin())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let mut file = std::fs::File::create(&log).expect("log file");
+    let marker = ready_marker.to_string();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = writeln!(file, "{line}");
+            if !sent && line.contains(&marker) {
+                let _ = tx.send(line);
+                sent = true;
+            }
+        }
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(l) => l,
+        Err(_) => {
+            let _ = child.kill();
+            panic!(
+                "{name} did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+    };
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .map(|w| {
+            let w = w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+            match w.find("/metrics") {
+                Some(i) => w[..i].to_string(),
+                None => w.to_string(),
+            }
+        });
+    Proc {
+        name: name.into(),
+        child,
+        log,
+        addr,
+    }
+}
+
+/// One isolated deployment: mock API, config, names, processes.
+pub struct Cluster {
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+    pub mock: Proc,
+    pub mock_url: String,
+    pub config: PathBuf,
+    pub procs: Vec<Proc>,
+    /// Extra environment for every role (e.g. TIDEMARK_LEASE).
+    pub env: Vec<(String, String)>,
+    store: OnceLock<Arc<RedisStore>>,
+}
+
+impl Cluster {
+    /// Start the mock API with `mock_args` and write `feeds_yaml` (the
+    /// `feeds:` list; the source is named `mock`) as the config.
+    pub fn start(feeds_yaml: &str, mock_args: &[&str]) -> Cluster {
+        let prefix = format!("tme2e{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{prefix}-"))
+            .tempdir()
+            .expect("tempdir");
+        let mut args = vec!["mock-api", "--port", "0"];
+        args.extend_from_slice(mock_args);
+        let mock = spawn("mock", &args, &[], dir.path(), "listening on");
+        let mock_url = mock.addr.clone().expect("mock address");
+        let config = dir.path().join("feeds.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "sources:\n  mock:\n    base_url: {mock_url}\n    timeout: 10s\n\nfeeds:\n{feeds_yaml}"
+            ),
+        )
+        .expect("write config");
+        Cluster {
+            prefix,
+            dir,
+            mock,
+            mock_url,
+            config,
+            procs: Vec::new(),
+            env: Vec::new(),
+            store: OnceLock::new(),
+        }
+    }
+
+    pub fn exchange(&self) -> String {
+        format!("{}.records", self.prefix)
+    }
+    pub fn redis_prefix(&self) -> String {
+        format!("{}:", self.prefix)
+    }
+
+    fn role_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("REDIS_URL".to_string(), redis_url()),
+            ("AMQP_URL".to_string(), amqp_url()),
+            ("TIDEMARK_REDIS_PREFIX".to_string(), self.redis_prefix()),
+            ("TIDEMARK_QUEUE_PREFIX".to_string(), self.prefix.clone()),
+            ("TIDEMARK_RECORDS_EXCHANGE".to_string(), self.exchange()),
+            ("TIDEMARK_LISTEN".to_string(), "127.0.0.1:0".to_string()),
+            (
+                "TIDEMARK_LOG".to_string(),
+                "info,lapin=warn,tidemark_bus=warn".to_string(),
+            ),
+        ];
+        env.extend(self.env.iter().cloned());
+        env
+    }
+
+    /// Start a coordinator; returns its index in `procs`.
+    pub fn coordinator(&mut self, id: &str) -> usize {
+        let config = self.config.display().to_string();
+        let p = spawn(
+            id,
+            &["coordinator", "--config", &config, "--id", id],
+            &self.role_env(),
+            self.dir.path(),
+            "metrics on",
+        );
+        self.procs.push(p);
+        self.procs.len() - 1
+    }
+
+    /// Start a worker; returns its index in `procs`.
+    pub fn worker(&mut self, name: &str, extra: &[&str]) -> usize {
+        let mut args = vec!["worker"];
+        args.extend_from_slice(extra);
+        let p = spawn(name, &args, &self.role_env(), self.dir.path(), "metrics on");
+        self.procs.push(p);
+        self.procs.len() - 1
+    }
+
+    pub async fn store(&self) -> Arc<RedisStore> {
+        if let Some(s) = self.store.get() {
+            return s.clone();
+        }
+        let s = Arc::new(
+            RedisStore::connect(&redis_url(), &self.redis_prefix())
+                .await
+                .expect("redis"),
+        );
+        let _ = self.store.set(s.clone());
+        s
+    }
+
+    pub async fn jobs(&self) -> Vec<(JobId, Checkpoint)> {
+        self.store().await.list().await.expect("list jobs")
+    }
+
+    pub async fn truth(&self) -> Truth {
+        reqwest::get(format!("{}/_truth", self.mock_url))
+            .await
+            .expect("truth")
+            .json()
+            .await
+            .expect("truth json")
+    }
+
+    /// POST to a mock admin endpoint (`/_admin/insert?n=5`, ...).
+    pub async fn admin(&self, path: &str, body: Option<serde_json::Value>) {
+        let c = reqwest::Client::new();
+        let mut req = c.post(format!("{}{path}", self.mock_url));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.expect("admin");
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+    }
+
+    /// The last lines of every process log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for p in std::iter::once(&self.mock).chain(self.procs.iter()) {
+            s.push_str(&format!("\n----- {} -----\n{}\n", p.name, p.log_tail(30)));
+        }
+        s
+    }
+
+    async fn cleanup(prefix: String) {
+        if let Ok(store) = RedisStore::connect(&redis_url(), &format!("{prefix}:")).await {
+            let _ = store.delete_all().await;
+        }
+        let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+        else {
+            return;
+        };
+        let Ok(ch) = conn.create_channel().await else {
+            return;
+        };
+        let mut cfg = BusConfig::new(amqp_url());
+        cfg.prefix = prefix.clone();
+        let mut queues = vec![cfg.tasks_queue(), cfg.dead_queue()];
+        queues.extend(cfg.retry_tiers.iter().map(|t| cfg.retry_queue(*t)));
+        for q in queues {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = ch
+            .exchange_delete(format!("{prefix}.records").as_str().into(), Default::default())
+            .await;
+        let _ = conn.close(200, "bye".into()).await;
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.procs.clear();
+        let prefix = self.prefix.clone();
+        // Clean up from a fresh runtime on its own thread: this runs during
+        // a panic too, and inside or outside a runtime.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(20), Cluster::cleanup(prefix))
+                        .await;
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// One record as it arrived downstream.
+#[derive(Debug, Clone)]
+pub struct Arrived {
+    pub routing_key: String,
+    pub message_id: String,
+    pub id: String,
+    pub updated_at: String,
+}
+
+/// A downstream subscriber bound to the cluster's exchange with `#`.
+pub struct Checker {
+    arrived: Arc<Mutex<Vec<Arrived>>>,
+    messages: Arc<Mutex<HashMap<String, u64>>>,
+    _conn: Connection,
+}
+
+impl Checker {
+    pub async fn start(exchange: &str) -> Checker {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("amqp");
+        let ch = conn.create_channel().await.expect("channel");
+        ch.exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange");
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue");
+        ch.queue_bind(
+            q.name().as_str().into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+        let mut consumer = ch
+            .basic_consume(
+                q.name().as_str().into(),
+                "checker".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let arrived = Arc::new(Mutex::new(Vec::new()));
+        let messages = Arc::new(Mutex::new(HashMap::new()));
+        let (a, m) = (arrived.clone(), messages.clone());
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                let rk = d.routing_key.to_string();
+                let mid = d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                *m.lock().unwrap().entry(mid.clone()).or_insert(0) += 1;
+                let v: serde_json::Value = serde_json::from_slice(&d.data).expect("json body");
+                let recs: Vec<serde_json::Value> = match v.get("records") {
+                    Some(serde_json::Value::Array(rs)) => rs.clone(),
+                    _ => vec![v],
+                };
+                {
+                    let mut a = a.lock().unwrap();
+                    for r in recs {
+                        a.push(Arrived {
+                            routing_key: rk.clone(),
+                            message_id: mid.clone(),
+                            id: r["id"].as_str().unwrap_or_default().to_string(),
+                            updated_at: r["updated_at"].as_str().unwrap_or_default().to_string(),
+                        });
+                    }
+                }
+                let _ = d.ack(BasicAckOptions::default()).await;
+            }
+        });
+        Checker {
+            arrived,
+            messages,
+            _conn: conn,
+        }
+    }
+
+    pub fn arrived(&self) -> Vec<Arrived> {
+        self.arrived.lock().unwrap().clone()
+    }
+
+    /// Messages whose id arrived more than once, counted once per repeat.
+    pub fn duplicate_messages(&self) -> u64 {
+        self.messages
+            .lock()
+            .unwrap()
+            .values()
+            .map(|n| n.saturating_sub(1))
+            .sum()
+    }
+
+    /// Arrived records grouped by routing key, in arrival order.
+    pub fn by_partition(&self) -> BTreeMap<String, Vec<Arrived>> {
+        let mut m: BTreeMap<String, Vec<Arrived>> = BTreeMap::new();
+        for a in self.arrived() {
+            m.entry(a.routing_key.clone()).or_default().push(a);
+        }
+        m
+    }
+}
+
+/// Distinct (id, updated_at) pairs among `arrived`.
+pub fn versions(arrived: &[Arrived]) -> HashSet<TruthRecord> {
+    arrived
+        .iter()
+        .map(|a| TruthRecord {
+            id: a.id.clone(),
+            updated_at: a.updated_at.clone(),
+        })
+        .collect()
+}
+
+/// Poll `check` every 250 ms until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

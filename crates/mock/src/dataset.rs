@@ -9,7 +9,7 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// 2024-01-01T00:00:00Z: record i of the initial dataset has updated_at = this + i s.
 pub const BASE_TIME: i64 = 1_704_067_200;
@@ -24,14 +24,14 @@ pub struct Rec {
     pub json: Arc<str>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
 pub struct TruthRecord {
     pub id: String,
     pub updated_at: String,
 }
 
 /// Every current record (creation order) and every version ever (change order).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Truth {
     pub records: Vec<TruthRecord>,
     pub versions: Vec<TruthRecord>,
@@ -44,6 +44,8 @@ pub struct Dataset {
     next_seq: u64,
     last_updated: i64,
     rng: u64,
+    /// Records updated in the current cycle.
+    updated: std::collections::HashSet<u64>,
     seed: u64,
     record_bytes: usize,
 }
@@ -75,6 +77,7 @@ impl Dataset {
             next_seq: 1,
             last_updated: BASE_TIME - 1,
             rng: seed,
+            updated: std::collections::HashSet::new(),
             seed,
             record_bytes,
         };
@@ -132,13 +135,22 @@ impl Dataset {
         }
     }
 
+    /// Update `n` records chosen at random, each at most once until every
+    /// record has been updated (so tests can expect to see every version:
+    /// an API only ever serves the current one).
     pub fn update(&mut self, n: usize) {
         let count = self.next_seq - 1;
         if count == 0 {
             return;
         }
         for _ in 0..n {
-            let seq = 1 + splitmix(&mut self.rng) % count;
+            if self.updated.len() as u64 >= count {
+                self.updated.clear();
+            }
+            let mut seq = 1 + splitmix(&mut self.rng) % count;
+            while !self.updated.insert(seq) {
+                seq = seq % count + 1;
+            }
             let t = self.next_version_time();
             self.put(seq, t);
         }

@@ -428,6 +428,12 @@ pub fn serve(ds: &Dataset, path: &str, q: &Query, ctx: &Ctx) -> Result<Reply, Ap
         "/github/records" => github(ds, q, ctx),
         "/paged/records" => paged(ds, q, ctx),
         "/offset/records" => offset(ds, q, ctx),
+        // An endpoint that is always down, for failure tests.
+        "/broken/records" => Err(ApiError {
+            status: 500,
+            error: "internal_error",
+            description: "this endpoint always fails".into(),
+        }),
         p if p.starts_with("/v2/clients/") && p.ends_with("/inspections") => {
             inspections(ds, q, ctx)
         }

@@ -141,6 +141,7 @@ async fn index() -> &'static str {
      GET /github/records?after=&per_page=&since_ms=&until_ms=                             link_header\n\
      GET /paged/records?page=&per_page=                                                   page numbers\n\
      GET /offset/records?offset=&limit=                                                   offsets\n\
+     GET /broken/records                                                                  always 500\n\
      GET /_truth  GET /_stats  POST /_admin/insert?n=  POST /_admin/update?n=  POST /_admin/faults\n"
 }
 
