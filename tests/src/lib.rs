@@ -308,14 +308,15 @@ impl Cluster {
 
     /// Start a coordinator; returns its index in `procs`.
     pub fn coordinator(&mut self, id: &str) -> usize {
+        self.coordinator_with(id, &[])
+    }
+
+    /// Start a coordinator with extra flags; returns its index in `procs`.
+    pub fn coordinator_with(&mut self, id: &str, extra: &[&str]) -> usize {
         let config = self.config.display().to_string();
-        let p = spawn(
-            id,
-            &["coordinator", "--config", &config, "--id", id],
-            &self.role_env(),
-            self.dir.path(),
-            "metrics on",
-        );
+        let mut args = vec!["coordinator", "--config", &config, "--id", id];
+        args.extend_from_slice(extra);
+        let p = spawn(id, &args, &self.role_env(), self.dir.path(), "metrics on");
         self.procs.push(p);
         self.procs.len() - 1
     }
@@ -366,6 +367,42 @@ impl Cluster {
         assert!(r.status().is_success(), "{path}: {}", r.status());
     }
 
+    /// The id of the leading coordinator, if one leads.
+    pub async fn leader(&self) -> Option<String> {
+        let client = redis::Client::open(redis_url()).expect("redis url");
+        let mut c = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        redis::cmd("GET")
+            .arg(format!("{}leader", self.redis_prefix()))
+            .query_async(&mut c)
+            .await
+            .expect("GET leader")
+    }
+
+    /// Messages waiting in the dead-letter queue.
+    pub async fn dead_letters(&self) -> u32 {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("amqp");
+        let ch = conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                format!("{}.dead", self.prefix).as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("dead-letter queue");
+        let n = q.message_count();
+        let _ = conn.close(200, "bye".into()).await;
+        n
+    }
+
     /// The last lines of every process log, for failure messages.
     pub fn logs(&self) -> String {
         let mut s = String::new();
@@ -396,7 +433,10 @@ impl Cluster {
                 .await;
         }
         let _ = ch
-            .exchange_delete(format!("{prefix}.records").as_str().into(), Default::default())
+            .exchange_delete(
+                format!("{prefix}.records").as_str().into(),
+                Default::default(),
+            )
             .await;
         let _ = conn.close(200, "bye".into()).await;
     }
@@ -537,6 +577,26 @@ impl Checker {
             .values()
             .map(|n| n.saturating_sub(1))
             .sum()
+    }
+
+    /// Repeated message ids per routing key.
+    pub fn duplicates_by_partition(&self) -> BTreeMap<String, u64> {
+        let mut seen: HashSet<(String, String)> = HashSet::new();
+        let mut out: BTreeMap<String, u64> = BTreeMap::new();
+        let mut last: Option<(String, String)> = None;
+        for a in self.arrived() {
+            // A per-page message expands into several records with one id.
+            let k = (a.routing_key.clone(), a.message_id.clone());
+            if last.as_ref() == Some(&k) {
+                continue;
+            }
+            last = Some(k.clone());
+            let n = out.entry(a.routing_key.clone()).or_insert(0);
+            if !seen.insert(k) {
+                *n += 1;
+            }
+        }
+        out
     }
 
     /// Arrived records grouped by routing key, in arrival order.

@@ -14,18 +14,66 @@ use tidemark_tests::{Checker, Cluster, eventually, versions};
 fn twelve_feeds(page_size: usize) -> String {
     let parts = r#"partitions: { param: account, values: ["a", "b"] }"#;
     let feeds = [
-        ("tickets", "/api/v2/incremental/tickets/cursor.json", "records: /tickets\n    pagination: { preset: zendesk_cursor, page_size: PS }\n    version: /updated_at\n    start: { param: start_time, format: unix, from: \"2024-01-01T00:00:00Z\" }"),
-        ("tickets_pages", "/api/v2/incremental/tickets/cursor.json", "records: /tickets\n    pagination: { preset: zendesk_cursor, page_size: PS }\n    version: /updated_at\n    start: { param: start_time, format: unix, from: \"2024-01-01T00:00:00Z\" }\n    delivery: { per: page }"),
-        ("inspections", "/v2/clients/0b6e4c1a-1111-4c1a-9c1a-0b6e4c1a1111/inspections", "pagination: { preset: start_after, page_size: PS }\n    version: /updated_at\n    mode: bulk_then_incremental\n    incremental:\n      params: { paginationMode: PAGE }\n      start: { param: updatedSince, format: iso8601 }\n      pagination: { page_param: page, page_size_param: limit, page_size: PS, total_pages: /meta/totalPages }"),
-        ("events", "/v1/events", "pagination: { preset: self_next, page_size: PS }\n    version: /updated_at"),
-        ("events_snapshot", "/v1/events", "pagination: { preset: self_next, page_size: PS }\n    version: /updated_at\n    mode: snapshot\n    delivery: { per: page }"),
-        ("items", "/items", "pagination: { preset: cursor, page_size: PS }\n    version: /updated_at"),
-        ("sync", "/sync/records", "records: /records\n    pagination: { preset: cursor, cursor_param: cursor, next_cursor: /cursor, page_size: PS }\n    version: /updated_at"),
-        ("sync_pages", "/sync/records", "records: /records\n    pagination: { preset: cursor, cursor_param: cursor, next_cursor: /cursor, page_size: PS }\n    version: /updated_at\n    delivery: { per: page }"),
-        ("jsonapi", "/jsonapi/records", "pagination: { preset: next_url, page_size: PS }\n    version: /updated_at"),
-        ("github", "/github/records", "pagination: { preset: link_header, page_size: PS }\n    version: /updated_at\n    start: { param: since_ms, format: unix_ms, from: \"2024-01-01\" }"),
-        ("paged", "/paged/records", "records: /records\n    pagination: { page_param: page, page_size_param: per_page, page_size: PS, total_pages: /total_pages }"),
-        ("offset", "/offset/records", "records: /records\n    pagination: { offset_param: offset, page_size_param: limit, page_size: PS, total_count: /total }"),
+        (
+            "tickets",
+            "/api/v2/incremental/tickets/cursor.json",
+            "records: /tickets\n    pagination: { preset: zendesk_cursor, page_size: PS }\n    version: /updated_at\n    start: { param: start_time, format: unix, from: \"2024-01-01T00:00:00Z\" }",
+        ),
+        (
+            "tickets_pages",
+            "/api/v2/incremental/tickets/cursor.json",
+            "records: /tickets\n    pagination: { preset: zendesk_cursor, page_size: PS }\n    version: /updated_at\n    start: { param: start_time, format: unix, from: \"2024-01-01T00:00:00Z\" }\n    delivery: { per: page }",
+        ),
+        (
+            "inspections",
+            "/v2/clients/0b6e4c1a-1111-4c1a-9c1a-0b6e4c1a1111/inspections",
+            "pagination: { preset: start_after, page_size: PS }\n    version: /updated_at\n    mode: bulk_then_incremental\n    incremental:\n      params: { paginationMode: PAGE }\n      start: { param: updatedSince, format: iso8601 }\n      pagination: { page_param: page, page_size_param: limit, page_size: PS, total_pages: /meta/totalPages }",
+        ),
+        (
+            "events",
+            "/v1/events",
+            "pagination: { preset: self_next, page_size: PS }\n    version: /updated_at",
+        ),
+        (
+            "events_snapshot",
+            "/v1/events",
+            "pagination: { preset: self_next, page_size: PS }\n    version: /updated_at\n    mode: snapshot\n    delivery: { per: page }",
+        ),
+        (
+            "items",
+            "/items",
+            "pagination: { preset: cursor, page_size: PS }\n    version: /updated_at",
+        ),
+        (
+            "sync",
+            "/sync/records",
+            "records: /records\n    pagination: { preset: cursor, cursor_param: cursor, next_cursor: /cursor, page_size: PS }\n    version: /updated_at",
+        ),
+        (
+            "sync_pages",
+            "/sync/records",
+            "records: /records\n    pagination: { preset: cursor, cursor_param: cursor, next_cursor: /cursor, page_size: PS }\n    version: /updated_at\n    delivery: { per: page }",
+        ),
+        (
+            "jsonapi",
+            "/jsonapi/records",
+            "pagination: { preset: next_url, page_size: PS }\n    version: /updated_at",
+        ),
+        (
+            "github",
+            "/github/records",
+            "pagination: { preset: link_header, page_size: PS }\n    version: /updated_at\n    start: { param: since_ms, format: unix_ms, from: \"2024-01-01\" }",
+        ),
+        (
+            "paged",
+            "/paged/records",
+            "records: /records\n    pagination: { page_param: page, page_size_param: per_page, page_size: PS, total_pages: /total_pages }",
+        ),
+        (
+            "offset",
+            "/offset/records",
+            "records: /records\n    pagination: { offset_param: offset, page_size_param: limit, page_size: PS, total_count: /total }",
+        ),
     ];
     let mut yaml = String::new();
     for (name, path, rest) in feeds {
@@ -42,7 +90,12 @@ async fn twelve_feeds_every_preset_two_partitions_200k_records() {
     const PER_PARTITION: usize = 8334; // 12 feeds x 2 partitions x 8334 = 200,016 records
     let mut c = Cluster::start(
         &twelve_feeds(500),
-        &["--records", &PER_PARTITION.to_string(), "--record-bytes", "200"],
+        &[
+            "--records",
+            &PER_PARTITION.to_string(),
+            "--record-bytes",
+            "200",
+        ],
     );
     let checker = Checker::start(&c.exchange()).await;
     c.coordinator("coord-1");

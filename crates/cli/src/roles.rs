@@ -37,7 +37,11 @@ pub struct Infra {
     #[arg(long, env = "TIDEMARK_QUEUE_PREFIX", default_value = "tidemark")]
     pub queue_prefix: String,
     /// The downstream topic exchange.
-    #[arg(long, env = "TIDEMARK_RECORDS_EXCHANGE", default_value = "tidemark.records")]
+    #[arg(
+        long,
+        env = "TIDEMARK_RECORDS_EXCHANGE",
+        default_value = "tidemark.records"
+    )]
     pub records_exchange: String,
     /// Serve /metrics, /healthz and /readyz here (port 0: a free port, printed on stderr).
     #[arg(long, env = "TIDEMARK_LISTEN")]
@@ -127,17 +131,20 @@ async fn serve_endpoints(
     metrics: Metrics,
     ready: ReadyCheck,
     err: &mut (dyn Write + Send),
-) -> Result<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>), Failure> {
+) -> Result<
+    (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ),
+    Failure,
+> {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let (addr, task) = tidemark_telemetry::serve(
-        listen,
-        tidemark_telemetry::router(metrics, ready),
-        async {
+    let (addr, task) =
+        tidemark_telemetry::serve(listen, tidemark_telemetry::router(metrics, ready), async {
             let _ = rx.await;
-        },
-    )
-    .await
-    .map_err(|e| Failure::usage(format!("cannot listen on {listen}: {e}")))?;
+        })
+        .await
+        .map_err(|e| Failure::usage(format!("cannot listen on {listen}: {e}")))?;
     let _ = writeln!(
         err,
         "tidemark {role}: metrics on http://{addr}/metrics, health on /healthz and /readyz"

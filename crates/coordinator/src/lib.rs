@@ -251,10 +251,18 @@ impl Coordinator {
         }
         let labels = Metrics::feed(&job.feed);
         if action == "reissue" {
-            self.deps.metrics.chains_reissued.get_or_create(&labels).inc();
+            self.deps
+                .metrics
+                .chains_reissued
+                .get_or_create(&labels)
+                .inc();
             tracing::warn!(job = %job, epoch, seq = cp.seq, "lease expired; chain re-issued from the stored cursor");
         } else {
-            self.deps.metrics.chains_started.get_or_create(&labels).inc();
+            self.deps
+                .metrics
+                .chains_started
+                .get_or_create(&labels)
+                .inc();
             tracing::info!(job = %job, epoch, seq = cp.seq, stage = ?cp.stage, "chain started");
         }
         Ok(())

@@ -297,10 +297,12 @@ impl StateStore for RedisStore {
                 Some(Stage::Incremental) => "incremental",
                 _ => "bulk",
             })
-            .arg(match c.restart.as_ref().and_then(|r| r.start_from.as_ref()) {
-                Some(_) => "1",
-                None => "0",
-            })
+            .arg(
+                match c.restart.as_ref().and_then(|r| r.start_from.as_ref()) {
+                    Some(_) => "1",
+                    None => "0",
+                },
+            )
             .arg(
                 c.restart
                     .as_ref()

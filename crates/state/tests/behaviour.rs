@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
-use tidemark_core::checkpoint::{
-    Checkpoint, Commit, CommitOutcome, JobId, Phase, Restart, Stage,
-};
+use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId, Phase, Restart, Stage};
 use tidemark_state::{Acquire, Control, Rewind, StateStore};
 
 const LEASE: Duration = Duration::from_secs(30);

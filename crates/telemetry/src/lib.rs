@@ -293,7 +293,9 @@ mod tests {
     #[tokio::test]
     async fn endpoints_answer() {
         let m = Metrics::new();
-        m.pages_fetched.get_or_create(&Metrics::feed("tickets")).inc();
+        m.pages_fetched
+            .get_or_create(&Metrics::feed("tickets"))
+            .inc();
         m.commits.get_or_create(&Metrics::result("ok")).inc_by(3);
         let ready: ReadyCheck = Arc::new(|| Box::pin(async { Err("redis: refused".to_string()) }));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -314,9 +316,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"tidemark_commits_total{result="ok"} 3"#));
-        let h = reqwest::get(format!("{base}/healthz")).await.expect("healthz");
+        let h = reqwest::get(format!("{base}/healthz"))
+            .await
+            .expect("healthz");
         assert_eq!(h.status(), 200);
-        let r = reqwest::get(format!("{base}/readyz")).await.expect("readyz");
+        let r = reqwest::get(format!("{base}/readyz"))
+            .await
+            .expect("readyz");
         assert_eq!(r.status(), 503);
         assert!(r.text().await.expect("body").contains("redis: refused"));
         let _ = tx.send(());

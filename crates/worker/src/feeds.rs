@@ -55,9 +55,7 @@ impl Feeds {
         if st.0.as_ref().map(|s| s.version) == version {
             return Ok(st.0.clone());
         }
-        let Some((version, config)) = load_config(&*self.store)
-            .await
-            .map_err(|e| e.to_string())?
+        let Some((version, config)) = load_config(&*self.store).await.map_err(|e| e.to_string())?
         else {
             return Ok(None);
         };

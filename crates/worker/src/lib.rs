@@ -148,7 +148,10 @@ pub async fn run(
             .drain()
             .map(|(_, v)| v)
             .collect();
-        tracing::warn!(pages = left.len(), "grace period over: releasing unfinished pages");
+        tracing::warn!(
+            pages = left.len(),
+            "grace period over: releasing unfinished pages"
+        );
         for (job, epoch) in left {
             if let Err(e) = worker.store.release(&job, epoch).await {
                 tracing::warn!(job = %job, error = %e, "cannot release the lease");
@@ -231,10 +234,7 @@ impl Worker {
                 }
             }
             Outcome::Retry { error, .. } => {
-                let error = format!(
-                    "gave up after {} attempts: {error}",
-                    self.opts.max_attempts
-                );
+                let error = format!("gave up after {} attempts: {error}", self.opts.max_attempts);
                 self.fail(d, task, &error).await;
             }
             Outcome::Fail { error } => self.fail(d, task, &error).await,

@@ -13,9 +13,7 @@ use tidemark_core::checkpoint::{
 };
 use tidemark_core::config::{FeedConfig, Mode, Partition};
 use tidemark_core::pagination::{Next, Position, redact_query};
-use tidemark_core::record::{
-    identity, page_message_id, positional_message_id, record_message_id,
-};
+use tidemark_core::record::{identity, page_message_id, positional_message_id, record_message_id};
 use tidemark_core::timefmt::parse_timestamp;
 use tidemark_source::{FetchError, HttpSource, backoff_delay};
 use tidemark_state::now_ms;
@@ -139,15 +137,13 @@ impl Worker {
                 error: format!("feed {} names an unknown source {}", feed.name, feed.source),
             });
         };
-        let rate = source_cfg
-            .rate_limit
-            .as_ref()
-            .map(|r| {
-                (
-                    r.per_second,
-                    r.burst.unwrap_or_else(|| r.per_second.ceil().max(1.0) as u32),
-                )
-            });
+        let rate = source_cfg.rate_limit.as_ref().map(|r| {
+            (
+                r.per_second,
+                r.burst
+                    .unwrap_or_else(|| r.per_second.ceil().max(1.0) as u32),
+            )
+        });
         Ok(Resolved {
             feed: feed.clone(),
             partition,
@@ -281,10 +277,9 @@ impl Worker {
         // Identity of every record, and the page's high-water mark.
         let page_cursor = match &pos {
             Position::At(c) => c.clone(),
-            Position::Start { from } => format!(
-                "start:{}",
-                from.map(|t| t.to_rfc3339()).unwrap_or_default()
-            ),
+            Position::Start { from } => {
+                format!("start:{}", from.map(|t| t.to_rfc3339()).unwrap_or_default())
+            }
         };
         let base = body.as_ptr() as usize;
         let mut records = Vec::with_capacity(read.records.len());
@@ -347,7 +342,14 @@ impl Worker {
         let now = now_ms();
         let mut next_due_ms = now + feed.every().as_millis() as u64;
         let restart = if eos {
-            self.restart_after(feed, cp, high.as_deref(), next_cursor.is_none(), &mut next_due_ms, now)
+            self.restart_after(
+                feed,
+                cp,
+                high.as_deref(),
+                next_cursor.is_none(),
+                &mut next_due_ms,
+                now,
+            )
         } else {
             None
         };
@@ -438,11 +440,15 @@ impl Worker {
             // No cursor to continue from (page numbers, an API that gives
             // none): the next poll starts at the high-water mark minus lag.
             (_, stage) if no_cursor && feed.start_for(stage).is_some() => {
-                let high = tidemark_core::checkpoint::max_version(cp.high_water.as_deref(), page_high)
-                    .map(str::to_string);
+                let high =
+                    tidemark_core::checkpoint::max_version(cp.high_water.as_deref(), page_high)
+                        .map(str::to_string);
                 Some(Restart {
                     stage,
-                    start_from: high.as_deref().and_then(minus_lag).or_else(|| cp.start_from.clone()),
+                    start_from: high
+                        .as_deref()
+                        .and_then(minus_lag)
+                        .or_else(|| cp.start_from.clone()),
                 })
             }
             _ => None,
@@ -468,11 +474,14 @@ impl Worker {
                 .get_or_create(&Metrics::feed_kind(&feed.name, k))
                 .inc();
         };
-        if let (Position::At(_), FetchError::Status {
-            status,
-            body_snippet,
-            ..
-        }) = (pos, &e)
+        if let (
+            Position::At(_),
+            FetchError::Status {
+                status,
+                body_snippet,
+                ..
+            },
+        ) = (pos, &e)
             && feed.cursor_expired.matches(*status, body_snippet)
         {
             kind("cursor_expired");
@@ -484,7 +493,11 @@ impl Worker {
                 .map(|t| (t - lag).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
                 .or_else(|| cp.start_from.clone());
             tracing::warn!(job = %task.job, error = %e, from = ?from, "cursor expired or rejected; restarting from the high-water mark");
-            return match self.store.recover(&task.job, task.epoch, from.as_deref()).await {
+            return match self
+                .store
+                .recover(&task.job, task.epoch, from.as_deref())
+                .await
+            {
                 Ok(true) => {
                     self.metrics
                         .cursor_recoveries
@@ -500,7 +513,9 @@ impl Worker {
         }
         if e.status() == Some(429) {
             kind("rate_limited");
-            let wait = e.retry_after().unwrap_or_else(|| self.backoff(task.attempt));
+            let wait = e
+                .retry_after()
+                .unwrap_or_else(|| self.backoff(task.attempt));
             if e.retry_after().is_some() {
                 if let Err(err) = self
                     .store
@@ -522,7 +537,9 @@ impl Worker {
         if e.is_transient() {
             kind("transient");
             return Outcome::Retry {
-                delay: self.backoff(task.attempt).max(e.retry_after().unwrap_or_default()),
+                delay: self
+                    .backoff(task.attempt)
+                    .max(e.retry_after().unwrap_or_default()),
                 error: e.to_string(),
             };
         }
@@ -532,4 +549,3 @@ impl Worker {
         }
     }
 }
-

@@ -148,10 +148,8 @@ impl FeedConfig {
             }
             _ => (self.pagination_spec()?, &self.params),
         };
-        let mut params: Vec<(String, String)> = fixed
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let mut params: Vec<(String, String)> =
+            fixed.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         params.extend(partition.params.iter().cloned());
         Ok(Paginator::new(
             &source.base_url,

@@ -1,0 +1,332 @@
+//! The distributed sync over time and under trouble: later polls, the
+//! bulk→incremental handoff, an expired cursor, killed workers and a killed
+//! leader, and a feed whose API is down.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tidemark_core::checkpoint::{Phase, Stage};
+use tidemark_mock::TruthRecord;
+use tidemark_tests::{Checker, Cluster, eventually, versions};
+
+fn feed(name: &str, path: &str, rest: &str) -> String {
+    format!(
+        "  - name: {name}\n    source: mock\n    path: {path}\n    key: /id\n    version: /updated_at\n    {rest}\n"
+    )
+}
+
+fn tickets(name: &str, extra: &str) -> String {
+    feed(
+        name,
+        "/api/v2/incremental/tickets/cursor.json",
+        &format!(
+            "records: /tickets\n    pagination: {{ preset: zendesk_cursor, page_size: 100 }}\n    start: {{ param: start_time, format: unix, from: \"2024-01-01T00:00:00Z\" }}\n    {extra}"
+        ),
+    )
+}
+
+/// The change-ordered styles, polled every second.
+fn polled_feeds() -> String {
+    [
+        tickets("tickets", "every: 1s"),
+        feed("events", "/v1/events", "pagination: { preset: self_next, page_size: 100 }\n    every: 1s"),
+        feed("items", "/items", "pagination: { preset: cursor, page_size: 100 }\n    every: 1s"),
+        feed("sync", "/sync/records", "records: /records\n    pagination: { preset: cursor, cursor_param: cursor, next_cursor: /cursor, page_size: 100 }\n    every: 1s"),
+        feed("jsonapi", "/jsonapi/records", "pagination: { preset: next_url, page_size: 100 }\n    every: 1s"),
+        feed("github", "/github/records", "pagination: { preset: link_header, page_size: 100 }\n    start: { param: since_ms, format: unix_ms, from: \"2024-01-01\" }\n    every: 1s"),
+    ]
+    .concat()
+}
+
+fn missing(got: &HashSet<TruthRecord>, want: &[TruthRecord]) -> Vec<TruthRecord> {
+    want.iter().filter(|v| !got.contains(v)).cloned().collect()
+}
+
+/// Every routing key has received every version in `want`.
+fn all_arrived(checker: &Checker, keys: &[&str], want: &[TruthRecord]) -> bool {
+    let parts = checker.by_partition();
+    keys.iter().all(|k| {
+        parts
+            .get(*k)
+            .is_some_and(|recs| missing(&versions(recs), want).is_empty())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inserts_and_updates_during_and_after_the_first_walk_arrive_on_later_polls() {
+    let mut c = Cluster::start(&polled_feeds(), &["--records", "5000", "--latency-ms", "5"]);
+    let checker = Checker::start(&c.exchange()).await;
+    c.coordinator("coord");
+    c.worker("w1", &[]);
+    c.worker("w2", &[]);
+    let keys = [
+        "tickets.all",
+        "events.all",
+        "items.all",
+        "sync.all",
+        "jsonapi.all",
+        "github.all",
+    ];
+
+    // During the first walk: new records.
+    assert!(
+        eventually(Duration::from_secs(60), async || checker.arrived().len()
+            > 3000)
+        .await
+    );
+    c.admin("/_admin/insert?n=25", None).await;
+    // After it: inserts and updates, each batch seen before the next, so every version is observable.
+    for round in 0..3 {
+        let want = c.truth().await.versions;
+        let ok = eventually(Duration::from_secs(120), async || {
+            all_arrived(&checker, &keys, &want)
+        })
+        .await;
+        assert!(ok, "round {round}: versions missing{}", c.logs());
+        c.admin("/_admin/insert?n=10", None).await;
+        c.admin("/_admin/update?n=15", None).await;
+    }
+    let truth = c.truth().await;
+    assert!(truth.versions.len() >= 5000 + 25 + 30 + 45);
+    let ok = eventually(Duration::from_secs(120), async || {
+        all_arrived(&checker, &keys, &truth.versions)
+    })
+    .await;
+    let parts = checker.by_partition();
+    for k in keys {
+        let got = versions(parts.get(k).map(Vec::as_slice).unwrap_or_default());
+        let m = missing(&got, &truth.versions);
+        assert!(
+            ok && m.is_empty(),
+            "{k}: {} versions missing, e.g. {:?}{}",
+            m.len(),
+            m.first(),
+            c.logs()
+        );
+    }
+    // No faults, so no duplicates, except where the API gives nothing to
+    // continue from at the end (seed 001's empty Next, a missing next link):
+    // each poll starts again at the last page read and re-sends it, with
+    // the same message ids.
+    let dups = checker.duplicates_by_partition();
+    for k in ["tickets.all", "items.all", "sync.all"] {
+        assert_eq!(dups.get(k).copied().unwrap_or(0), 0, "{k}: {dups:?}");
+    }
+    for (job, cp) in c.jobs().await {
+        assert!(cp.pages >= 50 && cp.last_error.is_none(), "{job}: {cp:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bulk_then_incremental_delivers_changes_made_during_the_bulk_walk() {
+    let yaml = feed(
+        "inspections",
+        "/v2/clients/0b6e4c1a-1111-4c1a-9c1a-0b6e4c1a1111/inspections",
+        "pagination: { preset: start_after, page_size: 100 }\n    mode: bulk_then_incremental\n    lag: 2s\n    every: 1h\n    incremental:\n      params: { paginationMode: PAGE }\n      start: { param: updatedSince, format: iso8601 }\n      pagination: { page_param: page, page_size_param: limit, page_size: 100, total_pages: /meta/totalPages }",
+    );
+    let mut c = Cluster::start(&yaml, &["--records", "4000", "--latency-ms", "40"]);
+    let checker = Checker::start(&c.exchange()).await;
+    c.coordinator("coord");
+    c.worker("w1", &[]);
+    // Mid-walk: update records the bulk walk has passed (and some it has not), insert new ones.
+    assert!(
+        eventually(Duration::from_secs(60), async || checker.arrived().len()
+            >= 1500)
+        .await
+    );
+    c.admin("/_admin/update?n=40", None).await;
+    c.admin("/_admin/insert?n=10", None).await;
+    let truth = c.truth().await;
+    let ok = eventually(Duration::from_secs(120), async || {
+        all_arrived(&checker, &["inspections.all"], &truth.records)
+    })
+    .await;
+    let got = versions(&checker.arrived());
+    let m = missing(&got, &truth.records);
+    assert!(
+        ok && m.is_empty(),
+        "{} current versions missing, e.g. {:?}{}",
+        m.len(),
+        m.first(),
+        c.logs()
+    );
+    let (_, cp) = c.jobs().await.pop().expect("one job");
+    assert_eq!(cp.stage, Stage::Incremental, "{cp:?}");
+    let t0 = cp.t0.clone().expect("T0 recorded before the bulk walk");
+    assert!(cp.high_water.is_some());
+    // Updates during the walk have versions after T0; the bulk walk missed
+    // those it had passed, so the incremental run delivered them.
+    let changed_after_t0 = truth
+        .records
+        .iter()
+        .filter(|r| r.updated_at.as_str() >= t0.as_str())
+        .count();
+    assert!(
+        changed_after_t0 >= 50,
+        "T0 {t0}: {changed_after_t0} changed after it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_cursor_restarts_from_the_high_water_mark_without_gaps() {
+    let yaml = tickets("tickets", "every: 1h");
+    let mut c = Cluster::start(&yaml, &["--records", "6000", "--latency-ms", "20"]);
+    let checker = Checker::start(&c.exchange()).await;
+    c.coordinator("coord");
+    c.worker("w1", &[]);
+    assert!(
+        eventually(Duration::from_secs(60), async || checker.arrived().len()
+            >= 1500)
+        .await
+    );
+    // Every cursor is now refused as expired (400 cursor_expired) for a while.
+    c.admin(
+        "/_admin/faults",
+        Some(serde_json::json!({ "cursor_ttl_secs": 0 })),
+    )
+    .await;
+    let recovered = eventually(Duration::from_secs(30), async || {
+        c.jobs().await.iter().any(|(_, cp)| cp.recoveries >= 1)
+    })
+    .await;
+    c.admin("/_admin/faults", Some(serde_json::json!({}))).await;
+    assert!(recovered, "no recovery recorded{}", c.logs());
+    let truth = c.truth().await;
+    let ok = eventually(Duration::from_secs(120), async || {
+        all_arrived(&checker, &["tickets.all"], &truth.records)
+    })
+    .await;
+    let m = missing(&versions(&checker.arrived()), &truth.records);
+    assert!(ok && m.is_empty(), "{} missing{}", m.len(), c.logs());
+    let (_, cp) = c.jobs().await.pop().expect("job");
+    assert!(cp.last_error.is_none(), "{cp:?}");
+    // Re-sent records carry the same message ids as the first time.
+    let arrived = checker.arrived();
+    let ids: HashSet<&str> = arrived.iter().map(|a| a.message_id.as_str()).collect();
+    assert_eq!(
+        ids.len(),
+        truth.records.len(),
+        "one message id per record version"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_worker_and_a_killed_leader_lose_nothing() {
+    let yaml = [
+        tickets("tickets", "every: 2s\n    partitions: { param: account, values: [\"a\", \"b\"] }"),
+        feed("events", "/v1/events", "pagination: { preset: self_next, page_size: 100 }\n    every: 2s\n    partitions: { param: account, values: [\"a\", \"b\"] }"),
+        feed("items", "/items", "pagination: { preset: cursor, page_size: 100 }\n    every: 2s\n    partitions: { param: account, values: [\"a\", \"b\"] }"),
+    ]
+    .concat();
+    let mut c = Cluster::start(&yaml, &["--records", "6000", "--latency-ms", "15"]);
+    c.env.push(("TIDEMARK_LEASE".into(), "4s".into()));
+    let checker = Checker::start(&c.exchange()).await;
+    let a = c.coordinator_with("coord-a", &["--leader-ttl", "3s"]);
+    assert!(
+        eventually(Duration::from_secs(20), async || c
+            .leader()
+            .await
+            .as_deref()
+            == Some("coord-a"))
+        .await
+    );
+    let _b = c.coordinator_with("coord-b", &["--leader-ttl", "3s"]);
+    let w1 = c.worker("w1", &[]);
+    c.worker("w2", &[]);
+    let keys = [
+        "tickets.a",
+        "tickets.b",
+        "events.a",
+        "events.b",
+        "items.a",
+        "items.b",
+    ];
+
+    assert!(
+        eventually(Duration::from_secs(60), async || checker.arrived().len()
+            >= 8000)
+        .await
+    );
+    c.procs[w1].kill9();
+    c.worker("w3", &[]);
+    assert!(
+        eventually(Duration::from_secs(60), async || checker.arrived().len()
+            >= 20000)
+        .await
+    );
+    c.procs[a].kill9();
+    let took_over = eventually(Duration::from_secs(30), async || {
+        c.leader().await.as_deref() == Some("coord-b")
+    })
+    .await;
+    assert!(took_over, "the standby did not take over{}", c.logs());
+    // Only a leader starts the next polls: records inserted now must still arrive.
+    c.admin("/_admin/insert?n=20", None).await;
+    let truth = c.truth().await;
+    let ok = eventually(Duration::from_secs(180), async || {
+        all_arrived(&checker, &keys, &truth.records)
+    })
+    .await;
+    let parts = checker.by_partition();
+    for k in keys {
+        let m = missing(
+            &versions(parts.get(k).map(Vec::as_slice).unwrap_or_default()),
+            &truth.records,
+        );
+        assert!(ok && m.is_empty(), "{k}: {} missing{}", m.len(), c.logs());
+    }
+    eprintln!(
+        "killed worker + killed leader: {} records arrived for {} distinct, {} duplicate messages",
+        checker.arrived().len(),
+        6 * truth.records.len(),
+        checker.duplicate_messages()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_feed_whose_api_keeps_failing_ends_failed_while_others_flow() {
+    let yaml = [
+        feed(
+            "broken",
+            "/broken/records",
+            "pagination: { preset: cursor, page_size: 100 }",
+        ),
+        tickets("tickets", "every: 1h"),
+    ]
+    .concat();
+    let mut c = Cluster::start(&yaml, &["--records", "3000"]);
+    let checker = Checker::start(&c.exchange()).await;
+    c.coordinator("coord");
+    c.worker("w1", &["--max-attempts", "3", "--retry-base", "100ms"]);
+    let failed = eventually(Duration::from_secs(60), async || {
+        c.jobs()
+            .await
+            .iter()
+            .any(|(j, cp)| j.feed == "broken" && cp.phase == Phase::Failed)
+    })
+    .await;
+    assert!(failed, "the broken feed did not fail{}", c.logs());
+    let jobs = c.jobs().await;
+    let (_, broken) = jobs.iter().find(|(j, _)| j.feed == "broken").unwrap();
+    let err = broken.last_error.clone().unwrap_or_default();
+    assert!(
+        err.contains("HTTP 500") && err.contains("3 attempts"),
+        "{err}"
+    );
+    assert_eq!(c.dead_letters().await, 1, "the task is dead-lettered");
+    let truth = c.truth().await;
+    assert!(
+        eventually(Duration::from_secs(60), async || {
+            all_arrived(&checker, &["tickets.all"], &truth.records)
+        })
+        .await,
+        "the healthy feed stalled{}",
+        c.logs()
+    );
+    // A failed job stays failed: no new chain is started for it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let jobs = c.jobs().await;
+    let (_, still) = jobs.iter().find(|(j, _)| j.feed == "broken").unwrap();
+    assert_eq!((still.phase, still.epoch), (Phase::Failed, broken.epoch));
+}
