@@ -297,8 +297,36 @@ async fn a_feed_whose_api_keeps_failing_ends_failed_while_others_flow() {
     .concat();
     let mut c = Cluster::start(&yaml, &["--records", "3000"]);
     let checker = Checker::start(&c.exchange()).await;
+    // `tidemark tail`, the subscriber a user starts to watch records arrive.
+    let mut tail = std::process::Command::new(tidemark_tests::tidemark_bin())
+        .args(["tail", "--feed", "tickets", "--limit", "5", "--dedupe"])
+        .env("AMQP_URL", tidemark_tests::amqp_url())
+        .env("TIDEMARK_RECORDS_EXCHANGE", c.exchange())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tail");
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(tail.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("bound"), "{line}");
+    }
     c.coordinator("coord");
     c.worker("w1", &["--max-attempts", "3", "--retry-base", "100ms"]);
+    let tailed = tokio::task::spawn_blocking(move || tail.wait_with_output().expect("tail output"))
+        .await
+        .unwrap();
+    assert!(tailed.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8(tailed.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record per line"))
+        .collect();
+    assert_eq!(lines.len(), 5);
+    assert!(lines.iter().all(|r| r["id"].is_string()));
     let failed = eventually(Duration::from_secs(60), async || {
         c.jobs()
             .await

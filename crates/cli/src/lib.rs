@@ -6,4 +6,5 @@ pub mod exit;
 pub mod mockapi;
 pub mod pull;
 pub mod roles;
+pub mod tail;
 pub mod validate;

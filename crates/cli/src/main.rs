@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tidemark::exit::Failure;
-use tidemark::{bench, mockapi, pull, roles, validate};
+use tidemark::{bench, mockapi, pull, roles, tail, validate};
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +60,8 @@ enum Command {
     Coordinator(roles::CoordinatorArgs),
     /// Distributed: fetch, publish and commit page tasks. Needs REDIS_URL, AMQP_URL; no config file.
     Worker(roles::WorkerArgs),
+    /// A downstream subscriber: print records from the records exchange as JSON lines.
+    Tail(tail::TailArgs),
     /// Serve the mock cursor API (every pagination style, with fault knobs).
     MockApi {
         #[arg(long, default_value = "127.0.0.1")]
@@ -130,6 +132,15 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             roles::coordinator(args, shutdown_signal(), &mut stderr).await?;
         }
         Command::Worker(args) => roles::worker(args, shutdown_signal(), &mut stderr).await?,
+        Command::Tail(args) => {
+            tail::run(
+                &args,
+                shutdown_signal(),
+                &mut std::io::stdout(),
+                &mut stderr,
+            )
+            .await?;
+        }
         Command::MockApi { host, port, mock } => {
             mockapi::run(&host, port, &mock, shutdown_signal(), &mut stderr).await?;
         }
@@ -162,10 +173,20 @@ async fn shutdown_signal() {
 
 fn init_tracing(filter: &str, json: bool) {
     use tracing_subscriber::EnvFilter;
+    // lapin logs every returned (unroutable) message with its whole body;
+    // tidemark reports those as errors of its own, so lapin's are kept quiet.
+    let quiet = |f: String| {
+        if f.contains("lapin") {
+            f
+        } else {
+            format!("{f},lapin::returned_messages=error")
+        }
+    };
     let filter = std::env::var("RUST_LOG")
         .ok()
+        .map(quiet)
         .and_then(|f| EnvFilter::try_new(f).ok())
-        .or_else(|| EnvFilter::try_new(filter).ok())
+        .or_else(|| EnvFilter::try_new(quiet(filter.to_string())).ok())
         .unwrap_or_else(|| EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
