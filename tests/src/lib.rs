@@ -100,7 +100,11 @@ pub fn amqp_url() -> String {
     .clone()
 }
 
-/// The `tidemark` binary of this build (built on demand when a test runs alone).
+/// The `tidemark` binary of this build. `cargo test --workspace` builds it
+/// fresh (the CLI's own tests need it); when this crate's tests run alone
+/// (`cargo test -p tidemark-tests`) it is built here if missing, or always
+/// with `TIDEMARK_E2E_BUILD=1` (a build with this crate's feature set
+/// recompiles dependencies, so it is not done by default).
 pub fn tidemark_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -112,6 +116,9 @@ pub fn tidemark_bin() -> PathBuf {
             .expect("target dir")
             .to_path_buf();
         let bin = profile_dir.join("tidemark");
+        if bin.exists() && std::env::var_os("TIDEMARK_E2E_BUILD").is_none() {
+            return bin;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .args(["build", "--quiet", "-p", "tidemark", "--bin", "tidemark"])

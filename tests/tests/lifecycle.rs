@@ -335,6 +335,7 @@ async fn a_feed_whose_api_keeps_failing_ends_failed_while_others_flow() {
     })
     .await;
     assert!(failed, "the broken feed did not fail{}", c.logs());
+
     let jobs = c.jobs().await;
     let (_, broken) = jobs.iter().find(|(j, _)| j.feed == "broken").unwrap();
     let err = broken.last_error.clone().unwrap_or_default();
