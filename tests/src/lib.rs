@@ -16,12 +16,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Connection, ConnectionProperties};
 use tidemark_bus::amqp::BusConfig;
 use tidemark_core::checkpoint::{Checkpoint, JobId};
 use tidemark_mock::{Truth, TruthRecord};
@@ -488,51 +485,10 @@ pub struct Checker {
 
 impl Checker {
     pub async fn start(exchange: &str) -> Checker {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("amqp");
-        let ch = conn.create_channel().await.expect("channel");
-        ch.exchange_declare(
-            exchange.into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("exchange");
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue");
-        ch.queue_bind(
-            q.name().as_str().into(),
-            exchange.into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
-        let mut consumer = ch
-            .basic_consume(
-                q.name().as_str().into(),
-                "checker".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
+        let (conn, mut consumer, _) =
+            tidemark_bus::amqp::subscribe(&amqp_url(), exchange, "#", "checker")
+                .await
+                .expect("subscribe to the records exchange");
         let arrived = Arc::new(Mutex::new(Vec::new()));
         let messages = Arc::new(Mutex::new(HashMap::new()));
         let (a, m) = (arrived.clone(), messages.clone());

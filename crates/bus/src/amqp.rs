@@ -516,3 +516,57 @@ async fn supervise(
     }
     let _ = current.send(None);
 }
+
+/// A downstream subscriber's queue: private, deleted when its connection
+/// closes, bound to the records `exchange` with `pattern` (`#` for all,
+/// `<feed>.#` for one feed), consumed with manual acks. Keep the connection
+/// alive as long as the consumer is used.
+pub async fn subscribe(
+    url: &str,
+    exchange: &str,
+    pattern: &str,
+    consumer_tag: &str,
+) -> Result<(Connection, lapin::Consumer, String), BusError> {
+    use lapin::options::QueueBindOptions;
+    let conn = Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.exchange_declare(
+        s(exchange),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    let q = ch
+        .queue_declare(
+            s(""),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let name = q.name().to_string();
+    ch.queue_bind(
+        s(&name),
+        s(exchange),
+        s(pattern),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let consumer = ch
+        .basic_consume(
+            s(&name),
+            s(consumer_tag),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((conn, consumer, name))
+}

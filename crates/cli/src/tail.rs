@@ -9,12 +9,7 @@ use std::io::Write;
 
 use clap::Args;
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use lapin::options::BasicAckOptions;
 
 use crate::exit::Failure;
 
@@ -49,63 +44,26 @@ pub async fn run(
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<(), Failure> {
-    let fail = |what: &str, e: lapin::Error| Failure::runtime(format!("{what}: {e}"));
-    let conn = Connection::connect(&args.amqp_url, ConnectionProperties::default())
-        .await
-        .map_err(|e| fail("cannot connect to RabbitMQ", e))?;
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(|e| fail("channel", e))?;
-    ch.exchange_declare(
-        args.records_exchange.as_str().into(),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .map_err(|e| fail("declare the records exchange", e))?;
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| fail("declare a queue", e))?;
     let pattern = match &args.feed {
         Some(f) => format!("{f}.#"),
         None => "#".to_string(),
     };
-    ch.queue_bind(
-        q.name().as_str().into(),
-        args.records_exchange.as_str().into(),
-        pattern.as_str().into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
+    let (conn, mut consumer, queue) = tidemark_bus::amqp::subscribe(
+        &args.amqp_url,
+        &args.records_exchange,
+        &pattern,
+        "tidemark-tail",
     )
     .await
-    .map_err(|e| fail("bind", e))?;
-    let mut consumer = ch
-        .basic_consume(
-            q.name().as_str().into(),
-            "tidemark-tail".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| fail("consume", e))?;
+    .map_err(|e| {
+        Failure::runtime(format!(
+            "cannot subscribe to {}: {e}",
+            args.records_exchange
+        ))
+    })?;
     let _ = writeln!(
         err,
-        "tidemark tail: bound {} to {} with {pattern}; Ctrl-C stops",
-        q.name(),
+        "tidemark tail: bound {queue} to {} with {pattern}; Ctrl-C stops",
         args.records_exchange
     );
     let mut seen: HashSet<String> = HashSet::new();
@@ -116,7 +74,7 @@ pub async fn run(
             () = &mut shutdown => break,
             d = consumer.next() => match d {
                 Some(Ok(d)) => d,
-                Some(Err(e)) => return Err(fail("delivery", e)),
+                Some(Err(e)) => return Err(Failure::runtime(format!("delivery: {e}"))),
                 None => break,
             },
         };
