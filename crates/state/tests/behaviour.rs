@@ -320,8 +320,11 @@ async fn rate_limiter_shares_one_budget(s: Arc<dyn StateStore>) {
     for t in tasks {
         total += t.await.unwrap();
     }
+    // Never more than the budget (50/s for 3 s, plus the burst of 1, plus
+    // a permit at each edge); fewer only when a loaded machine oversleeps,
+    // so the lower bound is loose on purpose.
     assert!(
-        (140..=160).contains(&total),
+        (100..=153).contains(&total),
         "granted {total} permits in 3 s at 50/s"
     );
 }
