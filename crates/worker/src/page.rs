@@ -3,13 +3,15 @@
 //! every record with confirms, commit with one fenced step, hand on the next
 //! task. The outcome says what the caller does with the delivery.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
 use tidemark_bus::{OutPage, OutRecord, PageTask};
+use tidemark_core::SourceConfig;
 use tidemark_core::checkpoint::{
-    Checkpoint, Commit, CommitOutcome, Phase, Restart, Stage, compare_versions,
+    Checkpoint, Commit, CommitOutcome, Phase, Restart, Stage, compare_versions, max_version,
 };
 use tidemark_core::config::{FeedConfig, Mode, Partition};
 use tidemark_core::pagination::{Next, Position, redact_query};
@@ -20,6 +22,7 @@ use tidemark_state::now_ms;
 use tidemark_telemetry::Metrics;
 
 use crate::Worker;
+use crate::feeds::Snapshot;
 
 /// What became of a task.
 #[derive(Debug, PartialEq)]
@@ -38,14 +41,42 @@ pub enum Outcome {
     Requeue { error: String },
 }
 
-/// Everything a page needs that comes from the registry.
+/// Everything a page needs that comes from the registry: the snapshot it
+/// was read from, and where in it the feed and its source are.
 struct Resolved {
-    feed: FeedConfig,
+    snap: Arc<Snapshot>,
+    feed: usize,
     partition: Partition,
     http: HttpSource,
-    source_cfg: tidemark_core::SourceConfig,
-    source: String,
     rate: Option<(f64, u32)>,
+}
+
+impl Resolved {
+    fn feed(&self) -> &FeedConfig {
+        &self.snap.config.feeds[self.feed]
+    }
+    fn source_name(&self) -> &str {
+        &self.feed().source
+    }
+    fn source(&self) -> &SourceConfig {
+        // Present: `resolve` checked it.
+        &self.snap.config.sources[self.source_name()]
+    }
+}
+
+/// `t` (a time or a time-valued version) minus the feed's `lag`, as RFC 3339.
+fn minus_lag(feed: &FeedConfig, t: &str) -> Option<String> {
+    let lag = chrono::Duration::from_std(feed.lag()).unwrap_or_default();
+    parse_timestamp(t)
+        .ok()
+        .map(|t| (t - lag).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+}
+
+/// Where a chain restarts without a cursor: the high-water mark minus lag,
+/// else the start point it had.
+fn restart_point(feed: &FeedConfig, high: Option<&str>, cp: &Checkpoint) -> Option<String> {
+    high.and_then(|h| minus_lag(feed, h))
+        .or_else(|| cp.start_from.clone())
 }
 
 impl Worker {
@@ -74,8 +105,7 @@ impl Worker {
         }
         let r = match self.resolve(task).await {
             Ok(r) => r,
-            Err(Outcome::Fail { error }) => return Outcome::Fail { error },
-            Err(other) => return other,
+            Err(outcome) => return outcome,
         };
 
         // The lease outlives slow pages: renew it while this page works; a
@@ -109,12 +139,13 @@ impl Worker {
                 error: "no feed registry yet: is a coordinator running?".into(),
             });
         };
-        let Some(feed) = snap.config.feed(&job.feed) else {
+        let Some(feed) = snap.config.feeds.iter().position(|f| f.name == job.feed) else {
             return Err(Outcome::Fail {
                 error: format!("feed {} is not in the feed registry", job.feed),
             });
         };
-        let partition = match feed.partition(&job.partition, Utc::now()) {
+        let cfg = &snap.config.feeds[feed];
+        let partition = match cfg.partition(&job.partition, Utc::now()) {
             Ok(Some(p)) => p,
             Ok(None) => {
                 return Err(Outcome::Fail {
@@ -123,21 +154,16 @@ impl Worker {
             }
             Err(e) => return Err(Outcome::Fail { error: e }),
         };
-        let http = match snap.sources.get(&feed.source) {
-            Some(Ok(h)) => h.clone(),
-            Some(Err(e)) => return Err(Outcome::Fail { error: e.clone() }),
-            None => {
-                return Err(Outcome::Fail {
-                    error: format!("feed {} names an unknown source {}", feed.name, feed.source),
-                });
-            }
-        };
-        let Some(source_cfg) = snap.config.sources.get(&feed.source).cloned() else {
+        let (Some(source), Some(http)) = (
+            snap.config.sources.get(&cfg.source),
+            snap.sources.get(&cfg.source),
+        ) else {
             return Err(Outcome::Fail {
-                error: format!("feed {} names an unknown source {}", feed.name, feed.source),
+                error: format!("feed {} names an unknown source {}", cfg.name, cfg.source),
             });
         };
-        let rate = source_cfg.rate_limit.as_ref().map(|r| {
+        let http = http.clone().map_err(|error| Outcome::Fail { error })?;
+        let rate = source.rate_limit.as_ref().map(|r| {
             (
                 r.per_second,
                 r.burst
@@ -145,11 +171,10 @@ impl Worker {
             )
         });
         Ok(Resolved {
-            feed: feed.clone(),
+            snap,
+            feed,
             partition,
             http,
-            source_cfg,
-            source: feed.source.clone(),
             rate,
         })
     }
@@ -177,16 +202,17 @@ impl Worker {
 
     /// Wait for a permit of the source's shared limiter and for any source-wide pause.
     async fn permit(&self, r: &Resolved) -> Result<(), String> {
+        let source = r.source_name();
         loop {
             let paused = self
                 .store
-                .source_paused_until(&r.source)
+                .source_paused_until(source)
                 .await
                 .map_err(|e| e.to_string())?;
             if let Some(until) = paused {
                 self.metrics
                     .rate_limit_waits
-                    .get_or_create(&Metrics::source(&r.source))
+                    .get_or_create(&Metrics::source(source))
                     .inc();
                 let wait = until.saturating_sub(now_ms()).max(1);
                 tokio::time::sleep(Duration::from_millis(wait)).await;
@@ -197,7 +223,7 @@ impl Worker {
             };
             match self
                 .store
-                .rate_acquire(&r.source, per_second, burst)
+                .rate_acquire(source, per_second, burst)
                 .await
                 .map_err(|e| e.to_string())?
             {
@@ -205,7 +231,7 @@ impl Worker {
                 Some(wait) => {
                     self.metrics
                         .rate_limit_waits
-                        .get_or_create(&Metrics::source(&r.source))
+                        .get_or_create(&Metrics::source(source))
                         .inc();
                     tokio::time::sleep(wait).await;
                 }
@@ -214,7 +240,7 @@ impl Worker {
     }
 
     async fn page(&self, task: &PageTask, cp: &Checkpoint, r: &Resolved) -> Outcome {
-        let feed = &r.feed;
+        let feed = r.feed();
         let job = &task.job;
         if let Err(error) = self.permit(r).await {
             return Outcome::Requeue { error };
@@ -234,7 +260,7 @@ impl Worker {
                 Err(error) => return Outcome::Fail { error },
             },
         };
-        let paginator = match feed.paginator_for(&r.source_cfg, &r.partition, cp.stage) {
+        let paginator = match feed.paginator_for(r.source(), &r.partition, cp.stage) {
             Ok(p) => p,
             Err(error) => return Outcome::Fail { error },
         };
@@ -418,12 +444,6 @@ impl Worker {
         next_due_ms: &mut u64,
         now: u64,
     ) -> Option<Restart> {
-        let lag = chrono::Duration::from_std(feed.lag()).unwrap_or_default();
-        let minus_lag = |t: &str| {
-            parse_timestamp(t)
-                .ok()
-                .map(|t| (t - lag).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
-        };
         match (feed.mode, cp.stage) {
             (Mode::Snapshot, stage) => Some(Restart {
                 stage,
@@ -434,23 +454,19 @@ impl Worker {
                 *next_due_ms = now;
                 Some(Restart {
                     stage: Stage::Incremental,
-                    start_from: cp.t0.as_deref().and_then(minus_lag),
+                    start_from: cp.t0.as_deref().and_then(|t0| minus_lag(feed, t0)),
                 })
             }
             // No cursor to continue from (page numbers, an API that gives
             // none): the next poll starts at the high-water mark minus lag.
-            (_, stage) if no_cursor && feed.start_for(stage).is_some() => {
-                let high =
-                    tidemark_core::checkpoint::max_version(cp.high_water.as_deref(), page_high)
-                        .map(str::to_string);
-                Some(Restart {
-                    stage,
-                    start_from: high
-                        .as_deref()
-                        .and_then(minus_lag)
-                        .or_else(|| cp.start_from.clone()),
-                })
-            }
+            (_, stage) if no_cursor && feed.start_for(stage).is_some() => Some(Restart {
+                stage,
+                start_from: restart_point(
+                    feed,
+                    max_version(cp.high_water.as_deref(), page_high),
+                    cp,
+                ),
+            }),
             _ => None,
         }
     }
@@ -467,7 +483,8 @@ impl Worker {
         pos: &Position,
         e: FetchError,
     ) -> Outcome {
-        let feed = &r.feed;
+        let feed = r.feed();
+        let source = r.source_name();
         let kind = |k: &str| {
             self.metrics
                 .fetch_errors
@@ -485,13 +502,7 @@ impl Worker {
             && feed.cursor_expired.matches(*status, body_snippet)
         {
             kind("cursor_expired");
-            let lag = chrono::Duration::from_std(feed.lag()).unwrap_or_default();
-            let from = cp
-                .high_water
-                .as_deref()
-                .and_then(|h| parse_timestamp(h).ok())
-                .map(|t| (t - lag).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
-                .or_else(|| cp.start_from.clone());
+            let from = restart_point(feed, cp.high_water.as_deref(), cp);
             tracing::warn!(job = %task.job, error = %e, from = ?from, "cursor expired or rejected; restarting from the high-water mark");
             return match self
                 .store
@@ -519,14 +530,14 @@ impl Worker {
             if e.retry_after().is_some() {
                 if let Err(err) = self
                     .store
-                    .pause_source(&r.source, now_ms() + wait.as_millis() as u64)
+                    .pause_source(source, now_ms() + wait.as_millis() as u64)
                     .await
                 {
-                    tracing::warn!(source = %r.source, error = %err, "cannot set the source pause");
+                    tracing::warn!(source, error = %err, "cannot set the source pause");
                 }
                 self.metrics
                     .source_pauses
-                    .get_or_create(&Metrics::source(&r.source))
+                    .get_or_create(&Metrics::source(source))
                     .inc();
             }
             return Outcome::Retry {
