@@ -17,7 +17,7 @@
 //! written by workers in their last commit (or recovery step) and picked up
 //! here as an idle job that is due.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -117,6 +117,15 @@ pub async fn run(
     Ok(())
 }
 
+/// Why a chain is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// An idle job reached its next due time.
+    Due,
+    /// A running chain's lease expired: re-issue it under a new epoch.
+    LeaseExpired,
+}
+
 struct Coordinator {
     deps: CoordinatorDeps,
     config: Config,
@@ -167,12 +176,12 @@ impl Coordinator {
         let jobs = self.deps.store.list().await?;
         let now = now_ms();
         let m = &self.deps.metrics;
-        let mut phases = [0i64; 4];
-        for (job, cp) in &jobs {
+        let mut phases: HashMap<&'static str, i64> = HashMap::new();
+        for (job, cp) in jobs {
             if !feeds.contains(job.feed.as_str()) {
                 continue;
             }
-            phases[cp.phase as usize] += 1;
+            *phases.entry(cp.phase.as_str()).or_default() += 1;
             if let Some(lag) = cp
                 .high_water
                 .as_deref()
@@ -183,42 +192,34 @@ impl Coordinator {
                     .get_or_create(&Metrics::job(&job.feed, &job.partition))
                     .set(lag);
             }
-        }
-        for (i, phase) in [Phase::Idle, Phase::Running, Phase::Paused, Phase::Failed]
-            .iter()
-            .enumerate()
-        {
-            m.jobs
-                .get_or_create(&Metrics::phase(phase.as_str()))
-                .set(phases[i]);
-        }
-        for (job, cp) in jobs {
             if !leader.is_leader() {
-                break;
-            }
-            if !feeds.contains(job.feed.as_str()) {
                 continue;
             }
-            let action = match cp.phase {
-                Phase::Idle if cp.next_due_ms <= now => "start",
-                Phase::Running if cp.lease_until_ms <= now => "reissue",
+            let why = match cp.phase {
+                Phase::Idle if cp.next_due_ms <= now => Why::Due,
+                Phase::Running if cp.lease_until_ms <= now => Why::LeaseExpired,
                 _ => continue,
             };
-            if let Err(e) = self.start_chain(&job, action).await {
+            if let Err(e) = self.start_chain(&job, why).await {
                 tracing::warn!(job = %job, error = %e, "cannot start the chain; trying again next tick");
             }
+        }
+        for phase in [Phase::Idle, Phase::Running, Phase::Paused, Phase::Failed] {
+            m.jobs
+                .get_or_create(&Metrics::phase(phase.as_str()))
+                .set(phases.get(phase.as_str()).copied().unwrap_or(0));
         }
         Ok(())
     }
 
     /// Take a new epoch and publish the chain's first task.
-    async fn start_chain(&self, job: &JobId, action: &str) -> Result<(), StateError> {
+    async fn start_chain(&self, job: &JobId, why: Why) -> Result<(), StateError> {
         let store = &*self.deps.store;
         let epoch = match store.acquire(job, self.opts.lease, false).await? {
             Acquire::Granted { epoch } => epoch,
             _ => return Ok(()),
         };
-        let Some(mut cp) = store.get(job).await? else {
+        let Some(cp) = store.get(job).await? else {
             return Ok(());
         };
         if cp.epoch != epoch {
@@ -234,7 +235,6 @@ impl Coordinator {
             // Seed 002: record T0 before the bulk walk starts.
             let t0 = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
             store.set_t0(job, epoch, &t0).await?;
-            cp.t0 = Some(t0);
         }
         let task = PageTask {
             job: job.clone(),
@@ -250,7 +250,7 @@ impl Coordinator {
             return Ok(());
         }
         let labels = Metrics::feed(&job.feed);
-        if action == "reissue" {
+        if why == Why::LeaseExpired {
             self.deps
                 .metrics
                 .chains_reissued
