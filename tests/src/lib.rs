@@ -429,9 +429,7 @@ impl Cluster {
         };
         let mut cfg = BusConfig::new(amqp_url());
         cfg.prefix = prefix.clone();
-        let mut queues = vec![cfg.tasks_queue(), cfg.dead_queue()];
-        queues.extend(cfg.retry_tiers.iter().map(|t| cfg.retry_queue(*t)));
-        for q in queues {
+        for q in cfg.queue_names() {
             let _ = ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;

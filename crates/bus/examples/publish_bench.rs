@@ -9,11 +9,11 @@
 use std::time::{Duration, Instant};
 
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tidemark_bus::amqp::{AmqpBus, BusConfig};
 use tidemark_bus::{Downstream, OutPage, OutRecord};
 use tidemark_core::config::DeliveryPer;
@@ -38,16 +38,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let queue = format!("{tag}.sink");
     let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
-    ch.exchange_declare(
-        exchange.as_str().into(),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
+    tidemark_bus::amqp::declare_records_exchange(&ch, &exchange).await?;
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
@@ -215,10 +206,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = ch
         .exchange_delete(exchange.as_str().into(), Default::default())
         .await;
-    for q in [cfg.tasks_queue(), cfg.dead_queue()]
-        .into_iter()
-        .chain(cfg.retry_tiers.iter().map(|t| cfg.retry_queue(*t)))
-    {
+    for q in cfg.queue_names() {
         let _ = ch
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;

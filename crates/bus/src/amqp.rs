@@ -85,6 +85,12 @@ impl BusConfig {
     pub fn retry_queue(&self, tier: Duration) -> String {
         format!("{}.retry.{}", self.prefix, tier.as_millis())
     }
+    /// Every queue this layout declares: tasks, dead letters, retry tiers.
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut q = vec![self.tasks_queue(), self.dead_queue()];
+        q.extend(self.retry_tiers.iter().map(|t| self.retry_queue(*t)));
+        q
+    }
     /// The tier a requested delay waits in: the smallest not shorter than it.
     pub fn tier_for(&self, delay: Duration) -> Duration {
         self.retry_tiers
@@ -352,13 +358,10 @@ impl TaskQueue for AmqpBus {
 }
 
 /// Declare everything; safe to run again and from every role.
-async fn declare(ch: &Channel, cfg: &BusConfig) -> Result<(), BusError> {
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
+/// Declare the downstream records exchange: topic, durable. Idempotent.
+pub async fn declare_records_exchange(ch: &Channel, name: &str) -> Result<(), BusError> {
     ch.exchange_declare(
-        s(&cfg.records_exchange),
+        s(name),
         ExchangeKind::Topic,
         ExchangeDeclareOptions {
             durable: true,
@@ -367,6 +370,15 @@ async fn declare(ch: &Channel, cfg: &BusConfig) -> Result<(), BusError> {
         FieldTable::default(),
     )
     .await?;
+    Ok(())
+}
+
+async fn declare(ch: &Channel, cfg: &BusConfig) -> Result<(), BusError> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    declare_records_exchange(ch, &cfg.records_exchange).await?;
     let mut dead = FieldTable::default();
     dead.insert(s("x-queue-type"), long("quorum"));
     ch.queue_declare(s(&cfg.dead_queue()), durable, dead)
@@ -530,16 +542,7 @@ pub async fn subscribe(
     use lapin::options::QueueBindOptions;
     let conn = Connection::connect(url, lapin::ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
-    ch.exchange_declare(
-        s(exchange),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
+    declare_records_exchange(&ch, exchange).await?;
     let q = ch
         .queue_declare(
             s(""),

@@ -84,9 +84,7 @@ async fn cleanup(cfg: &BusConfig) {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let mut queues = vec![cfg.tasks_queue(), cfg.dead_queue()];
-    queues.extend(cfg.retry_tiers.iter().map(|t| cfg.retry_queue(*t)));
-    for q in queues {
+    for q in cfg.queue_names() {
         let _ = ch
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;
