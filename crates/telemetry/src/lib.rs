@@ -18,12 +18,23 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 type Labels = Vec<(&'static str, String)>;
 
 fn l1(k: &'static str, v: &str) -> Labels {
     vec![(k, v.to_string())]
+}
+
+/// Register `metric` under `name` and return it (clones share values).
+fn register<M: Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    r.register(name, help, metric.clone());
+    metric
+}
+
+/// Register a new, empty metric of type `M`.
+fn reg<M: Metric + Clone + Default>(r: &mut Registry, name: &str, help: &str) -> M {
+    register(r, name, help, M::default())
 }
 
 /// Every metric tidemark exports. Cheap to clone; clones share values.
@@ -59,138 +70,100 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("tidemark");
-        let pages_fetched = Family::<Labels, Counter>::default();
-        r.register(
-            "pages_fetched",
-            "Pages fetched and read, by feed",
-            pages_fetched.clone(),
-        );
-        let records_published = Family::<Labels, Counter>::default();
-        r.register(
-            "records_published",
-            "Records published downstream and confirmed by the broker, by feed",
-            records_published.clone(),
-        );
-        let commits = Family::<Labels, Counter>::default();
-        r.register(
-            "commits",
-            "Cursor commits by result (ok, already_applied, fenced, conflict)",
-            commits.clone(),
-        );
-        let fetch_seconds = Family::<Labels, Histogram>::new_with_constructor(|| {
+        let fetch_buckets = || {
             Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ])
-        });
-        r.register(
-            "fetch_duration_seconds",
-            "Time to fetch one page, by feed",
-            fetch_seconds.clone(),
-        );
-        let fetch_errors = Family::<Labels, Counter>::default();
-        r.register(
-            "fetch_errors",
-            "Failed page fetches, by feed and kind (transient, rate_limited, cursor_expired, permanent)",
-            fetch_errors.clone(),
-        );
-        let tasks_dropped = Family::<Labels, Counter>::default();
-        r.register(
-            "tasks_dropped",
-            "Page tasks acked without work, by reason (stale_epoch, already_applied, conflict, not_running, unknown_job)",
-            tasks_dropped.clone(),
-        );
-        let tasks_retried = Family::<Labels, Counter>::default();
-        r.register(
-            "tasks_retried",
-            "Page tasks re-queued with a delay after a transient failure, by feed",
-            tasks_retried.clone(),
-        );
-        let tasks_dead_lettered = Family::<Labels, Counter>::default();
-        r.register(
-            "tasks_dead_lettered",
-            "Page tasks moved to the dead-letter queue, by feed",
-            tasks_dead_lettered.clone(),
-        );
-        let rate_limit_waits = Family::<Labels, Counter>::default();
-        r.register(
-            "rate_limit_waits",
-            "Times a worker waited for the shared rate limiter or a source pause, by source",
-            rate_limit_waits.clone(),
-        );
-        let source_pauses = Family::<Labels, Counter>::default();
-        r.register(
-            "source_pauses",
-            "Source-wide pauses set after a 429 with Retry-After, by source",
-            source_pauses.clone(),
-        );
-        let cursor_recoveries = Family::<Labels, Counter>::default();
-        r.register(
-            "cursor_recoveries",
-            "Chains restarted from the high-water mark after an expired or rejected cursor, by feed",
-            cursor_recoveries.clone(),
-        );
-        let jobs_failed = Family::<Labels, Counter>::default();
-        r.register(
-            "jobs_failed",
-            "Jobs marked failed by a worker, by feed",
-            jobs_failed.clone(),
-        );
-        let tasks_in_flight = Gauge::default();
-        r.register(
-            "tasks_in_flight",
-            "Page tasks this worker is working on",
-            tasks_in_flight.clone(),
-        );
-        let chains_started = Family::<Labels, Counter>::default();
-        r.register(
-            "chains_started",
-            "Chains started for due jobs, by feed",
-            chains_started.clone(),
-        );
-        let chains_reissued = Family::<Labels, Counter>::default();
-        r.register(
-            "chains_reissued",
-            "Chains re-issued under a new epoch after their lease expired, by feed",
-            chains_reissued.clone(),
-        );
-        let job_lag_seconds = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        r.register(
-            "job_lag_seconds",
-            "Now minus the job's high-water mark, by feed and partition (jobs with versioned records)",
-            job_lag_seconds.clone(),
-        );
-        let jobs = Family::<Labels, Gauge>::default();
-        r.register(
-            "jobs",
-            "Jobs by phase (idle, running, paused, failed)",
-            jobs.clone(),
-        );
-        let leader = Gauge::default();
-        r.register(
-            "coordinator_leader",
-            "1 while this coordinator is the leader",
-            leader.clone(),
-        );
+        };
         Self {
+            pages_fetched: reg(&mut r, "pages_fetched", "Pages fetched and read, by feed"),
+            records_published: reg(
+                &mut r,
+                "records_published",
+                "Records published downstream and confirmed by the broker, by feed",
+            ),
+            commits: reg(
+                &mut r,
+                "commits",
+                "Cursor commits by result (ok, already_applied, fenced, conflict)",
+            ),
+            fetch_seconds: register(
+                &mut r,
+                "fetch_duration_seconds",
+                "Time to fetch one page, by feed",
+                Family::new_with_constructor(fetch_buckets),
+            ),
+            fetch_errors: reg(
+                &mut r,
+                "fetch_errors",
+                "Failed page fetches, by feed and kind (transient, rate_limited, cursor_expired, permanent, unreadable)",
+            ),
+            tasks_dropped: reg(
+                &mut r,
+                "tasks_dropped",
+                "Page tasks acked without work, by reason (stale_epoch, already_applied, conflict, not_running, unknown_job, fenced)",
+            ),
+            tasks_retried: reg(
+                &mut r,
+                "tasks_retried",
+                "Page tasks re-queued with a delay after a transient failure, by feed",
+            ),
+            tasks_dead_lettered: reg(
+                &mut r,
+                "tasks_dead_lettered",
+                "Page tasks moved to the dead-letter queue, by feed",
+            ),
+            rate_limit_waits: reg(
+                &mut r,
+                "rate_limit_waits",
+                "Times a worker waited for the shared rate limiter or a source pause, by source",
+            ),
+            source_pauses: reg(
+                &mut r,
+                "source_pauses",
+                "Source-wide pauses set after a 429 with Retry-After, by source",
+            ),
+            cursor_recoveries: reg(
+                &mut r,
+                "cursor_recoveries",
+                "Chains restarted from the high-water mark after an expired or rejected cursor, by feed",
+            ),
+            jobs_failed: reg(
+                &mut r,
+                "jobs_failed",
+                "Jobs marked failed by a worker, by feed",
+            ),
+            tasks_in_flight: reg(
+                &mut r,
+                "tasks_in_flight",
+                "Page tasks this worker is working on",
+            ),
+            chains_started: reg(
+                &mut r,
+                "chains_started",
+                "Chains started for due jobs, by feed",
+            ),
+            chains_reissued: reg(
+                &mut r,
+                "chains_reissued",
+                "Chains re-issued under a new epoch after their lease expired, by feed",
+            ),
+            job_lag_seconds: reg(
+                &mut r,
+                "job_lag_seconds",
+                "Now minus the job's high-water mark, by feed and partition (jobs with versioned records)",
+            ),
+            jobs: reg(
+                &mut r,
+                "jobs",
+                "Jobs by phase (idle, running, paused, failed)",
+            ),
+            leader: reg(
+                &mut r,
+                "coordinator_leader",
+                "1 while this coordinator is the leader",
+            ),
             registry: Arc::new(Mutex::new(r)),
-            pages_fetched,
-            records_published,
-            commits,
-            fetch_seconds,
-            fetch_errors,
-            tasks_dropped,
-            tasks_retried,
-            tasks_dead_lettered,
-            rate_limit_waits,
-            source_pauses,
-            cursor_recoveries,
-            jobs_failed,
-            tasks_in_flight,
-            chains_started,
-            chains_reissued,
-            job_lag_seconds,
-            jobs,
-            leader,
         }
     }
 
