@@ -35,10 +35,11 @@ fn answers(hostport: &str) -> bool {
         .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
 }
 
-fn host_port(url: &str, default: &str) -> String {
+/// `host:port` of a `scheme://[user:pass@]host:port/...` URL.
+fn host_port(url: &str) -> &str {
     let rest = url.split("://").nth(1).unwrap_or(url);
     let rest = rest.rsplit('@').next().unwrap_or(rest);
-    rest.split('/').next().unwrap_or(default).to_string()
+    rest.split('/').next().unwrap_or(rest)
 }
 
 fn docker() -> bool {
@@ -48,26 +49,41 @@ fn docker() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// The URL in `var` (else `default`) when something answers there; else,
+/// when Docker is available, the URL of a container that `start` starts
+/// once and that outlives this test binary.
+fn service_url(
+    var: &str,
+    default: &str,
+    what: &str,
+    start: impl FnOnce() -> (Box<dyn std::any::Any + Send + Sync>, String),
+) -> String {
+    let url = std::env::var(var).unwrap_or_else(|_| default.into());
+    if answers(host_port(&url)) {
+        return url;
+    }
+    assert!(
+        docker(),
+        "no {what} at {url} and no Docker: ./scripts/test starts one, or set {var}"
+    );
+    let (container, url) = start();
+    // Leaked on purpose: statics are never dropped, so the container lives as long as the binary.
+    Box::leak(Box::new(container));
+    url
+}
+
 /// REDIS_URL (default the local server) when it answers; else a container when Docker is there.
 pub fn redis_url() -> String {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| {
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        if answers(&host_port(&url, "127.0.0.1:6379")) {
-            return url;
-        }
-        assert!(
-            docker(),
-            "no Redis at {url} and no Docker: ./scripts/test starts one, or set REDIS_URL"
-        );
-        use testcontainers_modules::testcontainers::runners::SyncRunner;
-        let c = testcontainers_modules::redis::Redis::default()
-            .start()
-            .expect("start a Redis container");
-        let port = c.get_host_port_ipv4(6379).expect("container port");
-        static KEEP: OnceLock<Box<dyn std::any::Any + Send + Sync>> = OnceLock::new();
-        let _ = KEEP.set(Box::new(c));
-        format!("redis://127.0.0.1:{port}")
+        service_url("REDIS_URL", "redis://127.0.0.1:6379", "Redis", || {
+            use testcontainers_modules::testcontainers::runners::SyncRunner;
+            let c = testcontainers_modules::redis::Redis::default()
+                .start()
+                .expect("start a Redis container");
+            let port = c.get_host_port_ipv4(6379).expect("container port");
+            (Box::new(c), format!("redis://127.0.0.1:{port}"))
+        })
     })
     .clone()
 }
@@ -76,23 +92,22 @@ pub fn redis_url() -> String {
 pub fn amqp_url() -> String {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| {
-        let url = std::env::var("AMQP_URL")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-        if answers(&host_port(&url, "127.0.0.1:5672")) {
-            return url;
-        }
-        assert!(
-            docker(),
-            "no RabbitMQ at {url} and no Docker: ./scripts/test starts one, or set AMQP_URL"
-        );
-        use testcontainers_modules::testcontainers::runners::SyncRunner;
-        let c = testcontainers_modules::rabbitmq::RabbitMq::default()
-            .start()
-            .expect("start a RabbitMQ container");
-        let port = c.get_host_port_ipv4(5672).expect("container port");
-        static KEEP: OnceLock<Box<dyn std::any::Any + Send + Sync>> = OnceLock::new();
-        let _ = KEEP.set(Box::new(c));
-        format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+        service_url(
+            "AMQP_URL",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "RabbitMQ",
+            || {
+                use testcontainers_modules::testcontainers::runners::SyncRunner;
+                let c = testcontainers_modules::rabbitmq::RabbitMq::default()
+                    .start()
+                    .expect("start a RabbitMQ container");
+                let port = c.get_host_port_ipv4(5672).expect("container port");
+                (
+                    Box::new(c),
+                    format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+                )
+            },
+        )
     })
     .clone()
 }
@@ -477,7 +492,8 @@ pub struct Arrived {
 /// A downstream subscriber bound to the cluster's exchange with `#`.
 pub struct Checker {
     arrived: Arc<Mutex<Vec<Arrived>>>,
-    messages: Arc<Mutex<HashMap<String, u64>>>,
+    /// How often each (routing key, message id) arrived.
+    messages: Arc<Mutex<HashMap<(String, String), u64>>>,
     _conn: Connection,
 }
 
@@ -499,7 +515,10 @@ impl Checker {
                     .as_ref()
                     .map(|s| s.to_string())
                     .unwrap_or_default();
-                *m.lock().unwrap().entry(mid.clone()).or_insert(0) += 1;
+                *m.lock()
+                    .unwrap()
+                    .entry((rk.clone(), mid.clone()))
+                    .or_insert(0) += 1;
                 let v: serde_json::Value = serde_json::from_slice(&d.data).expect("json body");
                 let recs: Vec<serde_json::Value> = match v.get("records") {
                     Some(serde_json::Value::Array(rs)) => rs.clone(),
@@ -530,32 +549,26 @@ impl Checker {
         self.arrived.lock().unwrap().clone()
     }
 
+    /// Records arrived so far.
+    pub fn count(&self) -> usize {
+        self.arrived.lock().unwrap().len()
+    }
+
+    /// Wait until at least `n` records have arrived; false after `timeout`.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> bool {
+        eventually(timeout, async || self.count() >= n).await
+    }
+
     /// Messages whose id arrived more than once, counted once per repeat.
     pub fn duplicate_messages(&self) -> u64 {
-        self.messages
-            .lock()
-            .unwrap()
-            .values()
-            .map(|n| n.saturating_sub(1))
-            .sum()
+        self.duplicates_by_partition().values().sum()
     }
 
     /// Repeated message ids per routing key.
     pub fn duplicates_by_partition(&self) -> BTreeMap<String, u64> {
-        let mut seen: HashSet<(String, String)> = HashSet::new();
         let mut out: BTreeMap<String, u64> = BTreeMap::new();
-        let mut last: Option<(String, String)> = None;
-        for a in self.arrived() {
-            // A per-page message expands into several records with one id.
-            let k = (a.routing_key.clone(), a.message_id.clone());
-            if last.as_ref() == Some(&k) {
-                continue;
-            }
-            last = Some(k.clone());
-            let n = out.entry(a.routing_key.clone()).or_insert(0);
-            if !seen.insert(k) {
-                *n += 1;
-            }
+        for ((key, _), n) in self.messages.lock().unwrap().iter() {
+            *out.entry(key.clone()).or_insert(0) += n.saturating_sub(1);
         }
         out
     }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use tidemark_core::checkpoint::Phase;
-use tidemark_tests::{Checker, Cluster, eventually, versions};
+use tidemark_tests::{Checker, Cluster, versions};
 
 /// Every pagination preset, plus page numbers and offsets, per-page
 /// delivery and snapshot mode: 12 feeds, two partitions each.
@@ -105,10 +105,7 @@ async fn twelve_feeds_every_preset_two_partitions_200k_records() {
     let truth = c.truth().await;
     let expected: HashSet<_> = truth.records.iter().cloned().collect();
     let total = 24 * PER_PARTITION;
-    let done = eventually(Duration::from_secs(400), async || {
-        checker.arrived().len() >= total
-    })
-    .await;
+    let done = checker.wait_for(total, Duration::from_secs(400)).await;
     // A moment more, so that a late duplicate would be seen.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let arrived = checker.arrived();

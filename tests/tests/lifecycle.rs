@@ -43,6 +43,39 @@ fn missing(got: &HashSet<TruthRecord>, want: &[TruthRecord]) -> Vec<TruthRecord>
     want.iter().filter(|v| !got.contains(v)).cloned().collect()
 }
 
+/// Wait up to `timeout` until every routing key in `keys` has received
+/// every version in `want`; otherwise fail, naming what is missing where.
+async fn assert_all_arrive(
+    c: &Cluster,
+    checker: &Checker,
+    keys: &[&str],
+    want: &[TruthRecord],
+    timeout: Duration,
+    what: &str,
+) {
+    if eventually(timeout, async || all_arrived(checker, keys, want)).await {
+        return;
+    }
+    let parts = checker.by_partition();
+    for k in keys {
+        let m = missing(
+            &versions(parts.get(*k).map(Vec::as_slice).unwrap_or_default()),
+            want,
+        );
+        assert!(
+            m.is_empty(),
+            "{what}: {k}: {} versions missing, e.g. {:?}{}",
+            m.len(),
+            m.first(),
+            c.logs()
+        );
+    }
+    panic!(
+        "{what}: not everything arrived within {timeout:?}{}",
+        c.logs()
+    );
+}
+
 /// Every routing key has received every version in `want`.
 fn all_arrived(checker: &Checker, keys: &[&str], want: &[TruthRecord]) -> bool {
     let parts = checker.by_partition();
@@ -70,41 +103,27 @@ async fn inserts_and_updates_during_and_after_the_first_walk_arrive_on_later_pol
     ];
 
     // During the first walk: new records.
-    assert!(
-        eventually(Duration::from_secs(60), async || checker.arrived().len()
-            > 3000)
-        .await
-    );
+    assert!(checker.wait_for(3001, Duration::from_secs(60)).await);
     c.admin("/_admin/insert?n=25", None).await;
     // After it: inserts and updates, each batch seen before the next, so every version is observable.
     for round in 0..3 {
         let want = c.truth().await.versions;
-        let ok = eventually(Duration::from_secs(120), async || {
-            all_arrived(&checker, &keys, &want)
-        })
-        .await;
-        assert!(ok, "round {round}: versions missing{}", c.logs());
+        let what = format!("round {round}");
+        assert_all_arrive(&c, &checker, &keys, &want, Duration::from_secs(120), &what).await;
         c.admin("/_admin/insert?n=10", None).await;
         c.admin("/_admin/update?n=15", None).await;
     }
     let truth = c.truth().await;
     assert!(truth.versions.len() >= 5000 + 25 + 30 + 45);
-    let ok = eventually(Duration::from_secs(120), async || {
-        all_arrived(&checker, &keys, &truth.versions)
-    })
+    assert_all_arrive(
+        &c,
+        &checker,
+        &keys,
+        &truth.versions,
+        Duration::from_secs(120),
+        "after the last round",
+    )
     .await;
-    let parts = checker.by_partition();
-    for k in keys {
-        let got = versions(parts.get(k).map(Vec::as_slice).unwrap_or_default());
-        let m = missing(&got, &truth.versions);
-        assert!(
-            ok && m.is_empty(),
-            "{k}: {} versions missing, e.g. {:?}{}",
-            m.len(),
-            m.first(),
-            c.logs()
-        );
-    }
     // No faults, so no duplicates, except where the API gives nothing to
     // continue from at the end (seed 001's empty Next, a missing next link):
     // each poll starts again at the last page read and re-sends it, with
@@ -130,27 +149,19 @@ async fn bulk_then_incremental_delivers_changes_made_during_the_bulk_walk() {
     c.coordinator("coord");
     c.worker("w1", &[]);
     // Mid-walk: update records the bulk walk has passed (and some it has not), insert new ones.
-    assert!(
-        eventually(Duration::from_secs(60), async || checker.arrived().len()
-            >= 1500)
-        .await
-    );
+    assert!(checker.wait_for(1500, Duration::from_secs(60)).await);
     c.admin("/_admin/update?n=40", None).await;
     c.admin("/_admin/insert?n=10", None).await;
     let truth = c.truth().await;
-    let ok = eventually(Duration::from_secs(120), async || {
-        all_arrived(&checker, &["inspections.all"], &truth.records)
-    })
+    assert_all_arrive(
+        &c,
+        &checker,
+        &["inspections.all"],
+        &truth.records,
+        Duration::from_secs(120),
+        "current versions",
+    )
     .await;
-    let got = versions(&checker.arrived());
-    let m = missing(&got, &truth.records);
-    assert!(
-        ok && m.is_empty(),
-        "{} current versions missing, e.g. {:?}{}",
-        m.len(),
-        m.first(),
-        c.logs()
-    );
     let (_, cp) = c.jobs().await.pop().expect("one job");
     assert_eq!(cp.stage, Stage::Incremental, "{cp:?}");
     let t0 = cp.t0.clone().expect("T0 recorded before the bulk walk");
@@ -175,11 +186,7 @@ async fn an_expired_cursor_restarts_from_the_high_water_mark_without_gaps() {
     let checker = Checker::start(&c.exchange()).await;
     c.coordinator("coord");
     c.worker("w1", &[]);
-    assert!(
-        eventually(Duration::from_secs(60), async || checker.arrived().len()
-            >= 1500)
-        .await
-    );
+    assert!(checker.wait_for(1500, Duration::from_secs(60)).await);
     // Every cursor is now refused as expired (400 cursor_expired) for a while.
     c.admin(
         "/_admin/faults",
@@ -193,12 +200,15 @@ async fn an_expired_cursor_restarts_from_the_high_water_mark_without_gaps() {
     c.admin("/_admin/faults", Some(serde_json::json!({}))).await;
     assert!(recovered, "no recovery recorded{}", c.logs());
     let truth = c.truth().await;
-    let ok = eventually(Duration::from_secs(120), async || {
-        all_arrived(&checker, &["tickets.all"], &truth.records)
-    })
+    assert_all_arrive(
+        &c,
+        &checker,
+        &["tickets.all"],
+        &truth.records,
+        Duration::from_secs(120),
+        "after recovery",
+    )
     .await;
-    let m = missing(&versions(&checker.arrived()), &truth.records);
-    assert!(ok && m.is_empty(), "{} missing{}", m.len(), c.logs());
     let (_, cp) = c.jobs().await.pop().expect("job");
     assert!(cp.last_error.is_none(), "{cp:?}");
     // Re-sent records carry the same message ids as the first time.
@@ -243,18 +253,10 @@ async fn a_killed_worker_and_a_killed_leader_lose_nothing() {
         "items.b",
     ];
 
-    assert!(
-        eventually(Duration::from_secs(60), async || checker.arrived().len()
-            >= 8000)
-        .await
-    );
+    assert!(checker.wait_for(8000, Duration::from_secs(60)).await);
     c.procs[w1].kill9();
     c.worker("w3", &[]);
-    assert!(
-        eventually(Duration::from_secs(60), async || checker.arrived().len()
-            >= 20000)
-        .await
-    );
+    assert!(checker.wait_for(20000, Duration::from_secs(60)).await);
     c.procs[a].kill9();
     let took_over = eventually(Duration::from_secs(30), async || {
         c.leader().await.as_deref() == Some("coord-b")
@@ -264,21 +266,18 @@ async fn a_killed_worker_and_a_killed_leader_lose_nothing() {
     // Only a leader starts the next polls: records inserted now must still arrive.
     c.admin("/_admin/insert?n=20", None).await;
     let truth = c.truth().await;
-    let ok = eventually(Duration::from_secs(180), async || {
-        all_arrived(&checker, &keys, &truth.records)
-    })
+    assert_all_arrive(
+        &c,
+        &checker,
+        &keys,
+        &truth.records,
+        Duration::from_secs(180),
+        "after the kills",
+    )
     .await;
-    let parts = checker.by_partition();
-    for k in keys {
-        let m = missing(
-            &versions(parts.get(k).map(Vec::as_slice).unwrap_or_default()),
-            &truth.records,
-        );
-        assert!(ok && m.is_empty(), "{k}: {} missing{}", m.len(), c.logs());
-    }
     eprintln!(
         "killed worker + killed leader: {} records arrived for {} distinct, {} duplicate messages",
-        checker.arrived().len(),
+        checker.count(),
         6 * truth.records.len(),
         checker.duplicate_messages()
     );
@@ -345,14 +344,15 @@ async fn a_feed_whose_api_keeps_failing_ends_failed_while_others_flow() {
     );
     assert_eq!(c.dead_letters().await, 1, "the task is dead-lettered");
     let truth = c.truth().await;
-    assert!(
-        eventually(Duration::from_secs(60), async || {
-            all_arrived(&checker, &["tickets.all"], &truth.records)
-        })
-        .await,
-        "the healthy feed stalled{}",
-        c.logs()
-    );
+    assert_all_arrive(
+        &c,
+        &checker,
+        &["tickets.all"],
+        &truth.records,
+        Duration::from_secs(60),
+        "the healthy feed",
+    )
+    .await;
     // A failed job stays failed: no new chain is started for it.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let jobs = c.jobs().await;
