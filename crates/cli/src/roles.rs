@@ -153,28 +153,63 @@ async fn serve_endpoints(
     Ok((tx, task))
 }
 
+/// What both roles run on: Redis, RabbitMQ, metrics and the HTTP endpoints.
+struct Wiring {
+    store: Arc<RedisStore>,
+    bus: AmqpBus,
+    metrics: Metrics,
+    stop_http: tokio::sync::oneshot::Sender<()>,
+    http: tokio::task::JoinHandle<()>,
+}
+
+impl Wiring {
+    /// Connect, and serve the endpoints on `--listen` (else `default_listen`).
+    async fn start(
+        role: &str,
+        infra: &Infra,
+        consume: bool,
+        prefetch: u16,
+        default_listen: &str,
+        err: &mut (dyn Write + Send),
+    ) -> Result<Self, Failure> {
+        let store = connect_store(infra).await?;
+        let bus = connect_bus(infra, consume, prefetch).await?;
+        let metrics = Metrics::new();
+        let listen = infra.listen.as_deref().unwrap_or(default_listen);
+        let (stop_http, http) = serve_endpoints(
+            role,
+            listen,
+            metrics.clone(),
+            ready_check(store.clone(), bus.clone()),
+            err,
+        )
+        .await?;
+        Ok(Self {
+            store,
+            bus,
+            metrics,
+            stop_http,
+            http,
+        })
+    }
+
+    /// Close the broker connection (returning every unacked delivery to
+    /// the queue), stop the endpoints, and report the role's result.
+    async fn finish<E: std::fmt::Display>(self, result: Result<(), E>) -> Result<(), Failure> {
+        self.bus.close().await;
+        let _ = self.stop_http.send(());
+        let _ = self.http.await;
+        result.map_err(|e| Failure::runtime(e.to_string()))
+    }
+}
+
 pub async fn coordinator(
     args: CoordinatorArgs,
     shutdown: impl Future<Output = ()> + Send,
     err: &mut (dyn Write + Send),
 ) -> Result<(), Failure> {
     let config = load_file(&args.config).map_err(|e| Failure::usage(e.to_string()))?;
-    let store = connect_store(&args.infra).await?;
-    let bus = connect_bus(&args.infra, false, 1).await?;
-    let metrics = Metrics::new();
-    let listen = args
-        .infra
-        .listen
-        .clone()
-        .unwrap_or_else(|| "127.0.0.1:9464".into());
-    let (stop_http, http) = serve_endpoints(
-        "coordinator",
-        &listen,
-        metrics.clone(),
-        ready_check(store.clone(), bus.clone()),
-        err,
-    )
-    .await?;
+    let w = Wiring::start("coordinator", &args.infra, false, 1, "127.0.0.1:9464", err).await?;
     let mut opts = CoordinatorOptions {
         tick: args.tick.std(),
         lease: args.infra.lease.std(),
@@ -192,15 +227,12 @@ pub async fn coordinator(
         args.config.display()
     );
     let deps = CoordinatorDeps {
-        store: store.clone() as Arc<dyn StateStore>,
-        tasks: Arc::new(bus.clone()),
-        metrics,
+        store: w.store.clone() as Arc<dyn StateStore>,
+        tasks: Arc::new(w.bus.clone()),
+        metrics: w.metrics.clone(),
     };
     let result = tidemark_coordinator::run(deps, config, opts, shutdown).await;
-    bus.close().await;
-    let _ = stop_http.send(());
-    let _ = http.await;
-    result.map_err(|e| Failure::runtime(e.to_string()))
+    w.finish(result).await
 }
 
 pub async fn worker(
@@ -211,23 +243,8 @@ pub async fn worker(
     if args.concurrency == 0 {
         return Err(Failure::usage("--concurrency must be at least 1"));
     }
-    let store = connect_store(&args.infra).await?;
     let prefetch = u16::try_from(args.concurrency).unwrap_or(u16::MAX);
-    let bus = connect_bus(&args.infra, true, prefetch).await?;
-    let metrics = Metrics::new();
-    let listen = args
-        .infra
-        .listen
-        .clone()
-        .unwrap_or_else(|| "127.0.0.1:0".into());
-    let (stop_http, http) = serve_endpoints(
-        "worker",
-        &listen,
-        metrics.clone(),
-        ready_check(store.clone(), bus.clone()),
-        err,
-    )
-    .await?;
+    let w = Wiring::start("worker", &args.infra, true, prefetch, "127.0.0.1:0", err).await?;
     let opts = WorkerOptions {
         concurrency: args.concurrency,
         lease: args.infra.lease.std(),
@@ -237,15 +254,11 @@ pub async fn worker(
         ..WorkerOptions::default()
     };
     let deps = WorkerDeps {
-        store: store.clone() as Arc<dyn StateStore>,
-        tasks: Arc::new(bus.clone()),
-        downstream: Arc::new(bus.clone()),
-        metrics,
+        store: w.store.clone() as Arc<dyn StateStore>,
+        tasks: Arc::new(w.bus.clone()),
+        downstream: Arc::new(w.bus.clone()),
+        metrics: w.metrics.clone(),
     };
     let result = tidemark_worker::run(deps, opts, shutdown).await;
-    // Closing returns every delivery this worker still holds to the queue.
-    bus.close().await;
-    let _ = stop_http.send(());
-    let _ = http.await;
-    result.map_err(|e| Failure::runtime(e.to_string()))
+    w.finish(result).await
 }
