@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{FeedConfig, Mode, PaginationSpec, SourceConfig, StartConfig};
+use super::{FeedConfig, IncrementalConfig, Mode, PaginationSpec, SourceConfig, StartConfig};
 use crate::checkpoint::Stage;
 use crate::pagination::{Paginator, Position};
 use crate::timefmt::{TimeFormat, parse_timestamp};
@@ -108,6 +108,21 @@ impl FeedConfig {
         self.paginator_for(source, partition, Stage::Bulk)
     }
 
+    /// The pagination spec of the `incremental:` block. Its records pointer
+    /// is its own, else the feed's, else the bulk preset's.
+    pub fn incremental_spec(
+        &self,
+        inc: &IncrementalConfig,
+    ) -> Result<PaginationSpec, Vec<(String, String)>> {
+        let records = inc
+            .records
+            .as_ref()
+            .or(self.records.as_ref())
+            .cloned()
+            .or_else(|| self.pagination_spec().ok().map(|s| s.records));
+        PaginationSpec::resolve(&inc.pagination, records.as_ref())
+    }
+
     /// True when `stage` walks the `incremental:` block (after a bulk walk).
     fn uses_incremental_block(&self, stage: Stage) -> bool {
         stage == Stage::Incremental
@@ -136,15 +151,7 @@ impl FeedConfig {
     ) -> Result<Paginator, String> {
         let (spec, fixed) = match &self.incremental {
             Some(inc) if self.uses_incremental_block(stage) => {
-                let records = inc
-                    .records
-                    .as_ref()
-                    .or(self.records.as_ref())
-                    .cloned()
-                    .or_else(|| self.pagination_spec().ok().map(|s| s.records));
-                let spec =
-                    PaginationSpec::resolve(&inc.pagination, records.as_ref()).map_err(join)?;
-                (spec, &inc.params)
+                (self.incremental_spec(inc).map_err(join)?, &inc.params)
             }
             _ => (self.pagination_spec()?, &self.params),
         };

@@ -305,10 +305,7 @@ fn validate_feed(feed: &FeedConfig, at: &str, out: &mut Vec<(String, String)>) {
             "an incremental block only applies to mode: bulk_then_incremental".into(),
         )),
         (Some(inc), _) => {
-            let records = inc.records.as_ref().or(feed.records.as_ref()).cloned().or_else(|| {
-                spec.as_ref().ok().map(|s| s.records.clone())
-            });
-            if let Err(problems) = PaginationSpec::resolve(&inc.pagination, records.as_ref()) {
+            if let Err(problems) = feed.incremental_spec(inc) {
                 out.extend(problems.iter().map(|(p, r)| (format!("{at}.incremental.{p}"), r.clone())));
             }
             if let Some(start) = &inc.start
