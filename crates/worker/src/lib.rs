@@ -195,21 +195,9 @@ impl Worker {
     /// Ack, retry, fail or give back the delivery according to `outcome`.
     async fn settle(&self, d: TaskDelivery, task: &PageTask, outcome: Outcome) {
         let job = &task.job;
-        let ack = |d: TaskDelivery| async move {
-            if let Err(e) = d.ack().await {
-                tracing::debug!(error = %e, "ack not delivered; the task will come back and be dropped");
-            }
-        };
         match outcome {
             Outcome::Done | Outcome::Recovered => ack(d).await,
-            Outcome::Dropped(reason) => {
-                tracing::debug!(job = %job, seq = task.seq, epoch = task.epoch, reason, "task dropped");
-                self.metrics
-                    .tasks_dropped
-                    .get_or_create(&Metrics::reason(reason))
-                    .inc();
-                ack(d).await;
-            }
+            Outcome::Dropped(reason) => self.drop_task(d, task, reason).await,
             Outcome::Retry { delay, error } if task.attempt + 1 < self.opts.max_attempts => {
                 tracing::warn!(job = %job, seq = task.seq, attempt = task.attempt + 1, delay_ms = delay.as_millis() as u64, error = %error, "page failed; retrying later");
                 let mut again = task.clone();
@@ -245,6 +233,16 @@ impl Worker {
         }
     }
 
+    /// Ack a task that has nothing (more) to do, counting why.
+    async fn drop_task(&self, d: TaskDelivery, task: &PageTask, reason: &'static str) {
+        tracing::debug!(job = %task.job, seq = task.seq, epoch = task.epoch, reason, "task dropped");
+        self.metrics
+            .tasks_dropped
+            .get_or_create(&Metrics::reason(reason))
+            .inc();
+        ack(d).await;
+    }
+
     async fn give_back(&self, d: TaskDelivery) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         if let Err(e) = d.requeue().await {
@@ -264,13 +262,7 @@ impl Worker {
             }
             Ok(false) => {
                 // A newer epoch owns the job: this task is stale, nothing to report.
-                self.metrics
-                    .tasks_dropped
-                    .get_or_create(&Metrics::reason("fenced"))
-                    .inc();
-                if let Err(e) = d.ack().await {
-                    tracing::debug!(error = %e, "ack not delivered");
-                }
+                self.drop_task(d, task, "fenced").await;
                 return;
             }
             Err(e) => {
@@ -286,5 +278,12 @@ impl Worker {
         if let Err(e) = self.tasks.dead_letter(d, "failed", error).await {
             tracing::warn!(job = %job, error = %e, "cannot dead-letter the task");
         }
+    }
+}
+
+/// Ack a delivery; a lost ack only means the task comes back and is dropped.
+async fn ack(d: TaskDelivery) {
+    if let Err(e) = d.ack().await {
+        tracing::debug!(error = %e, "ack not delivered; the task will come back and be dropped");
     }
 }
