@@ -116,6 +116,26 @@ impl EmbeddedStore {
     }
 }
 
+impl EmbeddedStore {
+    /// Change a job only under its current epoch while it runs (the lease
+    /// script's check): `f` changes it and says whether it wrote anything.
+    /// False when the job is missing, not running, or owned by another epoch.
+    fn with_lease(
+        &self,
+        job: &JobId,
+        epoch: u64,
+        f: impl FnOnce(&mut Checkpoint, u64) -> bool,
+    ) -> Result<bool, StateError> {
+        let r = self.with_job(job, |cp, now| {
+            if cp.epoch != epoch || cp.phase != Phase::Running {
+                return (false, false);
+            }
+            (true, f(cp, now))
+        })?;
+        Ok(r.unwrap_or(false))
+    }
+}
+
 #[async_trait]
 impl StateStore for EmbeddedStore {
     async fn get(&self, job: &JobId) -> Result<Option<Checkpoint>, StateError> {
@@ -177,25 +197,17 @@ impl StateStore for EmbeddedStore {
     }
 
     async fn renew(&self, job: &JobId, epoch: u64, lease: Duration) -> Result<bool, StateError> {
-        let r = self.with_job(job, |cp, now| {
-            if cp.epoch != epoch || cp.phase != Phase::Running {
-                return (false, false);
-            }
+        self.with_lease(job, epoch, |cp, now| {
             cp.lease_until_ms = now + lease.as_millis() as u64;
-            (true, true)
-        })?;
-        Ok(r.unwrap_or(false))
+            true
+        })
     }
 
     async fn release(&self, job: &JobId, epoch: u64) -> Result<bool, StateError> {
-        let r = self.with_job(job, |cp, _| {
-            if cp.epoch != epoch || cp.phase != Phase::Running {
-                return (false, false);
-            }
+        self.with_lease(job, epoch, |cp, _| {
             cp.lease_until_ms = 0;
-            (true, true)
-        })?;
-        Ok(r.unwrap_or(false))
+            true
+        })
     }
 
     async fn commit(&self, job: &JobId, c: &Commit) -> Result<CommitOutcome, StateError> {
@@ -213,16 +225,12 @@ impl StateStore for EmbeddedStore {
     }
 
     async fn fail(&self, job: &JobId, epoch: u64, error: &str) -> Result<bool, StateError> {
-        let r = self.with_job(job, |cp, _| {
-            if cp.epoch != epoch || cp.phase != Phase::Running {
-                return (false, false);
-            }
+        self.with_lease(job, epoch, |cp, _| {
             cp.phase = Phase::Failed;
             cp.lease_until_ms = 0;
             cp.last_error = Some(error.to_string());
-            (true, true)
-        })?;
-        Ok(r.unwrap_or(false))
+            true
+        })
     }
 
     async fn recover(
@@ -231,33 +239,25 @@ impl StateStore for EmbeddedStore {
         epoch: u64,
         start_from: Option<&str>,
     ) -> Result<bool, StateError> {
-        let r = self.with_job(job, |cp, now| {
-            if cp.epoch != epoch || cp.phase != Phase::Running {
-                return (false, false);
-            }
+        self.with_lease(job, epoch, |cp, now| {
             cp.cursor = None;
             cp.start_from = start_from.map(str::to_string);
             cp.phase = Phase::Idle;
             cp.lease_until_ms = 0;
             cp.next_due_ms = now;
             cp.recoveries += 1;
-            (true, true)
-        })?;
-        Ok(r.unwrap_or(false))
+            true
+        })
     }
 
     async fn set_t0(&self, job: &JobId, epoch: u64, t0: &str) -> Result<bool, StateError> {
-        let r = self.with_job(job, |cp, _| {
-            if cp.epoch != epoch || cp.phase != Phase::Running {
-                return (false, false);
-            }
+        self.with_lease(job, epoch, |cp, _| {
             if cp.t0.is_some() {
-                return (true, false);
+                return false;
             }
             cp.t0 = Some(t0.to_string());
-            (true, true)
-        })?;
-        Ok(r.unwrap_or(false))
+            true
+        })
     }
 
     async fn put_registry(&self, digest: &str, doc: &str) -> Result<u64, StateError> {
