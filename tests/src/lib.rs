@@ -144,6 +144,21 @@ pub fn tidemark_bin() -> PathBuf {
     .clone()
 }
 
+/// Run `tidemark args...` to completion: (exit code, stdout, stderr).
+pub fn tidemark(args: &[&str], env: &[(String, String)]) -> (i32, String, String) {
+    let out = Command::new(tidemark_bin())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run tidemark {args:?}: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A child process whose stderr goes to a log file; killed when dropped.
 pub struct Proc {
     pub name: String,
@@ -175,6 +190,24 @@ impl Proc {
         }
         None
     }
+    /// Wait up to `within` for the process to exit by itself.
+    pub fn wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+    /// The first `http://…` address on a log line containing `marker`.
+    pub fn announced(&self, marker: &str) -> Option<String> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let line = text.lines().find(|l| l.contains(marker))?;
+        let w = line.split_whitespace().find(|w| w.starts_with("http://"))?;
+        Some(w.trim_end_matches('/').to_string())
+    }
     pub fn signal(&self, sig: &str) {
         let _ = Command::new("kill")
             .args([&format!("-{sig}"), &self.child.id().to_string()])
@@ -196,7 +229,7 @@ impl Drop for Proc {
 
 /// Spawn `tidemark args...` and wait until its stderr has a line containing
 /// `ready_marker`; the URL in that line becomes `addr`.
-fn spawn(
+pub fn spawn(
     name: &str,
     args: &[&str],
     env: &[(String, String)],
@@ -308,7 +341,8 @@ impl Cluster {
         format!("{}:", self.prefix)
     }
 
-    fn role_env(&self) -> Vec<(String, String)> {
+    /// The environment of every role (and of CLI commands against this deployment).
+    pub fn role_env(&self) -> Vec<(String, String)> {
         let mut env = vec![
             ("REDIS_URL".to_string(), redis_url()),
             ("AMQP_URL".to_string(), amqp_url()),
@@ -316,6 +350,10 @@ impl Cluster {
             ("TIDEMARK_QUEUE_PREFIX".to_string(), self.prefix.clone()),
             ("TIDEMARK_RECORDS_EXCHANGE".to_string(), self.exchange()),
             ("TIDEMARK_LISTEN".to_string(), "127.0.0.1:0".to_string()),
+            (
+                "TIDEMARK_ADMIN_LISTEN".to_string(),
+                "127.0.0.1:0".to_string(),
+            ),
             (
                 "TIDEMARK_LOG".to_string(),
                 "info,lapin=warn,tidemark_bus=warn".to_string(),

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tidemark::exit::Failure;
-use tidemark::{bench, mockapi, pull, roles, tail, validate};
+use tidemark::{bench, ctl, demo, mockapi, pull, roles, run, tail, validate};
+use tidemark_coordinator::ops::Action;
 
 #[derive(Parser)]
 #[command(
@@ -17,15 +18,35 @@ struct Cli {
     /// Log filter (also RUST_LOG), e.g. info or tidemark_source=debug.
     #[arg(long, global = true, env = "TIDEMARK_LOG", default_value = "warn")]
     log: String,
-    /// Log as JSON lines instead of text.
-    #[arg(long, global = true)]
-    log_json: bool,
+    /// Log format: text, or json (one JSON object per line).
+    #[arg(long, global = true, env = "TIDEMARK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Try it: the mock API and three feeds synced in this process, with live progress. Zero setup.
+    Demo(demo::DemoArgs),
+    /// Embedded mode: sync your feeds in one process; state in a directory, records as JSON Lines.
+    Run(run::RunArgs),
+    /// Show every job: phase, cursor age, high-water mark, lag, pages, records, last error.
+    Status(ctl::StatusArgs),
+    /// Stop starting chains of a feed (the page in flight is fenced).
+    Pause(ctl::ActArgs),
+    /// Let a paused feed run again, at once.
+    Resume(ctl::ActArgs),
+    /// Move a feed's cursor: --to TIME, --cursor C or --start (in-flight pages are fenced).
+    Rewind(ctl::RewindArgs),
+    /// Run the failed jobs of a feed again, from their stored cursors.
+    Retry(ctl::ActArgs),
     /// Check a config file: exit 0, or exit 2 printing file:line:col: field: reason.
     Validate {
         #[arg(long, short)]
@@ -80,7 +101,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log, cli.log_json);
+    init_tracing(&cli.log, cli.log_format == LogFormat::Json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -102,9 +123,17 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> Result<(), Failure> {
     let mut stderr = std::io::stderr();
+    let mut stdout = std::io::stdout();
     match command {
+        Command::Demo(args) => demo::run(&args, shutdown_signal(), &mut stderr).await?,
+        Command::Run(args) => run::run(&args, shutdown_signal(), &mut stderr).await?,
+        Command::Status(args) => ctl::status(&args, &mut stdout).await?,
+        Command::Pause(args) => ctl::act(&args, &Action::Pause, &mut stdout).await?,
+        Command::Resume(args) => ctl::act(&args, &Action::Resume, &mut stdout).await?,
+        Command::Retry(args) => ctl::act(&args, &Action::Retry, &mut stdout).await?,
+        Command::Rewind(args) => ctl::act(&args.act, &args.action(), &mut stdout).await?,
         Command::Validate { config } => {
-            validate::run(&config, &mut std::io::stdout())?;
+            validate::run(&config, &mut stdout)?;
         }
         Command::Pull {
             config,

@@ -69,6 +69,9 @@ pub struct CoordinatorArgs {
     /// This replica's name in the leader election (default: host name and a random suffix).
     #[arg(long, env = "TIDEMARK_ID")]
     pub id: Option<String>,
+    /// Serve the status page and the admin API here (the API needs TIDEMARK_ADMIN_TOKEN).
+    #[arg(long, env = "TIDEMARK_ADMIN_LISTEN", default_value = "127.0.0.1:9465")]
+    pub admin_listen: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -210,6 +213,23 @@ pub async fn coordinator(
 ) -> Result<(), Failure> {
     let config = load_file(&args.config).map_err(|e| Failure::usage(e.to_string()))?;
     let w = Wiring::start("coordinator", &args.infra, false, 1, "127.0.0.1:9464", err).await?;
+    let token = tidemark_coordinator::admin::AdminToken::from_env();
+    let admin = tidemark_coordinator::admin::router(w.store.clone(), token.clone());
+    let (stop_admin, admin_rx) = tokio::sync::oneshot::channel::<()>();
+    let (admin_addr, admin_task) = tidemark_telemetry::serve(&args.admin_listen, admin, async {
+        let _ = admin_rx.await;
+    })
+    .await
+    .map_err(|e| Failure::usage(format!("cannot listen on {}: {e}", args.admin_listen)))?;
+    let _ = writeln!(
+        err,
+        "tidemark coordinator: status page on http://{admin_addr}/ and admin API on http://{admin_addr}/api/ ({})",
+        if token.is_set() {
+            "token from TIDEMARK_ADMIN_TOKEN"
+        } else {
+            "disabled: TIDEMARK_ADMIN_TOKEN is not set"
+        }
+    );
     let mut opts = CoordinatorOptions {
         tick: args.tick.std(),
         lease: args.infra.lease.std(),
@@ -232,6 +252,8 @@ pub async fn coordinator(
         metrics: w.metrics.clone(),
     };
     let result = tidemark_coordinator::run(deps, config, opts, shutdown).await;
+    let _ = stop_admin.send(());
+    let _ = admin_task.await;
     w.finish(result).await
 }
 

@@ -17,6 +17,9 @@
 //! written by workers in their last commit (or recovery step) and picked up
 //! here as an idle job that is due.
 
+pub mod admin;
+pub mod ops;
+
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;

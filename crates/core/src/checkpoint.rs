@@ -111,6 +111,9 @@ pub struct Checkpoint {
     /// Chains restarted from the high-water mark after a lost cursor.
     #[serde(default)]
     pub recoveries: u64,
+    /// When a commit last moved the cursor, unix ms (the cursor's age).
+    #[serde(default)]
+    pub last_commit_ms: Option<u64>,
 }
 
 /// One page's commit.
@@ -215,6 +218,7 @@ impl Checkpoint {
         next.pages += 1;
         next.records += c.count;
         next.last_error = None;
+        next.last_commit_ms = Some(now_ms);
         if c.end_of_stream {
             next.phase = Phase::Idle;
             next.lease_until_ms = 0;

@@ -141,6 +141,9 @@ fn to_fields(job: &JobId, cp: &Checkpoint) -> Vec<(&'static str, String)> {
     if let Some(t) = cp.last_end_of_stream_ms {
         f.push(("last_eos_ms", t.to_string()));
     }
+    if let Some(t) = cp.last_commit_ms {
+        f.push(("last_commit_ms", t.to_string()));
+    }
     f
 }
 
@@ -190,6 +193,10 @@ fn from_fields(key: &str, h: &HashMap<String, String>) -> Result<(JobId, Checkpo
             .transpose()?,
         next_due_ms: num("next_due_ms")?,
         recoveries: num("recoveries")?,
+        last_commit_ms: h
+            .get("last_commit_ms")
+            .map(|_| num("last_commit_ms"))
+            .transpose()?,
     };
     Ok((job, cp))
 }

@@ -41,6 +41,7 @@ end
 redis.call('HINCRBY', h, 'pages', 1)
 redis.call('HINCRBY', h, 'records', tonumber(ARGV[8]))
 redis.call('HDEL', h, 'last_error')
+redis.call('HSET', h, 'last_commit_ms', string.format('%.0f', now))
 if ARGV[9] == '1' then
   redis.call('HSET', h, 'phase', 'idle', 'lease_until_ms', '0', 'last_eos_ms', string.format('%.0f', now),
     'next_due_ms', ARGV[10])

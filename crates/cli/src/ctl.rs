@@ -1,0 +1,247 @@
+//! `tidemark status | pause | resume | rewind | retry`: see and steer feeds,
+//! in a distributed deployment (Redis at `REDIS_URL`) or in an embedded
+//! state directory (`--state-dir D`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use tidemark_coordinator::ops::{self, Action, ActionReport, JobStatus, RewindTo};
+use tidemark_state::{RedisStore, StateStore};
+
+use crate::embedded::{StateDir, op_failure, state_failure};
+use crate::exit::Failure;
+
+/// Where the jobs' state is.
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// An embedded run's state directory (`tidemark run --state-dir`); without it, Redis.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Redis URL of a distributed deployment.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prefix of the deployment's Redis keys.
+    #[arg(long, env = "TIDEMARK_REDIS_PREFIX", default_value = tidemark_state::DEFAULT_PREFIX)]
+    pub redis_prefix: String,
+}
+
+impl Target {
+    async fn redis(&self) -> Result<Arc<dyn StateStore>, Failure> {
+        let store = RedisStore::connect(&self.redis_url, &self.redis_prefix)
+            .await
+            .map_err(|e| Failure::runtime(format!("cannot connect to Redis: {e}")))?;
+        store
+            .ping()
+            .await
+            .map_err(|e| Failure::runtime(format!("Redis does not answer: {e}")))?;
+        Ok(Arc::new(store))
+    }
+
+    /// The store to read from.
+    async fn reader(&self) -> Result<Arc<dyn StateStore>, Failure> {
+        match &self.state_dir {
+            Some(d) => Ok(Arc::new(StateDir::new(d).read()?)),
+            None => self.redis().await,
+        }
+    }
+
+    async fn apply(
+        &self,
+        feed: &str,
+        partition: Option<&str>,
+        action: &Action,
+    ) -> Result<ActionReport, Failure> {
+        match &self.state_dir {
+            Some(d) => StateDir::new(d).apply(feed, partition, action).await,
+            None => ops::apply(&*self.redis().await?, feed, partition, action)
+                .await
+                .map_err(op_failure),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Only this feed.
+    #[arg(long)]
+    pub feed: Option<String>,
+    /// Print JSON (the admin API's `/api/status` document) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ActArgs {
+    /// The feed to act on (every partition of it, unless --partition).
+    pub feed: String,
+    #[arg(long)]
+    pub partition: Option<String>,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("where").required(true).args(["to", "cursor", "start"])))]
+pub struct RewindArgs {
+    #[command(flatten)]
+    pub act: ActArgs,
+    /// Restart from this time (RFC 3339, a date, or unix seconds).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Continue from this cursor (or next URL, page number, offset).
+    #[arg(long)]
+    pub cursor: Option<String>,
+    /// Start over from the feed's start point; forgets the high-water mark.
+    #[arg(long)]
+    pub start: bool,
+}
+
+impl RewindArgs {
+    pub fn action(&self) -> Action {
+        let to = match (&self.to, &self.cursor) {
+            (Some(t), _) => RewindTo::Time(t.clone()),
+            (None, Some(c)) => RewindTo::Cursor(c.clone()),
+            (None, None) => RewindTo::Start,
+        };
+        Action::Rewind { to }
+    }
+}
+
+pub async fn status(args: &StatusArgs, out: &mut dyn Write) -> Result<(), Failure> {
+    let store = args.target.reader().await?;
+    let report = ops::status(&*store, args.feed.as_deref())
+        .await
+        .map_err(state_failure)?;
+    if let Some(f) = &args.feed
+        && report.jobs.is_empty()
+    {
+        return Err(Failure::usage(format!("no feed named {f:?} has jobs")));
+    }
+    let written = if args.json {
+        serde_json::to_writer_pretty(&mut *out, &report)
+            .map_err(std::io::Error::other)
+            .and_then(|_| writeln!(out))
+    } else {
+        out.write_all(table(&report.jobs).as_bytes())
+    };
+    written.map_err(|e| Failure::runtime(format!("cannot write: {e}")))
+}
+
+/// Apply `action` and say what it did.
+pub async fn act(args: &ActArgs, action: &Action, out: &mut dyn Write) -> Result<(), Failure> {
+    let report = args
+        .target
+        .apply(&args.feed, args.partition.as_deref(), action)
+        .await?;
+    let mut text = String::new();
+    for a in &report.applied {
+        text.push_str(&format!(
+            "{} {}/{}: done (epoch {})\n",
+            report.action, args.feed, a.partition, a.epoch
+        ));
+    }
+    for s in &report.skipped {
+        text.push_str(&format!(
+            "{} {}/{}: skipped ({})\n",
+            report.action, args.feed, s.partition, s.reason
+        ));
+    }
+    out.write_all(text.as_bytes())
+        .map_err(|e| Failure::runtime(format!("cannot write: {e}")))
+}
+
+/// `3s`, `4m10s`, `2h5m`, `3d4h`.
+pub fn human_secs(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+fn cell(v: Option<String>) -> String {
+    v.unwrap_or_else(|| "-".into())
+}
+
+/// The status table: one line per job, columns aligned.
+pub fn table(jobs: &[JobStatus]) -> String {
+    let header = [
+        "FEED",
+        "PARTITION",
+        "PHASE",
+        "CURSOR AGE",
+        "HIGH-WATER",
+        "LAG",
+        "PAGES",
+        "RECORDS",
+        "LAST ERROR",
+    ];
+    let rows: Vec<[String; 9]> = jobs
+        .iter()
+        .map(|j| {
+            let phase = match (j.phase.as_str(), j.next_due_in_secs) {
+                ("idle", Some(d)) if d > 0.0 => format!("idle (next in {})", human_secs(d)),
+                (p, _) => p.to_string(),
+            };
+            let mut err = j.last_error.clone().unwrap_or_default().replace('\n', " ");
+            if err.chars().count() > 80 {
+                err = err.chars().take(79).collect::<String>() + "…";
+            }
+            [
+                j.feed.clone(),
+                j.partition.clone(),
+                phase,
+                cell(j.cursor_age_secs.map(human_secs)),
+                cell(j.high_water.clone()),
+                cell(j.lag_secs.map(human_secs)),
+                j.pages.to_string(),
+                j.records.to_string(),
+                err,
+            ]
+        })
+        .collect();
+    let mut width = header.map(|h| h.chars().count());
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(width).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in &rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    if rows.is_empty() {
+        out.push_str("(no jobs yet: has a coordinator or run registered the feeds?)\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_a_person_writes_them() {
+        assert_eq!(human_secs(3.4), "3s");
+        assert_eq!(human_secs(250.0), "4m10s");
+        assert_eq!(human_secs(7500.0), "2h05m");
+        assert_eq!(human_secs(3.0 * 86_400.0 + 4.0 * 3600.0), "3d04h");
+    }
+}

@@ -1,0 +1,322 @@
+//! `tidemark demo`: the mock API in this process, three feeds of different
+//! pagination styles synced by the embedded engine into `./tidemark-demo/`,
+//! live progress per feed, then polling for the records the mock keeps
+//! adding. Ctrl-C stops it; running it again resumes from the stored cursors.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tidemark_core::checkpoint::Phase;
+use tidemark_core::config::load_file;
+use tidemark_mock::{MockConfig, MockServer};
+use tidemark_state::{EmbeddedStore, StateStore, now_ms};
+use tidemark_telemetry::Metrics;
+
+use crate::embedded::{self, EngineOptions, JsonlSink, Out, StateDir};
+use crate::exit::Failure;
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Where the demo keeps its config, state and records.
+    #[arg(long, default_value = "tidemark-demo")]
+    pub dir: PathBuf,
+    /// Records the mock API starts with.
+    #[arg(long, default_value_t = 20_000)]
+    pub records: usize,
+    /// The mock API's port (the default is tried, then any free port).
+    #[arg(long, default_value_t = 18_080)]
+    pub port: u16,
+    /// Records the mock inserts and updates every few seconds, for the polls to find.
+    #[arg(long, default_value_t = 20)]
+    pub churn: usize,
+    /// Serve the status page, metrics and admin API here (e.g. 127.0.0.1:9465).
+    #[arg(long)]
+    pub listen: Option<String>,
+}
+
+/// The three feeds: seed 003's Zendesk cursor, seed 001's Self/Next, seed 004's base64 keyset.
+fn demo_config(base_url: &str) -> String {
+    format!(
+        r#"# The config `tidemark demo` syncs; copy a feed and point it at your API.
+sources:
+  mock:
+    base_url: {base_url}
+    timeout: 10s
+    rate_limit: {{ per_second: 200, burst: 50 }}
+
+feeds:
+  # Seed 003: Zendesk incremental export (start_time, then after_cursor until end_of_stream).
+  - name: tickets
+    source: mock
+    path: /api/v2/incremental/tickets/cursor.json
+    records: /tickets
+    pagination: {{ preset: zendesk_cursor, page_size: 100 }}
+    key: /id
+    version: /updated_at
+    start: {{ param: start_time, format: unix, from: "2024-01-01T00:00:00Z" }}
+    every: 10s
+
+  # Seed 001: Cursors.Next / Cursors.Self; the next poll starts at the last Self.
+  - name: events
+    source: mock
+    path: /v1/events
+    pagination: {{ preset: self_next, page_size: 250 }}
+    key: /id
+    version: /updated_at
+    every: 10s
+
+  # Seed 004: a base64 keyset cursor in cursor.starting_at.
+  - name: items
+    source: mock
+    path: /items
+    pagination: {{ preset: cursor, page_size: 50 }}
+    key: /id
+    version: /updated_at
+    every: 10s
+"#
+    )
+}
+
+async fn start_mock(args: &DemoArgs) -> Result<MockServer, Failure> {
+    let config = MockConfig {
+        records: args.records,
+        // A little latency, so the walk is something to watch.
+        latency: Duration::from_millis(15),
+        ..MockConfig::default()
+    };
+    let preferred = SocketAddr::from(([127, 0, 0, 1], args.port));
+    match MockServer::start(config.clone(), preferred).await {
+        Ok(s) => Ok(s),
+        Err(_) => MockServer::start(config, SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .map_err(|e| Failure::runtime(format!("cannot start the mock API: {e}"))),
+    }
+}
+
+pub async fn run(
+    args: &DemoArgs,
+    shutdown: impl Future<Output = ()> + Send,
+    err: &mut (dyn Write + Send),
+) -> Result<(), Failure> {
+    let dir = StateDir::new(args.dir.join("state"));
+    let owned = crate::run::take(&dir)?;
+    let mock = start_mock(args).await?;
+    let config_path = args.dir.join("feeds.yaml");
+    std::fs::write(&config_path, demo_config(&mock.base_url()))
+        .map_err(|e| Failure::runtime(format!("cannot write {}: {e}", config_path.display())))?;
+    let config = load_file(&config_path).map_err(|e| Failure::usage(e.to_string()))?;
+    let out_dir = args.dir.join("out");
+    let sink = Arc::new(JsonlSink::new(Out::Dir(out_dir.clone()))?);
+    let metrics = Metrics::new();
+    let http = match &args.listen {
+        Some(l) => Some(crate::run::serve(l, &owned, &metrics, err).await?),
+        None => None,
+    };
+    let resumed = owned.store.list().await.is_ok_and(|j| !j.is_empty());
+    let _ = writeln!(
+        err,
+        "tidemark demo: mock API on {} ({} records); {} 3 feeds into {}/<feed>.jsonl\n\
+         config: {}   state: {}   Ctrl-C stops; run it again to resume",
+        mock.base_url(),
+        mock.state().len(),
+        if resumed { "resuming" } else { "syncing" },
+        out_dir.display(),
+        config_path.display(),
+        dir.dir.display(),
+    );
+    let feeds: Vec<String> = config.feeds.iter().map(|f| f.name.clone()).collect();
+
+    // The mock keeps changing, so every poll finds something new.
+    let churn = {
+        let state = mock.state();
+        let n = args.churn;
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(4));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                state.insert(n);
+                state.update(n / 2);
+            }
+        })
+    };
+    let progress = tokio::spawn(show_progress(
+        owned.store.clone(),
+        feeds,
+        sink_paths(&sink, &config),
+    ));
+    let opts = EngineOptions {
+        concurrency: 4,
+        tick: Duration::from_millis(250),
+        grace: Duration::from_secs(10),
+        ..EngineOptions::default()
+    };
+    let result = embedded::sync(config, &owned, sink, metrics, &opts, shutdown).await;
+    churn.abort();
+    progress.abort();
+    let _ = progress.await;
+    mock.shutdown().await;
+    if let Some((tx, task)) = http {
+        let _ = tx.send(());
+        let _ = task.await;
+    }
+    let summary = summary(&owned.store).await;
+    let _ = writeln!(
+        err,
+        "\ntidemark demo: stopped. {summary}\n\
+         records: {}/   see the jobs: tidemark status --state-dir {}\n\
+         run `tidemark demo` again to resume where it stopped",
+        out_dir.display(),
+        dir.dir.display()
+    );
+    result
+}
+
+fn sink_paths(sink: &JsonlSink, config: &tidemark_core::Config) -> HashMap<String, PathBuf> {
+    config
+        .feeds
+        .iter()
+        .filter_map(|f| sink.path(&f.name).map(|p| (f.name.clone(), p)))
+        .collect()
+}
+
+async fn summary(store: &EmbeddedStore) -> String {
+    let Ok(jobs) = store.list().await else {
+        return String::new();
+    };
+    let (pages, records) = jobs
+        .iter()
+        .fold((0, 0), |(p, r), (_, cp)| (p + cp.pages, r + cp.records));
+    format!(
+        "{} job(s), {pages} pages, {records} records committed",
+        jobs.len()
+    )
+}
+
+/// One feed's figures, summed over its partitions.
+#[derive(Default)]
+struct FeedView {
+    phase: &'static str,
+    pages: u64,
+    records: u64,
+    next_due_ms: u64,
+    error: Option<String>,
+}
+
+fn view(
+    jobs: &[(
+        tidemark_core::checkpoint::JobId,
+        tidemark_core::checkpoint::Checkpoint,
+    )],
+    feed: &str,
+) -> FeedView {
+    let mut v = FeedView {
+        phase: "waiting",
+        ..FeedView::default()
+    };
+    for (_, cp) in jobs.iter().filter(|(j, _)| j.feed == feed) {
+        v.pages += cp.pages;
+        v.records += cp.records;
+        v.next_due_ms = v.next_due_ms.max(cp.next_due_ms);
+        // The most telling phase wins: failed, running, paused, idle.
+        let rank = |p: &str| match p {
+            "failed" => 4,
+            "running" => 3,
+            "paused" => 2,
+            "idle" => 1,
+            _ => 0,
+        };
+        if rank(cp.phase.as_str()) > rank(v.phase) {
+            v.phase = cp.phase.as_str();
+        }
+        if cp.phase == Phase::Failed {
+            v.error = cp.last_error.clone();
+        }
+    }
+    v
+}
+
+/// Live progress: a bar per feed on a terminal, a line per feed every few
+/// seconds otherwise.
+async fn show_progress(
+    store: Arc<EmbeddedStore>,
+    feeds: Vec<String>,
+    files: HashMap<String, PathBuf>,
+) {
+    let tty = std::io::stderr().is_terminal();
+    let multi = MultiProgress::with_draw_target(if tty {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style = ProgressStyle::with_template("{prefix:>8} {spinner} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let bars: Vec<ProgressBar> = feeds
+        .iter()
+        .map(|f| {
+            let b = multi.add(ProgressBar::new_spinner());
+            b.set_style(style.clone());
+            b.set_prefix(f.clone());
+            b
+        })
+        .collect();
+    // (time, records) samples per feed over the last few seconds, for records/s.
+    let mut samples: HashMap<String, VecDeque<(Instant, u64)>> = HashMap::new();
+    let mut last_line = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let Ok(jobs) = store.list().await else {
+            continue;
+        };
+        let now = Instant::now();
+        let mut lines = Vec::new();
+        for (feed, bar) in feeds.iter().zip(&bars) {
+            let v = view(&jobs, feed);
+            let s = samples.entry(feed.clone()).or_default();
+            s.push_back((now, v.records));
+            while s.len() > 2 && now.duration_since(s[0].0) > Duration::from_secs(3) {
+                s.pop_front();
+            }
+            let rate = match (s.front(), s.back()) {
+                (Some(a), Some(b)) if b.0 > a.0 => {
+                    (b.1.saturating_sub(a.1)) as f64 / b.0.duration_since(a.0).as_secs_f64()
+                }
+                _ => 0.0,
+            };
+            let phase = match v.phase {
+                "idle" => {
+                    let wait = v.next_due_ms.saturating_sub(now_ms()) / 1000;
+                    format!("idle, next poll in {wait}s")
+                }
+                "failed" => format!("FAILED: {}", v.error.unwrap_or_default()),
+                p => p.to_string(),
+            };
+            let file = files
+                .get(feed)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let msg = format!(
+                "{phase:<24} {:>6} pages {:>9} records {:>8.0} records/s  -> {file}",
+                v.pages, v.records, rate
+            );
+            bar.set_message(msg.clone());
+            bar.tick();
+            lines.push(format!("{feed:>8}: {msg}"));
+        }
+        if !tty && last_line.elapsed() >= Duration::from_secs(5) {
+            last_line = Instant::now();
+            let mut e = std::io::stderr().lock();
+            for l in lines {
+                let _ = writeln!(e, "{l}");
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! `tidemark run`: embedded mode on your own feeds (see [`crate::embedded`]).
+
+use std::future::Future;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use tidemark_core::config::load_file;
+use tidemark_telemetry::{Metrics, ReadyCheck};
+
+use crate::embedded::{self, EngineOptions, JsonlSink, Out, StateDir};
+use crate::exit::Failure;
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Where the jobs' state (cursors, checkpoints) is kept.
+    #[arg(long, env = "TIDEMARK_STATE_DIR", default_value = "tidemark-state")]
+    pub state_dir: PathBuf,
+    /// A directory for one `<feed>.jsonl` file per feed, or `-` for stdout.
+    #[arg(long, default_value = "tidemark-out")]
+    pub out: String,
+    /// Pages worked on at once.
+    #[arg(long, env = "TIDEMARK_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: usize,
+    /// Walk every feed to its end of stream once, then exit (exit 1 if a job failed).
+    #[arg(long)]
+    pub once: bool,
+    /// Time between two passes of the scheduler.
+    #[arg(long, env = "TIDEMARK_TICK", default_value = "500ms")]
+    pub tick: tidemark_core::Duration,
+    /// Attempts of a page that fails transiently before its job is marked failed.
+    #[arg(long, default_value_t = 5)]
+    pub max_attempts: u32,
+    /// After SIGTERM, how long in-flight pages may take to finish.
+    #[arg(long, default_value = "25s")]
+    pub grace: tidemark_core::Duration,
+    /// Serve /metrics, /healthz, /readyz, the status page and the admin API here.
+    #[arg(long, env = "TIDEMARK_LISTEN")]
+    pub listen: Option<String>,
+}
+
+impl RunArgs {
+    pub fn engine(&self) -> EngineOptions {
+        EngineOptions {
+            concurrency: self.concurrency,
+            tick: self.tick.std(),
+            grace: self.grace.std(),
+            max_attempts: self.max_attempts,
+            once: self.once,
+            ..EngineOptions::default()
+        }
+    }
+}
+
+pub async fn run(
+    args: &RunArgs,
+    shutdown: impl Future<Output = ()> + Send,
+    err: &mut (dyn Write + Send),
+) -> Result<(), Failure> {
+    if args.concurrency == 0 {
+        return Err(Failure::usage("--concurrency must be at least 1"));
+    }
+    let config = load_file(&args.config).map_err(|e| Failure::usage(e.to_string()))?;
+    let dir = StateDir::new(&args.state_dir);
+    let owned = take(&dir)?;
+    let out = Out::parse(&args.out);
+    let sink = Arc::new(JsonlSink::new(out.clone())?);
+    let metrics = Metrics::new();
+    let http = match &args.listen {
+        Some(listen) => Some(serve(listen, &owned, &metrics, err).await?),
+        None => None,
+    };
+    let _ = writeln!(
+        err,
+        "tidemark run: {} feed(s) from {}; state in {}; records {}",
+        config.feeds.len(),
+        args.config.display(),
+        args.state_dir.display(),
+        match &out {
+            Out::Dir(d) => format!("in {}/<feed>.jsonl", d.display()),
+            Out::Stdout => "on stdout".into(),
+        }
+    );
+    let result = embedded::sync(config, &owned, sink, metrics, &args.engine(), shutdown).await;
+    if let Some((tx, task)) = http {
+        let _ = tx.send(());
+        let _ = task.await;
+    }
+    let _ = writeln!(err, "tidemark run: stopped; run it again to resume");
+    result
+}
+
+/// This process's hold on the state directory, or why it cannot have one.
+pub fn take(dir: &StateDir) -> Result<embedded::Owned, Failure> {
+    dir.take()?.ok_or_else(|| {
+        Failure::usage(format!(
+            "another tidemark run holds {} (see its lock file); stop it first, or use another --state-dir",
+            dir.dir.display()
+        ))
+    })
+}
+
+/// Serve the endpoints of an embedded run: metrics, health, status page, admin API.
+pub async fn serve(
+    listen: &str,
+    owned: &embedded::Owned,
+    metrics: &Metrics,
+    err: &mut (dyn Write + Send),
+) -> Result<
+    (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ),
+    Failure,
+> {
+    let ready: ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
+    let admin = tidemark_coordinator::admin::router(
+        owned.store.clone(),
+        tidemark_coordinator::admin::AdminToken::from_env(),
+    );
+    let router = tidemark_telemetry::router(metrics.clone(), ready).merge(admin);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr, task) = tidemark_telemetry::serve(listen, router, async {
+        let _ = rx.await;
+    })
+    .await
+    .map_err(|e| Failure::usage(format!("cannot listen on {listen}: {e}")))?;
+    let _ = writeln!(
+        err,
+        "tidemark run: status page on http://{addr}/ (admin API with TIDEMARK_ADMIN_TOKEN), metrics on http://{addr}/metrics"
+    );
+    Ok((tx, task))
+}
