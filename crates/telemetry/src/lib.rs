@@ -26,14 +26,26 @@ fn l1(k: &'static str, v: &str) -> Labels {
     vec![(k, v.to_string())]
 }
 
+/// A registry that also remembers the exported name of everything registered.
+struct Reg {
+    registry: Registry,
+    names: Vec<String>,
+}
+
 /// Register `metric` under `name` and return it (clones share values).
-fn register<M: Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: M) -> M {
-    r.register(name, help, metric.clone());
+fn register<M: Metric + Clone>(r: &mut Reg, name: &str, help: &str, metric: M) -> M {
+    use prometheus_client::encoding::EncodeMetric;
+    let suffix = match metric.metric_type() {
+        prometheus_client::metrics::MetricType::Counter => "_total",
+        _ => "",
+    };
+    r.names.push(format!("tidemark_{name}{suffix}"));
+    r.registry.register(name, help, metric.clone());
     metric
 }
 
 /// Register a new, empty metric of type `M`.
-fn reg<M: Metric + Clone + Default>(r: &mut Registry, name: &str, help: &str) -> M {
+fn reg<M: Metric + Clone + Default>(r: &mut Reg, name: &str, help: &str) -> M {
     register(r, name, help, M::default())
 }
 
@@ -41,6 +53,7 @@ fn reg<M: Metric + Clone + Default>(r: &mut Registry, name: &str, help: &str) ->
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
+    names: Arc<Vec<String>>,
     pub pages_fetched: Family<Labels, Counter>,
     pub records_published: Family<Labels, Counter>,
     pub commits: Family<Labels, Counter>,
@@ -69,13 +82,18 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut r = Registry::with_prefix("tidemark");
+        let mut r = Reg {
+            registry: Registry::with_prefix("tidemark"),
+            names: Vec::new(),
+        };
         let fetch_buckets = || {
             Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ])
         };
-        Self {
+        let mut m = Self {
+            registry: Arc::new(Mutex::new(Registry::default())),
+            names: Arc::new(Vec::new()),
             pages_fetched: reg(&mut r, "pages_fetched", "Pages fetched and read, by feed"),
             records_published: reg(
                 &mut r,
@@ -163,8 +181,16 @@ impl Metrics {
                 "coordinator_leader",
                 "1 while this coordinator is the leader",
             ),
-            registry: Arc::new(Mutex::new(r)),
-        }
+        };
+        m.registry = Arc::new(Mutex::new(r.registry));
+        m.names = Arc::new(r.names);
+        m
+    }
+
+    /// The exported name of every metric (counters with `_total`), as the
+    /// README's table and the Grafana dashboard use them.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     pub fn feed(feed: &str) -> Labels {
@@ -300,5 +326,75 @@ mod tests {
         assert!(r.text().await.expect("body").contains("redis: refused"));
         let _ = tx.send(());
         task.await.expect("server task");
+    }
+}
+
+#[cfg(test)]
+mod documented {
+    use std::collections::BTreeSet;
+
+    use super::Metrics;
+
+    /// Every metric family this build exports, as Prometheus names it
+    /// (counters with `_total`).
+    fn exported() -> BTreeSet<String> {
+        Metrics::new().names().iter().cloned().collect()
+    }
+
+    /// `tidemark_…` words in `text`, with histogram series suffixes removed.
+    fn mentioned(text: &str) -> BTreeSet<String> {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("tidemark_") && w.len() > "tidemark_".len())
+            .map(|w| {
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| w.strip_suffix(s))
+                    .unwrap_or(w)
+                    .to_string()
+            })
+            .collect()
+    }
+
+    fn repo_file(path: &str) -> String {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path);
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    #[test]
+    fn the_dashboard_uses_only_exported_metrics() {
+        let exported = exported();
+        assert!(exported.len() >= 18, "{exported:?}");
+        let doc: serde_json::Value =
+            serde_json::from_str(&repo_file("deploy/grafana-dashboard.json")).expect("json");
+        let mut exprs = String::new();
+        fn walk(v: &serde_json::Value, out: &mut String) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        if k == "expr" {
+                            out.push_str(v.as_str().unwrap_or_default());
+                            out.push('\n');
+                        } else {
+                            walk(v, out);
+                        }
+                    }
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+                _ => {}
+            }
+        }
+        walk(&doc, &mut exprs);
+        let used = mentioned(&exprs);
+        let unknown: Vec<_> = used.difference(&exported).collect();
+        assert!(unknown.is_empty(), "the dashboard queries metrics that do not exist: {unknown:?}");
+        let unused: Vec<_> = exported.difference(&used).collect();
+        assert!(unused.is_empty(), "metrics missing from the dashboard: {unused:?}");
+    }
+
+    #[test]
+    fn the_readme_documents_every_metric() {
+        let readme = mentioned(&repo_file("README.md"));
+        let missing: Vec<_> = exported().into_iter().filter(|m| !readme.contains(m)).collect();
+        assert!(missing.is_empty(), "metrics the README does not document: {missing:?}");
     }
 }
