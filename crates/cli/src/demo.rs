@@ -147,10 +147,13 @@ pub async fn run(
             }
         })
     };
+    let (stop_progress, progress_stop) = tokio::sync::oneshot::channel::<()>();
     let progress = tokio::spawn(show_progress(
+        progress_stop,
         owned.store.clone(),
         feeds,
         sink_paths(&sink, &config),
+        mock.state(),
     ));
     let opts = EngineOptions {
         concurrency: 4,
@@ -160,7 +163,7 @@ pub async fn run(
     };
     let result = embedded::sync(config, &owned, sink, metrics, &opts, shutdown).await;
     churn.abort();
-    progress.abort();
+    let _ = stop_progress.send(());
     let _ = progress.await;
     mock.shutdown().await;
     if let Some((tx, task)) = http {
@@ -246,9 +249,11 @@ fn view(
 /// Live progress: a bar per feed on a terminal, a line per feed every few
 /// seconds otherwise.
 async fn show_progress(
+    mut stop: tokio::sync::oneshot::Receiver<()>,
     store: Arc<EmbeddedStore>,
     feeds: Vec<String>,
     files: HashMap<String, PathBuf>,
+    mock: tidemark_mock::MockState,
 ) {
     let tty = std::io::stderr().is_terminal();
     let multi = MultiProgress::with_draw_target(if tty {
@@ -256,12 +261,15 @@ async fn show_progress(
     } else {
         ProgressDrawTarget::hidden()
     });
-    let style = ProgressStyle::with_template("{prefix:>8} {spinner} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    // The bar: records committed against the records the API holds now
+    // (updates and re-read pages can take a feed past 100%).
+    let style = ProgressStyle::with_template("{prefix:>8} [{bar:24.cyan/blue}] {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
     let bars: Vec<ProgressBar> = feeds
         .iter()
         .map(|f| {
-            let b = multi.add(ProgressBar::new_spinner());
+            let b = multi.add(ProgressBar::new(1));
             b.set_style(style.clone());
             b.set_prefix(f.clone());
             b
@@ -272,7 +280,14 @@ async fn show_progress(
     let mut last_line = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = &mut stop => {
+                // Leave the last figures on screen.
+                bars.iter().for_each(ProgressBar::abandon);
+                return;
+            }
+            _ = tick.tick() => {}
+        }
         let Ok(jobs) = store.list().await else {
             continue;
         };
@@ -307,8 +322,10 @@ async fn show_progress(
                 "{phase:<24} {:>6} pages {:>9} records {:>8.0} records/s  -> {file}",
                 v.pages, v.records, rate
             );
+            let total = mock.len() as u64;
+            bar.set_length(total.max(1));
+            bar.set_position(v.records.min(total));
             bar.set_message(msg.clone());
-            bar.tick();
             lines.push(format!("{feed:>8}: {msg}"));
         }
         if !tty && last_line.elapsed() >= Duration::from_secs(5) {

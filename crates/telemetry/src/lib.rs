@@ -34,7 +34,6 @@ struct Reg {
 
 /// Register `metric` under `name` and return it (clones share values).
 fn register<M: Metric + Clone>(r: &mut Reg, name: &str, help: &str, metric: M) -> M {
-    use prometheus_client::encoding::EncodeMetric;
     let suffix = match metric.metric_type() {
         prometheus_client::metrics::MetricType::Counter => "_total",
         _ => "",
@@ -356,7 +355,9 @@ mod documented {
     }
 
     fn repo_file(path: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path);
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(path);
         std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     }
 
@@ -386,15 +387,27 @@ mod documented {
         walk(&doc, &mut exprs);
         let used = mentioned(&exprs);
         let unknown: Vec<_> = used.difference(&exported).collect();
-        assert!(unknown.is_empty(), "the dashboard queries metrics that do not exist: {unknown:?}");
+        assert!(
+            unknown.is_empty(),
+            "the dashboard queries metrics that do not exist: {unknown:?}"
+        );
         let unused: Vec<_> = exported.difference(&used).collect();
-        assert!(unused.is_empty(), "metrics missing from the dashboard: {unused:?}");
+        assert!(
+            unused.is_empty(),
+            "metrics missing from the dashboard: {unused:?}"
+        );
     }
 
     #[test]
     fn the_readme_documents_every_metric() {
         let readme = mentioned(&repo_file("README.md"));
-        let missing: Vec<_> = exported().into_iter().filter(|m| !readme.contains(m)).collect();
-        assert!(missing.is_empty(), "metrics the README does not document: {missing:?}");
+        let missing: Vec<_> = exported()
+            .into_iter()
+            .filter(|m| !readme.contains(m))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "metrics the README does not document: {missing:?}"
+        );
     }
 }
