@@ -178,17 +178,8 @@ impl Proc {
     }
     /// SIGTERM, then wait up to `within` for the exit status.
     pub fn term(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        self.signal("TERM");
+        self.wait(within)
     }
     /// Wait up to `within` for the process to exit by itself.
     pub fn wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
@@ -630,6 +621,33 @@ pub fn versions(arrived: &[Arrived]) -> HashSet<TruthRecord> {
             updated_at: a.updated_at.clone(),
         })
         .collect()
+}
+
+/// Check that `epoch` is fenced on `job`: a commit under it is refused and
+/// the stored cursor stays `cursor` (what an operator's rewind set).
+pub async fn assert_epoch_fenced(store: &dyn StateStore, job: &JobId, epoch: u64, cursor: &str) {
+    use tidemark_core::checkpoint::{Commit, CommitOutcome};
+    let seq = store.get(job).await.unwrap().unwrap().seq;
+    let stale = Commit {
+        epoch,
+        expected_seq: seq,
+        new_cursor: Some("stale".into()),
+        new_seq: seq + 1,
+        high_water: None,
+        count: 1,
+        end_of_stream: false,
+        next_due_ms: 0,
+        lease_ms: 1000,
+        restart: None,
+    };
+    assert_eq!(
+        store.commit(job, &stale).await.unwrap(),
+        CommitOutcome::Fenced
+    );
+    assert_eq!(
+        store.get(job).await.unwrap().unwrap().cursor.as_deref(),
+        Some(cursor)
+    );
 }
 
 /// Poll `check` every 250 ms until it returns true or `timeout` passes.

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tidemark_core::checkpoint::{Commit, CommitOutcome, JobId, Phase};
+use tidemark_core::checkpoint::{JobId, Phase};
 use tidemark_state::{Acquire, EmbeddedStore, StateStore};
 use tidemark_tests::{Cluster, eventually, spawn, tidemark};
 
@@ -315,27 +315,7 @@ async fn commands_steer_an_embedded_run_while_it_runs_and_after_it_stopped() {
     };
     ctl(&state, &["rewind", "tickets", "--cursor", "c2"], 0);
     let store = EmbeddedStore::open(&file).expect("open");
-    let seq = store.get(&job).await.unwrap().unwrap().seq;
-    let stale = Commit {
-        epoch,
-        expected_seq: seq,
-        new_cursor: Some("stale".into()),
-        new_seq: seq + 1,
-        high_water: None,
-        count: 1,
-        end_of_stream: false,
-        next_due_ms: 0,
-        lease_ms: 1000,
-        restart: None,
-    };
-    assert_eq!(
-        store.commit(&job, &stale).await.unwrap(),
-        CommitOutcome::Fenced
-    );
-    assert_eq!(
-        store.get(&job).await.unwrap().unwrap().cursor.as_deref(),
-        Some("c2")
-    );
+    tidemark_tests::assert_epoch_fenced(&store, &job, epoch, "c2").await;
 }
 
 fn demo_out(dir: &Path) -> [PathBuf; 3] {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId};
+use tidemark_core::checkpoint::{Checkpoint, JobId};
 use tidemark_state::{Acquire, StateStore};
 use tidemark_tests::{Checker, Cluster, eventually, tidemark};
 
@@ -207,26 +207,7 @@ async fn commands_steer_a_distributed_deployment() {
         other => panic!("acquire: {other:?}"),
     };
     ctl(&c, &["rewind", "manual", "--cursor", "c2"], 0);
-    let stale = Commit {
-        epoch,
-        expected_seq: 0,
-        new_cursor: Some("stale".into()),
-        new_seq: 1,
-        high_water: None,
-        count: 1,
-        end_of_stream: false,
-        next_due_ms: 0,
-        lease_ms: 1000,
-        restart: None,
-    };
-    assert_eq!(
-        store.commit(&job, &stale).await.unwrap(),
-        CommitOutcome::Fenced
-    );
-    assert_eq!(
-        store.get(&job).await.unwrap().unwrap().cursor.as_deref(),
-        Some("c2")
-    );
+    tidemark_tests::assert_epoch_fenced(&*store, &job, epoch, "c2").await;
 }
 
 fn chromium() -> Option<PathBuf> {

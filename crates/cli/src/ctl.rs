@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use tidemark_coordinator::ops::{self, Action, ActionReport, JobStatus, RewindTo};
-use tidemark_state::{RedisStore, StateStore};
+use tidemark_state::StateStore;
 
 use crate::embedded::{StateDir, op_failure, state_failure};
 use crate::exit::Failure;
@@ -29,14 +29,7 @@ pub struct Target {
 
 impl Target {
     async fn redis(&self) -> Result<Arc<dyn StateStore>, Failure> {
-        let store = RedisStore::connect(&self.redis_url, &self.redis_prefix)
-            .await
-            .map_err(|e| Failure::runtime(format!("cannot connect to Redis: {e}")))?;
-        store
-            .ping()
-            .await
-            .map_err(|e| Failure::runtime(format!("Redis does not answer: {e}")))?;
-        Ok(Arc::new(store))
+        Ok(crate::roles::connect_store(&self.redis_url, &self.redis_prefix).await?)
     }
 
     /// The store to read from.

@@ -166,9 +166,8 @@ pub async fn run(
     let _ = stop_progress.send(());
     let _ = progress.await;
     mock.shutdown().await;
-    if let Some((tx, task)) = http {
-        let _ = tx.send(());
-        let _ = task.await;
+    if let Some(http) = http {
+        http.stop().await;
     }
     let summary = summary(&owned.store).await;
     let _ = writeln!(

@@ -89,8 +89,9 @@ pub struct WorkerArgs {
     pub retry_base: tidemark_core::Duration,
 }
 
-async fn connect_store(infra: &Infra) -> Result<Arc<RedisStore>, Failure> {
-    let store = RedisStore::connect(&infra.redis_url, &infra.redis_prefix)
+/// Connect to Redis and check that it answers.
+pub(crate) async fn connect_store(url: &str, prefix: &str) -> Result<Arc<RedisStore>, Failure> {
+    let store = RedisStore::connect(url, prefix)
         .await
         .map_err(|e| Failure::runtime(format!("cannot connect to Redis: {e}")))?;
     store
@@ -127,33 +128,48 @@ fn ready_check(store: Arc<RedisStore>, bus: AmqpBus) -> ReadyCheck {
     })
 }
 
-/// Serve the endpoints; returns a sender that stops them.
+/// An HTTP server this process runs: stop it with [`Http::stop`].
+pub(crate) struct Http {
+    pub addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Http {
+    /// Serve `router` on `listen` (port 0: a free port).
+    pub(crate) async fn start(listen: &str, router: axum::Router) -> Result<Self, Failure> {
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr, task) = tidemark_telemetry::serve(listen, router, async {
+            let _ = rx.await;
+        })
+        .await
+        .map_err(|e| Failure::usage(format!("cannot listen on {listen}: {e}")))?;
+        Ok(Self { addr, stop, task })
+    }
+
+    /// Stop serving and wait for the server to finish.
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Serve the endpoints of a role.
 async fn serve_endpoints(
     role: &str,
     listen: &str,
     metrics: Metrics,
     ready: ReadyCheck,
     err: &mut (dyn Write + Send),
-) -> Result<
-    (
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<()>,
-    ),
-    Failure,
-> {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let (addr, task) =
-        tidemark_telemetry::serve(listen, tidemark_telemetry::router(metrics, ready), async {
-            let _ = rx.await;
-        })
-        .await
-        .map_err(|e| Failure::usage(format!("cannot listen on {listen}: {e}")))?;
+) -> Result<Http, Failure> {
+    let http = Http::start(listen, tidemark_telemetry::router(metrics, ready)).await?;
+    let addr = http.addr;
     let _ = writeln!(
         err,
         "tidemark {role}: metrics on http://{addr}/metrics, health on /healthz and /readyz"
     );
     tracing::info!(role, %addr, "endpoints listening");
-    Ok((tx, task))
+    Ok(http)
 }
 
 /// What both roles run on: Redis, RabbitMQ, metrics and the HTTP endpoints.
@@ -161,8 +177,7 @@ struct Wiring {
     store: Arc<RedisStore>,
     bus: AmqpBus,
     metrics: Metrics,
-    stop_http: tokio::sync::oneshot::Sender<()>,
-    http: tokio::task::JoinHandle<()>,
+    http: Http,
 }
 
 impl Wiring {
@@ -175,11 +190,11 @@ impl Wiring {
         default_listen: &str,
         err: &mut (dyn Write + Send),
     ) -> Result<Self, Failure> {
-        let store = connect_store(infra).await?;
+        let store = connect_store(&infra.redis_url, &infra.redis_prefix).await?;
         let bus = connect_bus(infra, consume, prefetch).await?;
         let metrics = Metrics::new();
         let listen = infra.listen.as_deref().unwrap_or(default_listen);
-        let (stop_http, http) = serve_endpoints(
+        let http = serve_endpoints(
             role,
             listen,
             metrics.clone(),
@@ -191,7 +206,6 @@ impl Wiring {
             store,
             bus,
             metrics,
-            stop_http,
             http,
         })
     }
@@ -200,8 +214,7 @@ impl Wiring {
     /// the queue), stop the endpoints, and report the role's result.
     async fn finish<E: std::fmt::Display>(self, result: Result<(), E>) -> Result<(), Failure> {
         self.bus.close().await;
-        let _ = self.stop_http.send(());
-        let _ = self.http.await;
+        self.http.stop().await;
         result.map_err(|e| Failure::runtime(e.to_string()))
     }
 }
@@ -215,12 +228,8 @@ pub async fn coordinator(
     let w = Wiring::start("coordinator", &args.infra, false, 1, "127.0.0.1:9464", err).await?;
     let token = tidemark_coordinator::admin::AdminToken::from_env();
     let admin = tidemark_coordinator::admin::router(w.store.clone(), token.clone());
-    let (stop_admin, admin_rx) = tokio::sync::oneshot::channel::<()>();
-    let (admin_addr, admin_task) = tidemark_telemetry::serve(&args.admin_listen, admin, async {
-        let _ = admin_rx.await;
-    })
-    .await
-    .map_err(|e| Failure::usage(format!("cannot listen on {}: {e}", args.admin_listen)))?;
+    let admin = Http::start(&args.admin_listen, admin).await?;
+    let admin_addr = admin.addr;
     let _ = writeln!(
         err,
         "tidemark coordinator: status page on http://{admin_addr}/ and admin API on http://{admin_addr}/api/ ({})",
@@ -252,8 +261,7 @@ pub async fn coordinator(
         metrics: w.metrics.clone(),
     };
     let result = tidemark_coordinator::run(deps, config, opts, shutdown).await;
-    let _ = stop_admin.send(());
-    let _ = admin_task.await;
+    admin.stop().await;
     w.finish(result).await
 }
 

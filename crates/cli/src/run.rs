@@ -11,6 +11,7 @@ use tidemark_telemetry::{Metrics, ReadyCheck};
 
 use crate::embedded::{self, EngineOptions, JsonlSink, Out, StateDir};
 use crate::exit::Failure;
+use crate::roles::Http;
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
@@ -85,9 +86,8 @@ pub async fn run(
         }
     );
     let result = embedded::sync(config, &owned, sink, metrics, &args.engine(), shutdown).await;
-    if let Some((tx, task)) = http {
-        let _ = tx.send(());
-        let _ = task.await;
+    if let Some(http) = http {
+        http.stop().await;
     }
     let _ = writeln!(err, "tidemark run: stopped; run it again to resume");
     result
@@ -104,33 +104,23 @@ pub fn take(dir: &StateDir) -> Result<embedded::Owned, Failure> {
 }
 
 /// Serve the endpoints of an embedded run: metrics, health, status page, admin API.
-pub async fn serve(
+pub(crate) async fn serve(
     listen: &str,
     owned: &embedded::Owned,
     metrics: &Metrics,
     err: &mut (dyn Write + Send),
-) -> Result<
-    (
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<()>,
-    ),
-    Failure,
-> {
+) -> Result<Http, Failure> {
     let ready: ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
     let admin = tidemark_coordinator::admin::router(
         owned.store.clone(),
         tidemark_coordinator::admin::AdminToken::from_env(),
     );
     let router = tidemark_telemetry::router(metrics.clone(), ready).merge(admin);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let (addr, task) = tidemark_telemetry::serve(listen, router, async {
-        let _ = rx.await;
-    })
-    .await
-    .map_err(|e| Failure::usage(format!("cannot listen on {listen}: {e}")))?;
+    let http = Http::start(listen, router).await?;
+    let addr = http.addr;
     let _ = writeln!(
         err,
         "tidemark run: status page on http://{addr}/ (admin API with TIDEMARK_ADMIN_TOKEN), metrics on http://{addr}/metrics"
     );
-    Ok((tx, task))
+    Ok(http)
 }
