@@ -104,6 +104,11 @@ pub async fn run(
         (None, None) => feed.start_position(&partition).map_err(Failure::usage)?,
     };
 
+    // Page-number and offset walks repeat the chain's start time on every page.
+    let chain_from = match &pos {
+        Position::Start { from } => *from,
+        Position::At(_) => None,
+    };
     let (tx, rx) = mpsc::sync_channel::<Chunk>(PIPELINE_PAGES);
     let writer = std::thread::spawn(move || write_records(out, rx));
 
@@ -122,7 +127,7 @@ pub async fn run(
             };
             break None;
         }
-        let req = match paginator.request(&pos) {
+        let req = match paginator.request_in_chain(&pos, chain_from) {
             Ok(r) => r,
             Err(e) => {
                 break Some(format!(

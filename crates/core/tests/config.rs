@@ -277,3 +277,86 @@ fn secrets_never_appear_in_errors() {
     let dbg = format!("{c:?}");
     assert!(dbg.contains("${HELPDESK_TOKEN}"));
 }
+
+/// A bulk_then_incremental feed whose incremental block is `block`.
+fn bulk_feed(block: &str) -> String {
+    format!(
+        r#"sources:
+  api:
+    base_url: https://example.test
+feeds:
+  - name: inspections
+    source: api
+    path: /v2/clients/c/inspections
+    pagination: {{ preset: start_after, page_size: 500 }}
+    key: /id
+    version: /updated_at
+    mode: bulk_then_incremental
+    lag: 1m
+    incremental:
+{block}"#
+    )
+}
+
+#[test]
+fn page_and_cursor_fields_never_mix_in_any_pagination_block() {
+    // In the incremental block, with its line and column.
+    let text = bulk_feed(
+        "      start: { param: updatedSince }\n      pagination:\n        page_param: page\n        next_cursor: /meta/next\n        cursor_param: c\n",
+    );
+    let e = load_str("feeds.yaml", &text).unwrap_err().to_string();
+    assert!(
+        e.contains("feeds.yaml:15:7: feeds[0].incremental.pagination: mixes page-based fields"),
+        "{e}"
+    );
+    // Page numbers beside a preset; totals beside a cursor preset.
+    let msg = one(&edit(
+        "preset: zendesk_cursor",
+        "      preset: zendesk_cursor\n      page_param: page",
+    ));
+    assert!(msg.contains("feeds[0].pagination: mixes page-based fields"), "{msg}");
+    let msg = one(&edit(
+        "preset: zendesk_cursor",
+        "      preset: zendesk_cursor\n      total_count: /count",
+    ));
+    assert!(msg.contains("feeds[0].pagination: mixes page-based fields"), "{msg}");
+    // An incremental block under a snapshot feed, too, is refused where it stands.
+    let msg = one(&edit(
+        "mode: incremental",
+        "    mode: snapshot\n    incremental: { params: { a: b } }",
+    ));
+    assert!(msg.starts_with("feeds.yaml:19:5: feeds[0].incremental: an incremental block only applies to mode: bulk_then_incremental"), "{msg}");
+}
+
+#[test]
+fn the_incremental_block_replaces_the_bulk_walks_params_start_and_pagination() {
+    use chrono::TimeZone;
+    use tidemark_core::checkpoint::Stage;
+    use tidemark_core::pagination::Position;
+    let text = bulk_feed(
+        "      params: { sort: updated }\n      start: { param: updatedSince, format: iso8601 }\n      pagination: { page_param: page, page_size_param: limit, page_size: 100 }\n",
+    );
+    let config = load_str("feeds.yaml", &text).unwrap();
+    let feed = &config.feeds[0];
+    let source = &config.sources["api"];
+    let part = feed.partitions(chrono::Utc::now()).unwrap().remove(0);
+    let from = chrono::Utc.with_ymd_and_hms(2024, 5, 1, 0, 0, 0).unwrap();
+    let bulk = feed.paginator_for(source, &part, Stage::Bulk).unwrap();
+    let url = bulk.request(&Position::Start { from: None }).unwrap().url;
+    assert!(url.as_str().contains("paginationMode=CURSOR"), "{url}");
+    let inc = feed.paginator_for(source, &part, Stage::Incremental).unwrap();
+    let url = inc
+        .request_in_chain(&Position::Start { from: Some(from) }, Some(from))
+        .unwrap()
+        .url;
+    assert_eq!(
+        url.as_str(),
+        "https://example.test/v2/clients/c/inspections?sort=updated&limit=100&updatedSince=2024-05-01T00%3A00%3A00Z&page=1"
+    );
+    let url = inc
+        .request_in_chain(&Position::At("2".into()), Some(from))
+        .unwrap()
+        .url;
+    assert!(!url.as_str().contains("paginationMode"), "{url}");
+    assert!(url.as_str().contains("updatedSince=2024-05-01") && url.as_str().ends_with("page=2"), "{url}");
+}

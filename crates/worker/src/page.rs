@@ -264,7 +264,16 @@ impl Worker {
             Ok(p) => p,
             Err(error) => return Outcome::Fail { error },
         };
-        let req = match paginator.request(&pos) {
+        // The time the chain started from: page-number and offset walks
+        // repeat it on every page (their position carries no filter).
+        let chain_from = match task.start_from.as_deref().map(parse_timestamp) {
+            Some(Ok(t)) => Some(t),
+            _ => match feed.start_position(&r.partition) {
+                Ok(Position::Start { from }) => from,
+                _ => None,
+            },
+        };
+        let req = match paginator.request_in_chain(&pos, chain_from) {
             Ok(req) => req,
             Err(e) => {
                 return Outcome::Fail {

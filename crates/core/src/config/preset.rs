@@ -239,8 +239,11 @@ impl PaginationSpec {
         let pick = |a: &Option<String>, b: &Option<String>| a.clone().or_else(|| b.clone());
         let pickp =
             |a: &Option<JsonPointer>, b: &Option<JsonPointer>| a.clone().or_else(|| b.clone());
-        let page_fields =
-            p.page_param.is_some() || p.offset_param.is_some() || p.first_page.is_some();
+        let page_fields = p.page_param.is_some()
+            || p.offset_param.is_some()
+            || p.first_page.is_some()
+            || p.total_pages.is_some()
+            || p.total_count.is_some();
         let cursor_fields_by_hand = p.cursor_param.is_some()
             || p.next_cursor.is_some()
             || p.next_url.is_some()
@@ -248,7 +251,7 @@ impl PaginationSpec {
         if page_fields && (cursor_fields_by_hand || preset.is_some()) {
             problems.push((
                 "pagination".to_string(),
-                "mixes page-based fields (page_param/offset_param/first_page) with cursor fields or a preset; use one style per pagination block".to_string(),
+                "mixes page-based fields (page_param/offset_param/first_page/total_pages/total_count) with cursor fields or a preset; use one style per pagination block".to_string(),
             ));
         }
         if p.page_param.is_some() && p.offset_param.is_some() {

@@ -230,8 +230,23 @@ impl Paginator {
         &self.base
     }
 
-    /// The request that fetches the page at `pos`.
+    /// The request that fetches the page at `pos`, in a chain that did not
+    /// start from a time (or whose API keeps its filter in the cursor).
     pub fn request(&self, pos: &Position) -> Result<PageRequest, ReadError> {
+        self.request_in_chain(pos, None)
+    }
+
+    /// The request that fetches the page at `pos` in a chain that started
+    /// from `chain_from`. A cursor or next URL carries the API's own filter,
+    /// so the start parameter goes only with the first request; page numbers
+    /// and offsets carry nothing, so every page of a chain repeats the start
+    /// parameter (seed 002's `updatedSince=…&page=N`), or page 2 would list
+    /// the whole dataset.
+    pub fn request_in_chain(
+        &self,
+        pos: &Position,
+        chain_from: Option<DateTime<Utc>>,
+    ) -> Result<PageRequest, ReadError> {
         if let (Strategy::NextUrl { .. }, Position::At(u)) = (&self.spec.strategy, pos) {
             return Ok(PageRequest {
                 url: self.same_origin(u, &self.base)?,
@@ -269,6 +284,9 @@ impl Paginator {
                         field,
                         reason: format!("{n:?} is not a {field} number"),
                     })?;
+                    if let (Some(from), Some((start, fmt))) = (chain_from, &self.start) {
+                        q.append_pair(start, &fmt.format(from));
+                    }
                     q.append_pair(param, n);
                 }
                 (Position::At(_), Strategy::NextUrl { .. }) => unreachable_next_url(),
@@ -454,8 +472,16 @@ impl Paginator {
                     PageStyle::Offset { .. } => next,
                 };
                 if empty || declared_end || (past_total && !declared_more) {
+                    // A walk filtered by a start time ends without a
+                    // position: the next one starts from the high-water
+                    // mark (minus lag) with page 1, not at page N of a list
+                    // whose pages have shifted (seed 002's incremental syncs).
+                    // An unfiltered list resumes at its last page.
                     Next::End {
-                        resume: Some(resume.to_string()),
+                        resume: match self.start {
+                            Some(_) => None,
+                            None => Some(resume.to_string()),
+                        },
                     }
                 } else {
                     Next::More(next.to_string())
