@@ -31,6 +31,8 @@ fn polled_feeds() -> String {
     [
         tickets("tickets", "every: 1s"),
         feed("events", "/v1/events", "pagination: { preset: self_next, page_size: 100 }\n    every: 1s"),
+        // Seed 001 exactly: the last page has no Next at all.
+        feed("events_no_next", "/v1/events", "params: { omit_next: \"1\" }\n    pagination: { preset: self_next, page_size: 100 }\n    every: 1s"),
         feed("items", "/items", "pagination: { preset: cursor, page_size: 100 }\n    every: 1s"),
         feed("sync", "/sync/records", "records: /records\n    pagination: { preset: cursor, cursor_param: cursor, next_cursor: /cursor, page_size: 100 }\n    every: 1s"),
         feed("jsonapi", "/jsonapi/records", "pagination: { preset: next_url, page_size: 100 }\n    every: 1s"),
@@ -96,6 +98,7 @@ async fn inserts_and_updates_during_and_after_the_first_walk_arrive_on_later_pol
     let keys = [
         "tickets.all",
         "events.all",
+        "events_no_next.all",
         "items.all",
         "sync.all",
         "jsonapi.all",
@@ -132,51 +135,119 @@ async fn inserts_and_updates_during_and_after_the_first_walk_arrive_on_later_pol
     for k in ["tickets.all", "items.all", "sync.all"] {
         assert_eq!(dups.get(k).copied().unwrap_or(0), 0, "{k}: {dups:?}");
     }
+    // ... and a re-sent record carries the message id it had the first time:
+    // one id per record version, however many polls re-read the last page.
+    let parts = checker.by_partition();
+    for k in ["events.all", "events_no_next.all"] {
+        let arrived = &parts[k];
+        let ids: HashSet<&str> = arrived.iter().map(|a| a.message_id.as_str()).collect();
+        assert_eq!(
+            ids.len(),
+            versions(arrived).len(),
+            "{k}: message ids per version"
+        );
+        let polls = c
+            .jobs()
+            .await
+            .into_iter()
+            .find(|(j, _)| format!("{}.all", j.feed) == k)
+            .map(|(_, cp)| cp.pages)
+            .unwrap_or(0);
+        assert!(polls >= 50 + 3, "{k}: {polls} pages");
+    }
     for (job, cp) in c.jobs().await {
         assert!(cp.pages >= 50 && cp.last_error.is_none(), "{job}: {cp:?}");
     }
 }
 
+/// The job of a one-partition feed.
+async fn the_job(c: &Cluster) -> tidemark_core::checkpoint::Checkpoint {
+    c.jobs().await.pop().expect("one job").1
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bulk_then_incremental_delivers_changes_made_during_the_bulk_walk() {
+async fn bulk_then_incremental_delivers_changes_during_and_after_the_bulk_walk_and_keeps_t0() {
+    // Seed 002: a keyset bulk walk, then page-based incremental syncs with
+    // updatedSince. Small incremental pages, so each sync spans several.
     let yaml = feed(
         "inspections",
         "/v2/clients/0b6e4c1a-1111-4c1a-9c1a-0b6e4c1a1111/inspections",
-        "pagination: { preset: start_after, page_size: 100 }\n    mode: bulk_then_incremental\n    lag: 2s\n    every: 1h\n    incremental:\n      params: { paginationMode: PAGE }\n      start: { param: updatedSince, format: iso8601 }\n      pagination: { page_param: page, page_size_param: limit, page_size: 100, total_pages: /meta/totalPages }",
+        "pagination: { preset: start_after, page_size: 100 }\n    mode: bulk_then_incremental\n    lag: 1s\n    every: 2s\n    incremental:\n      params: { paginationMode: PAGE }\n      start: { param: updatedSince, format: iso8601 }\n      pagination: { page_param: page, page_size_param: limit, page_size: 10, total_pages: /meta/totalPages }",
     );
     let mut c = Cluster::start(&yaml, &["--records", "4000", "--latency-ms", "40"]);
+    c.env.push(("TIDEMARK_LEASE".into(), "3s".into()));
     let checker = Checker::start(&c.exchange()).await;
-    c.coordinator("coord");
-    c.worker("w1", &[]);
+    let coord = c.coordinator_with("coord", &["--leader-ttl", "2s"]);
+    let w1 = c.worker("w1", &[]);
+    let keys = ["inspections.all"];
     // Mid-walk: update records the bulk walk has passed (and some it has not), insert new ones.
     assert!(checker.wait_for(1500, Duration::from_secs(60)).await);
     c.admin("/_admin/update?n=40", None).await;
     c.admin("/_admin/insert?n=10", None).await;
+    let t0 = the_job(&c)
+        .await
+        .t0
+        .expect("T0 recorded before the bulk walk");
+    // Both roles die mid-walk and come back: T0 survives, the walk resumes.
+    c.procs[w1].kill9();
+    c.procs[coord].kill9();
+    c.coordinator_with("coord2", &["--leader-ttl", "2s"]);
+    c.worker("w2", &[]);
     let truth = c.truth().await;
+    // Current versions: a record updated ahead of the walk never showed its old one.
     assert_all_arrive(
         &c,
         &checker,
-        &["inspections.all"],
+        &keys,
         &truth.records,
         Duration::from_secs(120),
-        "current versions",
+        "the bulk walk and the first incremental sync",
     )
     .await;
-    let (_, cp) = c.jobs().await.pop().expect("one job");
+    let cp = the_job(&c).await;
     assert_eq!(cp.stage, Stage::Incremental, "{cp:?}");
-    let t0 = cp.t0.clone().expect("T0 recorded before the bulk walk");
-    assert!(cp.high_water.is_some());
-    // Updates during the walk have versions after T0; the bulk walk missed
-    // those it had passed, so the incremental run delivered them.
-    let changed_after_t0 = truth
+    assert_eq!(
+        cp.t0.as_deref(),
+        Some(t0.as_str()),
+        "T0 changed across the restart"
+    );
+    // Changes during the walk have versions after T0: only the incremental sync could deliver those the walk had passed.
+    let after_t0 = truth
         .records
         .iter()
         .filter(|r| r.updated_at.as_str() >= t0.as_str())
         .count();
-    assert!(
-        changed_after_t0 >= 50,
-        "T0 {t0}: {changed_after_t0} changed after it"
-    );
+    assert!(after_t0 >= 50, "T0 {t0}: {after_t0} changed after it");
+
+    // Two more incremental syncs, each with more changes than one page holds.
+    for round in 0..2 {
+        // A page walk filtered by updatedSince ends without a page number and
+        // restarts from the high-water mark minus lag, never at page N.
+        assert!(
+            eventually(Duration::from_secs(30), async || {
+                let cp = the_job(&c).await;
+                cp.phase == Phase::Idle && cp.cursor.is_none() && cp.start_from.is_some()
+            })
+            .await,
+            "round {round}: the incremental sync did not end at the high-water mark: {:?}",
+            the_job(&c).await
+        );
+        c.admin("/_admin/update?n=35", None).await;
+        c.admin("/_admin/insert?n=15", None).await;
+        let want = c.truth().await.records;
+        assert_all_arrive(
+            &c,
+            &checker,
+            &keys,
+            &want,
+            Duration::from_secs(60),
+            &format!("incremental sync {}", round + 2),
+        )
+        .await;
+    }
+    let cp = the_job(&c).await;
+    assert_eq!(cp.t0.as_deref(), Some(t0.as_str()));
+    assert!(cp.last_error.is_none(), "{cp:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

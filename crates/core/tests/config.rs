@@ -314,12 +314,18 @@ fn page_and_cursor_fields_never_mix_in_any_pagination_block() {
         "preset: zendesk_cursor",
         "      preset: zendesk_cursor\n      page_param: page",
     ));
-    assert!(msg.contains("feeds[0].pagination: mixes page-based fields"), "{msg}");
+    assert!(
+        msg.contains("feeds[0].pagination: mixes page-based fields"),
+        "{msg}"
+    );
     let msg = one(&edit(
         "preset: zendesk_cursor",
         "      preset: zendesk_cursor\n      total_count: /count",
     ));
-    assert!(msg.contains("feeds[0].pagination: mixes page-based fields"), "{msg}");
+    assert!(
+        msg.contains("feeds[0].pagination: mixes page-based fields"),
+        "{msg}"
+    );
     // An incremental block under a snapshot feed, too, is refused where it stands.
     let msg = one(&edit(
         "mode: incremental",
@@ -344,7 +350,9 @@ fn the_incremental_block_replaces_the_bulk_walks_params_start_and_pagination() {
     let bulk = feed.paginator_for(source, &part, Stage::Bulk).unwrap();
     let url = bulk.request(&Position::Start { from: None }).unwrap().url;
     assert!(url.as_str().contains("paginationMode=CURSOR"), "{url}");
-    let inc = feed.paginator_for(source, &part, Stage::Incremental).unwrap();
+    let inc = feed
+        .paginator_for(source, &part, Stage::Incremental)
+        .unwrap();
     let url = inc
         .request_in_chain(&Position::Start { from: Some(from) }, Some(from))
         .unwrap()
@@ -358,5 +366,8 @@ fn the_incremental_block_replaces_the_bulk_walks_params_start_and_pagination() {
         .unwrap()
         .url;
     assert!(!url.as_str().contains("paginationMode"), "{url}");
-    assert!(url.as_str().contains("updatedSince=2024-05-01") && url.as_str().ends_with("page=2"), "{url}");
+    assert!(
+        url.as_str().contains("updatedSince=2024-05-01") && url.as_str().ends_with("page=2"),
+        "{url}"
+    );
 }

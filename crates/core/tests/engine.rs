@@ -545,7 +545,8 @@ fn filtered_pages(pagination: Value) -> Paginator {
 
 #[test]
 fn every_page_of_a_filtered_page_walk_repeats_the_start_time() {
-    let pag = filtered_pages(json!({"page_param": "page", "page_size_param": "limit", "page_size": 2}));
+    let pag =
+        filtered_pages(json!({"page_param": "page", "page_size_param": "limit", "page_size": 2}));
     let from = chrono::DateTime::parse_from_rfc3339("2024-05-01T00:00:00Z")
         .unwrap()
         .with_timezone(&chrono::Utc);
@@ -575,14 +576,31 @@ fn every_page_of_a_filtered_page_walk_repeats_the_start_time() {
 fn a_filtered_page_walk_ends_without_a_position_and_an_unfiltered_one_keeps_its_page() {
     // Filtered: the next sync starts from the high-water mark, at page 1.
     let pag = filtered_pages(json!({"page_param": "page", "total_pages": "/pages"}));
-    let next = read_one(&pag, Position::At("3".into()), vec![], r#"{"r":[1],"pages":3}"#).unwrap();
+    let next = read_one(
+        &pag,
+        Position::At("3".into()),
+        vec![],
+        r#"{"r":[1],"pages":3}"#,
+    )
+    .unwrap();
     assert_eq!(next, Next::End { resume: None });
     let next = read_one(&pag, Position::At("4".into()), vec![], r#"{"r":[]}"#).unwrap();
     assert_eq!(next, Next::End { resume: None });
     // Unfiltered: the next poll reads the last page again (new records land there).
     let pag = paginator(json!({"page_param": "page", "total_pages": "/pages"}), "/r");
-    let next = read_one(&pag, Position::At("3".into()), vec![], r#"{"r":[1],"pages":3}"#).unwrap();
-    assert_eq!(next, Next::End { resume: Some("3".into()) });
+    let next = read_one(
+        &pag,
+        Position::At("3".into()),
+        vec![],
+        r#"{"r":[1],"pages":3}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        next,
+        Next::End {
+            resume: Some("3".into())
+        }
+    );
 }
 
 #[test]
@@ -595,31 +613,81 @@ fn page_walks_end_every_way_the_api_can_say_so() {
     assert_eq!(next, Next::More("1".into()));
     // has_more: false ends a page walk although the page is full.
     let pag = paginator(json!({"page_param": "page", "has_more": "/more"}), "/r");
-    let next = read_one(&pag, Position::At("5".into()), vec![], r#"{"r":[1,2],"more":false}"#).unwrap();
-    assert_eq!(next, Next::End { resume: Some("5".into()) });
-    let next = read_one(&pag, Position::At("5".into()), vec![], r#"{"r":[1,2],"more":true}"#).unwrap();
+    let next = read_one(
+        &pag,
+        Position::At("5".into()),
+        vec![],
+        r#"{"r":[1,2],"more":false}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        next,
+        Next::End {
+            resume: Some("5".into())
+        }
+    );
+    let next = read_one(
+        &pag,
+        Position::At("5".into()),
+        vec![],
+        r#"{"r":[1,2],"more":true}"#,
+    )
+    .unwrap();
     assert_eq!(next, Next::More("6".into()));
     // Page numbers with a total count and a page size: 5 records in pages of 2 is 3 pages.
-    let pag = paginator(json!({"page_param": "page", "page_size_param": "n", "page_size": 2, "total_count": "/total"}), "/r");
-    let next = read_one(&pag, Position::At("2".into()), vec![], r#"{"r":[3,4],"total":5}"#).unwrap();
+    let pag = paginator(
+        json!({"page_param": "page", "page_size_param": "n", "page_size": 2, "total_count": "/total"}),
+        "/r",
+    );
+    let next = read_one(
+        &pag,
+        Position::At("2".into()),
+        vec![],
+        r#"{"r":[3,4],"total":5}"#,
+    )
+    .unwrap();
     assert_eq!(next, Next::More("3".into()));
-    let next = read_one(&pag, Position::At("3".into()), vec![], r#"{"r":[5],"total":5}"#).unwrap();
-    assert_eq!(next, Next::End { resume: Some("3".into()) });
+    let next = read_one(
+        &pag,
+        Position::At("3".into()),
+        vec![],
+        r#"{"r":[5],"total":5}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        next,
+        Next::End {
+            resume: Some("3".into())
+        }
+    );
     // An offset walk with no total ends at its first empty page, keeping the offset.
     let pag = paginator(json!({"offset_param": "offset"}), "/r");
     let next = read_one(&pag, Position::At("4".into()), vec![], r#"{"r":[5,6]}"#).unwrap();
     assert_eq!(next, Next::More("6".into()));
     let next = read_one(&pag, Position::At("6".into()), vec![], r#"{"r":[]}"#).unwrap();
-    assert_eq!(next, Next::End { resume: Some("6".into()) });
+    assert_eq!(
+        next,
+        Next::End {
+            resume: Some("6".into())
+        }
+    );
 }
 
 #[test]
 fn an_empty_page_handing_back_its_cursor_ends_the_stream_without_a_preset() {
     // Seed 004 described by hand: the cursor comes back unchanged on an empty page.
-    let pag = paginator(json!({"cursor_param": "starting_at", "next_cursor": "/cursor/starting_at"}), "/items");
+    let pag = paginator(
+        json!({"cursor_param": "starting_at", "next_cursor": "/cursor/starting_at"}),
+        "/items",
+    );
     let body = r#"{"items":[],"cursor":{"starting_at":"abc","previous":null}}"#;
     let next = read_one(&pag, Position::At("abc".into()), vec![], body).unwrap();
-    assert_eq!(next, Next::End { resume: Some("abc".into()) });
+    assert_eq!(
+        next,
+        Next::End {
+            resume: Some("abc".into())
+        }
+    );
     // With records, the same cursor is a loop, not the end.
     let body = r#"{"items":[{"id":1}],"cursor":{"starting_at":"abc"}}"#;
     assert!(matches!(
