@@ -67,9 +67,25 @@ const BIG_FEEDS: &str = r#"  - name: tickets
     version: /updated_at
 "#;
 
+/// Page numbers and offsets: their checkpoint's cursor is the page or offset.
+const PAGE_FEEDS: &str = r#"  - name: paged
+    source: mock
+    path: /paged/records
+    records: /records
+    pagination: { page_param: page, page_size_param: per_page, page_size: 1000, total_pages: /total_pages }
+    key: /id
+  - name: offset
+    source: mock
+    path: /offset/records
+    records: /records
+    pagination: { offset_param: offset, page_size_param: limit, page_size: 1000, total_count: /total }
+    key: /id
+"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_run_resumes_and_loses_nothing() {
-    let c = Cluster::start(BIG_FEEDS, &["--records", "100000", "--latency-ms", "40"]);
+    let feeds = format!("{BIG_FEEDS}{PAGE_FEEDS}");
+    let c = Cluster::start(&feeds, &["--records", "100000", "--latency-ms", "40"]);
     let state = c.dir.path().join("state");
     let out = c.dir.path().join("out");
     let args = [
@@ -94,6 +110,11 @@ async fn a_sigkilled_run_resumes_and_loses_nothing() {
     );
     first.kill9();
     let at_kill = job_state(&state, "tickets").await;
+    let paged_at_kill = job_state(&state, "paged").await;
+    assert!(
+        paged_at_kill.records < 100_000 && paged_at_kill.cursor.is_some(),
+        "the paged job was not mid-walk at the kill: {paged_at_kill:?}"
+    );
     assert!(
         at_kill.records < 100_000,
         "the kill came after the sync finished; nothing was tested"
@@ -110,7 +131,14 @@ async fn a_sigkilled_run_resumes_and_loses_nothing() {
 
     let truth: HashSet<String> = c.truth().await.records.into_iter().map(|r| r.id).collect();
     assert_eq!(truth.len(), 100_000);
-    for (file, page) in [(&tickets, 1000), (&events, 500)] {
+    let paged = out.join("paged.jsonl");
+    let offset = out.join("offset.jsonl");
+    for (file, page) in [
+        (&tickets, 1000),
+        (&events, 500),
+        (&paged, 1000),
+        (&offset, 1000),
+    ] {
         let got = ids(file);
         let distinct: HashSet<String> = got.iter().cloned().collect();
         let missing = truth.difference(&distinct).count();
