@@ -468,25 +468,38 @@ async fn unacked_tasks_of_a_lost_consumer_go_to_another() {
     within(body_unacked_tasks_of_a_lost_consumer_go_to_another()).await;
 }
 
+/// Await `fut` for at most 30 s; a hang names the step that hung.
+async fn step<T>(name: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), fut)
+        .await
+        .unwrap_or_else(|_| panic!("step {name:?} did not finish within 30 s"))
+}
+
 async fn body_unacked_tasks_of_a_lost_consumer_go_to_another() {
     let cfg = test_config(&amqp_url());
-    let a = AmqpBus::start(cfg.clone(), true).await.unwrap();
-    a.publish_task(&task(5), None).await.unwrap();
-    let held = a.next_delivery().await.unwrap();
-    assert!(!held.redelivered);
-    a.close().await;
-    // The delivery's channel is gone: acking it now is refused, never done elsewhere.
-    assert!(matches!(held.ack().await, Err(BusError::Abandoned)));
-    let b = AmqpBus::start(cfg.clone(), true).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), b.next_delivery())
+    let a = step("start a", AmqpBus::start(cfg.clone(), true))
         .await
-        .unwrap()
         .unwrap();
+    step("publish", a.publish_task(&task(5), None))
+        .await
+        .unwrap();
+    let held = step("first delivery", a.next_delivery()).await.unwrap();
+    assert!(!held.redelivered);
+    step("close a", a.close()).await;
+    // The delivery's channel is gone: acking it now is refused, never done elsewhere.
+    assert!(matches!(
+        step("ack on the closed channel", held.ack()).await,
+        Err(BusError::Abandoned)
+    ));
+    let b = step("start b", AmqpBus::start(cfg.clone(), true))
+        .await
+        .unwrap();
+    let d = step("redelivery", b.next_delivery()).await.unwrap();
     assert!(d.redelivered);
     assert_eq!(d.task().unwrap().seq, 5);
-    d.ack().await.unwrap();
-    b.close().await;
-    cleanup(&cfg).await;
+    step("ack", d.ack()).await.unwrap();
+    step("close b", b.close()).await;
+    step("cleanup", cleanup(&cfg)).await;
 }
 
 #[tokio::test]
