@@ -8,6 +8,9 @@
 //! the test failed.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is the failure report
 
+pub mod proxy;
+pub mod redis_server;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -133,7 +136,16 @@ pub fn tidemark_bin() -> PathBuf {
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "tidemark", "--bin", "tidemark"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "tidemark",
+                "--bin",
+                "tidemark",
+                "--features",
+                "tidemark-worker/failpoints",
+            ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("run cargo build");
@@ -289,6 +301,8 @@ pub struct Cluster {
     pub procs: Vec<Proc>,
     /// Extra environment for every role (e.g. TIDEMARK_LEASE).
     pub env: Vec<(String, String)>,
+    /// The Redis the roles use (default: [`redis_url`]); set it before starting them.
+    pub redis: String,
     store: OnceLock<Arc<RedisStore>>,
 }
 
@@ -321,8 +335,20 @@ impl Cluster {
             config,
             procs: Vec::new(),
             env: Vec::new(),
+            redis: redis_url(),
             store: OnceLock::new(),
         }
+    }
+
+    /// Point the config's source at `base_url` (e.g. a proxy in front of the mock).
+    pub fn set_base_url(&self, base_url: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("config");
+        let text = text.replacen(
+            &format!("base_url: {}", self.mock_url),
+            &format!("base_url: {base_url}"),
+            1,
+        );
+        std::fs::write(&self.config, text).expect("write config");
     }
 
     pub fn exchange(&self) -> String {
@@ -335,7 +361,7 @@ impl Cluster {
     /// The environment of every role (and of CLI commands against this deployment).
     pub fn role_env(&self) -> Vec<(String, String)> {
         let mut env = vec![
-            ("REDIS_URL".to_string(), redis_url()),
+            ("REDIS_URL".to_string(), self.redis.clone()),
             ("AMQP_URL".to_string(), amqp_url()),
             ("TIDEMARK_REDIS_PREFIX".to_string(), self.redis_prefix()),
             ("TIDEMARK_QUEUE_PREFIX".to_string(), self.prefix.clone()),
@@ -371,9 +397,16 @@ impl Cluster {
 
     /// Start a worker; returns its index in `procs`.
     pub fn worker(&mut self, name: &str, extra: &[&str]) -> usize {
+        self.worker_with_env(name, extra, &[])
+    }
+
+    /// Start a worker with extra environment (which wins over the cluster's).
+    pub fn worker_with_env(&mut self, name: &str, extra: &[&str], env: &[(&str, &str)]) -> usize {
         let mut args = vec!["worker"];
         args.extend_from_slice(extra);
-        let p = spawn(name, &args, &self.role_env(), self.dir.path(), "metrics on");
+        let mut all = self.role_env();
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let p = spawn(name, &args, &all, self.dir.path(), "metrics on");
         self.procs.push(p);
         self.procs.len() - 1
     }
@@ -383,7 +416,7 @@ impl Cluster {
             return s.clone();
         }
         let s = Arc::new(
-            RedisStore::connect(&redis_url(), &self.redis_prefix())
+            RedisStore::connect(&self.redis, &self.redis_prefix())
                 .await
                 .expect("redis"),
         );
@@ -417,7 +450,7 @@ impl Cluster {
 
     /// The id of the leading coordinator, if one leads.
     pub async fn leader(&self) -> Option<String> {
-        let client = redis::Client::open(redis_url()).expect("redis url");
+        let client = redis::Client::open(self.redis.as_str()).expect("redis url");
         let mut c = client
             .get_multiplexed_async_connection()
             .await

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,6 +17,10 @@ use serde::Serialize;
 use crate::dataset::{Dataset, Truth};
 use crate::endpoints::{self, Ctx};
 use crate::{Faults, MockConfig};
+
+// Declared here rather than in lib.rs; the file is src/hostile.rs.
+#[path = "hostile.rs"]
+mod hostile;
 
 struct Shared {
     config: MockConfig,
@@ -68,6 +72,12 @@ impl MockState {
     pub fn is_empty(&self) -> bool {
         lock(&self.0.data).is_empty()
     }
+    /// Count one data request to `path`; returns the running total.
+    fn count(&self, path: &str) -> u64 {
+        let n = self.0.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        *lock(&self.0.by_path).entry(path.to_string()).or_insert(0) += 1;
+        n
+    }
     pub fn stats(&self) -> Stats {
         Stats {
             requests: self.0.requests.load(Ordering::SeqCst),
@@ -99,6 +109,7 @@ pub fn router(state: MockState) -> Router {
         .route("/_admin/insert", post(admin_insert))
         .route("/_admin/update", post(admin_update))
         .route("/_admin/faults", post(admin_faults))
+        .route("/hostile/{kind}", get(hostile_page))
         .fallback(data)
         .with_state(state)
 }
@@ -129,6 +140,16 @@ async fn admin_faults(
     axum::Json(f)
 }
 
+/// A hostile API (see `hostile`): counted like a data request, never faulted.
+async fn hostile_page(
+    State(s): State<MockState>,
+    Path(kind): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    s.count(&format!("/hostile/{kind}"));
+    hostile::serve(&kind, q.get("cursor").map(String::as_str))
+}
+
 async fn index() -> &'static str {
     "tidemark mock API\n\
      GET /api/v2/incremental/tickets/cursor.json?start_time=&cursor=&per_page=&end_time=   zendesk_cursor (seed 003)\n\
@@ -142,6 +163,7 @@ async fn index() -> &'static str {
      GET /paged/records?page=&per_page=                                                   page numbers\n\
      GET /offset/records?offset=&limit=                                                   offsets\n\
      GET /broken/records                                                                  always 500\n\
+     GET /hostile/{loop|huge|utf8|types|empty_more}?cursor=                               a good page, then a bad one\n\
      GET /_truth  GET /_stats  POST /_admin/insert?n=  POST /_admin/update?n=  POST /_admin/faults\n"
 }
 
@@ -159,10 +181,7 @@ fn json_error(status: u16, error: &str, description: &str) -> Response {
 }
 
 async fn data(State(s): State<MockState>, uri: Uri, headers: HeaderMap) -> Response {
-    let n = s.0.requests.fetch_add(1, Ordering::SeqCst) + 1;
-    *lock(&s.0.by_path)
-        .entry(uri.path().to_string())
-        .or_insert(0) += 1;
+    let n = s.count(uri.path());
     let faults = s.faults();
     let cfg = &s.0.config;
     if !cfg.latency.is_zero() {

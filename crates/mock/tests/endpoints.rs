@@ -147,3 +147,87 @@ async fn admin_truth_stats_and_faults_over_http() {
     assert_eq!(stats["by_path"]["/paged/records"], 1);
     m.shutdown().await;
 }
+
+/// `/hostile/{kind}`: a good first page that hands out `p2`, then the bad
+/// page of each kind.
+#[tokio::test]
+async fn hostile_apis_serve_a_good_page_then_a_bad_one() {
+    let m = start(0, Duration::ZERO).await;
+    let base = m.base_url();
+    for kind in ["loop", "huge", "utf8", "types", "empty_more"] {
+        let (status, first, headers) = get(&format!("{base}/hostile/{kind}")).await;
+        assert_eq!(status, 200, "{kind}");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(ids(&first["records"]), ["h1", "h2", "h3"], "{kind}");
+        assert_eq!(first["records"][0]["updated_at"], "2024-01-01T00:00:00Z");
+        assert_eq!(first["next"], "p2", "{kind}");
+    }
+
+    // loop: records, more claimed, and the cursor it was given.
+    let (_, p, _) = get(&format!("{base}/hostile/loop?cursor=p2")).await;
+    assert_eq!(ids(&p["records"]), ["h4"]);
+    assert_eq!((&p["next"], &p["has_more"]), (&"p2".into(), &true.into()));
+
+    // utf8: a 200 that is JSON except for invalid UTF-8 inside a string.
+    let r = reqwest::get(format!("{base}/hostile/utf8?cursor=p2"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.unwrap();
+    assert!(std::str::from_utf8(&body).is_err());
+    assert!(serde_json::from_slice::<Value>(&body).is_err());
+    let lossy: Value = serde_json::from_str(&String::from_utf8_lossy(&body)).unwrap();
+    assert_eq!(
+        ids(&lossy["records"]),
+        ["h4"],
+        "only the string's bytes are bad"
+    );
+
+    // types: records is an object.
+    let (_, p, _) = get(&format!("{base}/hostile/types?cursor=p2")).await;
+    assert!(p["records"].is_object(), "{p}");
+    assert_eq!(p["next"], "p3");
+
+    // empty_more: an empty page that claims more; from p3 on it pages to itself.
+    for cursor in ["p2", "p3"] {
+        let (_, p, _) = get(&format!("{base}/hostile/empty_more?cursor={cursor}")).await;
+        assert_eq!(p["records"], serde_json::json!([]));
+        assert_eq!((&p["has_more"], &p["next"]), (&true.into(), &"p3".into()));
+    }
+
+    // huge: valid JSON records, streamed without a Content-Length; read 1 MiB+ and hang up.
+    let mut r = reqwest::get(format!("{base}/hostile/huge?cursor=p2"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.content_length().is_none());
+    let mut head = Vec::new();
+    while head.len() <= 1 << 20 {
+        head.extend_from_slice(&r.chunk().await.unwrap().expect("more than 1 MiB"));
+    }
+    assert!(head.starts_with(br#"{"records":[{"id":"hx","updated_at":"#));
+    drop(r);
+
+    let (status, err, _) = get(&format!("{base}/hostile/nope")).await;
+    assert_eq!((status, err["error"].as_str()), (404, Some("not_found")));
+    let (_, stats, _) = get(&format!("{base}/_stats")).await;
+    assert_eq!(stats["by_path"]["/hostile/empty_more"], 3);
+    m.shutdown().await;
+}
+
+/// The whole `huge` body is about 100 MiB of valid JSON.
+#[tokio::test]
+async fn hostile_huge_streams_100_mib_of_valid_json() {
+    let m = start(0, Duration::ZERO).await;
+    let mut r = reqwest::get(format!("{}/hostile/huge?cursor=p2", m.base_url()))
+        .await
+        .unwrap();
+    let (mut total, mut last) = (0usize, Vec::new());
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        total += chunk.len();
+        last = chunk.to_vec();
+    }
+    assert!(total >= 100 * 1024 * 1024, "{total} bytes");
+    assert!(last.ends_with(br#"],"has_more":true,"next":"p3"}"#));
+    m.shutdown().await;
+}

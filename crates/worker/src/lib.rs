@@ -12,6 +12,26 @@
 mod feeds;
 mod page;
 
+/// A crash point in the life of a page. With the `failpoints` feature and
+/// `FAILPOINTS=<name>=<actions>` in the environment (e.g.
+/// `worker::after_publish=5*off->return`), the `return` action ends the
+/// process at once, as a SIGKILL would: nothing after this point happens.
+/// Without the feature it compiles to nothing.
+macro_rules! crash_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name, |_| $crate::crash($name));
+    };
+}
+pub(crate) use crash_point;
+
+/// End the process now, as a crash would (no destructors, no acks).
+#[cfg(feature = "failpoints")]
+pub(crate) fn crash<T>(name: &str) -> T {
+    eprintln!("tidemark worker: failpoint {name}: crashing");
+    std::process::exit(86)
+}
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,6 +121,13 @@ pub async fn run(
         in_flight: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(0),
     });
+    #[cfg(feature = "failpoints")]
+    let _failpoints = {
+        if let Ok(f) = std::env::var("FAILPOINTS") {
+            tracing::warn!(failpoints = %f, "failpoints armed (a test build)");
+        }
+        fail::FailScenario::setup()
+    };
     let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let mut running = JoinSet::new();
     tokio::pin!(shutdown);
@@ -196,7 +223,10 @@ impl Worker {
     async fn settle(&self, d: TaskDelivery, task: &PageTask, outcome: Outcome) {
         let job = &task.job;
         match outcome {
-            Outcome::Done | Outcome::Recovered => ack(d).await,
+            Outcome::Done | Outcome::Recovered => {
+                crash_point!("worker::before_ack");
+                ack(d).await
+            }
             Outcome::Dropped(reason) => self.drop_task(d, task, reason).await,
             Outcome::Retry { delay, error } if task.attempt + 1 < self.opts.max_attempts => {
                 tracing::warn!(job = %job, seq = task.seq, attempt = task.attempt + 1, delay_ms = delay.as_millis() as u64, error = %error, "page failed; retrying later");

@@ -21,8 +21,8 @@ use tidemark_source::{FetchError, HttpSource, backoff_delay};
 use tidemark_state::now_ms;
 use tidemark_telemetry::Metrics;
 
-use crate::Worker;
 use crate::feeds::Snapshot;
+use crate::{Worker, crash_point};
 
 /// What became of a task.
 #[derive(Debug, PartialEq)]
@@ -308,6 +308,7 @@ impl Worker {
             .pages_fetched
             .get_or_create(&Metrics::feed(&feed.name))
             .inc();
+        crash_point!("worker::after_fetch");
 
         // Identity of every record, and the page's high-water mark.
         let page_cursor = match &pos {
@@ -368,6 +369,9 @@ impl Worker {
             .records_published
             .get_or_create(&Metrics::feed(&feed.name))
             .inc_by(count);
+        if count > 0 {
+            crash_point!("worker::after_publish");
+        }
 
         // The one fenced step.
         let (next_cursor, eos) = match read.next {
@@ -412,11 +416,13 @@ impl Worker {
             .commits
             .get_or_create(&Metrics::result(&outcome.as_str().to_ascii_lowercase()))
             .inc();
+        tracing::debug!(job = %job, epoch = task.epoch, seq = task.seq, outcome = outcome.as_str(), "commit");
         match outcome {
             CommitOutcome::Ok | CommitOutcome::AlreadyApplied => {}
             CommitOutcome::Fenced => return Outcome::Dropped("fenced"),
             CommitOutcome::Conflict => return Outcome::Dropped("conflict"),
         }
+        crash_point!("worker::after_commit");
         if eos {
             tracing::info!(job = %job, pages = cp.pages + 1, "end of stream");
             return Outcome::Done;

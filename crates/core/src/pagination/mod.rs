@@ -621,9 +621,14 @@ fn kind_of(raw: &str) -> &'static str {
 /// A URL for messages: the query is dropped (it may carry an api key).
 pub fn redact_query(url: &Url) -> String {
     let mut u = url.clone();
-    if u.query().is_some() {
-        u.set_query(Some("…"));
-    }
+    let had_query = u.query().is_some();
+    u.set_query(None);
+    u.set_fragment(None);
     u.set_password(None).ok();
-    u.to_string()
+    let mut s = u.to_string();
+    if had_query {
+        // Appended as text: inside the URL it would be percent-encoded.
+        s.push_str("?…");
+    }
+    s
 }

@@ -1,0 +1,244 @@
+//! A private `redis-server` for the suites that must kill or restart Redis,
+//! which a shared Redis (or a container other tests use) cannot allow.
+//!
+//! It runs with AOF (`appendfsync everysec`) in its own temp dir, so data
+//! written more than about a second before a SIGKILL survives a
+//! [`RedisServer::restart`], as it would in production.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+const READY_WITHIN: Duration = Duration::from_secs(15);
+const STOP_WITHIN: Duration = Duration::from_secs(10);
+
+/// A `redis-server` child process on 127.0.0.1. Dropping it SIGKILLs the
+/// server and removes its directory.
+pub struct RedisServer {
+    port: u16,
+    // Kept alive for the AOF across restarts; deleted on drop.
+    dir: TempDir,
+    // None while killed or stopped.
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts an AOF-backed server on a free port in a fresh temp dir and
+    /// waits until it answers `PING`. Panics (with the server's log) if it
+    /// does not within 15 s.
+    pub fn start_aof() -> RedisServer {
+        let dir = tempfile::tempdir().expect("a temp dir for redis-server");
+        let mut server = RedisServer {
+            port: 0,
+            dir,
+            child: None,
+        };
+        // The port is free when we look but another process may take it
+        // before redis-server binds, so a failed start gets a new port.
+        let mut failure = String::new();
+        for _ in 0..3 {
+            server.port = free_port();
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(e) => failure = e,
+            }
+        }
+        panic!("{failure}");
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's working dir: the AOF and `redis.log` live here.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// SIGKILLs the server and reaps it: no shutdown, no final fsync.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill(); // SIGKILL on unix
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and dir (it reloads its
+    /// AOF) and waits until it answers. A server still running is SIGKILLed
+    /// first.
+    pub fn restart(&mut self) {
+        self.kill9();
+        if let Err(e) = self.spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// SIGTERM (Redis fsyncs the AOF and exits), then waits for the exit;
+    /// SIGKILL if it takes more than 10 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // std has no SIGTERM and the workspace forbids unsafe (no libc
+        // call), so ask kill(1).
+        let termed = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if termed {
+            let deadline = Instant::now() + STOP_WITHIN;
+            while Instant::now() < deadline {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// Spawns redis-server and waits for `PING`; on failure the child is
+    /// reaped and the error carries the log.
+    fn spawn(&mut self) -> Result<(), String> {
+        // Appending keeps the log of earlier runs, which is what explains a
+        // failed restart.
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("redis.log in the temp dir");
+        let log_err = log.try_clone().expect("a second handle on redis.log");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .expect("redis-server is installed (./scripts/test installs it)");
+        self.child = Some(child);
+        match self.wait_ready() {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                self.kill9();
+                Err(format!(
+                    "redis-server on port {} {why}; its log:\n{}",
+                    self.port,
+                    self.read_log()
+                ))
+            }
+        }
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(format!("exited ({status}) before answering PING"));
+            }
+            // Connecting is not enough: while it loads the AOF Redis
+            // accepts but answers -LOADING.
+            if pong(addr) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("did not answer PING within {READY_WITHIN:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn read_log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = File::open(self.log_path()) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port on 127.0.0.1")
+        .port()
+}
+
+fn pong(addr: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"*1\r\n$4\r\nPING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Commands;
+
+    #[test]
+    fn data_survives_kill9_and_restart() -> redis::RedisResult<()> {
+        let mut server = RedisServer::start_aof();
+        let mut con = redis::Client::open(server.url())?.get_connection()?;
+        let () = con.set("tidemark:test:key", "survives")?;
+        drop(con);
+        // appendfsync everysec: give the AOF its fsync before the kill.
+        std::thread::sleep(Duration::from_millis(1200));
+        server.kill9();
+        assert!(!pong(SocketAddr::from(([127, 0, 0, 1], server.port()))));
+        server.restart();
+        let mut con = redis::Client::open(server.url())?.get_connection()?;
+        let got: Option<String> = con.get("tidemark:test:key")?;
+        assert_eq!(got.as_deref(), Some("survives"));
+
+        server.stop();
+        assert!(server.child.is_none());
+        server.restart();
+        let mut con = redis::Client::open(server.url())?.get_connection()?;
+        let got: Option<String> = con.get("tidemark:test:key")?;
+        assert_eq!(got.as_deref(), Some("survives"));
+        Ok(())
+    }
+}

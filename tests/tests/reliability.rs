@@ -1,0 +1,889 @@
+//! The fault-injection suite: the distributed system syncs while faults are
+//! injected one after another (crashes at every window of the life of a
+//! page, killed and frozen workers, cut, stalled and slow links to RabbitMQ,
+//! Redis and the API, a Redis restart, API error storms), and after each the
+//! suite waits until every current record version has arrived downstream.
+//!
+//! Throughout, a monitor samples every checkpoint (a cursor's `seq` or
+//! high-water mark going back is a regression) and, at the end, the workers'
+//! commit log lines are checked: no two commits of one page applied, and no
+//! commit applied under an epoch older than one already applied.
+//!
+//! It prints a report (and writes it to `TIDEMARK_RELIABILITY_OUT` when set,
+//! e.g. docs/RELIABILITY.md) with the seed, so a run can be repeated:
+//!
+//! ```sh
+//! TIDEMARK_CHAOS_SEED=42 cargo test -p tidemark-tests --test reliability -- --nocapture
+//! TIDEMARK_SOAK=1 TIDEMARK_RELIABILITY_OUT=$PWD/docs/RELIABILITY.md \
+//!     cargo test --release -p tidemark-tests --test reliability -- --nocapture
+//! ```
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tidemark_core::checkpoint::compare_versions;
+use tidemark_mock::TruthRecord;
+use tidemark_state::StateStore;
+use tidemark_tests::proxy::FaultProxy;
+use tidemark_tests::redis_server::RedisServer;
+use tidemark_tests::{Checker, Cluster, amqp_url, eventually, versions};
+
+/// xorshift64*: a small deterministic generator, so a seed replays a run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Fault {
+    CrashAfterFetch,
+    CrashAfterPublish,
+    CrashAfterCommit,
+    CrashBeforeAck,
+    KillWorker,
+    FreezeWorkerPastLease,
+    ConnectionResets,
+    StalledLinks,
+    SlowLinks,
+    RedisRestart,
+    BrokerUnreachable,
+    Api429Storm,
+    Api5xxBurst,
+    ApiTimeouts,
+    ApiTruncatedBodies,
+    ApiExpiredCursors,
+}
+
+const ALL: [Fault; 16] = [
+    Fault::CrashAfterFetch,
+    Fault::CrashAfterPublish,
+    Fault::CrashAfterCommit,
+    Fault::CrashBeforeAck,
+    Fault::KillWorker,
+    Fault::FreezeWorkerPastLease,
+    Fault::ConnectionResets,
+    Fault::StalledLinks,
+    Fault::SlowLinks,
+    Fault::RedisRestart,
+    Fault::BrokerUnreachable,
+    Fault::Api429Storm,
+    Fault::Api5xxBurst,
+    Fault::ApiTimeouts,
+    Fault::ApiTruncatedBodies,
+    Fault::ApiExpiredCursors,
+];
+
+impl Fault {
+    fn describe(self) -> &'static str {
+        match self {
+            Fault::CrashAfterFetch => "worker crash after the fetch (failpoint)",
+            Fault::CrashAfterPublish => {
+                "worker crash after publishing, before the commit (failpoint)"
+            }
+            Fault::CrashAfterCommit => {
+                "worker crash after the commit, before the next task (failpoint)"
+            }
+            Fault::CrashBeforeAck => "worker crash before the ack (failpoint)",
+            Fault::KillWorker => "SIGKILL of a worker",
+            Fault::FreezeWorkerPastLease => "SIGSTOP of a worker past its lease, then SIGCONT",
+            Fault::ConnectionResets => {
+                "connection resets to RabbitMQ, Redis and the API (3 rounds)"
+            }
+            Fault::StalledLinks => "links to RabbitMQ, Redis and the API stalled for 3 s",
+            Fault::SlowLinks => "links throttled to 100 kB/s for 5 s",
+            Fault::RedisRestart => "Redis (AOF, everysec) SIGKILLed and restarted",
+            Fault::BrokerUnreachable => "RabbitMQ connections dropped and refused for 2 s",
+            Fault::Api429Storm => "API: every 2nd request 429 with Retry-After: 1, for 4 s",
+            Fault::Api5xxBurst => "API: every 2nd request 500, for 4 s",
+            Fault::ApiTimeouts => "API: every 3rd request slower than the 2 s timeout, for 5 s",
+            Fault::ApiTruncatedBodies => "API: every 3rd body cut off mid-way, for 4 s",
+            Fault::ApiExpiredCursors => "API: every cursor refused as expired, for 3 s",
+        }
+    }
+    fn failpoint(self) -> Option<&'static str> {
+        match self {
+            Fault::CrashAfterFetch => Some("worker::after_fetch"),
+            Fault::CrashAfterPublish => Some("worker::after_publish"),
+            Fault::CrashAfterCommit => Some("worker::after_commit"),
+            Fault::CrashBeforeAck => Some("worker::before_ack"),
+            _ => None,
+        }
+    }
+}
+
+/// Change-ordered, versioned feeds, two partitions each, polled every second.
+fn feeds() -> String {
+    let parts = r#"partitions: { param: account, values: ["a", "b"] }"#;
+    format!(
+        r#"  - name: tickets
+    source: mock
+    path: /api/v2/incremental/tickets/cursor.json
+    records: /tickets
+    pagination: {{ preset: zendesk_cursor, page_size: 50 }}
+    key: /id
+    version: /updated_at
+    start: {{ param: start_time, format: unix, from: "2024-01-01T00:00:00Z" }}
+    every: 1s
+    {parts}
+  - name: items
+    source: mock
+    path: /items
+    pagination: {{ preset: cursor, page_size: 50 }}
+    key: /id
+    version: /updated_at
+    start: {{ param: updated_since, format: iso8601 }}
+    every: 1s
+    {parts}
+  - name: sync
+    source: mock
+    path: /sync/records
+    records: /records
+    pagination: {{ preset: cursor, cursor_param: cursor, next_cursor: /cursor, page_size: 50 }}
+    key: /id
+    version: /updated_at
+    start: {{ param: updated_since, format: iso8601 }}
+    every: 1s
+    {parts}
+"#
+    )
+}
+
+/// Bad input from the API (crates/mock/src/hostile.rs): each feed's first
+/// page is good, the next is broken in one way.
+const HOSTILE: [(&str, &str); 5] = [
+    ("loop", "a cursor loop (the same cursor back, more claimed)"),
+    ("huge", "a 100 MB page"),
+    ("utf8", "invalid UTF-8 in the JSON"),
+    (
+        "types",
+        "records of the wrong type (an object, not an array)",
+    ),
+    (
+        "empty_more",
+        "an empty page that claims more (twice with the same cursor)",
+    ),
+];
+
+fn hostile_feeds() -> String {
+    HOSTILE
+        .iter()
+        .map(|(kind, _)| {
+            format!(
+                "  - name: bad_{kind}\n    source: mock\n    path: /hostile/{kind}\n    records: /records\n    pagination: {{ cursor_param: cursor, next_cursor: /next, has_more: /has_more }}\n    key: /id\n    every: 1h\n"
+            )
+        })
+        .collect()
+}
+
+const KEYS: [&str; 6] = [
+    "tickets.a",
+    "tickets.b",
+    "items.a",
+    "items.b",
+    "sync.a",
+    "sync.b",
+];
+
+/// Watches every checkpoint: a `seq` or high-water mark that goes back is a regression.
+struct Monitor {
+    stop: Arc<AtomicBool>,
+    regressions: Arc<Mutex<Vec<String>>>,
+    samples: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Monitor {
+    async fn start(c: &Cluster) -> Monitor {
+        let store = c.store().await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let regressions = Arc::new(Mutex::new(Vec::new()));
+        let samples = Arc::new(AtomicU64::new(0));
+        let (st, rg, sm) = (stop.clone(), regressions.clone(), samples.clone());
+        let task = tokio::spawn(async move {
+            let mut seen: HashMap<String, (u64, Option<String>)> = HashMap::new();
+            while !st.load(Ordering::SeqCst) {
+                if let Ok(jobs) = store.list().await {
+                    sm.fetch_add(1, Ordering::SeqCst);
+                    for (job, cp) in jobs {
+                        let k = job.to_string();
+                        if let Some((seq, hw)) = seen.get(&k) {
+                            if cp.seq < *seq {
+                                rg.lock()
+                                    .unwrap()
+                                    .push(format!("{k}: seq {seq} -> {}", cp.seq));
+                            }
+                            if let (Some(old), Some(new)) = (hw, &cp.high_water)
+                                && compare_versions(new, old).is_lt()
+                            {
+                                rg.lock()
+                                    .unwrap()
+                                    .push(format!("{k}: high-water {old} -> {new}"));
+                            }
+                        }
+                        let hw = match (seen.get(&k).and_then(|s| s.1.clone()), cp.high_water) {
+                            (Some(a), Some(b)) => Some(if compare_versions(&a, &b).is_lt() {
+                                b
+                            } else {
+                                a
+                            }),
+                            (a, b) => a.or(b),
+                        };
+                        let seq = seen.get(&k).map_or(cp.seq, |s| s.0.max(cp.seq));
+                        seen.insert(k, (seq, hw));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Monitor {
+            stop,
+            regressions,
+            samples,
+            task,
+        }
+    }
+
+    async fn finish(self) -> (Vec<String>, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.task.await;
+        (
+            self.regressions.lock().unwrap().clone(),
+            self.samples.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// What the workers' `commit` log lines show.
+#[derive(Default, Debug)]
+struct CommitAudit {
+    applied: u64,
+    already_applied: u64,
+    fenced: u64,
+    conflict: u64,
+    /// Tasks of an old epoch dropped before doing anything (stale_epoch, fenced lease).
+    stale_dropped: u64,
+    /// A page committed twice, or a commit applied under an epoch older than one applied before.
+    stale_applied: Vec<String>,
+}
+
+fn audit_commits(logs: &[std::path::PathBuf]) -> CommitAudit {
+    let mut a = CommitAudit::default();
+    // job -> (seq -> epoch) of the applied commits
+    let mut applied: HashMap<String, BTreeMap<u64, u64>> = HashMap::new();
+    for path in logs {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        for line in text.lines().filter(|l| l.starts_with('{')) {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let f = &v["fields"];
+            if f["message"] == "task dropped" {
+                if matches!(f["reason"].as_str(), Some("stale_epoch" | "fenced")) {
+                    a.stale_dropped += 1;
+                }
+                continue;
+            }
+            if f["message"] != "commit" {
+                continue;
+            }
+            let (Some(job), Some(epoch), Some(seq), Some(outcome)) = (
+                f["job"].as_str(),
+                f["epoch"].as_u64(),
+                f["seq"].as_u64(),
+                f["outcome"].as_str(),
+            ) else {
+                continue;
+            };
+            match outcome {
+                "OK" => {
+                    a.applied += 1;
+                    if let Some(prev) = applied.entry(job.into()).or_default().insert(seq, epoch) {
+                        a.stale_applied.push(format!(
+                            "{job}: page {seq} applied twice (epochs {prev} and {epoch})"
+                        ));
+                    }
+                }
+                "ALREADY_APPLIED" => a.already_applied += 1,
+                "FENCED" => a.fenced += 1,
+                _ => a.conflict += 1,
+            }
+        }
+    }
+    for (job, pages) in &applied {
+        let mut max_epoch = 0;
+        for (seq, epoch) in pages {
+            if *epoch < max_epoch {
+                a.stale_applied.push(format!(
+                    "{job}: page {seq} applied under epoch {epoch} after epoch {max_epoch}"
+                ));
+            }
+            max_epoch = max_epoch.max(*epoch);
+        }
+    }
+    a
+}
+
+struct Row {
+    fault: Fault,
+    injected: String,
+    lasted: Duration,
+    duplicates: u64,
+    recovered: Duration,
+}
+
+fn all_arrived(checker: &Checker, want: &[TruthRecord]) -> bool {
+    let parts = checker.by_partition();
+    KEYS.iter().all(|k| {
+        let got = versions(parts.get(*k).map(Vec::as_slice).unwrap_or_default());
+        want.iter().all(|v| got.contains(v))
+    })
+}
+
+fn missing(checker: &Checker, want: &[TruthRecord]) -> BTreeMap<String, usize> {
+    let parts = checker.by_partition();
+    KEYS.iter()
+        .map(|k| {
+            let got = versions(parts.get(*k).map(Vec::as_slice).unwrap_or_default());
+            (
+                k.to_string(),
+                want.iter().filter(|v| !got.contains(v)).count(),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// The cluster and everything the faults act on.
+struct Rig {
+    c: Cluster,
+    redis: RedisServer,
+    redis_proxy: FaultProxy,
+    amqp_proxy: FaultProxy,
+    api_proxy: FaultProxy,
+    workers: Vec<usize>,
+    next_worker: usize,
+}
+
+const WORKER_ARGS: [&str; 4] = ["--max-attempts", "30", "--retry-base", "200ms"];
+
+impl Rig {
+    fn links(&self) -> [&FaultProxy; 3] {
+        [&self.redis_proxy, &self.amqp_proxy, &self.api_proxy]
+    }
+
+    fn add_worker(&mut self) -> usize {
+        self.next_worker += 1;
+        let i = self
+            .c
+            .worker(&format!("w{}", self.next_worker), &WORKER_ARGS);
+        self.workers.push(i);
+        i
+    }
+
+    async fn faults(&self, json: serde_json::Value, hold: Duration) {
+        self.c.admin("/_admin/faults", Some(json)).await;
+        tokio::time::sleep(hold).await;
+        self.c
+            .admin("/_admin/faults", Some(serde_json::json!({})))
+            .await;
+    }
+
+    /// Inject `fault`; returns what was done (for the report).
+    async fn inject(&mut self, fault: Fault, rng: &mut Rng) -> String {
+        let lease = Duration::from_secs(4);
+        if let Some(point) = fault.failpoint() {
+            // A worker armed to crash at the k-th time it reaches the point.
+            let k = 1 + rng.below(4);
+            self.next_worker += 1;
+            let spec = format!("{point}={k}*off->return");
+            let name = format!("w{}-{point}", self.next_worker);
+            let i = self
+                .c
+                .worker_with_env(&name, &WORKER_ARGS, &[("FAILPOINTS", spec.as_str())]);
+            // Keep the API changing, so the armed worker meets pages with records.
+            let mut status = None;
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while Instant::now() < deadline {
+                status = tokio::task::block_in_place(|| {
+                    self.c.procs[i].wait(Duration::from_millis(300))
+                });
+                if status.is_some() {
+                    break;
+                }
+                self.c.admin("/_admin/insert?n=2", None).await;
+                self.c.admin("/_admin/update?n=2", None).await;
+            }
+            assert_eq!(
+                status.and_then(|s| s.code()),
+                Some(86),
+                "{name} did not crash at {point} (is the binary built with the worker's failpoints, by cargo test --workspace?){}",
+                self.c.logs()
+            );
+            return format!("crashed at hit {}", k + 1);
+        }
+        match fault {
+            Fault::KillWorker => {
+                let victim = self
+                    .workers
+                    .remove(rng.below(self.workers.len() as u64) as usize);
+                self.c.procs[victim].kill9();
+                self.add_worker();
+                format!("{} killed, a new worker started", self.c.procs[victim].name)
+            }
+            Fault::FreezeWorkerPastLease => {
+                // A slow API keeps every worker in the middle of a page.
+                self.c
+                    .admin(
+                        "/_admin/faults",
+                        Some(serde_json::json!({"slow_every": 1, "slow_ms": 800})),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                let victim = self.workers[rng.below(self.workers.len() as u64) as usize];
+                self.c.procs[victim].signal("STOP");
+                tokio::time::sleep(lease + Duration::from_secs(2)).await;
+                self.c.procs[victim].signal("CONT");
+                self.c
+                    .admin("/_admin/faults", Some(serde_json::json!({})))
+                    .await;
+                format!(
+                    "{} frozen {:?}",
+                    self.c.procs[victim].name,
+                    lease + Duration::from_secs(2)
+                )
+            }
+            Fault::ConnectionResets => {
+                for _ in 0..3 {
+                    self.links().iter().for_each(|p| p.reset_all());
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                }
+                let resets: u64 = self.links().iter().map(|p| p.counters().resets).sum();
+                format!("{resets} connections reset so far")
+            }
+            Fault::StalledLinks => {
+                self.links()
+                    .iter()
+                    .for_each(|p| p.stall(Duration::from_secs(3)));
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                "3 s".into()
+            }
+            Fault::SlowLinks => {
+                self.links().iter().for_each(|p| p.slow(Some(100_000)));
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                self.links().iter().for_each(|p| p.slow(None));
+                "5 s".into()
+            }
+            Fault::RedisRestart => {
+                self.redis.kill9();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::task::block_in_place(|| self.redis.restart());
+                "down about 1 s".into()
+            }
+            Fault::BrokerUnreachable => {
+                self.amqp_proxy.refuse(true);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                self.amqp_proxy.refuse(false);
+                "2 s".into()
+            }
+            Fault::Api429Storm => {
+                self.faults(
+                    serde_json::json!({"fail_429_every": 2, "retry_after_secs": 1}),
+                    Duration::from_secs(4),
+                )
+                .await;
+                "4 s".into()
+            }
+            Fault::Api5xxBurst => {
+                self.faults(
+                    serde_json::json!({"fail_500_every": 2}),
+                    Duration::from_secs(4),
+                )
+                .await;
+                "4 s".into()
+            }
+            Fault::ApiTimeouts => {
+                self.faults(
+                    serde_json::json!({"slow_every": 3, "slow_ms": 3000}),
+                    Duration::from_secs(5),
+                )
+                .await;
+                "5 s".into()
+            }
+            Fault::ApiTruncatedBodies => {
+                self.faults(
+                    serde_json::json!({"truncate_every": 3}),
+                    Duration::from_secs(4),
+                )
+                .await;
+                "4 s".into()
+            }
+            Fault::ApiExpiredCursors => {
+                self.faults(
+                    serde_json::json!({"cursor_ttl_secs": 0}),
+                    Duration::from_secs(3),
+                )
+                .await;
+                "3 s".into()
+            }
+            _ => unreachable!("failpoints are handled above"),
+        }
+    }
+}
+
+fn host_port(url: &str) -> String {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let rest = rest.rsplit('@').next().unwrap_or(rest);
+    rest.split('/').next().unwrap_or(rest).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn faults_while_syncing_lose_nothing() {
+    let seed: u64 = std::env::var("TIDEMARK_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                % 1_000_000
+        });
+    let soak = std::env::var_os("TIDEMARK_SOAK").is_some();
+    let (records, rounds, churn) = if soak {
+        (20_000, 3, 40)
+    } else {
+        (3_000, 1, 15)
+    };
+    eprintln!(
+        "reliability: seed {seed}, {}",
+        if soak { "soak" } else { "CI" }
+    );
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let started = Instant::now();
+
+    let redis = tokio::task::block_in_place(RedisServer::start_aof);
+    let mut c = Cluster::start(
+        &format!("{}{}", feeds(), hostile_feeds()),
+        &["--records", &records.to_string(), "--latency-ms", "5"],
+    );
+    let text = std::fs::read_to_string(&c.config)
+        .unwrap()
+        .replace("timeout: 10s", "timeout: 2s");
+    std::fs::write(&c.config, text).unwrap();
+    let redis_proxy = FaultProxy::start(&host_port(&redis.url())).await.unwrap();
+    let amqp_proxy = FaultProxy::start(&host_port(&amqp_url())).await.unwrap();
+    let api_proxy = FaultProxy::start(&host_port(&c.mock_url)).await.unwrap();
+    c.set_base_url(&api_proxy.url_for(&c.mock_url));
+    c.redis = redis.url();
+    c.env.extend([
+        ("REDIS_URL".into(), redis_proxy.url_for(&redis.url())),
+        ("AMQP_URL".into(), amqp_proxy.url_for(&amqp_url())),
+        ("TIDEMARK_LEASE".into(), "4s".into()),
+        ("TIDEMARK_LOG_FORMAT".into(), "json".into()),
+        (
+            "TIDEMARK_LOG".into(),
+            "info,tidemark_worker=debug,lapin=warn,tidemark_bus=warn".into(),
+        ),
+    ]);
+    let checker = Checker::start(&c.exchange()).await;
+    c.coordinator_with("coord", &["--tick", "250ms", "--leader-ttl", "3s"]);
+    let mut rig = Rig {
+        c,
+        redis,
+        redis_proxy,
+        amqp_proxy,
+        api_proxy,
+        workers: Vec::new(),
+        next_worker: 0,
+    };
+    for _ in 0..3 {
+        rig.add_worker();
+    }
+    let monitor = Monitor::start(&rig.c).await;
+    let first = rig.c.truth().await.records;
+    assert!(
+        eventually(Duration::from_secs(180), async || all_arrived(
+            &checker, &first
+        ))
+        .await,
+        "the first walk did not complete: missing {:?}{}",
+        missing(&checker, &first),
+        rig.c.logs()
+    );
+
+    let mut plan: Vec<Fault> = Vec::new();
+    for _ in 0..rounds {
+        let mut round = ALL.to_vec();
+        rng.shuffle(&mut round);
+        plan.extend(round);
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    for fault in plan {
+        rig.c
+            .admin(&format!("/_admin/insert?n={churn}"), None)
+            .await;
+        rig.c
+            .admin(&format!("/_admin/update?n={churn}"), None)
+            .await;
+        let dups_before = checker.duplicate_messages();
+        eprintln!("reliability: {}", fault.describe());
+        let began = Instant::now();
+        let injected = rig.inject(fault, &mut rng).await;
+        let healed = Instant::now();
+        let want = rig.c.truth().await.records;
+        let ok = eventually(Duration::from_secs(120), async || {
+            all_arrived(&checker, &want)
+        })
+        .await;
+        assert!(
+            ok,
+            "after {}: missing {:?}{}",
+            fault.describe(),
+            missing(&checker, &want),
+            rig.c.logs()
+        );
+        rows.push(Row {
+            fault,
+            injected,
+            lasted: healed - began,
+            duplicates: checker.duplicate_messages() - dups_before,
+            recovered: healed.elapsed(),
+        });
+    }
+
+    // Settle: one more round of changes, everything arrives, then stop looking.
+    rig.c.admin("/_admin/insert?n=5", None).await;
+    let truth = rig.c.truth().await;
+    let settled = eventually(Duration::from_secs(60), async || {
+        all_arrived(&checker, &truth.records)
+    })
+    .await;
+    let (regressions, samples) = monitor.finish().await;
+    let logs: Vec<std::path::PathBuf> = rig
+        .c
+        .procs
+        .iter()
+        .filter(|p| p.name.starts_with('w'))
+        .map(|p| p.log.clone())
+        .collect();
+    let audit = audit_commits(&logs);
+
+    // Bad input: each job failed with a clear error, its cursor on the last good page.
+    let jobs = rig.c.jobs().await;
+    let mut bad_input = Vec::new();
+    for (kind, what) in HOSTILE {
+        let (_, cp) = jobs
+            .iter()
+            .find(|(j, _)| j.feed == format!("bad_{kind}"))
+            .expect("hostile job");
+        bad_input.push((
+            what,
+            cp.phase.as_str().to_string(),
+            cp.cursor.clone().unwrap_or_default(),
+            cp.last_error.clone().unwrap_or_default(),
+        ));
+    }
+    let lost: usize = missing(&checker, &truth.records).values().sum();
+    let delivered: HashSet<(String, TruthRecord)> = checker
+        .arrived()
+        .iter()
+        .map(|a| {
+            (
+                a.routing_key.clone(),
+                TruthRecord {
+                    id: a.id.clone(),
+                    updated_at: a.updated_at.clone(),
+                },
+            )
+        })
+        .collect();
+    let report = render(&Summary {
+        seed,
+        soak,
+        rounds,
+        source_records: truth.records.len(),
+        source_versions: truth.versions.len(),
+        delivered: delivered.len(),
+        messages: checker.count(),
+        lost,
+        duplicates: checker.duplicate_messages(),
+        regressions: &regressions,
+        samples,
+        audit: &audit,
+        rows: &rows,
+        bad_input: &bad_input,
+        took: started.elapsed(),
+    });
+    eprintln!("{report}");
+    let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("reliability.md");
+    std::fs::write(&out, &report).unwrap();
+    if let Ok(path) = std::env::var("TIDEMARK_RELIABILITY_OUT") {
+        // Replace what follows the marker (the last run), keeping the text above it.
+        const MARK: &str = "<!-- last run: written by the reliability suite -->";
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        let head = match old.find(MARK) {
+            Some(i) => old[..i].to_string(),
+            None => old,
+        };
+        std::fs::write(&path, format!("{head}{MARK}\n\n{report}")).unwrap();
+    }
+
+    assert!(
+        settled,
+        "not everything arrived at the end: {:?}",
+        missing(&checker, &truth.records)
+    );
+    assert_eq!(lost, 0, "records lost");
+    assert!(
+        regressions.is_empty(),
+        "cursor regressions: {regressions:?}"
+    );
+    assert!(samples > 50, "the monitor barely ran ({samples} samples)");
+    assert!(audit.stale_applied.is_empty(), "{:?}", audit.stale_applied);
+    assert!(
+        audit.applied > 100,
+        "too few commits seen in the logs: {audit:?}"
+    );
+    for (what, phase, cursor, error) in &bad_input {
+        assert_eq!(phase, "failed", "{what}: {error}");
+        assert!(
+            cursor == "p2" || cursor == "p3",
+            "{what}: the cursor moved past the good page: {cursor}"
+        );
+        assert!(
+            !error.is_empty() && !error.contains("panicked"),
+            "{what}: {error}"
+        );
+    }
+    assert!(
+        audit.fenced + audit.stale_dropped > 0,
+        "the frozen worker's work was not fenced: {audit:?}"
+    );
+}
+
+struct Summary<'a> {
+    seed: u64,
+    soak: bool,
+    rounds: usize,
+    source_records: usize,
+    source_versions: usize,
+    delivered: usize,
+    messages: usize,
+    lost: usize,
+    duplicates: u64,
+    regressions: &'a [String],
+    samples: u64,
+    audit: &'a CommitAudit,
+    rows: &'a [Row],
+    /// (what, phase, cursor, last error) per hostile feed.
+    bad_input: &'a [(&'a str, String, String, String)],
+    took: Duration,
+}
+
+fn render(s: &Summary) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "### Run: seed {}, {} ({} round{} of {} faults), {:.0} s\n\n",
+        s.seed,
+        if s.soak { "soak" } else { "CI configuration" },
+        s.rounds,
+        if s.rounds == 1 { "" } else { "s" },
+        ALL.len(),
+        s.took.as_secs_f64()
+    ));
+    out.push_str("| measure | value |\n|---|---|\n");
+    for (k, v) in [
+        ("feeds × partitions (routing keys)", KEYS.len().to_string()),
+        (
+            "records in the source (current versions, per routing key)",
+            s.source_records.to_string(),
+        ),
+        (
+            "record versions the source ever held",
+            s.source_versions.to_string(),
+        ),
+        (
+            "distinct record versions delivered (all routing keys)",
+            s.delivered.to_string(),
+        ),
+        ("messages delivered", s.messages.to_string()),
+        (
+            "**lost** (current versions missing downstream; must be 0)",
+            s.lost.to_string(),
+        ),
+        (
+            "duplicate messages (same message id again)",
+            s.duplicates.to_string(),
+        ),
+        (
+            "**cursor regressions** (seq or high-water going back; must be 0)",
+            s.regressions.len().to_string(),
+        ),
+        ("checkpoint samples taken", s.samples.to_string()),
+        ("commits applied", s.audit.applied.to_string()),
+        (
+            "commits answered ALREADY_APPLIED",
+            s.audit.already_applied.to_string(),
+        ),
+        (
+            "commits refused as FENCED (stale epoch)",
+            s.audit.fenced.to_string(),
+        ),
+        ("commits refused as CONFLICT", s.audit.conflict.to_string()),
+        (
+            "tasks of a stale epoch dropped before any work",
+            s.audit.stale_dropped.to_string(),
+        ),
+        (
+            "**commits applied under a stale epoch** (must be 0)",
+            s.audit.stale_applied.len().to_string(),
+        ),
+    ] {
+        out.push_str(&format!("| {k} | {v} |\n"));
+    }
+    out.push_str(
+        "\n| fault | injected | fault lasted | duplicates during it | time to recover |\n|---|---|---|---|---|\n",
+    );
+    for r in s.rows {
+        out.push_str(&format!(
+            "| {} | {} | {:.1} s | {} | {:.1} s |\n",
+            r.fault.describe(),
+            r.injected,
+            r.lasted.as_secs_f64(),
+            r.duplicates,
+            r.recovered.as_secs_f64()
+        ));
+    }
+    out.push_str(
+        "\n| bad input from the API | job | cursor kept | error on the job |\n|---|---|---|---|\n",
+    );
+    for (what, phase, cursor, error) in s.bad_input {
+        let error = error.replace('|', "\\|");
+        out.push_str(&format!("| {what} | {phase} | `{cursor}` | {error} |\n"));
+    }
+    out.push_str(
+        "\n*Time to recover*: from the end of the fault until every current record version \
+         (including the changes made just before it) had arrived on every routing key.\n",
+    );
+    out
+}
