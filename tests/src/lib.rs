@@ -437,6 +437,17 @@ impl Cluster {
             .expect("truth json")
     }
 
+    /// Data requests the mock has served on `path`.
+    pub async fn requests(&self, path: &str) -> u64 {
+        let stats: serde_json::Value = reqwest::get(format!("{}/_stats", self.mock_url))
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("stats json");
+        stats["by_path"][path].as_u64().unwrap_or(0)
+    }
+
     /// POST to a mock admin endpoint (`/_admin/insert?n=5`, ...).
     pub async fn admin(&self, path: &str, body: Option<serde_json::Value>) {
         let c = reqwest::Client::new();

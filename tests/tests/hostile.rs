@@ -94,16 +94,6 @@ fn feeds_yaml() -> String {
     yaml
 }
 
-async fn requests(c: &Cluster, path: &str) -> u64 {
-    let stats: serde_json::Value = reqwest::get(format!("{}/_stats", c.mock_url))
-        .await
-        .expect("stats")
-        .json()
-        .await
-        .expect("stats json");
-    stats["by_path"][path].as_u64().unwrap_or(0)
-}
-
 /// Every process log in full (the mock's too), for panics.
 fn full_logs(c: &Cluster) -> Vec<(String, String)> {
     std::iter::once(&c.mock)
@@ -198,7 +188,7 @@ async fn bad_pages_fail_their_job_with_a_clear_error_and_keep_the_cursor() {
         );
         // A bad page is read once: never retried (it cannot get better), never spun on.
         let path = format!("/hostile/{}", e.kind);
-        assert_eq!(requests(&c, &path).await, e.requests, "requests to {path}");
+        assert_eq!(c.requests(&path).await, e.requests, "requests to {path}");
     }
     assert_eq!(
         c.dead_letters().await,
@@ -248,11 +238,7 @@ async fn bad_pages_fail_their_job_with_a_clear_error_and_keep_the_cursor() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     for e in EXPECT {
         let path = format!("/hostile/{}", e.kind);
-        assert_eq!(
-            requests(&c, &path).await,
-            e.requests,
-            "{path} after failing"
-        );
+        assert_eq!(c.requests(&path).await, e.requests, "{path} after failing");
     }
     let again = c.jobs().await;
     for e in EXPECT {

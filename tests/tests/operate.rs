@@ -53,17 +53,6 @@ fn status(c: &Cluster) -> HashMap<String, serde_json::Value> {
         .collect()
 }
 
-/// Data requests the mock has served on `path`.
-async fn requests(c: &Cluster, path: &str) -> u64 {
-    let stats: serde_json::Value = reqwest::get(format!("{}/_stats", c.mock_url))
-        .await
-        .expect("stats")
-        .json()
-        .await
-        .expect("stats json");
-    stats["by_path"][path].as_u64().unwrap_or(0)
-}
-
 /// Tasks a worker dropped or commits it saw fenced: the old epoch's work being refused.
 async fn fenced_work(metrics_url: &str) -> u64 {
     let text = reqwest::get(format!("{metrics_url}/metrics"))
@@ -119,10 +108,10 @@ async fn commands_steer_a_distributed_deployment() {
     let said = ctl(&c, &["pause", "tickets"], 0);
     assert!(said.contains("pause tickets/all: done"), "{said}");
     tokio::time::sleep(Duration::from_millis(tick_ms + 100 + 700)).await;
-    let seen = requests(&c, path).await;
+    let seen = c.requests(path).await;
     let pages = status(&c)["tickets"]["pages"].as_u64().unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(requests(&c, path).await, seen, "requests while paused");
+    assert_eq!(c.requests(path).await, seen, "requests while paused");
     assert_eq!(status(&c)["tickets"]["pages"].as_u64().unwrap(), pages);
     assert_eq!(status(&c)["tickets"]["phase"], "paused");
 
@@ -183,7 +172,7 @@ async fn commands_steer_a_distributed_deployment() {
 
     // retry: the failed job runs again (and fails again: its API is down).
     let failed_epoch = status(&c)["broken"]["epoch"].as_u64().unwrap();
-    let hits = requests(&c, "/broken/records").await;
+    let hits = c.requests("/broken/records").await;
     let said = ctl(&c, &["retry", "broken"], 0);
     assert!(said.contains("retry broken/all: done"), "{said}");
     assert!(
@@ -195,7 +184,7 @@ async fn commands_steer_a_distributed_deployment() {
         "the retried job did not run again{}",
         c.logs()
     );
-    assert!(requests(&c, "/broken/records").await > hits);
+    assert!(c.requests("/broken/records").await > hits);
     ctl(&c, &["pause", "nope"], 2);
 
     // A rewind fences the epoch a page is working under: its commit is refused.
