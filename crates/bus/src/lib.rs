@@ -33,6 +33,9 @@ pub struct PageTask {
     pub start_from: Option<String>,
     #[serde(default)]
     pub attempt: u32,
+    /// Empty pages in a row just before this one, each claiming more.
+    #[serde(default)]
+    pub empty_run: u32,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -123,6 +123,7 @@ fn task(seq: u64) -> PageTask {
         cursor: Some(format!("c{seq}")),
         start_from: None,
         attempt: 0,
+        empty_run: 0,
     }
 }
 

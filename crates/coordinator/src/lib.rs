@@ -246,6 +246,7 @@ impl Coordinator {
             cursor: cp.cursor.clone(),
             start_from: cp.start_from.clone(),
             attempt: 0,
+            empty_run: 0,
         };
         if let Err(e) = self.deps.tasks.publish_task(&task, None).await {
             let _ = store.release(job, epoch).await;

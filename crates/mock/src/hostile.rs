@@ -14,6 +14,7 @@
 //! | `utf8` | a 200 whose body has invalid UTF-8 bytes inside a JSON string |
 //! | `types` | `"records"` is an object, not an array |
 //! | `empty_more` | no records, `"has_more": true` and `"next": "p3"` (so `p3` pages to itself) |
+//! | `empty_forever` | no records, `"has_more": true` and a new cursor every time (`pN` leads to `pN+1`) |
 //!
 //! An unknown kind is a 404.
 
@@ -25,7 +26,14 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 /// The kinds served.
-pub const KINDS: [&str; 5] = ["loop", "huge", "utf8", "types", "empty_more"];
+pub const KINDS: [&str; 6] = [
+    "loop",
+    "huge",
+    "utf8",
+    "types",
+    "empty_more",
+    "empty_forever",
+];
 
 /// Bytes in the `huge` body, at least.
 pub const HUGE_BYTES: usize = 100 * 1024 * 1024;
@@ -61,6 +69,13 @@ pub fn serve(kind: &str, cursor: Option<&str>) -> Response {
             b"{\"records\":[{\"id\":\"h4\",\"updated_at\":\"2024-01-01T00:00:03Z\",\"name\":\"caf\xc3\xa9 \xff\xfe\xc0\xaf\"}],\"next\":\"p3\"}",
         )),
         "types" => Body::from(r#"{"records":{"id":"h4","updated_at":"2024-01-01T00:00:03Z"},"next":"p3"}"#),
+        "empty_forever" => {
+            let n = cursor
+                .trim_start_matches('p')
+                .parse::<u64>()
+                .unwrap_or(2);
+            Body::from(format!(r#"{{"records":[],"has_more":true,"next":"p{}"}}"#, n + 1))
+        }
         _ => Body::from(r#"{"records":[],"has_more":true,"next":"p3"}"#), // empty_more
     };
     json(body)

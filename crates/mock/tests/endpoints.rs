@@ -164,6 +164,11 @@ async fn hostile_apis_serve_a_good_page_then_a_bad_one() {
     }
 
     // loop: records, more claimed, and the cursor it was given.
+    // empty_forever: a new cursor every time, never a record.
+    let (_, p, _) = get(&format!("{base}/hostile/empty_forever?cursor=p41")).await;
+    assert_eq!(p["records"].as_array().map(Vec::len), Some(0));
+    assert_eq!(p["next"], "p42");
+    assert_eq!(p["has_more"], true);
     let (_, p, _) = get(&format!("{base}/hostile/loop?cursor=p2")).await;
     assert_eq!(ids(&p["records"]), ["h4"]);
     assert_eq!((&p["next"], &p["has_more"]), (&"p2".into(), &true.into()));

@@ -45,7 +45,7 @@ use tidemark_telemetry::Metrics;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-pub use page::Outcome;
+pub use page::{MAX_EMPTY_PAGES_IN_A_ROW, Outcome};
 
 /// How a worker behaves.
 #[derive(Debug, Clone)]

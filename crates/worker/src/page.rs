@@ -64,6 +64,10 @@ impl Resolved {
     }
 }
 
+/// Empty pages in a row, each with a new cursor and more claimed, after
+/// which a chain is taken for a loop and its job fails.
+pub const MAX_EMPTY_PAGES_IN_A_ROW: u32 = 100;
+
 /// `t` (a time or a time-valued version) minus the feed's `lag`, as RFC 3339.
 fn minus_lag(feed: &FeedConfig, t: &str) -> Option<String> {
     let lag = chrono::Duration::from_std(feed.lag()).unwrap_or_default();
@@ -373,6 +377,21 @@ impl Worker {
             crash_point!("worker::after_publish");
         }
 
+        // An API may skip a filtered-out page with an empty one and a new
+        // cursor, but not forever: a run of them is a loop whose cursor
+        // changes. Stop before committing, so the cursor stays where it was.
+        if count == 0
+            && matches!(read.next, Next::More(_))
+            && task.empty_run + 1 >= MAX_EMPTY_PAGES_IN_A_ROW
+        {
+            return Outcome::Fail {
+                error: format!(
+                    "page {}: the API answered {MAX_EMPTY_PAGES_IN_A_ROW} empty pages in a row, each with a new cursor and more claimed: stopped as a pagination loop",
+                    task.seq
+                ),
+            };
+        }
+
         // The one fenced step.
         let (next_cursor, eos) = match read.next {
             Next::More(c) => (Some(c), false),
@@ -434,6 +453,7 @@ impl Worker {
             cursor: next_cursor,
             start_from: task.start_from.clone(),
             attempt: 0,
+            empty_run: if count == 0 { task.empty_run + 1 } else { 0 },
         };
         // The commit is in; if the next task cannot be published the lease
         // runs out and the coordinator re-issues the chain from the cursor.
