@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::Serialize;
 use tidemark_core::config::{FeedConfig, Partition, load_file};
-use tidemark_core::pagination::{Next, Position, redact_query};
+use tidemark_core::pagination::{
+    MAX_EMPTY_PAGES_IN_A_ROW, Next, Position, empty_run_error, redact_query,
+};
 use tidemark_core::timefmt::parse_timestamp;
 use tidemark_source::HttpSource;
 
@@ -118,6 +120,7 @@ pub async fn run(
     let (mut pages, mut records, mut bytes) = (0u64, 0u64, 0u64);
     let mut end = EndReason::EndOfStream;
     let mut resume: Option<String> = None;
+    let mut empty_run = 0u32;
     let failure = loop {
         if opts.max_pages.is_some_and(|m| pages >= m) {
             end = EndReason::MaxPages;
@@ -167,7 +170,8 @@ pub async fn run(
             })
             .collect();
         pages += 1;
-        records += spans.len() as u64;
+        let records_in_page = spans.len();
+        records += records_in_page as u64;
         bytes += body.len() as u64;
         let next = read.next;
         if tx.send(Chunk { body, spans }).is_err() {
@@ -182,6 +186,13 @@ pub async fn run(
                 "\r{}: {pages} pages, {records} records ({rate:.0} records/s)   ",
                 feed.name
             );
+        }
+        empty_run = match (&next, records_in_page) {
+            (Next::More(_), 0) => empty_run + 1,
+            _ => 0,
+        };
+        if empty_run >= MAX_EMPTY_PAGES_IN_A_ROW {
+            break Some(format!("page {pages}: {}", empty_run_error()));
         }
         match next {
             Next::More(c) => pos = Position::At(c),

@@ -160,3 +160,23 @@ async fn validate_exit_codes_and_error_format() {
     let run = tidemark(&["pull", "--bogus-flag"], &[]).await;
     assert_eq!(run.code, 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn endless_empty_pages_with_new_cursors_stop_as_a_loop() {
+    // Each empty page claims more and hands out a new cursor: p2, p3, p4, ...
+    let server = mock(10, Faults::default()).await;
+    let cfg = write_config(&format!(
+        "sources:\n  api:\n    base_url: {}\nfeeds:\n  - name: f\n    source: api\n    path: /hostile/empty_forever\n    records: /records\n    pagination: {{ cursor_param: cursor, next_cursor: /next, has_more: /has_more }}\n    key: /id\n",
+        server.base_url()
+    ));
+    let run = pull(&cfg, "f", &[]).await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("100 empty pages in a row"),
+        "{}",
+        run.stderr
+    );
+    // The good first page was printed; nothing else.
+    assert_eq!(run.stdout.lines().count(), 3, "{}", run.stdout);
+    server.shutdown().await;
+}

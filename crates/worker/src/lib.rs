@@ -45,7 +45,7 @@ use tidemark_telemetry::Metrics;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-pub use page::{MAX_EMPTY_PAGES_IN_A_ROW, Outcome};
+pub use page::Outcome;
 
 /// How a worker behaves.
 #[derive(Debug, Clone)]

@@ -14,7 +14,9 @@ use tidemark_core::checkpoint::{
     Checkpoint, Commit, CommitOutcome, Phase, Restart, Stage, compare_versions, max_version,
 };
 use tidemark_core::config::{FeedConfig, Mode, Partition};
-use tidemark_core::pagination::{Next, Position, redact_query};
+use tidemark_core::pagination::{
+    MAX_EMPTY_PAGES_IN_A_ROW, Next, Position, empty_run_error, redact_query,
+};
 use tidemark_core::record::{identity, page_message_id, positional_message_id, record_message_id};
 use tidemark_core::timefmt::parse_timestamp;
 use tidemark_source::{FetchError, HttpSource, backoff_delay};
@@ -63,10 +65,6 @@ impl Resolved {
         &self.snap.config.sources[self.source_name()]
     }
 }
-
-/// Empty pages in a row, each with a new cursor and more claimed, after
-/// which a chain is taken for a loop and its job fails.
-pub const MAX_EMPTY_PAGES_IN_A_ROW: u32 = 100;
 
 /// `t` (a time or a time-valued version) minus the feed's `lag`, as RFC 3339.
 fn minus_lag(feed: &FeedConfig, t: &str) -> Option<String> {
@@ -385,10 +383,7 @@ impl Worker {
             && task.empty_run + 1 >= MAX_EMPTY_PAGES_IN_A_ROW
         {
             return Outcome::Fail {
-                error: format!(
-                    "page {}: the API answered {MAX_EMPTY_PAGES_IN_A_ROW} empty pages in a row, each with a new cursor and more claimed: stopped as a pagination loop",
-                    task.seq
-                ),
+                error: format!("page {}: {}", task.seq, empty_run_error()),
             };
         }
 

@@ -618,6 +618,18 @@ fn kind_of(raw: &str) -> &'static str {
     }
 }
 
+/// Empty pages in a row, each with a new cursor and more claimed, after
+/// which a cursor walk is taken for a loop whose cursor changes. (An API may
+/// skip a filtered-out page with an empty one, but not forever.)
+pub const MAX_EMPTY_PAGES_IN_A_ROW: u32 = 100;
+
+/// The error of a walk stopped by [`MAX_EMPTY_PAGES_IN_A_ROW`].
+pub fn empty_run_error() -> String {
+    format!(
+        "the API answered {MAX_EMPTY_PAGES_IN_A_ROW} empty pages in a row, each with a new cursor and more claimed: stopped as a pagination loop"
+    )
+}
+
 /// A URL for messages: the query is dropped (it may carry an api key).
 pub fn redact_query(url: &Url) -> String {
     let mut u = url.clone();
