@@ -194,11 +194,17 @@ impl Drop for RedisServer {
     }
 }
 
+/// A free port below the ephemeral range (32768+), so that while the server
+/// is down for a restart no outgoing connection is given its port.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port on 127.0.0.1")
-        .port()
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (0..2000u32)
+        .map(|i| 20_000 + ((seed.wrapping_add(i * 7919)) % 12_000) as u16)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port on 127.0.0.1 between 20000 and 32000")
 }
 
 fn pong(addr: SocketAddr) -> bool {

@@ -15,7 +15,7 @@
 //! ```sh
 //! TIDEMARK_CHAOS_SEED=42 cargo test -p tidemark-tests --test reliability -- --nocapture
 //! TIDEMARK_SOAK=1 TIDEMARK_RELIABILITY_OUT=$PWD/docs/RELIABILITY.md \
-//!     cargo test --release -p tidemark-tests --test reliability -- --nocapture
+//!     cargo test -p tidemark-tests --test reliability -- --nocapture
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 

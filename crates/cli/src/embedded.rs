@@ -144,8 +144,23 @@ impl StateDir {
         let body = serde_json::to_vec(req).map_err(|e| Failure::runtime(e.to_string()))?;
         write_atomic(&dir.join(format!("{id}.json")), &body)?;
         let reply = dir.join(format!("{id}.reply"));
+        let request = dir.join(format!("{id}.json"));
         for _ in 0..100 {
             tokio::time::sleep(Duration::from_millis(100)).await;
+            // The holder may have been another command, now done: then apply it here.
+            if request.exists()
+                && let Some(owned) = self.take()?
+            {
+                let _ = std::fs::remove_file(&request);
+                return ops::apply(
+                    &*owned.store,
+                    &req.feed,
+                    req.partition.as_deref(),
+                    &req.action,
+                )
+                .await
+                .map_err(op_failure);
+            }
             let Ok(bytes) = std::fs::read(&reply) else {
                 continue;
             };
@@ -205,6 +220,16 @@ pub struct Owned {
 }
 
 impl Owned {
+    /// Forget requests nobody answered (their command gave up or was
+    /// killed): a run must not apply them, perhaps hours later.
+    fn clear_requests(&self) {
+        if let Ok(entries) = std::fs::read_dir(self.dir.requests()) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
     /// Answer the requests other processes left in `D/requests/`.
     async fn serve_requests(&self) {
         let Ok(entries) = std::fs::read_dir(self.dir.requests()) else {
@@ -323,9 +348,14 @@ impl JsonlSink {
                 let Some(f) = files.get_mut(&page.feed) else {
                     return Err("output file vanished".into());
                 };
-                f.write_all(&buf)
-                    .and_then(|_| f.sync_data())
-                    .map_err(|e| format!("cannot write {}: {e}", path.display()))
+                let written = f.write_all(&buf).and_then(|_| f.sync_data());
+                if let Err(e) = written {
+                    // Part of the page may be in the file: reopen (and so
+                    // repair) it before the retry appends the page again.
+                    files.remove(&page.feed);
+                    return Err(format!("cannot write {}: {e}", path.display()));
+                }
+                Ok(())
             }
         }
     }
@@ -334,12 +364,17 @@ impl JsonlSink {
 /// Open `path` for appending, first cutting off a last line that a crash
 /// left without its newline (its page was never committed).
 fn open_repaired(path: &Path) -> std::io::Result<File> {
+    let existed = path.exists();
     let mut f = OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
         .open(path)?;
+    if !existed && let Some(dir) = path.parent() {
+        // A new file's name must survive a power loss as its lines do.
+        File::open(dir)?.sync_all()?;
+    }
     let len = f.metadata()?.len();
     if len > 0 {
         // Find the last newline, reading backwards in blocks.
@@ -410,6 +445,7 @@ pub async fn sync(
 ) -> Result<(), Failure> {
     let store: Arc<dyn StateStore> = owned.store.clone();
     let started_ms = now_ms();
+    owned.clear_requests();
     // Chains that were running when the last process died: re-issue them now
     // from their stored cursors instead of waiting for their leases to expire.
     for (job, cp) in store.list().await.map_err(state_failure)? {
@@ -463,6 +499,17 @@ pub async fn sync(
         stopped(stop_rx.clone()),
     );
     let feeds: Vec<String> = config.feeds.iter().map(|f| f.name.clone()).collect();
+    // --once waits for a job of every feed that has partitions now (a
+    // backfill whose windows have not begun has none yet).
+    let feeds_with_jobs: Vec<String> = config
+        .feeds
+        .iter()
+        .filter(|f| {
+            f.partitions(chrono::Utc::now())
+                .is_ok_and(|p| !p.is_empty())
+        })
+        .map(|f| f.name.clone())
+        .collect();
     let watcher = async {
         tokio::pin!(shutdown);
         let mut every = tokio::time::interval(opts.tick.min(Duration::from_millis(250)));
@@ -472,7 +519,7 @@ pub async fn sync(
                 _ = every.tick() => {}
             }
             owned.serve_requests().await;
-            if opts.once && all_done(&*store, &feeds, started_ms).await {
+            if opts.once && all_done(&*store, &feeds_with_jobs, started_ms).await {
                 tracing::info!("--once: every job reached its end of stream");
                 break;
             }
@@ -488,7 +535,7 @@ pub async fn sync(
             .await
             .map_err(state_failure)?
             .into_iter()
-            .filter(|(_, cp)| cp.phase == Phase::Failed)
+            .filter(|(j, cp)| cp.phase == Phase::Failed && feeds.contains(&j.feed))
             .map(|(j, cp)| format!("{j}: {}", cp.last_error.unwrap_or_default()))
             .collect();
         if !failed.is_empty() {

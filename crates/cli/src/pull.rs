@@ -109,7 +109,10 @@ pub async fn run(
     // Page-number and offset walks repeat the chain's start time on every page.
     let chain_from = match &pos {
         Position::Start { from } => *from,
-        Position::At(_) => None,
+        Position::At(_) => match feed.start_position(&partition) {
+            Ok(Position::Start { from }) => from,
+            _ => None,
+        },
     };
     let (tx, rx) = mpsc::sync_channel::<Chunk>(PIPELINE_PAGES);
     let writer = std::thread::spawn(move || write_records(out, rx));

@@ -46,6 +46,7 @@ impl AdminToken {
     pub fn new(token: Option<&str>) -> Self {
         AdminToken(
             token
+                .map(str::trim)
                 .filter(|t| !t.is_empty())
                 .map(|t| Sha256::digest(t.as_bytes()).into()),
         )
@@ -280,6 +281,23 @@ mod tests {
         let page = c.get(&base).send().await.expect("send");
         assert_eq!(page.status(), 200);
         assert!(page.text().await.expect("body").contains("api/status"));
+    }
+
+    #[test]
+    fn a_token_read_from_a_file_with_a_newline_still_matches() {
+        let t = AdminToken::new(Some("s3cret\n"));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            "Bearer s3cret".parse().expect("header"),
+        );
+        assert!(t.admits(&h));
+        h.insert(
+            header::AUTHORIZATION,
+            "Bearer s3cre".parse().expect("header"),
+        );
+        assert!(!t.admits(&h));
+        assert!(!AdminToken::new(Some(" \n")).is_set());
     }
 
     #[tokio::test]
