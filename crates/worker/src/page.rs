@@ -247,33 +247,30 @@ impl Worker {
         if let Err(error) = self.permit(r).await {
             return Outcome::Requeue { error };
         }
-        let pos = match (&task.cursor, &task.start_from) {
-            (Some(c), _) => Position::At(c.clone()),
-            (None, Some(t)) => match parse_timestamp(t) {
-                Ok(from) => Position::Start { from: Some(from) },
+        // Where the chain started: the task's start time, else the feed's.
+        // A page-number or offset walk repeats it on every page.
+        let chain_from = match &task.start_from {
+            Some(t) => match parse_timestamp(t) {
+                Ok(from) => Some(from),
                 Err(e) => {
                     return Outcome::Fail {
                         error: format!("task start {t:?}: {e}"),
                     };
                 }
             },
-            (None, None) => match feed.start_position(&r.partition) {
-                Ok(p) => p,
+            None => match feed.start_position(&r.partition) {
+                Ok(Position::Start { from }) => from,
+                Ok(Position::At(_)) => None,
                 Err(error) => return Outcome::Fail { error },
             },
+        };
+        let pos = match &task.cursor {
+            Some(c) => Position::At(c.clone()),
+            None => Position::Start { from: chain_from },
         };
         let paginator = match feed.paginator_for(r.source(), &r.partition, cp.stage) {
             Ok(p) => p,
             Err(error) => return Outcome::Fail { error },
-        };
-        // The time the chain started from: page-number and offset walks
-        // repeat it on every page (their position carries no filter).
-        let chain_from = match task.start_from.as_deref().map(parse_timestamp) {
-            Some(Ok(t)) => Some(t),
-            _ => match feed.start_position(&r.partition) {
-                Ok(Position::Start { from }) => from,
-                _ => None,
-            },
         };
         let req = match paginator.request_in_chain(&pos, chain_from) {
             Ok(req) => req,
