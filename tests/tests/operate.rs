@@ -169,6 +169,23 @@ async fn commands_steer_a_distributed_deployment() {
         c.logs()
     );
 
+    // Every committed page observed its latency, from its task's first publish.
+    let text = reqwest::get(format!("{worker_metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let observed = text
+        .lines()
+        .find(|l| l.starts_with(r#"tidemark_page_latency_seconds_count{feed="tickets"}"#))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        observed >= 10.0,
+        "page latency observations: {observed}\n{text}"
+    );
+
     // rewind --to and --cursor move the stored start point and cursor.
     ctl(&c, &["pause", "events"], 0);
     ctl(&c, &["rewind", "events", "--to", "2024-01-01T00:00:00Z"], 0);

@@ -36,6 +36,10 @@ pub struct PageTask {
     /// Empty pages in a row just before this one, each claiming more.
     #[serde(default)]
     pub empty_run: u32,
+    /// When this page's task was first published (unix ms; retries keep
+    /// it), for the page latency metric. 0: unknown.
+    #[serde(default)]
+    pub published_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

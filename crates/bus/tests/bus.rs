@@ -124,6 +124,7 @@ fn task(seq: u64) -> PageTask {
         start_from: None,
         attempt: 0,
         empty_run: 0,
+        published_ms: 0,
     }
 }
 

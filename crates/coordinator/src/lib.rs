@@ -247,6 +247,7 @@ impl Coordinator {
             start_from: cp.start_from.clone(),
             attempt: 0,
             empty_run: 0,
+            published_ms: now_ms(),
         };
         if let Err(e) = self.deps.tasks.publish_task(&task, None).await {
             let _ = store.release(job, epoch).await;

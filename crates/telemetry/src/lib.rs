@@ -57,6 +57,7 @@ pub struct Metrics {
     pub records_published: Family<Labels, Counter>,
     pub commits: Family<Labels, Counter>,
     pub fetch_seconds: Family<Labels, Histogram>,
+    pub page_latency_seconds: Family<Labels, Histogram>,
     pub fetch_errors: Family<Labels, Counter>,
     pub tasks_dropped: Family<Labels, Counter>,
     pub tasks_retried: Family<Labels, Counter>,
@@ -109,6 +110,16 @@ impl Metrics {
                 "fetch_duration_seconds",
                 "Time to fetch one page, by feed",
                 Family::new_with_constructor(fetch_buckets),
+            ),
+            page_latency_seconds: register(
+                &mut r,
+                "page_latency_seconds",
+                "Time from a page task's first publish to its committed cursor (queueing, rate-limit waits, retries, fetch, publish and commit), by feed",
+                Family::new_with_constructor(|| {
+                    Histogram::new([
+                        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                    ])
+                }),
             ),
             fetch_errors: reg(
                 &mut r,

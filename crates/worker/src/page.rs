@@ -433,6 +433,12 @@ impl Worker {
             CommitOutcome::Fenced => return Outcome::Dropped("fenced"),
             CommitOutcome::Conflict => return Outcome::Dropped("conflict"),
         }
+        if outcome == CommitOutcome::Ok && task.published_ms > 0 {
+            self.metrics
+                .page_latency_seconds
+                .get_or_create(&Metrics::feed(&feed.name))
+                .observe(now_ms().saturating_sub(task.published_ms) as f64 / 1000.0);
+        }
         crash_point!("worker::after_commit");
         if eos {
             tracing::info!(job = %job, pages = cp.pages + 1, "end of stream");
@@ -446,6 +452,7 @@ impl Worker {
             start_from: task.start_from.clone(),
             attempt: 0,
             empty_run: if count == 0 { task.empty_run + 1 } else { 0 },
+            published_ms: now_ms(),
         };
         // The commit is in; if the next task cannot be published the lease
         // runs out and the coordinator re-issues the chain from the cursor.
