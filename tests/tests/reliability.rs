@@ -120,6 +120,22 @@ impl Fault {
             Fault::ApiExpiredCursors => "API: every cursor refused as expired, for 3 s",
         }
     }
+    /// The mock's fault knobs for an API fault, and how long they stay on.
+    fn api_knobs(self) -> Option<(serde_json::Value, u64)> {
+        let (knobs, secs) = match self {
+            Fault::Api429Storm => (
+                serde_json::json!({"fail_429_every": 2, "retry_after_secs": 1}),
+                4,
+            ),
+            Fault::Api5xxBurst => (serde_json::json!({"fail_500_every": 2}), 4),
+            Fault::ApiTimeouts => (serde_json::json!({"slow_every": 3, "slow_ms": 3000}), 5),
+            Fault::ApiTruncatedBodies => (serde_json::json!({"truncate_every": 3}), 4),
+            Fault::ApiExpiredCursors => (serde_json::json!({"cursor_ttl_secs": 0}), 3),
+            _ => return None,
+        };
+        Some((knobs, secs))
+    }
+
     fn failpoint(self) -> Option<&'static str> {
         match self {
             Fault::CrashAfterFetch => Some("worker::after_fetch"),
@@ -452,6 +468,10 @@ impl Rig {
             );
             return format!("crashed at hit {}", k + 1);
         }
+        if let Some((knobs, secs)) = fault.api_knobs() {
+            self.faults(knobs, Duration::from_secs(secs)).await;
+            return format!("{secs} s");
+        }
         match fault {
             Fault::KillWorker => {
                 let victim = self
@@ -516,47 +536,7 @@ impl Rig {
                 self.amqp_proxy.refuse(false);
                 "2 s".into()
             }
-            Fault::Api429Storm => {
-                self.faults(
-                    serde_json::json!({"fail_429_every": 2, "retry_after_secs": 1}),
-                    Duration::from_secs(4),
-                )
-                .await;
-                "4 s".into()
-            }
-            Fault::Api5xxBurst => {
-                self.faults(
-                    serde_json::json!({"fail_500_every": 2}),
-                    Duration::from_secs(4),
-                )
-                .await;
-                "4 s".into()
-            }
-            Fault::ApiTimeouts => {
-                self.faults(
-                    serde_json::json!({"slow_every": 3, "slow_ms": 3000}),
-                    Duration::from_secs(5),
-                )
-                .await;
-                "5 s".into()
-            }
-            Fault::ApiTruncatedBodies => {
-                self.faults(
-                    serde_json::json!({"truncate_every": 3}),
-                    Duration::from_secs(4),
-                )
-                .await;
-                "4 s".into()
-            }
-            Fault::ApiExpiredCursors => {
-                self.faults(
-                    serde_json::json!({"cursor_ttl_secs": 0}),
-                    Duration::from_secs(3),
-                )
-                .await;
-                "3 s".into()
-            }
-            _ => unreachable!("failpoints are handled above"),
+            _ => unreachable!("failpoints and API faults are handled above"),
         }
     }
 }
