@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{BasicAckOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use tidemark_bus::amqp::BusConfig;
@@ -508,27 +508,10 @@ impl Cluster {
         if let Ok(store) = RedisStore::connect(&redis_url(), &format!("{prefix}:")).await {
             let _ = store.delete_all().await;
         }
-        let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
-        else {
-            return;
-        };
-        let Ok(ch) = conn.create_channel().await else {
-            return;
-        };
         let mut cfg = BusConfig::new(amqp_url());
         cfg.prefix = prefix.clone();
-        for q in cfg.queue_names() {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        let _ = ch
-            .exchange_delete(
-                format!("{prefix}.records").as_str().into(),
-                Default::default(),
-            )
-            .await;
-        let _ = conn.close(200, "bye".into()).await;
+        cfg.records_exchange = format!("{prefix}.records");
+        let _ = tidemark_bus::amqp::delete_topology(&cfg).await;
     }
 }
 

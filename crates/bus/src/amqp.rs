@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -33,7 +33,7 @@ use lapin::{
     PublisherConfirm,
 };
 use tidemark_core::config::DeliveryPer;
-use tokio::sync::{Mutex, mpsc, watch};
+use tokio::sync::{Mutex, Semaphore, mpsc, watch};
 
 use crate::message::Acker;
 use crate::{
@@ -58,6 +58,16 @@ pub struct BusConfig {
     pub retry_tiers: Vec<Duration>,
     /// Longest wait for a connection before an operation fails.
     pub connect_wait: Duration,
+    /// Downstream bytes awaiting the broker's confirms at once, across all
+    /// pages; a page that would exceed it waits its turn (first come, first
+    /// served). Each message counts its body plus [`MESSAGE_OVERHEAD`].
+    /// Bounds a worker's memory at high concurrency without slowing it: the
+    /// broker, not the number of pages in flight, is the limit.
+    pub max_unconfirmed_bytes: usize,
+    /// Messages awaiting the broker's confirms at once, likewise. The client
+    /// (lapin 4) scans every pending confirm on each acknowledgement from
+    /// the broker, so thousands pending cost CPU that the broker needs.
+    pub max_unconfirmed_messages: usize,
 }
 
 impl BusConfig {
@@ -74,6 +84,8 @@ impl BusConfig {
                 .map(Duration::from_secs)
                 .collect(),
             connect_wait: Duration::from_secs(10),
+            max_unconfirmed_bytes: 16 * 1024 * 1024,
+            max_unconfirmed_messages: 4096,
         }
     }
     pub fn tasks_queue(&self) -> String {
@@ -110,8 +122,18 @@ struct Generation {
     publish: Channel,
 }
 
+/// What one downstream message costs in the publish window beyond its body:
+/// the client's bookkeeping of its pending confirm, its frames and headers.
+pub const MESSAGE_OVERHEAD: usize = 512;
+
 struct Shared {
     cfg: BusConfig,
+    /// The publish window: one permit per byte (see `max_unconfirmed_bytes`).
+    window: Arc<Semaphore>,
+    window_bytes: u32,
+    /// One permit per message (see `max_unconfirmed_messages`).
+    window_messages: Arc<Semaphore>,
+    window_message_count: u32,
     current: watch::Receiver<Option<Arc<Generation>>>,
     deliveries: Option<Mutex<mpsc::Receiver<TaskDelivery>>>,
     stop: watch::Sender<bool>,
@@ -138,8 +160,15 @@ impl AmqpBus {
         let (gen_tx, gen_rx) = watch::channel(None);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (del_tx, del_rx) = mpsc::channel(usize::from(cfg.prefetch.max(1)));
+        let window_bytes = u32::try_from(cfg.max_unconfirmed_bytes.max(1)).unwrap_or(u32::MAX);
+        let window_message_count =
+            u32::try_from(cfg.max_unconfirmed_messages.max(1)).unwrap_or(u32::MAX);
         let bus = AmqpBus {
             shared: Arc::new(Shared {
+                window: Arc::new(Semaphore::new(window_bytes as usize)),
+                window_bytes,
+                window_messages: Arc::new(Semaphore::new(window_message_count as usize)),
+                window_message_count,
                 cfg: cfg.clone(),
                 current: gen_rx,
                 deliveries: consume.then(|| Mutex::new(del_rx)),
@@ -243,6 +272,30 @@ fn persistent() -> BasicProperties {
 #[async_trait]
 impl Downstream for AmqpBus {
     async fn publish_page(&self, page: &OutPage) -> Result<(), BusError> {
+        // A page larger than the whole window goes alone.
+        let cost = page
+            .records
+            .iter()
+            .map(|r| r.body.len() + MESSAGE_OVERHEAD)
+            .sum::<usize>()
+            .min(self.shared.window_bytes as usize) as u32;
+        let messages = match page.per {
+            DeliveryPer::Record => page.records.len(),
+            DeliveryPer::Page => 1,
+        }
+        .min(self.shared.window_message_count as usize) as u32;
+        let _messages = self
+            .shared
+            .window_messages
+            .acquire_many(messages)
+            .await
+            .map_err(|_| BusError::Closed)?;
+        let _bytes = self
+            .shared
+            .window
+            .acquire_many(cost)
+            .await
+            .map_err(|_| BusError::Closed)?;
         let rk = routing_key(&page.feed, &page.partition);
         let base_headers = |h: &mut FieldTable| {
             h.insert(s("x-feed"), long(&page.feed));
@@ -268,6 +321,10 @@ impl Downstream for AmqpBus {
             DeliveryPer::Page => {
                 let mut h = FieldTable::default();
                 base_headers(&mut h);
+                h.insert(
+                    s("x-record-count"),
+                    AMQPValue::LongLongInt(page.records.len() as i64),
+                );
                 let props = persistent()
                     .with_message_id(s(&page.page_message_id))
                     .with_headers(h);
@@ -359,6 +416,22 @@ impl TaskQueue for AmqpBus {
 
 /// Declare everything; safe to run again and from every role.
 /// Declare the downstream records exchange: topic, durable. Idempotent.
+/// Delete every queue of `cfg`'s layout and its records exchange: the
+/// teardown of a throwaway deployment (tests, `tidemark bench`). Messages in
+/// them are lost; never point this at a deployment in use.
+pub async fn delete_topology(cfg: &BusConfig) -> Result<(), BusError> {
+    let conn = Connection::connect(&cfg.url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    for q in cfg.queue_names() {
+        ch.queue_delete(s(&q), QueueDeleteOptions::default())
+            .await?;
+    }
+    ch.exchange_delete(s(&cfg.records_exchange), Default::default())
+        .await?;
+    let _ = conn.close(200, s("topology deleted")).await;
+    Ok(())
+}
+
 pub async fn declare_records_exchange(ch: &Channel, name: &str) -> Result<(), BusError> {
     ch.exchange_declare(
         s(name),

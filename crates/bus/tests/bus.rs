@@ -250,6 +250,8 @@ async fn body_a_hundred_thousand_records_arrive_in_order_with_ids_and_headers() 
     );
     let body: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
     assert_eq!(body["records"].as_array().unwrap().len(), 3);
+    assert_eq!(header(&d, "x-record-count"), "3");
+    assert_eq!(header(&d, "x-page-seq"), "100");
     bus.close().await;
     cleanup(&cfg).await;
 }

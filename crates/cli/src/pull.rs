@@ -375,10 +375,7 @@ pub fn compact_json(input: &[u8], out: &mut Vec<u8>) {
 
 /// Peak resident set size of this process (Linux; None elsewhere).
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    crate::bench::peak_rss_bytes("/proc/self/status")
 }
 
 #[cfg(test)]

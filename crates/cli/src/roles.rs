@@ -87,6 +87,15 @@ pub struct WorkerArgs {
     /// First retry delay of a failed page (doubles per attempt, with jitter).
     #[arg(long, env = "TIDEMARK_RETRY_BASE", default_value = "1s")]
     pub retry_base: tidemark_core::Duration,
+    /// MiB of downstream messages awaiting the broker's confirms at once;
+    /// pages beyond it wait their turn. Bounds memory at high concurrency.
+    #[arg(long, env = "TIDEMARK_MAX_UNCONFIRMED_MIB", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=4095))]
+    pub max_unconfirmed_mib: u32,
+    /// Downstream messages awaiting the broker's confirms at once, likewise.
+    #[arg(long, env = "TIDEMARK_MAX_UNCONFIRMED_MESSAGES", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_unconfirmed_messages: u32,
 }
 
 /// Connect to Redis and check that it answers.
@@ -101,8 +110,17 @@ pub(crate) async fn connect_store(url: &str, prefix: &str) -> Result<Arc<RedisSt
     Ok(Arc::new(store))
 }
 
-async fn connect_bus(infra: &Infra, consume: bool, prefetch: u16) -> Result<AmqpBus, Failure> {
+async fn connect_bus(
+    infra: &Infra,
+    consume: bool,
+    prefetch: u16,
+    window: Option<(u32, u32)>,
+) -> Result<AmqpBus, Failure> {
     let mut cfg = BusConfig::new(infra.amqp_url.clone());
+    if let Some((mib, messages)) = window {
+        cfg.max_unconfirmed_bytes = mib as usize * 1024 * 1024;
+        cfg.max_unconfirmed_messages = messages as usize;
+    }
     cfg.prefix = infra.queue_prefix.clone();
     cfg.records_exchange = infra.records_exchange.clone();
     cfg.prefetch = prefetch;
@@ -187,11 +205,12 @@ impl Wiring {
         infra: &Infra,
         consume: bool,
         prefetch: u16,
+        window: Option<(u32, u32)>,
         default_listen: &str,
         err: &mut (dyn Write + Send),
     ) -> Result<Self, Failure> {
         let store = connect_store(&infra.redis_url, &infra.redis_prefix).await?;
-        let bus = connect_bus(infra, consume, prefetch).await?;
+        let bus = connect_bus(infra, consume, prefetch, window).await?;
         let metrics = Metrics::new();
         let listen = infra.listen.as_deref().unwrap_or(default_listen);
         let http = serve_endpoints(
@@ -225,7 +244,16 @@ pub async fn coordinator(
     err: &mut (dyn Write + Send),
 ) -> Result<(), Failure> {
     let config = load_file(&args.config).map_err(|e| Failure::usage(e.to_string()))?;
-    let w = Wiring::start("coordinator", &args.infra, false, 1, "127.0.0.1:9464", err).await?;
+    let w = Wiring::start(
+        "coordinator",
+        &args.infra,
+        false,
+        1,
+        None,
+        "127.0.0.1:9464",
+        err,
+    )
+    .await?;
     let token = tidemark_coordinator::admin::AdminToken::from_env();
     let admin = tidemark_coordinator::admin::router(w.store.clone(), token.clone());
     let admin = Http::start(&args.admin_listen, admin).await?;
@@ -274,7 +302,16 @@ pub async fn worker(
         return Err(Failure::usage("--concurrency must be at least 1"));
     }
     let prefetch = u16::try_from(args.concurrency).unwrap_or(u16::MAX);
-    let w = Wiring::start("worker", &args.infra, true, prefetch, "127.0.0.1:0", err).await?;
+    let w = Wiring::start(
+        "worker",
+        &args.infra,
+        true,
+        prefetch,
+        Some((args.max_unconfirmed_mib, args.max_unconfirmed_messages)),
+        "127.0.0.1:0",
+        err,
+    )
+    .await?;
     let opts = WorkerOptions {
         concurrency: args.concurrency,
         lease: args.infra.lease.std(),

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ struct Shared {
     data: Mutex<Dataset>,
     faults: RwLock<Faults>,
     requests: AtomicU64,
+    /// Unix ms of the first data request (0: none yet).
+    first_request_ms: AtomicI64,
     by_path: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -38,6 +40,8 @@ pub struct MockState(Arc<Shared>);
 #[derive(Debug, Clone, Serialize)]
 pub struct Stats {
     pub requests: u64,
+    /// Unix ms of the first data request, if any (the benchmark's start).
+    pub first_request_ms: Option<i64>,
     pub by_path: BTreeMap<String, u64>,
 }
 
@@ -54,6 +58,7 @@ impl MockState {
             config,
             data: Mutex::new(data),
             requests: AtomicU64::new(0),
+            first_request_ms: AtomicI64::new(0),
             by_path: Mutex::new(BTreeMap::new()),
         }))
     }
@@ -75,12 +80,22 @@ impl MockState {
     /// Count one data request to `path`; returns the running total.
     fn count(&self, path: &str) -> u64 {
         let n = self.0.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == 1 {
+            let _ = self.0.first_request_ms.compare_exchange(
+                0,
+                crate::cursor::now_ms(),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
         *lock(&self.0.by_path).entry(path.to_string()).or_insert(0) += 1;
         n
     }
     pub fn stats(&self) -> Stats {
         Stats {
             requests: self.0.requests.load(Ordering::SeqCst),
+            first_request_ms: Some(self.0.first_request_ms.load(Ordering::SeqCst))
+                .filter(|&t| t > 0),
             by_path: lock(&self.0.by_path).clone(),
         }
     }

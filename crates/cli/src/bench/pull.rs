@@ -1,10 +1,8 @@
-//! `tidemark bench`: reproducible performance figures (docs/BENCHMARKS.md).
-//!
 //! `bench pull` serves N pages of M records (about 330 bytes each) from a
 //! static file server on loopback, each page naming the next one's URL, then
 //! times `tidemark pull` over them as a separate process, and, with `--dlt`,
-//! dlt's RESTClient walking the same pages (bench/dlt_pull.py, needs
-//! `pip install dlt`).
+//! dlt's RESTClient walking the same pages (bench/compare.py; run
+//! bench/setup-python.sh first).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,12 +12,6 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::exit::Failure;
-
-#[derive(clap::Subcommand, Debug, Clone)]
-pub enum BenchCommand {
-    /// `tidemark pull` over static pages on loopback, optionally against dlt.
-    Pull(PullBench),
-}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct PullBench {
@@ -35,10 +27,12 @@ pub struct PullBench {
     /// Also run dlt's RESTClient (python3 with the `dlt` package).
     #[arg(long)]
     pub dlt: bool,
-    #[arg(long, default_value = "bench/dlt_pull.py")]
+    #[arg(long, default_value = "bench/compare.py")]
     pub dlt_script: PathBuf,
-    #[arg(long, default_value = "python3")]
-    pub python: String,
+    /// Python for dlt (default: target/bench-venv/bin/python if
+    /// bench/setup-python.sh made it, else python3).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
@@ -54,12 +48,6 @@ pub struct RunResult {
     pub wall_seconds: f64,
     pub records_per_sec: f64,
     pub peak_rss_mib: Option<f64>,
-}
-
-pub async fn run(cmd: BenchCommand, out: &mut dyn Write) -> Result<(), Failure> {
-    match cmd {
-        BenchCommand::Pull(b) => pull_bench(&b, out).await,
-    }
 }
 
 fn record(i: usize, bytes: usize) -> String {
@@ -105,7 +93,7 @@ fn write_pages(dir: &Path, base: &str, b: &PullBench) -> std::io::Result<u64> {
     Ok(total)
 }
 
-async fn pull_bench(b: &PullBench, out: &mut dyn Write) -> Result<(), Failure> {
+pub async fn pull_bench(b: &PullBench, out: &mut dyn Write) -> Result<(), Failure> {
     let dir = tempfile::tempdir().map_err(|e| Failure::runtime(e.to_string()))?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -159,7 +147,7 @@ async fn pull_bench(b: &PullBench, out: &mut dyn Write) -> Result<(), Failure> {
     };
     let tm = best("tidemark pull");
     let dlt = best("dlt RESTClient");
-    let dlt_walk = best("dlt RESTClient (walk only, no output)");
+    let dlt_walk = best("dlt RESTClient (walk only)");
     if b.json {
         let v = serde_json::json!({
             "pages": b.pages, "page_size": b.page_size, "record_bytes": b.record_bytes,
@@ -271,18 +259,19 @@ async fn run_tidemark(exe: &Path, config: &Path, dir: &Path) -> Result<RunResult
 
 async fn run_dlt(b: &PullBench, url: &str, walk_only: bool) -> Result<RunResult, Failure> {
     let started = Instant::now();
-    let output = tokio::process::Command::new(&b.python)
+    let python = super::python(b.python.as_deref());
+    let output = tokio::process::Command::new(&python)
         .arg(&b.dlt_script)
-        .arg(url)
-        .args(walk_only.then_some("--walk-only"))
+        .args(["--tool", if walk_only { "dlt-walk" } else { "dlt" }])
+        .args(["--url", url, "--next-path", "next"])
         .stderr(Stdio::inherit())
         .output()
         .await
-        .map_err(|e| Failure::runtime(format!("cannot run {}: {e}", b.python)))?;
+        .map_err(|e| Failure::runtime(format!("cannot run {}: {e}", python.display())))?;
     let wall_seconds = started.elapsed().as_secs_f64();
     if !output.status.success() {
         return Err(Failure::runtime(format!(
-            "{} failed ({}); is dlt installed? (pip install dlt)",
+            "{} failed ({}); run bench/setup-python.sh first",
             b.dlt_script.display(),
             output.status
         )));
@@ -294,7 +283,7 @@ async fn run_dlt(b: &PullBench, url: &str, walk_only: bool) -> Result<RunResult,
     Ok(RunResult {
         wall_seconds,
         tool: if walk_only {
-            "dlt RESTClient (walk only, no output)".into()
+            "dlt RESTClient (walk only)".into()
         } else {
             "dlt RESTClient".into()
         },

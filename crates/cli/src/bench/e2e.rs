@@ -1,0 +1,1023 @@
+//! `tidemark bench e2e`: the whole distributed system on loopback.
+//!
+//! Every run starts, as separate processes of this binary, the mock API, one
+//! coordinator and W workers against the real Redis and RabbitMQ, under a
+//! throwaway key prefix, queue prefix and records exchange; a sink in this
+//! process counts what arrives downstream. A run ends when every expected
+//! record has arrived; then the workers' and the coordinator's `/metrics`
+//! and `/proc` are read, the roles get SIGTERM, and the run's keys, queues
+//! and exchange are deleted.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::procs::{Role, tail};
+use super::prom::{Buckets, Scrape};
+use super::sink::{self, Ceiling, Sink};
+use crate::exit::Failure;
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// 1000-record pages, no API latency, per-record and per-page delivery,
+    /// with the broker ceiling measured in the same run.
+    Throughput,
+    /// 200 feeds behind 100 ms of API latency, 1, 2 and 4 workers.
+    ScaleOut,
+    /// 2,000 small jobs: the coordinator's scheduling cost.
+    ManyJobs,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct E2eBench {
+    /// Scenarios to run, comma-separated (default: all three).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub scenario: Vec<Scenario>,
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    pub redis_url: String,
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+    /// Approximate JSON size of one record.
+    #[arg(long, default_value_t = 330)]
+    pub record_bytes: usize,
+
+    /// Throughput: jobs (partitions of one feed), each walking the dataset.
+    #[arg(long, default_value_t = 64)]
+    pub throughput_jobs: usize,
+    /// Throughput: records in the dataset, per job, for per-record delivery.
+    #[arg(long, default_value_t = 5_000)]
+    pub throughput_records: usize,
+    /// Throughput: records in the dataset, per job, for per-page delivery.
+    #[arg(long, default_value_t = 20_000)]
+    pub throughput_page_records: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub throughput_page_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub throughput_workers: usize,
+    #[arg(long, default_value_t = 64)]
+    pub throughput_concurrency: usize,
+    /// Throughput: record-sized messages the ceiling publishes (default: as
+    /// many as the per-record run delivers, so both run about as long).
+    #[arg(long)]
+    pub ceiling_messages: Option<u64>,
+
+    /// Scale-out: feeds (every pagination style in turn), each walking the dataset.
+    #[arg(long, default_value_t = 200)]
+    pub scale_feeds: usize,
+    #[arg(long, default_value_t = 1_000)]
+    pub scale_records: usize,
+    #[arg(long, default_value_t = 100)]
+    pub scale_page_size: usize,
+    /// Scale-out: the API's latency per page, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub scale_latency_ms: u64,
+    /// Scale-out: worker process counts, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub scale_workers: Vec<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub scale_concurrency: usize,
+
+    /// Many jobs: partitions of one feed, each a small job.
+    #[arg(long, default_value_t = 2_000)]
+    pub many_jobs: usize,
+    #[arg(long, default_value_t = 20)]
+    pub many_records: usize,
+    #[arg(long, default_value_t = 10)]
+    pub many_page_size: usize,
+    #[arg(long, default_value_t = 2)]
+    pub many_workers: usize,
+    #[arg(long, default_value_t = 32)]
+    pub many_concurrency: usize,
+
+    /// Also run bench/compare.py (dlt's RESTClient, a Singer SDK tap) over
+    /// the throughput scenario's pages; needs bench/setup-python.sh.
+    #[arg(long)]
+    pub compare: bool,
+    #[arg(long, default_value = "bench/compare.py")]
+    pub compare_script: PathBuf,
+    /// Python for the comparison (default: target/bench-venv/bin/python if
+    /// bench/setup-python.sh made it, else python3).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// Records the comparison walks (1000-record pages).
+    #[arg(long, default_value_t = 200_000)]
+    pub compare_records: usize,
+
+    /// Run every worker under this command, for profiling (e.g. `perf
+    /// record -g -o perf-{run}-{i}.data --` or `heaptrack -o heap-{run}-{i}`;
+    /// `{run}` is the run's name, `{i}` the worker's number); the CPU and RSS
+    /// columns are then the wrapper's.
+    #[arg(long, allow_hyphen_values = true)]
+    pub worker_wrapper: Option<String>,
+    /// Give up on a run after this long.
+    #[arg(long, default_value = "10m")]
+    pub timeout: tidemark_core::Duration,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What one run of the system is.
+struct Spec {
+    label: String,
+    feeds_yaml: String,
+    records: usize,
+    page_size: usize,
+    latency_ms: u64,
+    workers: usize,
+    concurrency: usize,
+    jobs: usize,
+    expected_records: u64,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub label: String,
+    pub workers: usize,
+    pub concurrency: usize,
+    pub jobs: usize,
+    pub records: u64,
+    pub messages: u64,
+    /// Messages whose id had arrived before (0 unless a page was retried).
+    pub duplicates: u64,
+    pub pages: u64,
+    /// First fetch (the mock's first data request) to the last downstream receipt.
+    pub seconds: f64,
+    pub records_per_sec: f64,
+    pub pages_per_sec: f64,
+    /// Task published to commit, read off the workers' histograms.
+    pub page_latency_p50_ms: Option<f64>,
+    pub page_latency_p99_ms: Option<f64>,
+    /// All workers' CPU time over the run, per record delivered.
+    pub worker_cpu_us_per_record: Option<f64>,
+    pub worker_cpu_seconds: Option<f64>,
+    /// Peak resident set size of each worker.
+    pub worker_peak_rss_mib: Vec<f64>,
+    pub coordinator_cpu_seconds: Option<f64>,
+    /// Leader passes over all jobs (list them, start the due chains).
+    pub coordinator_passes: u64,
+    pub coordinator_pass_p50_ms: Option<f64>,
+    pub coordinator_pass_p99_ms: Option<f64>,
+    pub mock_cpu_seconds: Option<f64>,
+}
+
+/// A comparison tool's walk over the same pages (bench/compare.py).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ToolResult {
+    pub tool: String,
+    #[serde(default)]
+    pub version: Option<String>,
+    pub records: u64,
+    pub seconds: f64,
+    #[serde(default)]
+    pub records_per_sec: f64,
+    #[serde(default)]
+    pub peak_rss_kib: Option<f64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub ceiling: Vec<Ceiling>,
+    pub throughput: Vec<RunResult>,
+    pub scale_out: Vec<RunResult>,
+    pub many_jobs: Vec<RunResult>,
+    pub compare: Vec<ToolResult>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: Option<String>,
+    pub tidemark_version: String,
+    pub release_build: bool,
+}
+
+impl Machine {
+    fn read() -> Machine {
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        });
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu_model,
+            tidemark_version: env!("CARGO_PKG_VERSION").into(),
+            release_build: !cfg!(debug_assertions),
+        }
+    }
+}
+
+pub async fn run(b: &E2eBench, out: &mut dyn std::io::Write) -> Result<(), Failure> {
+    let all = [Scenario::Throughput, Scenario::ScaleOut, Scenario::ManyJobs];
+    let scenarios: Vec<Scenario> = if b.scenario.is_empty() {
+        all.to_vec()
+    } else {
+        all.into_iter().filter(|s| b.scenario.contains(s)).collect()
+    };
+    let mut report = Report {
+        machine: Machine::read(),
+        ..Report::default()
+    };
+    if !report.machine.release_build {
+        tracing::warn!("a debug build: build with --release for figures worth publishing");
+    }
+    for s in scenarios {
+        match s {
+            Scenario::Throughput => throughput(b, &mut report).await?,
+            Scenario::ScaleOut => {
+                for &w in &b.scale_workers {
+                    report
+                        .scale_out
+                        .push(run_system(b, &scale_out_spec(b, w)).await?);
+                }
+            }
+            Scenario::ManyJobs => report
+                .many_jobs
+                .push(run_system(b, &many_jobs_spec(b)).await?),
+        }
+    }
+    if b.json {
+        let text =
+            serde_json::to_string_pretty(&report).map_err(|e| Failure::runtime(e.to_string()))?;
+        let _ = writeln!(out, "{text}");
+    } else {
+        let _ = write!(out, "{}", render(&report));
+    }
+    Ok(())
+}
+
+async fn throughput(b: &E2eBench, report: &mut Report) -> Result<(), Failure> {
+    report.ceiling = measure_ceiling(b).await?;
+    for per in ["record", "page"] {
+        report
+            .throughput
+            .push(run_system(b, &throughput_spec(b, per)).await?);
+    }
+    if b.compare {
+        report.compare = compare(b).await?;
+    }
+    Ok(())
+}
+
+fn partitions(n: usize) -> String {
+    let values: Vec<String> = (0..n).map(|i| format!("\"{i}\"")).collect();
+    format!(
+        "partitions: {{ param: shard, values: [{}] }}",
+        values.join(", ")
+    )
+}
+
+fn throughput_spec(b: &E2eBench, per: &str) -> Spec {
+    let records = if per == "page" {
+        b.throughput_page_records
+    } else {
+        b.throughput_records
+    };
+    let feeds_yaml = format!(
+        "  - name: bench\n    source: mock\n    path: /jsonapi/records\n    \
+         pagination: {{ preset: next_url, page_size: {} }}\n    key: /id\n    version: /updated_at\n    \
+         mode: snapshot\n    every: 24h\n    delivery: {{ per: {per} }}\n    {}\n",
+        b.throughput_page_size,
+        partitions(b.throughput_jobs)
+    );
+    Spec {
+        label: format!("throughput, per {per}"),
+        feeds_yaml,
+        records,
+        page_size: b.throughput_page_size,
+        latency_ms: 0,
+        workers: b.throughput_workers,
+        concurrency: b.throughput_concurrency,
+        jobs: b.throughput_jobs,
+        expected_records: (records * b.throughput_jobs) as u64,
+    }
+}
+
+/// The mock's styles, as feed fields: each scale-out feed takes the next.
+const STYLES: [(&str, &str); 6] = [
+    (
+        "/api/v2/incremental/tickets/cursor.json",
+        "records: /tickets\n    pagination: { preset: zendesk_cursor, page_size: PS }\n    start: { param: start_time, format: unix, from: \"2024-01-01T00:00:00Z\" }",
+    ),
+    (
+        "/v1/events",
+        "pagination: { preset: self_next, page_size: PS }",
+    ),
+    ("/items", "pagination: { preset: cursor, page_size: PS }"),
+    (
+        "/sync/records",
+        "records: /records\n    pagination: { preset: cursor, cursor_param: cursor, next_cursor: /cursor, page_size: PS }",
+    ),
+    (
+        "/jsonapi/records",
+        "pagination: { preset: next_url, page_size: PS }",
+    ),
+    (
+        "/github/records",
+        "pagination: { preset: link_header, page_size: PS }\n    start: { param: since_ms, format: unix_ms, from: \"2024-01-01\" }",
+    ),
+];
+
+fn scale_out_spec(b: &E2eBench, workers: usize) -> Spec {
+    let mut feeds_yaml = String::new();
+    for i in 0..b.scale_feeds {
+        let (path, fields) = STYLES[i % STYLES.len()];
+        feeds_yaml.push_str(&format!(
+            "  - name: f{i:03}\n    source: mock\n    path: {path}\n    {}\n    key: /id\n    \
+             version: /updated_at\n    mode: snapshot\n    every: 24h\n    delivery: {{ per: page }}\n",
+            fields.replace("PS", &b.scale_page_size.to_string())
+        ));
+    }
+    Spec {
+        label: format!(
+            "scale-out, {workers} worker{}",
+            if workers == 1 { "" } else { "s" }
+        ),
+        feeds_yaml,
+        records: b.scale_records,
+        page_size: b.scale_page_size,
+        latency_ms: b.scale_latency_ms,
+        workers,
+        concurrency: b.scale_concurrency,
+        jobs: b.scale_feeds,
+        expected_records: (b.scale_records * b.scale_feeds) as u64,
+    }
+}
+
+fn many_jobs_spec(b: &E2eBench) -> Spec {
+    let feeds_yaml = format!(
+        "  - name: many\n    source: mock\n    path: /jsonapi/records\n    \
+         pagination: {{ preset: next_url, page_size: {} }}\n    key: /id\n    version: /updated_at\n    \
+         mode: snapshot\n    every: 24h\n    {}\n",
+        b.many_page_size,
+        partitions(b.many_jobs)
+    );
+    Spec {
+        label: format!("many jobs, {}", b.many_jobs),
+        feeds_yaml,
+        records: b.many_records,
+        page_size: b.many_page_size,
+        latency_ms: 0,
+        workers: b.many_workers,
+        concurrency: b.many_concurrency,
+        jobs: b.many_jobs,
+        expected_records: (b.many_records * b.many_jobs) as u64,
+    }
+}
+
+/// Names and environment of one run's deployment.
+struct Deployment {
+    prefix: String,
+    amqp_url: String,
+    redis_url: String,
+}
+
+impl Deployment {
+    fn new(b: &E2eBench) -> Self {
+        Deployment {
+            prefix: format!(
+                "tmbench{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            ),
+            amqp_url: b.amqp_url.clone(),
+            redis_url: b.redis_url.clone(),
+        }
+    }
+    fn exchange(&self) -> String {
+        format!("{}.records", self.prefix)
+    }
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("REDIS_URL", self.redis_url.clone()),
+            ("AMQP_URL", self.amqp_url.clone()),
+            ("TIDEMARK_REDIS_PREFIX", format!("{}:", self.prefix)),
+            ("TIDEMARK_QUEUE_PREFIX", self.prefix.clone()),
+            ("TIDEMARK_RECORDS_EXCHANGE", self.exchange()),
+            ("TIDEMARK_LISTEN", "127.0.0.1:0".into()),
+            ("TIDEMARK_ADMIN_LISTEN", "127.0.0.1:0".into()),
+            ("TIDEMARK_LOG", "warn".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Delete the run's Redis keys, queues and exchange.
+    async fn cleanup(&self) {
+        if let Ok(store) =
+            tidemark_state::RedisStore::connect(&self.redis_url, &format!("{}:", self.prefix)).await
+        {
+            let _ = store.delete_all().await;
+        }
+        let mut cfg = tidemark_bus::amqp::BusConfig::new(&self.amqp_url);
+        cfg.prefix = self.prefix.clone();
+        cfg.records_exchange = self.exchange();
+        let _ = tidemark_bus::amqp::delete_topology(&cfg).await;
+    }
+}
+
+async fn start_mock(
+    dir: &Path,
+    records: usize,
+    page_size: usize,
+    record_bytes: usize,
+    latency_ms: u64,
+) -> Result<Role, Failure> {
+    let args: Vec<String> = [
+        "mock-api",
+        "--port",
+        "0",
+        "--records",
+        &records.to_string(),
+        "--page-size",
+        &page_size.to_string(),
+        "--record-bytes",
+        &record_bytes.to_string(),
+        "--latency-ms",
+        &latency_ms.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Role::spawn("mock", &args, &[], dir, "listening on").await
+}
+
+async fn scrape(client: &reqwest::Client, role: &Role) -> Result<Scrape, Failure> {
+    let text = client
+        .get(format!("{}/metrics", role.addr))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| Failure::runtime(format!("{} /metrics: {e}", role.name)))?
+        .text()
+        .await
+        .map_err(|e| Failure::runtime(format!("{} /metrics: {e}", role.name)))?;
+    Ok(Scrape::new(text))
+}
+
+/// A run's label as a file-name part: "throughput, per page" -> "throughput-per-page".
+fn slug(label: &str) -> String {
+    label
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+fn ms(s: Option<f64>) -> Option<f64> {
+    s.map(|s| s * 1000.0)
+}
+
+/// Start the system for `spec`, wait for every record, measure, tear down.
+async fn run_system(b: &E2eBench, spec: &Spec) -> Result<RunResult, Failure> {
+    let dir = tempfile::Builder::new()
+        .prefix("tidemark-bench-")
+        .tempdir()
+        .map_err(|e| Failure::runtime(e.to_string()))?;
+    let d = Deployment::new(b);
+    eprintln!(
+        "bench: {}: {} jobs, {} records expected, {} worker(s) x {} ...",
+        spec.label, spec.jobs, spec.expected_records, spec.workers, spec.concurrency
+    );
+    let result = run_in(b, spec, &d, dir.path()).await;
+    d.cleanup().await;
+    if result.is_err() {
+        // Keep the logs of a failed run.
+        let kept = dir.keep();
+        eprintln!("bench: logs of the failed run are in {}", kept.display());
+    }
+    result
+}
+
+async fn run_in(
+    b: &E2eBench,
+    spec: &Spec,
+    d: &Deployment,
+    dir: &Path,
+) -> Result<RunResult, Failure> {
+    let mut mock = start_mock(
+        dir,
+        spec.records,
+        spec.page_size,
+        b.record_bytes,
+        spec.latency_ms,
+    )
+    .await?;
+    let config = dir.join("feeds.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "sources:\n  mock:\n    base_url: {}\n    timeout: 30s\n\nfeeds:\n{}",
+            mock.addr, spec.feeds_yaml
+        ),
+    )
+    .map_err(|e| Failure::runtime(e.to_string()))?;
+    let sink = Sink::start(&d.amqp_url, &d.exchange()).await?;
+    let env = d.env();
+    let mut workers = Vec::new();
+    for i in 0..spec.workers {
+        let args = vec![
+            "worker".to_string(),
+            "--concurrency".into(),
+            spec.concurrency.to_string(),
+        ];
+        let wrapper: Vec<String> = b
+            .worker_wrapper
+            .iter()
+            .flat_map(|w| w.split_whitespace())
+            .map(|w| {
+                w.replace("{i}", &i.to_string())
+                    .replace("{run}", &slug(&spec.label))
+            })
+            .collect();
+        workers.push(
+            Role::spawn_wrapped(
+                &format!("worker-{i}"),
+                &wrapper,
+                &args,
+                &env,
+                dir,
+                "metrics on",
+            )
+            .await?,
+        );
+    }
+    let worker_cpu_before: Option<Duration> = workers.iter().map(Role::cpu).sum();
+    let coordinator_args = vec![
+        "coordinator".to_string(),
+        "--config".into(),
+        config.display().to_string(),
+        "--id".into(),
+        "bench-coordinator".into(),
+    ];
+    let mut coordinator =
+        Role::spawn("coordinator", &coordinator_args, &env, dir, "metrics on").await?;
+    let coordinator_cpu_before = coordinator.cpu();
+
+    let arrived = sink
+        .wait_for(spec.expected_records, b.timeout.std(), || {
+            mock.check_alive()?;
+            coordinator.check_alive()?;
+            workers.iter_mut().try_for_each(Role::check_alive)
+        })
+        .await;
+    let arrived = match arrived {
+        Ok(a) => a,
+        Err(e) => {
+            let logs: String = workers
+                .iter()
+                .chain([&coordinator])
+                .map(|r| format!("\n----- {} -----\n{}", r.name, tail(&r.log, 15)))
+                .collect();
+            sink.close().await;
+            return Err(Failure::runtime(format!(
+                "{}: {}{logs}",
+                spec.label, e.message
+            )));
+        }
+    };
+    // Every record has arrived; the last commits follow within a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let client = reqwest::Client::new();
+    let (mut latency, mut pages) = (Buckets::default(), 0.0);
+    for w in &workers {
+        let s = scrape(&client, w).await?;
+        latency.merge(&s.buckets("tidemark_page_latency_seconds"));
+        pages += s.sum("tidemark_pages_fetched_total");
+    }
+    let cs = scrape(&client, &coordinator).await?;
+    let passes = cs.buckets("tidemark_coordinator_pass_seconds");
+    let worker_cpu = workers
+        .iter()
+        .map(Role::cpu)
+        .sum::<Option<Duration>>()
+        .zip(worker_cpu_before)
+        .map(|(after, before)| after.saturating_sub(before).as_secs_f64());
+    let coordinator_cpu = coordinator
+        .cpu()
+        .zip(coordinator_cpu_before)
+        .map(|(a, b)| a.saturating_sub(b).as_secs_f64());
+    let worker_peak_rss_mib = workers
+        .iter()
+        .filter_map(Role::peak_rss_bytes)
+        .map(|b| b as f64 / 1048576.0)
+        .collect();
+    let stats_body = client
+        .get(format!("{}/_stats", mock.addr))
+        .send()
+        .await
+        .map_err(|e| Failure::runtime(format!("mock /_stats: {e}")))?
+        .bytes()
+        .await
+        .map_err(|e| Failure::runtime(format!("mock /_stats: {e}")))?;
+    let mock_stats: serde_json::Value = serde_json::from_slice(&stats_body)
+        .map_err(|e| Failure::runtime(format!("mock /_stats: {e}")))?;
+    let mock_cpu = mock.cpu().map(|c| c.as_secs_f64());
+    let first_ms = mock_stats["first_request_ms"]
+        .as_f64()
+        .ok_or_else(|| Failure::runtime("the mock saw no request"))?;
+    sink.close().await;
+    let grace = Duration::from_secs(30);
+    futures::future::join_all(workers.into_iter().map(|w| w.stop(grace))).await;
+    coordinator.stop(grace).await;
+    mock.stop(grace).await;
+
+    let seconds = ((arrived.last_ms - first_ms) / 1000.0).max(1e-3);
+    let records = arrived.records;
+    Ok(RunResult {
+        label: spec.label.clone(),
+        workers: spec.workers,
+        concurrency: spec.concurrency,
+        jobs: spec.jobs,
+        records,
+        messages: arrived.messages,
+        duplicates: arrived.duplicates,
+        pages: pages as u64,
+        seconds,
+        records_per_sec: records as f64 / seconds,
+        pages_per_sec: pages / seconds,
+        page_latency_p50_ms: ms(latency.quantile(0.5)),
+        page_latency_p99_ms: ms(latency.quantile(0.99)),
+        worker_cpu_us_per_record: worker_cpu.map(|c| c * 1e6 / records.max(1) as f64),
+        worker_cpu_seconds: worker_cpu,
+        worker_peak_rss_mib,
+        coordinator_cpu_seconds: coordinator_cpu,
+        coordinator_passes: passes.count() as u64,
+        coordinator_pass_p50_ms: ms(passes.quantile(0.5)),
+        coordinator_pass_p99_ms: ms(passes.quantile(0.99)),
+        mock_cpu_seconds: mock_cpu,
+    })
+}
+
+/// The broker's ceiling through the same sink: record-sized and page-sized
+/// messages from a minimal confirmed publisher.
+async fn measure_ceiling(b: &E2eBench) -> Result<Vec<Ceiling>, Failure> {
+    let d = Deployment::new(b);
+    let sink = Sink::start(&d.amqp_url, &d.exchange()).await?;
+    eprintln!("bench: the broker ceiling ...");
+    let count = b
+        .ceiling_messages
+        .unwrap_or((b.throughput_jobs * b.throughput_records) as u64);
+    let small = sink::ceiling(
+        &d.amqp_url,
+        &d.exchange(),
+        &sink,
+        b.record_bytes,
+        count,
+        1000,
+    )
+    .await;
+    let page_bytes = b.record_bytes * b.throughput_page_size + 16;
+    let large_count = (count / 100).max(100);
+    let large = match &small {
+        Ok(_) => Some(
+            sink::ceiling(
+                &d.amqp_url,
+                &d.exchange(),
+                &sink,
+                page_bytes,
+                large_count,
+                10,
+            )
+            .await,
+        ),
+        Err(_) => None,
+    };
+    sink.close().await;
+    d.cleanup().await;
+    let mut out = vec![small?];
+    if let Some(l) = large {
+        out.push(l?);
+    }
+    Ok(out)
+}
+
+/// bench/compare.py over the throughput scenario's pages: the same mock, the
+/// same next-URL style and 1000-record pages.
+async fn compare(b: &E2eBench) -> Result<Vec<ToolResult>, Failure> {
+    let dir = tempfile::tempdir().map_err(|e| Failure::runtime(e.to_string()))?;
+    let mut mock = start_mock(
+        dir.path(),
+        b.compare_records,
+        b.throughput_page_size,
+        b.record_bytes,
+        0,
+    )
+    .await?;
+    let url = format!(
+        "{}/jsonapi/records?limit={}",
+        mock.addr, b.throughput_page_size
+    );
+    let py = super::python(b.python.as_deref());
+    let mut results = Vec::new();
+    for tool in ["dlt", "singer"] {
+        eprintln!("bench: {tool} over {} records ...", b.compare_records);
+        let output = tokio::process::Command::new(&py)
+            .arg(&b.compare_script)
+            .args(["--tool", tool, "--url", &url])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .await
+            .map_err(|e| Failure::runtime(format!("cannot run {}: {e}", py.display())))?;
+        mock.check_alive()?;
+        if !output.status.success() {
+            return Err(Failure::runtime(format!(
+                "{} --tool {tool} failed ({}); run bench/setup-python.sh first",
+                b.compare_script.display(),
+                output.status
+            )));
+        }
+        let mut r: ToolResult = serde_json::from_slice(&output.stdout).map_err(|e| {
+            Failure::runtime(format!(
+                "{} printed no JSON summary: {e}",
+                b.compare_script.display()
+            ))
+        })?;
+        if r.records != b.compare_records as u64 {
+            return Err(Failure::runtime(format!(
+                "{} walked {} records, expected {}",
+                r.tool, r.records, b.compare_records
+            )));
+        }
+        r.records_per_sec = r.records as f64 / r.seconds.max(1e-6);
+        results.push(r);
+    }
+    mock.stop(Duration::from_secs(5)).await;
+    Ok(results)
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
+}
+
+/// The report as Markdown tables (docs/BENCHMARKS.md shows them).
+pub fn render(r: &Report) -> String {
+    let mut s = format!(
+        "tidemark bench e2e: {} CPUs ({}), tidemark {}{}\n",
+        r.machine.cpus,
+        r.machine.cpu_model.as_deref().unwrap_or("unknown CPU"),
+        r.machine.tidemark_version,
+        if r.machine.release_build {
+            ""
+        } else {
+            ", DEBUG BUILD"
+        }
+    );
+    let runs: Vec<&RunResult> = r
+        .throughput
+        .iter()
+        .chain(&r.scale_out)
+        .chain(&r.many_jobs)
+        .collect();
+    if !runs.is_empty() {
+        s.push_str(
+            "\n| run | workers x concurrency | jobs | records | seconds | records/s | pages/s | page latency p50 / p99 ms | worker CPU µs/record | worker peak RSS MiB | duplicates |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for x in &runs {
+            let rss: Vec<String> = x
+                .worker_peak_rss_mib
+                .iter()
+                .map(|m| format!("{m:.0}"))
+                .collect();
+            s.push_str(&format!(
+                "| {} | {} x {} | {} | {} | {:.2} | {:.0} | {:.0} | {} / {} | {} | {} | {} |\n",
+                x.label,
+                x.workers,
+                x.concurrency,
+                x.jobs,
+                x.records,
+                x.seconds,
+                x.records_per_sec,
+                x.pages_per_sec,
+                opt(x.page_latency_p50_ms, 0),
+                opt(x.page_latency_p99_ms, 0),
+                opt(x.worker_cpu_us_per_record, 2),
+                rss.join(", "),
+                x.duplicates
+            ));
+        }
+    }
+    if !r.ceiling.is_empty() {
+        s.push_str("\n| broker ceiling (minimal confirmed publisher, same sink) | messages/s | MB/s |\n|---|---:|---:|\n");
+        for c in &r.ceiling {
+            s.push_str(&format!(
+                "| {} B messages | {:.0} | {:.1} |\n",
+                c.message_bytes, c.messages_per_sec, c.mb_per_sec
+            ));
+        }
+    }
+    s.push_str(&targets(r));
+    for x in &r.many_jobs {
+        s.push_str(&format!(
+            "\nmany jobs: {} jobs in {:.2} s ({:.0} jobs/s); coordinator CPU {} s ({} µs per job), {} passes, pass p50 / p99 {} / {} ms\n",
+            x.jobs,
+            x.seconds,
+            x.jobs as f64 / x.seconds,
+            opt(x.coordinator_cpu_seconds, 2),
+            opt(x.coordinator_cpu_seconds.map(|c| c * 1e6 / x.jobs as f64), 0),
+            x.coordinator_passes,
+            opt(x.coordinator_pass_p50_ms, 1),
+            opt(x.coordinator_pass_p99_ms, 1),
+        ));
+    }
+    s
+}
+
+/// The targets, each with its measured value and whether it is met
+/// (`None`: a figure for comparison, not a target).
+fn targets(r: &Report) -> String {
+    let mut rows: Vec<(String, String, Option<bool>)> = Vec::new();
+    let per = |p: &str| r.throughput.iter().find(|x| x.label.ends_with(p));
+    if let (Some(rec), Some(c)) = (per("per record"), r.ceiling.first()) {
+        let ratio = rec.records_per_sec / c.messages_per_sec;
+        rows.push((
+            "per-record delivery ≥ 80% of the broker ceiling".into(),
+            format!("{:.0}%", ratio * 100.0),
+            Some(ratio >= 0.8),
+        ));
+    }
+    if let Some(page) = per("per page") {
+        for t in &r.compare {
+            let ratio = page.records_per_sec / t.records_per_sec;
+            let singer = t.tool.contains("Singer");
+            rows.push((
+                format!(
+                    "per-page delivery{} {} {} ({:.0} records/s)",
+                    if singer { " ≥ 10x" } else { " vs" },
+                    t.tool,
+                    t.version.as_deref().unwrap_or(""),
+                    t.records_per_sec
+                ),
+                format!("{ratio:.1}x"),
+                singer.then_some(ratio >= 10.0),
+            ));
+        }
+    }
+    let one = r.scale_out.iter().find(|x| x.workers == 1);
+    let four = r.scale_out.iter().find(|x| x.workers == 4);
+    if let (Some(one), Some(four)) = (one, four) {
+        let ratio = four.records_per_sec / one.records_per_sec;
+        rows.push((
+            "scale-out: 4 workers ≥ 3.2x 1 worker".into(),
+            format!("{ratio:.2}x"),
+            Some(ratio >= 3.2),
+        ));
+    }
+    for x in r.throughput.iter().filter(|x| x.concurrency >= 64) {
+        let peak = x.worker_peak_rss_mib.iter().copied().fold(0.0, f64::max);
+        rows.push((
+            format!(
+                "a worker at concurrency {} < 100 MB resident ({})",
+                x.concurrency, x.label
+            ),
+            format!("{peak:.0} MiB"),
+            Some(peak * 1.048576 < 100.0),
+        ));
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from("\n| target | measured | met |\n|---|---:|---|\n");
+    for (t, m, ok) in rows {
+        let met = match ok {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "-",
+        };
+        s.push_str(&format!("| {t} | {m} | {met} |\n"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(label: &str, workers: usize, concurrency: usize, rps: f64, rss: f64) -> RunResult {
+        RunResult {
+            label: label.into(),
+            workers,
+            concurrency,
+            jobs: 64,
+            records: 1000,
+            messages: 1000,
+            duplicates: 0,
+            pages: 1,
+            seconds: 1000.0 / rps,
+            records_per_sec: rps,
+            pages_per_sec: 1.0,
+            page_latency_p50_ms: Some(10.0),
+            page_latency_p99_ms: Some(20.0),
+            worker_cpu_us_per_record: Some(5.0),
+            worker_cpu_seconds: Some(0.005),
+            worker_peak_rss_mib: vec![rss],
+            coordinator_cpu_seconds: Some(0.1),
+            coordinator_passes: 1,
+            coordinator_pass_p50_ms: Some(1.0),
+            coordinator_pass_p99_ms: Some(2.0),
+            mock_cpu_seconds: None,
+        }
+    }
+
+    fn report() -> Report {
+        Report {
+            ceiling: vec![Ceiling {
+                message_bytes: 330,
+                messages: 1000,
+                seconds: 0.1,
+                messages_per_sec: 10_000.0,
+                mb_per_sec: 3.3,
+            }],
+            throughput: vec![
+                run("throughput, per record", 1, 64, 7_000.0, 40.0),
+                run("throughput, per page", 1, 64, 500_000.0, 120.0),
+            ],
+            scale_out: vec![
+                run("scale-out, 1 worker", 1, 8, 1_000.0, 20.0),
+                run("scale-out, 4 workers", 4, 8, 3_500.0, 20.0),
+            ],
+            compare: vec![ToolResult {
+                tool: "Singer SDK tap".into(),
+                version: Some("0.54.9".into()),
+                records: 1000,
+                seconds: 0.025,
+                records_per_sec: 40_000.0,
+                peak_rss_kib: None,
+            }],
+            ..Report::default()
+        }
+    }
+
+    fn row<'a>(text: &'a str, starts: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(&format!("| {starts}")))
+            .unwrap_or_else(|| panic!("no row {starts:?} in\n{text}"))
+    }
+
+    #[test]
+    fn a_missed_target_is_reported_as_missed() {
+        let t = targets(&report());
+        assert!(row(&t, "per-record delivery").ends_with("| 70% | **no** |"));
+        assert!(row(&t, "per-page delivery ≥ 10x Singer").ends_with("| 12.5x | yes |"));
+        assert!(row(&t, "scale-out").ends_with("| 3.50x | yes |"));
+        assert!(
+            row(
+                &t,
+                "a worker at concurrency 64 < 100 MB resident (throughput, per record)"
+            )
+            .ends_with("| 40 MiB | yes |")
+        );
+        // 120 MiB is 126 MB.
+        assert!(
+            row(
+                &t,
+                "a worker at concurrency 64 < 100 MB resident (throughput, per page)"
+            )
+            .ends_with("| 120 MiB | **no** |")
+        );
+    }
+
+    #[test]
+    fn a_comparison_without_a_target_is_not_marked_met() {
+        let mut r = report();
+        r.compare[0].tool = "dlt RESTClient".into();
+        let t = targets(&r);
+        assert!(
+            row(&t, "per-page delivery vs dlt").ends_with("| 12.5x | - |"),
+            "{t}"
+        );
+        assert!(!t.contains("Singer"));
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_run_and_flags_a_debug_build() {
+        let mut r = report();
+        r.machine.release_build = false;
+        let text = render(&r);
+        assert!(text.contains("DEBUG BUILD"));
+        for label in [
+            "throughput, per record",
+            "throughput, per page",
+            "scale-out, 4 workers",
+        ] {
+            assert!(row(&text, label).contains("| 10 / 20 |"), "{text}");
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The benchmark's downstream: a consumer that counts what arrives on the
+//! records exchange, and the broker ceiling measured through it.
+
+use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde::Serialize;
+
+use crate::exit::Failure;
+
+fn amqp(what: &str) -> impl Fn(lapin::Error) -> Failure + '_ {
+    move |e| Failure::runtime(format!("{what}: {e}"))
+}
+
+/// Unix time in milliseconds, with sub-millisecond precision.
+pub fn unix_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+#[derive(Default)]
+struct Counts {
+    messages: AtomicU64,
+    records: AtomicU64,
+    duplicates: AtomicU64,
+    /// Unix ms (as f64 bits) of the latest delivery.
+    last_ms: AtomicU64,
+}
+
+/// Counts every message and record bound from an exchange with `#`: a
+/// per-page message counts its `x-record-count` header, any other message
+/// one record. Repeated message ids are counted as duplicates.
+pub struct Sink {
+    counts: Arc<Counts>,
+    conn: Connection,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Snapshot {
+    pub messages: u64,
+    pub records: u64,
+    pub duplicates: u64,
+    pub last_ms: f64,
+}
+
+impl Sink {
+    pub async fn start(url: &str, exchange: &str) -> Result<Sink, Failure> {
+        let conn = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .map_err(amqp("cannot connect to RabbitMQ"))?;
+        let ch = conn.create_channel().await.map_err(amqp("channel"))?;
+        tidemark_bus::amqp::declare_records_exchange(&ch, exchange)
+            .await
+            .map_err(|e| Failure::runtime(format!("records exchange: {e}")))?;
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("sink queue"))?;
+        ch.queue_bind(
+            q.name().clone(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp("bind the sink queue"))?;
+        // No acks: the sink only counts, so that it costs the broker and the
+        // two cores as little as possible (the ceiling goes through it too).
+        let mut consumer = ch
+            .basic_consume(
+                q.name().clone(),
+                "tidemark-bench".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("consume"))?;
+        let counts = Arc::new(Counts::default());
+        let c = counts.clone();
+        let task = tokio::spawn(async move {
+            let hasher = RandomState::new();
+            let mut seen: HashSet<u64> = HashSet::new();
+            while let Some(Ok(d)) = consumer.next().await {
+                let records = match d
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get("x-record-count"))
+                {
+                    Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).unwrap_or(0),
+                    _ => 1,
+                };
+                if let Some(id) = d.properties.message_id()
+                    && !seen.insert(hasher.hash_one(id.as_str()))
+                {
+                    c.duplicates.fetch_add(1, Ordering::Relaxed);
+                }
+                c.messages.fetch_add(1, Ordering::Relaxed);
+                c.last_ms.store(unix_ms().to_bits(), Ordering::Relaxed);
+                c.records.fetch_add(records, Ordering::Release);
+            }
+        });
+        Ok(Sink { counts, conn, task })
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let c = &self.counts;
+        let records = c.records.load(Ordering::Acquire);
+        Snapshot {
+            messages: c.messages.load(Ordering::Relaxed),
+            records,
+            duplicates: c.duplicates.load(Ordering::Relaxed),
+            last_ms: f64::from_bits(c.last_ms.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Wait until `records` have arrived, checking `alive` every 50 ms; an
+    /// error after `timeout` or as soon as `alive` fails.
+    pub async fn wait_for(
+        &self,
+        records: u64,
+        timeout: Duration,
+        mut alive: impl FnMut() -> Result<(), Failure>,
+    ) -> Result<Snapshot, Failure> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let s = self.snapshot();
+            if s.records >= records {
+                return Ok(s);
+            }
+            alive()?;
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Failure::runtime(format!(
+                    "only {} of {records} records arrived within {timeout:?}",
+                    s.records
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn close(self) {
+        let _ = self.conn.close(200, "bench done".into()).await;
+        self.task.abort();
+    }
+}
+
+/// The broker's ceiling for one message size.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ceiling {
+    pub message_bytes: usize,
+    pub messages: u64,
+    pub seconds: f64,
+    pub messages_per_sec: f64,
+    pub mb_per_sec: f64,
+}
+
+/// A minimal confirmed publisher: `count` persistent messages of `size`
+/// bytes to `exchange` in batches of `batch`, each batch awaiting its
+/// confirms (mandatory, as tidemark publishes), timed from the first
+/// publish to the sink's last receipt.
+pub async fn ceiling(
+    url: &str,
+    exchange: &str,
+    sink: &Sink,
+    size: usize,
+    count: u64,
+    batch: u64,
+) -> Result<Ceiling, Failure> {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .map_err(amqp("cannot connect to RabbitMQ"))?;
+    let ch = conn.create_channel().await.map_err(amqp("channel"))?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(amqp("confirm mode"))?;
+    let body = vec![b'x'; size];
+    let before = sink.snapshot().messages;
+    let started = unix_ms();
+    let mut sent = 0u64;
+    while sent < count {
+        let n = batch.min(count - sent);
+        for _ in 0..n {
+            // The publisher confirm is awaited for the whole batch below.
+            let _confirm = ch
+                .basic_publish(
+                    exchange.into(),
+                    "ceiling.p".into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .map_err(amqp("publish"))?;
+        }
+        ch.wait_for_confirms().await.map_err(amqp("confirms"))?;
+        sent += n;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let last = loop {
+        let s = sink.snapshot();
+        if s.messages - before >= count {
+            break s.last_ms;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Failure::runtime(format!(
+                "the ceiling's messages did not all arrive: {} of {count}",
+                s.messages - before
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = conn.close(200, "ceiling done".into()).await;
+    let seconds = ((last - started) / 1000.0).max(1e-6);
+    Ok(Ceiling {
+        message_bytes: size,
+        messages: count,
+        seconds,
+        messages_per_sec: count as f64 / seconds,
+        mb_per_sec: count as f64 * size as f64 / seconds / 1e6,
+    })
+}

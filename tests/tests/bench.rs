@@ -1,0 +1,157 @@
+//! `tidemark bench e2e` at a small scale: every scenario runs the real
+//! distributed system, every expected record is counted downstream, the
+//! figures are filled in, and the run leaves no keys or queues behind.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use tidemark_tests::{amqp_url, redis_url, tidemark};
+
+/// The tests look at every `tmbench*` key, so they take turns.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn bench_keys() -> Vec<String> {
+    let client = redis::Client::open(redis_url().as_str()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("KEYS")
+        .arg("tmbench*")
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_counts_every_record_and_cleans_up() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = vec![
+        ("REDIS_URL".to_string(), redis_url()),
+        ("AMQP_URL".to_string(), amqp_url()),
+    ];
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        tidemark(
+            &[
+                "bench",
+                "e2e",
+                "--json",
+                "--throughput-jobs",
+                "4",
+                "--throughput-records",
+                "1500",
+                "--throughput-page-records",
+                "2500",
+                "--ceiling-messages",
+                "3000",
+                "--scale-feeds",
+                "12",
+                "--scale-records",
+                "150",
+                "--scale-page-size",
+                "50",
+                "--scale-latency-ms",
+                "20",
+                "--scale-workers",
+                "1,2",
+                "--many-jobs",
+                "40",
+                "--many-records",
+                "15",
+                "--timeout",
+                "120s",
+            ],
+            &env,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "bench failed:\n{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+
+    let ceiling = r["ceiling"].as_array().unwrap();
+    assert_eq!(ceiling.len(), 2, "record- and page-sized ceilings");
+    assert_eq!(ceiling[0]["messages"], 3000);
+    assert!(ceiling[0]["messages_per_sec"].as_f64().unwrap() > 0.0);
+
+    let check = |run: &serde_json::Value, records: u64, pages_at_least: u64, workers: usize| {
+        let label = run["label"].as_str().unwrap();
+        assert_eq!(run["records"], records, "{label}");
+        assert_eq!(run["duplicates"], 0, "{label}");
+        assert!(
+            run["pages"].as_u64().unwrap() >= pages_at_least,
+            "{label}: {run}"
+        );
+        assert!(run["seconds"].as_f64().unwrap() > 0.0, "{label}");
+        assert!(run["records_per_sec"].as_f64().unwrap() > 0.0, "{label}");
+        let p50 = run["page_latency_p50_ms"].as_f64().unwrap();
+        let p99 = run["page_latency_p99_ms"].as_f64().unwrap();
+        assert!(p50 > 0.0 && p50 <= p99, "{label}: {p50} / {p99}");
+        assert!(
+            run["worker_cpu_us_per_record"].as_f64().unwrap() > 0.0,
+            "{label}"
+        );
+        let rss = run["worker_peak_rss_mib"].as_array().unwrap();
+        assert_eq!(rss.len(), workers, "{label}: one peak RSS per worker");
+        assert!(rss.iter().all(|m| m.as_f64().unwrap() > 1.0), "{label}");
+        assert!(run["coordinator_passes"].as_u64().unwrap() >= 1, "{label}");
+    };
+    let t = r["throughput"].as_array().unwrap();
+    assert_eq!(t.len(), 2);
+    // Per record: one message per record.
+    check(&t[0], 4 * 1500, 4 * 2, 1);
+    assert_eq!(t[0]["messages"], 4 * 1500);
+    // Per page: one message per page, its records counted from x-record-count.
+    check(&t[1], 4 * 2500, 4 * 3, 1);
+    assert!(t[1]["messages"].as_u64().unwrap() <= 4 * 3);
+
+    let s = r["scale_out"].as_array().unwrap();
+    assert_eq!(s.len(), 2);
+    check(&s[0], 12 * 150, 12 * 3, 1);
+    check(&s[1], 12 * 150, 12 * 3, 2);
+    // Every page waits 20 ms for the API; quantiles read off buckets, so
+    // only the bucket's lower bound (10 ms) is certain.
+    assert!(s[0]["page_latency_p50_ms"].as_f64().unwrap() >= 10.0);
+
+    let m = r["many_jobs"].as_array().unwrap();
+    assert_eq!(m.len(), 1);
+    check(&m[0], 40 * 15, 40 * 2, 2);
+    assert!(m[0]["coordinator_cpu_seconds"].as_f64().is_some());
+
+    assert_eq!(bench_keys().await, Vec::<String>::new(), "keys left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scenario_that_cannot_finish_fails_with_the_logs() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = vec![
+        ("REDIS_URL".to_string(), redis_url()),
+        ("AMQP_URL".to_string(), amqp_url()),
+    ];
+    // The API answers 15 records per job, but 1 s of latency per page and a
+    // 2 s limit leave the run unfinished: an error, not a figure.
+    let (code, _out, err) = tokio::task::spawn_blocking(move || {
+        tidemark(
+            &[
+                "bench",
+                "e2e",
+                "--scenario",
+                "scale-out",
+                "--scale-feeds",
+                "2",
+                "--scale-records",
+                "30",
+                "--scale-page-size",
+                "10",
+                "--scale-latency-ms",
+                "1000",
+                "--scale-workers",
+                "1",
+                "--timeout",
+                "2s",
+            ],
+            &env,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("records arrived within"), "{err}");
+    assert!(err.contains("----- coordinator -----"), "{err}");
+    assert_eq!(bench_keys().await, Vec::<String>::new(), "keys left behind");
+}
