@@ -612,6 +612,18 @@ pub async fn subscribe(
     pattern: &str,
     consumer_tag: &str,
 ) -> Result<(Connection, lapin::Consumer, String), BusError> {
+    subscribe_with(url, exchange, pattern, consumer_tag, false).await
+}
+
+/// [`subscribe`], or with `no_ack` a consumer the broker forgets each
+/// message for once sent: for a counter that cannot fail (`tidemark bench`).
+pub async fn subscribe_with(
+    url: &str,
+    exchange: &str,
+    pattern: &str,
+    consumer_tag: &str,
+    no_ack: bool,
+) -> Result<(Connection, lapin::Consumer, String), BusError> {
     use lapin::options::QueueBindOptions;
     let conn = Connection::connect(url, lapin::ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
@@ -640,7 +652,10 @@ pub async fn subscribe(
         .basic_consume(
             s(&name),
             s(consumer_tag),
-            BasicConsumeOptions::default(),
+            BasicConsumeOptions {
+                no_ack,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await?;

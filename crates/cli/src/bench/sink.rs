@@ -8,11 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde::Serialize;
 
@@ -58,48 +55,12 @@ pub struct Snapshot {
 
 impl Sink {
     pub async fn start(url: &str, exchange: &str) -> Result<Sink, Failure> {
-        let conn = Connection::connect(url, ConnectionProperties::default())
-            .await
-            .map_err(amqp("cannot connect to RabbitMQ"))?;
-        let ch = conn.create_channel().await.map_err(amqp("channel"))?;
-        tidemark_bus::amqp::declare_records_exchange(&ch, exchange)
-            .await
-            .map_err(|e| Failure::runtime(format!("records exchange: {e}")))?;
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp("sink queue"))?;
-        ch.queue_bind(
-            q.name().clone(),
-            exchange.into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp("bind the sink queue"))?;
         // No acks: the sink only counts, so that it costs the broker and the
         // two cores as little as possible (the ceiling goes through it too).
-        let mut consumer = ch
-            .basic_consume(
-                q.name().clone(),
-                "tidemark-bench".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp("consume"))?;
+        let (conn, mut consumer, _queue) =
+            tidemark_bus::amqp::subscribe_with(url, exchange, "#", "tidemark-bench", true)
+                .await
+                .map_err(|e| Failure::runtime(format!("cannot subscribe to {exchange}: {e}")))?;
         let counts = Arc::new(Counts::default());
         let c = counts.clone();
         let task = tokio::spawn(async move {
