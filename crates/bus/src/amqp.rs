@@ -60,7 +60,8 @@ pub struct BusConfig {
     pub connect_wait: Duration,
     /// Downstream bytes awaiting the broker's confirms at once, across all
     /// pages; a page that would exceed it waits its turn (first come, first
-    /// served). Each message counts its body plus [`MESSAGE_OVERHEAD`].
+    /// served). Each record counts its body plus [`MESSAGE_OVERHEAD`], in
+    /// per-page delivery too (a generous bound on the page message).
     /// Bounds a worker's memory at high concurrency without slowing it: the
     /// broker, not the number of pages in flight, is the limit.
     pub max_unconfirmed_bytes: usize,
