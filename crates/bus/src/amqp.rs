@@ -127,14 +127,38 @@ struct Generation {
 /// the client's bookkeeping of its pending confirm, its frames and headers.
 pub const MESSAGE_OVERHEAD: usize = 512;
 
+/// A publish window: `size` units (bytes or messages) awaiting confirms at
+/// once, handed out first come, first served.
+struct Window {
+    permits: Semaphore,
+    size: u32,
+}
+
+impl Window {
+    fn new(size: usize) -> Self {
+        let size = u32::try_from(size.max(1)).unwrap_or(u32::MAX);
+        Window {
+            permits: Semaphore::new(size as usize),
+            size,
+        }
+    }
+
+    /// Wait for `n` units; more than the whole window takes the whole window.
+    async fn acquire(&self, n: usize) -> Result<tokio::sync::SemaphorePermit<'_>, BusError> {
+        let n = n.min(self.size as usize) as u32;
+        self.permits
+            .acquire_many(n)
+            .await
+            .map_err(|_| BusError::Closed)
+    }
+}
+
 struct Shared {
     cfg: BusConfig,
-    /// The publish window: one permit per byte (see `max_unconfirmed_bytes`).
-    window: Arc<Semaphore>,
-    window_bytes: u32,
-    /// One permit per message (see `max_unconfirmed_messages`).
-    window_messages: Arc<Semaphore>,
-    window_message_count: u32,
+    /// See `max_unconfirmed_bytes`.
+    window_bytes: Window,
+    /// See `max_unconfirmed_messages`.
+    window_messages: Window,
     current: watch::Receiver<Option<Arc<Generation>>>,
     deliveries: Option<Mutex<mpsc::Receiver<TaskDelivery>>>,
     stop: watch::Sender<bool>,
@@ -161,15 +185,10 @@ impl AmqpBus {
         let (gen_tx, gen_rx) = watch::channel(None);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (del_tx, del_rx) = mpsc::channel(usize::from(cfg.prefetch.max(1)));
-        let window_bytes = u32::try_from(cfg.max_unconfirmed_bytes.max(1)).unwrap_or(u32::MAX);
-        let window_message_count =
-            u32::try_from(cfg.max_unconfirmed_messages.max(1)).unwrap_or(u32::MAX);
         let bus = AmqpBus {
             shared: Arc::new(Shared {
-                window: Arc::new(Semaphore::new(window_bytes as usize)),
-                window_bytes,
-                window_messages: Arc::new(Semaphore::new(window_message_count as usize)),
-                window_message_count,
+                window_bytes: Window::new(cfg.max_unconfirmed_bytes),
+                window_messages: Window::new(cfg.max_unconfirmed_messages),
                 cfg: cfg.clone(),
                 current: gen_rx,
                 deliveries: consume.then(|| Mutex::new(del_rx)),
@@ -273,30 +292,19 @@ fn persistent() -> BasicProperties {
 #[async_trait]
 impl Downstream for AmqpBus {
     async fn publish_page(&self, page: &OutPage) -> Result<(), BusError> {
-        // A page larger than the whole window goes alone.
-        let cost = page
-            .records
-            .iter()
-            .map(|r| r.body.len() + MESSAGE_OVERHEAD)
-            .sum::<usize>()
-            .min(self.shared.window_bytes as usize) as u32;
+        // Messages first, then bytes, in every publish: no two pages can
+        // each hold what the other waits for.
         let messages = match page.per {
             DeliveryPer::Record => page.records.len(),
             DeliveryPer::Page => 1,
-        }
-        .min(self.shared.window_message_count as usize) as u32;
-        let _messages = self
-            .shared
-            .window_messages
-            .acquire_many(messages)
-            .await
-            .map_err(|_| BusError::Closed)?;
-        let _bytes = self
-            .shared
-            .window
-            .acquire_many(cost)
-            .await
-            .map_err(|_| BusError::Closed)?;
+        };
+        let _messages = self.shared.window_messages.acquire(messages).await?;
+        let bytes = page
+            .records
+            .iter()
+            .map(|r| r.body.len() + MESSAGE_OVERHEAD)
+            .sum();
+        let _bytes = self.shared.window_bytes.acquire(bytes).await?;
         let rk = routing_key(&page.feed, &page.partition);
         let base_headers = |h: &mut FieldTable| {
             h.insert(s("x-feed"), long(&page.feed));
@@ -415,8 +423,6 @@ impl TaskQueue for AmqpBus {
     }
 }
 
-/// Declare everything; safe to run again and from every role.
-/// Declare the downstream records exchange: topic, durable. Idempotent.
 /// Delete every queue of `cfg`'s layout and its records exchange: the
 /// teardown of a throwaway deployment (tests, `tidemark bench`). Messages in
 /// them are lost; never point this at a deployment in use.
@@ -433,6 +439,7 @@ pub async fn delete_topology(cfg: &BusConfig) -> Result<(), BusError> {
     Ok(())
 }
 
+/// Declare the downstream records exchange: topic, durable. Idempotent.
 pub async fn declare_records_exchange(ch: &Channel, name: &str) -> Result<(), BusError> {
     ch.exchange_declare(
         s(name),
@@ -447,6 +454,7 @@ pub async fn declare_records_exchange(ch: &Channel, name: &str) -> Result<(), Bu
     Ok(())
 }
 
+/// Declare everything; safe to run again and from every role.
 async fn declare(ch: &Channel, cfg: &BusConfig) -> Result<(), BusError> {
     let durable = QueueDeclareOptions {
         durable: true,
