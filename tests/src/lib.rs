@@ -239,12 +239,24 @@ pub fn spawn(
     dir: &Path,
     ready_marker: &str,
 ) -> Proc {
+    spawn_to(name, args, env, dir, ready_marker, Stdio::null())
+}
+
+/// [`spawn`], with the process's stdout going to `stdout`.
+pub fn spawn_to(
+    name: &str,
+    args: &[&str],
+    env: &[(String, String)],
+    dir: &Path,
+    ready_marker: &str,
+    stdout: impl Into<Stdio>,
+) -> Proc {
     let log = dir.join(format!("{name}.log"));
     let mut child = Command::new(tidemark_bin())
         .args(args)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
@@ -504,7 +516,9 @@ impl Cluster {
         s
     }
 
-    async fn cleanup(prefix: String) {
+    /// Delete the Redis keys, queues and records exchange of the
+    /// deployment named `prefix` (the names [`Cluster::role_env`] gives).
+    pub async fn cleanup(prefix: String) {
         if let Ok(store) = RedisStore::connect(&redis_url(), &format!("{prefix}:")).await {
             let _ = store.delete_all().await;
         }

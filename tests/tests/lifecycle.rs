@@ -1,6 +1,6 @@
 //! The distributed sync over time and under trouble: later polls, the
 //! bulk→incremental handoff, an expired cursor, killed workers and a killed
-//! leader, and a feed whose API is down.
+//! leader, a rolling restart, and a feed whose API is down.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
 use std::collections::HashSet;
@@ -348,6 +348,114 @@ async fn a_killed_worker_and_a_killed_leader_lose_nothing() {
     .await;
     eprintln!(
         "killed worker + killed leader: {} records arrived for {} distinct, {} duplicate messages",
+        checker.count(),
+        6 * truth.records.len(),
+        checker.duplicate_messages()
+    );
+}
+
+/// What `kubectl rollout restart` does to the Deployments: a new worker
+/// comes up, then an old one gets SIGTERM, one at a time; the leading
+/// coordinator gets SIGTERM and the standby takes over. The first worker's
+/// grace is shorter than the API's slow pages, so it hands pages back
+/// unfinished; the second's is long enough to finish them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_of_workers_and_coordinators_loses_nothing() {
+    let yaml = [
+        tickets("tickets", "every: 2s\n    partitions: { param: account, values: [\"a\", \"b\"] }"),
+        feed("events", "/v1/events", "pagination: { preset: self_next, page_size: 100 }\n    every: 2s\n    partitions: { param: account, values: [\"a\", \"b\"] }"),
+        feed("items", "/items", "pagination: { preset: cursor, page_size: 100 }\n    every: 2s\n    partitions: { param: account, values: [\"a\", \"b\"] }"),
+    ]
+    .concat();
+    let mut c = Cluster::start(
+        &yaml,
+        &[
+            "--records",
+            "5000",
+            "--latency-ms",
+            "20",
+            "--slow-every",
+            "2",
+            "--slow-ms",
+            "1500",
+        ],
+    );
+    let checker = Checker::start(&c.exchange()).await;
+    let old_a = c.coordinator("coord-old");
+    assert!(
+        eventually(Duration::from_secs(20), async || c
+            .leader()
+            .await
+            .as_deref()
+            == Some("coord-old"))
+        .await
+    );
+    c.coordinator("coord-standby");
+    let old1 = c.worker("old-1", &["--grace", "200ms"]);
+    let old2 = c.worker("old-2", &["--grace", "10s"]);
+    let keys = [
+        "tickets.a",
+        "tickets.b",
+        "events.a",
+        "events.b",
+        "items.a",
+        "items.b",
+    ];
+    assert!(
+        checker.wait_for(3000, Duration::from_secs(60)).await,
+        "{}",
+        c.logs()
+    );
+
+    for (old, new) in [(old1, "new-1"), (old2, "new-2")] {
+        c.worker(new, &[]);
+        let status = c.procs[old].term(Duration::from_secs(20));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{} on SIGTERM: {status:?}{}",
+            c.procs[old].name,
+            c.logs()
+        );
+    }
+    // The leader resigns on SIGTERM: the standby leads well before the
+    // old leadership's TTL would have run out.
+    let status = c.procs[old_a].term(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "leader on SIGTERM: {status:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), async || c.leader().await.as_deref()
+            == Some("coord-standby"))
+        .await,
+        "the standby did not take over at once{}",
+        c.logs()
+    );
+    c.coordinator("coord-new");
+
+    c.admin("/_admin/insert?n=20", None).await;
+    let truth = c.truth().await;
+    assert_all_arrive(
+        &c,
+        &checker,
+        &keys,
+        &truth.records,
+        Duration::from_secs(180),
+        "after the rolling restart",
+    )
+    .await;
+    let failed: Vec<_> = c
+        .jobs()
+        .await
+        .into_iter()
+        .filter(|(_, cp)| cp.phase == Phase::Failed)
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    let handed_back = std::fs::read_to_string(&c.procs[old1].log)
+        .unwrap_or_default()
+        .contains("grace period over");
+    eprintln!(
+        "rolling restart: {} records arrived for {} distinct, {} duplicate messages; the short-grace worker handed pages back: {handed_back}",
         checker.count(),
         6 * truth.records.len(),
         checker.duplicate_messages()

@@ -611,6 +611,19 @@ async fn supervise(
     let _ = current.send(None);
 }
 
+/// How a downstream subscriber's queue is made.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SubscribeOptions<'a> {
+    /// `None`: a private queue, deleted when the connection closes.
+    /// `Some(name)`: a durable quorum queue of that name, kept (with what
+    /// arrives while nobody consumes it) across restarts of the subscriber
+    /// and of the broker.
+    pub queue: Option<&'a str>,
+    /// The broker forgets each message once sent: for a counter that cannot
+    /// fail (`tidemark bench`).
+    pub no_ack: bool,
+}
+
 /// A downstream subscriber's queue: private, deleted when its connection
 /// closes, bound to the records `exchange` with `pattern` (`#` for all,
 /// `<feed>.#` for one feed), consumed with manual acks. Keep the connection
@@ -621,33 +634,55 @@ pub async fn subscribe(
     pattern: &str,
     consumer_tag: &str,
 ) -> Result<(Connection, lapin::Consumer, String), BusError> {
-    subscribe_with(url, exchange, pattern, consumer_tag, false).await
+    subscribe_with(
+        url,
+        exchange,
+        pattern,
+        consumer_tag,
+        SubscribeOptions::default(),
+    )
+    .await
 }
 
-/// [`subscribe`], or with `no_ack` a consumer the broker forgets each
-/// message for once sent: for a counter that cannot fail (`tidemark bench`).
+/// [`subscribe`] with a durable named queue or without acks ([`SubscribeOptions`]).
 pub async fn subscribe_with(
     url: &str,
     exchange: &str,
     pattern: &str,
     consumer_tag: &str,
-    no_ack: bool,
+    opts: SubscribeOptions<'_>,
 ) -> Result<(Connection, lapin::Consumer, String), BusError> {
     use lapin::options::QueueBindOptions;
     let conn = Connection::connect(url, lapin::ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     declare_records_exchange(&ch, exchange).await?;
-    let q = ch
-        .queue_declare(
-            s(""),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let q = match opts.queue {
+        None => {
+            ch.queue_declare(
+                s(""),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?
+        }
+        Some(name) => {
+            let mut args = FieldTable::default();
+            args.insert(s("x-queue-type"), long("quorum"));
+            ch.queue_declare(
+                s(name),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await?
+        }
+    };
     let name = q.name().to_string();
     ch.queue_bind(
         s(&name),
@@ -662,7 +697,7 @@ pub async fn subscribe_with(
             s(&name),
             s(consumer_tag),
             BasicConsumeOptions {
-                no_ack,
+                no_ack: opts.no_ack,
                 ..Default::default()
             },
             FieldTable::default(),

@@ -1,7 +1,8 @@
-//! `tidemark tail`: a downstream subscriber. It binds a private, temporary
-//! queue to the records exchange and prints every record as a JSON line,
-//! optionally dropping message ids it has already printed (the consumer side
-//! of the delivery guarantee).
+//! `tidemark tail`: a downstream subscriber. It binds a queue to the records
+//! exchange (private and temporary, or with `--queue` a durable one that
+//! keeps what arrives while it is stopped) and prints every record as a JSON
+//! line, optionally dropping message ids it has already printed (the
+//! consumer side of the delivery guarantee).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -27,6 +28,11 @@ pub struct TailArgs {
         default_value = "tidemark.records"
     )]
     pub records_exchange: String,
+    /// Consume from this durable queue (declared and bound if missing)
+    /// instead of a private one: records that arrive while tail is stopped
+    /// wait for it there.
+    #[arg(long, env = "TIDEMARK_TAIL_QUEUE")]
+    pub queue: Option<String>,
     /// Only this feed (routing key `<feed>.#`).
     #[arg(long)]
     pub feed: Option<String>,
@@ -48,11 +54,15 @@ pub async fn run(
         Some(f) => format!("{f}.#"),
         None => "#".to_string(),
     };
-    let (conn, mut consumer, queue) = tidemark_bus::amqp::subscribe(
+    let (conn, mut consumer, queue) = tidemark_bus::amqp::subscribe_with(
         &args.amqp_url,
         &args.records_exchange,
         &pattern,
         "tidemark-tail",
+        tidemark_bus::amqp::SubscribeOptions {
+            queue: args.queue.as_deref(),
+            no_ack: false,
+        },
     )
     .await
     .map_err(|e| {

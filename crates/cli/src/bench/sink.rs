@@ -57,10 +57,18 @@ impl Sink {
     pub async fn start(url: &str, exchange: &str) -> Result<Sink, Failure> {
         // No acks: the sink only counts, so that it costs the broker and the
         // two cores as little as possible (the ceiling goes through it too).
-        let (conn, mut consumer, _queue) =
-            tidemark_bus::amqp::subscribe_with(url, exchange, "#", "tidemark-bench", true)
-                .await
-                .map_err(|e| Failure::runtime(format!("cannot subscribe to {exchange}: {e}")))?;
+        let (conn, mut consumer, _queue) = tidemark_bus::amqp::subscribe_with(
+            url,
+            exchange,
+            "#",
+            "tidemark-bench",
+            tidemark_bus::amqp::SubscribeOptions {
+                queue: None,
+                no_ack: true,
+            },
+        )
+        .await
+        .map_err(|e| Failure::runtime(format!("cannot subscribe to {exchange}: {e}")))?;
         let counts = Arc::new(Counts::default());
         let c = counts.clone();
         let task = tokio::spawn(async move {
