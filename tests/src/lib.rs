@@ -10,6 +10,7 @@
 
 pub mod proxy;
 pub mod redis_server;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};

@@ -4,6 +4,9 @@
 //! It runs with AOF (`appendfsync everysec`) in its own temp dir, so data
 //! written more than about a second before a SIGKILL survives a
 //! [`RedisServer::restart`], as it would in production.
+//!
+//! [`RedisServer::start_tls`] starts one that speaks only TLS (`rediss://`),
+//! with a certificate from a [`TestCa`].
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -13,6 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+use crate::tls::TestCa;
 
 const READY_WITHIN: Duration = Duration::from_secs(15);
 const STOP_WITHIN: Duration = Duration::from_secs(10);
@@ -25,6 +30,8 @@ pub struct RedisServer {
     dir: TempDir,
     // None while killed or stopped.
     child: Option<Child>,
+    // The CA's PEM when the server speaks only TLS; its files are copied to `dir`.
+    tls_ca: Option<String>,
 }
 
 impl RedisServer {
@@ -32,11 +39,32 @@ impl RedisServer {
     /// waits until it answers `PING`. Panics (with the server's log) if it
     /// does not within 15 s.
     pub fn start_aof() -> RedisServer {
+        Self::start_in(None)
+    }
+
+    /// [`RedisServer::start_aof`], speaking only TLS on its port, with the
+    /// server certificate of `ca` (copied, so `ca` may be dropped). It does
+    /// not ask clients for certificates. [`RedisServer::url`] is `rediss://`.
+    pub fn start_tls(ca: &TestCa) -> RedisServer {
+        Self::start_in(Some(ca))
+    }
+
+    fn start_in(ca: Option<&TestCa>) -> RedisServer {
         let dir = tempfile::tempdir().expect("a temp dir for redis-server");
+        if let Some(ca) = ca {
+            for (from, to) in [
+                (ca.ca_file(), "tls-ca.pem"),
+                (ca.cert_file(), "tls-server.pem"),
+                (ca.key_file(), "tls-server.key"),
+            ] {
+                std::fs::copy(from, dir.path().join(to)).expect("copy a TLS file");
+            }
+        }
         let mut server = RedisServer {
             port: 0,
             dir,
             child: None,
+            tls_ca: ca.map(|c| c.ca_pem().to_string()),
         };
         // The port is free when we look but another process may take it
         // before redis-server binds, so a failed start gets a new port.
@@ -51,9 +79,14 @@ impl RedisServer {
         panic!("{failure}");
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`, or `rediss://` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_ca.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -125,8 +158,29 @@ impl RedisServer {
             .open(self.log_path())
             .expect("redis.log in the temp dir");
         let log_err = log.try_clone().expect("a second handle on redis.log");
+        let port = self.port.to_string();
+        let listen: Vec<String> = if self.tls_ca.is_some() {
+            let file = |name: &str| self.dir.path().join(name).display().to_string();
+            vec![
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                port,
+                "--tls-cert-file".into(),
+                file("tls-server.pem"),
+                "--tls-key-file".into(),
+                file("tls-server.key"),
+                "--tls-ca-cert-file".into(),
+                file("tls-ca.pem"),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ]
+        } else {
+            vec!["--port".into(), port]
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(&listen)
+            .args(["--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(self.dir.path())
             .args([
@@ -169,7 +223,11 @@ impl RedisServer {
             }
             // Connecting is not enough: while it loads the AOF Redis
             // accepts but answers -LOADING.
-            if pong(addr) {
+            let answers = match &self.tls_ca {
+                None => pong(addr),
+                Some(ca) => tls_pong(&self.url(), ca),
+            };
+            if answers {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -219,6 +277,20 @@ fn pong(addr: SocketAddr) -> bool {
     matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
 }
 
+/// PING over TLS, trusting `ca_pem`, through tidemark's own Redis client.
+fn tls_pong(url: &str, ca_pem: &str) -> bool {
+    let Ok(client) = tidemark_state::redis_client(url, Some(ca_pem)) else {
+        return false;
+    };
+    let Ok(mut con) = client.get_connection_with_timeout(Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = con.set_read_timeout(Some(Duration::from_secs(1)));
+    redis::cmd("PING")
+        .query::<String>(&mut con)
+        .is_ok_and(|p| p == "PONG")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +317,25 @@ mod tests {
         let mut con = redis::Client::open(server.url())?.get_connection()?;
         let got: Option<String> = con.get("tidemark:test:key")?;
         assert_eq!(got.as_deref(), Some("survives"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_tls_server_speaks_only_tls_and_keeps_its_certificate_across_restarts()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let ca = TestCa::new("tidemark redis_server test CA");
+        let ca_pem = ca.ca_pem().to_string();
+        let mut server = RedisServer::start_tls(&ca);
+        drop(ca); // its files were copied
+        assert!(server.url().starts_with("rediss://127.0.0.1:"));
+        let addr = SocketAddr::from(([127, 0, 0, 1], server.port()));
+        assert!(!pong(addr), "plain text must not be answered");
+        let client = tidemark_state::redis_client(&server.url(), Some(&ca_pem))?;
+        let () = client.get_connection()?.set("tidemark:test:tls", "yes")?;
+        std::thread::sleep(Duration::from_millis(1200));
+        server.restart();
+        let got: Option<String> = client.get_connection()?.get("tidemark:test:tls")?;
+        assert_eq!(got.as_deref(), Some("yes"));
         Ok(())
     }
 }

@@ -54,6 +54,26 @@ const EXPECT: &[Expect] = &[
         requests: 2,
     },
     Expect {
+        feed: "h_deep",
+        kind: "deep",
+        error: &["nested deeper than 128 levels"],
+        cursor: "p2",
+        pages: 1,
+        requests: 2,
+    },
+    Expect {
+        feed: "h_long_cursor",
+        kind: "long_cursor",
+        error: &[
+            "next cursor is 20000 bytes",
+            "limit of 8192",
+            "max_cursor_bytes",
+        ],
+        cursor: "p2",
+        pages: 1,
+        requests: 2,
+    },
+    Expect {
         feed: "h_types",
         kind: "types",
         error: &["records at /records is an object, expected an array"],
@@ -252,4 +272,105 @@ async fn bad_pages_fail_their_job_with_a_clear_error_and_keep_the_cursor() {
         );
     }
     eprintln!("hostile suite took {:?}", started.elapsed());
+}
+
+/// Page tasks that are not ours: a body that is not JSON, JSON of the wrong
+/// shape, a task for a job that does not exist. Each goes to the
+/// dead-letter queue with its reason; the worker keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_page_tasks_are_dead_lettered_with_their_reason() {
+    use lapin::options::{BasicGetOptions, BasicPublishOptions};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+    let mut c = Cluster::start(
+        "  - name: items\n    source: mock\n    path: /items\n    pagination: { preset: cursor, page_size: 100 }\n    key: /id\n    version: /updated_at\n    every: 1h\n",
+        &["--records", "300"],
+    );
+    let checker = Checker::start(&c.exchange()).await;
+    c.coordinator("coord");
+    c.worker("w1", &[]);
+    assert!(
+        checker.wait_for(300, Duration::from_secs(60)).await,
+        "{}",
+        c.logs()
+    );
+
+    let conn = Connection::connect(&tidemark_tests::amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let tasks = format!("{}.tasks", c.prefix);
+    let bodies: [&[u8]; 4] = [
+        b"not json at all",
+        br#"{"job": 5, "epoch": "one", "seq": -1}"#,
+        br#"{"job": {"feed": "ghost", "partition": "all"}, "epoch": 1, "seq": 0}"#,
+        b"\xff\xfe\x00 binary",
+    ];
+    for body in bodies {
+        ch.basic_publish(
+            "".into(),
+            tasks.as_str().into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(30), async || c.dead_letters().await
+            >= 4)
+        .await,
+        "dead letters: {}{}",
+        c.dead_letters().await,
+        c.logs()
+    );
+    let dead = format!("{}.dead", c.prefix);
+    let mut reasons = Vec::new();
+    while let Some(m) = ch
+        .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let header = |name: &str| {
+            m.delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(name).cloned())
+                .map(|v| match v {
+                    lapin::types::AMQPValue::LongString(s) => s.to_string(),
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default()
+        };
+        reasons.push((header("x-reason"), header("x-last-error")));
+    }
+    reasons.sort();
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    let count = |r: &str| reasons.iter().filter(|(x, _)| x == r).count();
+    assert_eq!(
+        (count("malformed"), count("unknown_job")),
+        (3, 1),
+        "{reasons:?}"
+    );
+    for (reason, error) in &reasons {
+        match reason.as_str() {
+            "malformed" => assert!(error.contains("malformed page task"), "{error}"),
+            _ => assert!(
+                error.contains("ghost") && error.contains("no job"),
+                "{error}"
+            ),
+        }
+    }
+    // The worker is still running, and never panicked.
+    assert!(
+        c.procs[1].wait(Duration::from_millis(300)).is_none(),
+        "the worker exited"
+    );
+    let log = std::fs::read_to_string(&c.procs[1].log).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{log}");
+    let _ = conn.close(200, "bye".into()).await;
 }

@@ -17,6 +17,9 @@
 //! - `P.dead`: quorum queue of dead letters; tidemark's own carry `x-reason`
 //!   and `x-last-error` headers, the broker's carry `x-first-death-reason`;
 //! - the downstream topic exchange (default `tidemark.records`), durable.
+//!
+//! Every connection is opened by [`open_connection`]: `amqps://` goes over
+//! rustls, trusting the system's roots plus the configured CA bundle.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,10 +30,11 @@ use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-    PublisherConfirm,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+    DefaultConnectionBuilder, ExchangeKind, PublisherConfirm,
 };
 use tidemark_core::config::DeliveryPer;
 use tokio::sync::{Mutex, Semaphore, mpsc, watch};
@@ -44,6 +48,9 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct BusConfig {
     pub url: String,
+    /// PEM CA certificates an `amqps://` broker's certificate may chain to,
+    /// besides the system's roots (`--tls-ca-file`).
+    pub tls_ca_pem: Option<String>,
     /// Prefix of every queue name, so deployments can share a broker.
     pub prefix: String,
     /// The downstream topic exchange.
@@ -75,6 +82,7 @@ impl BusConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            tls_ca_pem: None,
             prefix: "tidemark".into(),
             records_exchange: "tidemark.records".into(),
             delivery_limit: 10,
@@ -162,6 +170,9 @@ struct Shared {
     current: watch::Receiver<Option<Arc<Generation>>>,
     deliveries: Option<Mutex<mpsc::Receiver<TaskDelivery>>>,
     stop: watch::Sender<bool>,
+    /// Why the supervisor's last attempt to connect failed, while it has
+    /// not connected since: what `start` reports when it gives up waiting.
+    last_error: watch::Receiver<Option<String>>,
 }
 
 /// Page tasks and downstream publishing on RabbitMQ.
@@ -184,6 +195,7 @@ impl AmqpBus {
     pub async fn start(cfg: BusConfig, consume: bool) -> Result<Self, BusError> {
         let (gen_tx, gen_rx) = watch::channel(None);
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (error_tx, error_rx) = watch::channel(None);
         let (del_tx, del_rx) = mpsc::channel(usize::from(cfg.prefetch.max(1)));
         let bus = AmqpBus {
             shared: Arc::new(Shared {
@@ -193,11 +205,25 @@ impl AmqpBus {
                 current: gen_rx,
                 deliveries: consume.then(|| Mutex::new(del_rx)),
                 stop: stop_tx,
+                last_error: error_rx,
             }),
         };
-        tokio::spawn(supervise(cfg, gen_tx, consume.then_some(del_tx), stop_rx));
-        bus.generation().await?;
-        Ok(bus)
+        let supervisor = Supervisor {
+            current: gen_tx,
+            deliveries: consume.then_some(del_tx),
+            stop: stop_rx,
+            last_error: error_tx,
+        };
+        tokio::spawn(supervise(cfg, supervisor));
+        match bus.generation().await {
+            Ok(_) => Ok(bus),
+            Err(BusError::NotConnected) => {
+                let why = bus.shared.last_error.borrow().clone();
+                let _ = bus.shared.stop.send(true);
+                Err(why.map_or(BusError::NotConnected, BusError::Unreachable))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub fn config(&self) -> &BusConfig {
@@ -427,7 +453,7 @@ impl TaskQueue for AmqpBus {
 /// teardown of a throwaway deployment (tests, `tidemark bench`). Messages in
 /// them are lost; never point this at a deployment in use.
 pub async fn delete_topology(cfg: &BusConfig) -> Result<(), BusError> {
-    let conn = Connection::connect(&cfg.url, lapin::ConnectionProperties::default()).await?;
+    let conn = open_connection(&cfg.url, cfg.tls_ca_pem.as_deref()).await?;
     let ch = conn.create_channel().await?;
     for q in cfg.queue_names() {
         ch.queue_delete(s(&q), QueueDeleteOptions::default())
@@ -437,6 +463,25 @@ pub async fn delete_topology(cfg: &BusConfig) -> Result<(), BusError> {
         .await?;
     let _ = conn.close(200, s("topology deleted")).await;
     Ok(())
+}
+
+/// Open a connection to the broker at `url`: the one place tidemark
+/// connects to RabbitMQ. `amqps://` goes over rustls and trusts the
+/// system's roots plus the PEM CA certificates in `ca_pem`, if any (which
+/// `amqp://` does not use). Certificates that do not parse in `ca_pem` are
+/// skipped, so check a bundle before handing it over (the CLI does).
+pub async fn open_connection(url: &str, ca_pem: Option<&str>) -> Result<Connection, BusError> {
+    let tls = OwnedTLSConfig {
+        identity: None,
+        cert_chain: ca_pem.map(str::to_owned),
+    };
+    let connection = DefaultConnectionBuilder::new()?
+        .with_uri_str(url.to_owned())
+        .with_properties(ConnectionProperties::default())
+        .with_tls_config(tls)
+        .connect()
+        .await?;
+    Ok(connection)
 }
 
 /// Declare the downstream records exchange: topic, durable. Idempotent.
@@ -493,7 +538,7 @@ async fn connect(
     cfg: &BusConfig,
     deliveries: Option<&mpsc::Sender<TaskDelivery>>,
 ) -> Result<(Arc<Generation>, Option<tokio::task::JoinHandle<()>>), BusError> {
-    let connection = Connection::connect(&cfg.url, ConnectionProperties::default()).await?;
+    let connection = open_connection(&cfg.url, cfg.tls_ca_pem.as_deref()).await?;
     let publish = connection.create_channel().await?;
     declare(&publish, cfg).await?;
     publish
@@ -539,12 +584,21 @@ async fn connect(
     ))
 }
 
-async fn supervise(
-    cfg: BusConfig,
+/// The supervisor's ends of the bus's channels.
+struct Supervisor {
     current: watch::Sender<Option<Arc<Generation>>>,
     deliveries: Option<mpsc::Sender<TaskDelivery>>,
-    mut stop: watch::Receiver<bool>,
-) {
+    stop: watch::Receiver<bool>,
+    last_error: watch::Sender<Option<String>>,
+}
+
+async fn supervise(cfg: BusConfig, ends: Supervisor) {
+    let Supervisor {
+        current,
+        deliveries,
+        mut stop,
+        last_error,
+    } = ends;
     let mut backoff = Duration::from_millis(100);
     loop {
         if *stop.borrow() {
@@ -553,6 +607,7 @@ async fn supervise(
         match connect(&cfg, deliveries.as_ref()).await {
             Ok((generation, forwarder)) => {
                 backoff = Duration::from_millis(100);
+                let _ = last_error.send(None);
                 tracing::info!(prefix = %cfg.prefix, "connected to the broker");
                 let mut events = generation.connection.events_listener();
                 let _ = current.send(Some(generation.clone()));
@@ -600,6 +655,7 @@ async fn supervise(
             }
             Err(e) => {
                 tracing::warn!(error = %e, delay_ms = backoff.as_millis() as u64, "cannot connect to the broker; retrying");
+                let _ = last_error.send(Some(e.to_string()));
             }
         }
         tokio::select! {
@@ -622,6 +678,9 @@ pub struct SubscribeOptions<'a> {
     /// The broker forgets each message once sent: for a counter that cannot
     /// fail (`tidemark bench`).
     pub no_ack: bool,
+    /// PEM CA certificates an `amqps://` broker may chain to, besides the
+    /// system's roots ([`open_connection`]).
+    pub tls_ca_pem: Option<&'a str>,
 }
 
 /// A downstream subscriber's queue: private, deleted when its connection
@@ -653,7 +712,7 @@ pub async fn subscribe_with(
     opts: SubscribeOptions<'_>,
 ) -> Result<(Connection, lapin::Consumer, String), BusError> {
     use lapin::options::QueueBindOptions;
-    let conn = Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+    let conn = open_connection(url, opts.tls_ca_pem).await?;
     let ch = conn.create_channel().await?;
     declare_records_exchange(&ch, exchange).await?;
     let q = match opts.queue {

@@ -48,6 +48,9 @@ pub enum BusError {
     Amqp(#[from] lapin::Error),
     #[error("not connected to the broker (reconnecting)")]
     NotConnected,
+    /// The first connection did not come within `connect_wait`; the last attempt's error.
+    #[error("not connected to the broker (last attempt: {0})")]
+    Unreachable(String),
     #[error("publisher confirms not received within {0:?}")]
     ConfirmTimeout(Duration),
     #[error("the broker refused (nacked) {0} message(s)")]

@@ -12,6 +12,7 @@ use tidemark_state::StateStore;
 
 use crate::embedded::{StateDir, op_failure, state_failure};
 use crate::exit::Failure;
+use crate::tls::TlsArgs;
 
 /// Where the jobs' state is.
 #[derive(Args, Debug, Clone)]
@@ -20,16 +21,27 @@ pub struct Target {
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Redis URL of a distributed deployment.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
     pub redis_url: String,
     /// Prefix of the deployment's Redis keys.
     #[arg(long, env = "TIDEMARK_REDIS_PREFIX", default_value = tidemark_state::DEFAULT_PREFIX)]
     pub redis_prefix: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 impl Target {
     async fn redis(&self) -> Result<Arc<dyn StateStore>, Failure> {
-        Ok(crate::roles::connect_store(&self.redis_url, &self.redis_prefix).await?)
+        let ca_pem = self.tls.ca_pem()?;
+        Ok(
+            crate::roles::connect_store(&self.redis_url, &self.redis_prefix, ca_pem.as_deref())
+                .await?,
+        )
     }
 
     /// The store to read from.

@@ -39,7 +39,7 @@ use tidemark_worker::{WorkerDeps, WorkerOptions};
 use tokio::sync::watch;
 
 use crate::exit::Failure;
-use crate::pull::compact_json;
+use tidemark_core::jsonbytes::compact_json;
 
 /// The files of a state directory.
 #[derive(Debug, Clone)]

@@ -11,4 +11,5 @@ pub mod pull;
 pub mod roles;
 pub mod run;
 pub mod tail;
+pub mod tls;
 pub mod validate;

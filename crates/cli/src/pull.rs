@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::Serialize;
 use tidemark_core::config::{FeedConfig, Partition, load_file};
+use tidemark_core::jsonbytes::compact_json;
 use tidemark_core::pagination::{
     MAX_EMPTY_PAGES_IN_A_ROW, Next, Position, empty_run_error, redact_query,
 };
@@ -349,49 +350,7 @@ fn write_records(out: Box<dyn Write + Send>, rx: mpsc::Receiver<Chunk>) -> std::
     }
 }
 
-/// Drop whitespace outside strings, so a pretty-printed record fits one line.
-/// Inside strings JSON has no raw newlines, so the bytes there are kept as is.
-pub fn compact_json(input: &[u8], out: &mut Vec<u8>) {
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in input {
-        if in_string {
-            out.push(b);
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-        } else if !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
-            if b == b'"' {
-                in_string = true;
-            }
-            out.push(b);
-        }
-    }
-}
-
 /// Peak resident set size of this process (Linux; None elsewhere).
 pub fn peak_rss_bytes() -> Option<u64> {
     crate::bench::peak_rss_bytes("/proc/self/status")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::compact_json;
-
-    #[test]
-    fn compacting_keeps_strings_intact() {
-        let mut out = Vec::new();
-        compact_json(
-            b"{\n  \"a b\": \"x \\\" \\n y\",\n  \"n\": [1, 2]\n}",
-            &mut out,
-        );
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            r#"{"a b":"x \" \n y","n":[1,2]}"#
-        );
-    }
 }

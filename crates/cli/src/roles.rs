@@ -16,12 +16,18 @@ use tidemark_telemetry::{Metrics, ReadyCheck};
 use tidemark_worker::{WorkerDeps, WorkerOptions};
 
 use crate::exit::Failure;
+use crate::tls::{TlsArgs, hint};
 
 /// Where the distributed roles find Redis and RabbitMQ.
 #[derive(Args, Debug, Clone)]
 pub struct Infra {
     /// Redis URL (state, leases, the feed registry, the rate limiter).
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
     pub redis_url: String,
     /// Prefix of every Redis key, so deployments can share a Redis.
     #[arg(long, env = "TIDEMARK_REDIS_PREFIX", default_value = tidemark_state::DEFAULT_PREFIX)]
@@ -30,9 +36,12 @@ pub struct Infra {
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
     )]
     pub amqp_url: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Prefix of the task, retry and dead-letter queue names.
     #[arg(long, env = "TIDEMARK_QUEUE_PREFIX", default_value = "tidemark")]
     pub queue_prefix: String,
@@ -98,11 +107,19 @@ pub struct WorkerArgs {
     pub max_unconfirmed_messages: u32,
 }
 
-/// Connect to Redis and check that it answers.
-pub(crate) async fn connect_store(url: &str, prefix: &str) -> Result<Arc<RedisStore>, Failure> {
-    let store = RedisStore::connect(url, prefix)
+/// Connect to Redis and check that it answers. `ca_pem`: the checked
+/// `--tls-ca-file` bundle, for `rediss://`.
+pub(crate) async fn connect_store(
+    url: &str,
+    prefix: &str,
+    ca_pem: Option<&str>,
+) -> Result<Arc<RedisStore>, Failure> {
+    let store = RedisStore::connect_with_ca(url, prefix, ca_pem)
         .await
-        .map_err(|e| Failure::runtime(format!("cannot connect to Redis: {e}")))?;
+        .map_err(|e| {
+            let e = e.to_string();
+            Failure::runtime(format!("cannot connect to Redis: {e}{}", hint(&e)))
+        })?;
     store
         .ping()
         .await
@@ -112,11 +129,13 @@ pub(crate) async fn connect_store(url: &str, prefix: &str) -> Result<Arc<RedisSt
 
 async fn connect_bus(
     infra: &Infra,
+    ca_pem: Option<String>,
     consume: bool,
     prefetch: u16,
     window: Option<(u32, u32)>,
 ) -> Result<AmqpBus, Failure> {
     let mut cfg = BusConfig::new(infra.amqp_url.clone());
+    cfg.tls_ca_pem = ca_pem;
     if let Some((mib, messages)) = window {
         cfg.max_unconfirmed_bytes = mib as usize * 1024 * 1024;
         cfg.max_unconfirmed_messages = messages as usize;
@@ -124,9 +143,10 @@ async fn connect_bus(
     cfg.prefix = infra.queue_prefix.clone();
     cfg.records_exchange = infra.records_exchange.clone();
     cfg.prefetch = prefetch;
-    AmqpBus::start(cfg, consume)
-        .await
-        .map_err(|e| Failure::runtime(format!("cannot connect to RabbitMQ: {e}")))
+    AmqpBus::start(cfg, consume).await.map_err(|e| {
+        let e = e.to_string();
+        Failure::runtime(format!("cannot connect to RabbitMQ: {e}{}", hint(&e)))
+    })
 }
 
 fn ready_check(store: Arc<RedisStore>, bus: AmqpBus) -> ReadyCheck {
@@ -209,8 +229,9 @@ impl Wiring {
         default_listen: &str,
         err: &mut (dyn Write + Send),
     ) -> Result<Self, Failure> {
-        let store = connect_store(&infra.redis_url, &infra.redis_prefix).await?;
-        let bus = connect_bus(infra, consume, prefetch, window).await?;
+        let ca_pem = infra.tls.ca_pem()?;
+        let store = connect_store(&infra.redis_url, &infra.redis_prefix, ca_pem.as_deref()).await?;
+        let bus = connect_bus(infra, ca_pem, consume, prefetch, window).await?;
         let metrics = Metrics::new();
         let listen = infra.listen.as_deref().unwrap_or(default_listen);
         let http = serve_endpoints(

@@ -13,15 +13,19 @@ use futures::StreamExt;
 use lapin::options::BasicAckOptions;
 
 use crate::exit::Failure;
+use crate::tls::{TlsArgs, hint};
 
 #[derive(Args, Debug, Clone)]
 pub struct TailArgs {
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
     )]
     pub amqp_url: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[arg(
         long,
         env = "TIDEMARK_RECORDS_EXCHANGE",
@@ -54,6 +58,7 @@ pub async fn run(
         Some(f) => format!("{f}.#"),
         None => "#".to_string(),
     };
+    let ca_pem = args.tls.ca_pem()?;
     let (conn, mut consumer, queue) = tidemark_bus::amqp::subscribe_with(
         &args.amqp_url,
         &args.records_exchange,
@@ -62,13 +67,16 @@ pub async fn run(
         tidemark_bus::amqp::SubscribeOptions {
             queue: args.queue.as_deref(),
             no_ack: false,
+            tls_ca_pem: ca_pem.as_deref(),
         },
     )
     .await
     .map_err(|e| {
+        let e = e.to_string();
         Failure::runtime(format!(
-            "cannot subscribe to {}: {e}",
-            args.records_exchange
+            "cannot subscribe to {}: {e}{}",
+            args.records_exchange,
+            hint(&e)
         ))
     })?;
     let _ = writeln!(

@@ -12,11 +12,13 @@ use crate::exit::Failure;
 pub fn run(path: &Path, out: &mut dyn Write) -> Result<Config, Failure> {
     let config = load_file(path).map_err(|e| Failure::usage(e.to_string()))?;
     let now = chrono::Utc::now();
-    let jobs: usize = config
-        .feeds
-        .iter()
-        .map(|f| f.partitions(now).map(|p| p.len()).unwrap_or(0))
-        .sum();
+    let mut jobs = 0usize;
+    for f in &config.feeds {
+        let parts = f
+            .partitions(now)
+            .map_err(|e| Failure::usage(format!("{}: feed {}: {e}", path.display(), f.name)))?;
+        jobs += parts.len();
+    }
     let _ = writeln!(
         out,
         "{}: ok: {} source(s), {} feed(s), {} job(s)",
@@ -25,16 +27,35 @@ pub fn run(path: &Path, out: &mut dyn Write) -> Result<Config, Failure> {
         config.feeds.len(),
         jobs
     );
+    for (name, source) in &config.sources {
+        let literal = source
+            .auth
+            .iter()
+            .flat_map(|a| a.secrets())
+            .any(|s| s.is_literal());
+        if literal {
+            let _ = writeln!(
+                out,
+                "warning: sources.{name}.auth holds a literal secret, which is stored with the config (in Redis, in a distributed deployment); write ${{VAR}} or ${{file:/path}}"
+            );
+        }
+    }
     for var in unset_variables(&config) {
         let _ = writeln!(
             out,
-            "warning: ${{{var}}} is not set in this environment; processes that send requests need it"
+            "warning: ${{{var}}} is not {} in this environment; processes that send requests need it",
+            if var.starts_with(tidemark_core::secret::FILE_PREFIX) {
+                "readable"
+            } else {
+                "set"
+            }
         );
     }
     Ok(config)
 }
 
-/// Names of the `${VAR}` references of every source that are unset here.
+/// Names of the `${VAR}` references of every source that are unset here,
+/// and of the `${file:/path}` references whose file cannot be read here.
 pub fn unset_variables(config: &Config) -> Vec<String> {
     let mut vars: Vec<String> = Vec::new();
     for source in config.sources.values() {
@@ -44,7 +65,11 @@ pub fn unset_variables(config: &Config) -> Vec<String> {
         }
         for s in secrets {
             for v in s.variables().unwrap_or_default() {
-                if std::env::var_os(v).is_none() && !vars.iter().any(|x| x == v) {
+                let missing = match v.strip_prefix(tidemark_core::secret::FILE_PREFIX) {
+                    Some(path) => std::fs::File::open(path).is_err(),
+                    None => std::env::var_os(v).is_none(),
+                };
+                if missing && !vars.iter().any(|x| x == v) {
                     vars.push(v.to_string());
                 }
             }

@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod duration;
+pub mod jsonbytes;
 pub mod pagination;
 pub mod pointer;
 pub mod record;

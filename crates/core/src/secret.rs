@@ -1,5 +1,8 @@
-//! Secrets in config: either a literal or a `${VAR}` reference to the
-//! environment of the process that sends the request.
+//! Secrets in config: either a literal, a `${VAR}` reference to the
+//! environment of the process that sends the request, or a `${file:/path}`
+//! reference to a file on that process's machine (a mounted Kubernetes or
+//! Docker secret), read at each resolution so a rotated file is picked up.
+//! One trailing newline of a file is dropped.
 //!
 //! A [`Secret`] stores the template as written, never the resolved value, so
 //! whatever is stored, logged or sent over a queue carries `${VAR}` only.
@@ -23,6 +26,31 @@ pub enum SecretError {
     Unset { var: String },
     #[error("malformed secret reference: an unclosed `${{` (write `${{VAR}}`)")]
     Malformed,
+    #[error("cannot read the secret file {path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+/// The prefix of a file reference: `${file:/run/secrets/token}`.
+pub const FILE_PREFIX: &str = "file:";
+
+/// Read a secret file: its content without one trailing newline.
+fn read_file(path: &str) -> Result<String, SecretError> {
+    let fail = |reason: String| SecretError::File {
+        path: path.to_string(),
+        reason,
+    };
+    if !std::path::Path::new(path).is_absolute() {
+        return Err(fail("the path must be absolute".into()));
+    }
+    let bytes = std::fs::read(path).map_err(|e| fail(e.kind().to_string()))?;
+    let mut text = String::from_utf8(bytes).map_err(|_| fail("not UTF-8".into()))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(text)
 }
 
 /// A resolved secret value. `Debug` and `Display` print `***`.
@@ -30,6 +58,10 @@ pub enum SecretError {
 pub struct Resolved(String);
 
 impl Resolved {
+    /// A secret value obtained at run time (an OAuth2 access token).
+    pub fn from_value(value: String) -> Self {
+        Self(value)
+    }
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -52,7 +84,8 @@ impl Secret {
         Self(template.into())
     }
 
-    /// The names of the `${VAR}` references in this secret.
+    /// The names of the `${VAR}` references in this secret (a file
+    /// reference is named `file:/path`).
     pub fn variables(&self) -> Result<Vec<&str>, SecretError> {
         let mut out = Vec::new();
         let mut rest = self.0.as_str();
@@ -70,7 +103,8 @@ impl Secret {
         !self.0.contains("${")
     }
 
-    /// Substitute every `${VAR}` using `lookup` (normally `std::env::var`).
+    /// Substitute every `${VAR}` using `lookup` (normally `std::env::var`)
+    /// and every `${file:/path}` with the file's content.
     pub fn resolve_with(
         &self,
         lookup: impl Fn(&str) -> Option<String>,
@@ -82,9 +116,12 @@ impl Secret {
             let after = &rest[start + 2..];
             let end = after.find('}').ok_or(SecretError::Malformed)?;
             let var = &after[..end];
-            let value = lookup(var).ok_or_else(|| SecretError::Unset {
-                var: var.to_string(),
-            })?;
+            let value = match var.strip_prefix(FILE_PREFIX) {
+                Some(path) => read_file(path)?,
+                None => lookup(var).ok_or_else(|| SecretError::Unset {
+                    var: var.to_string(),
+                })?,
+            };
             out.push_str(&value);
             rest = &after[end + 1..];
         }
@@ -161,5 +198,31 @@ mod tests {
             Secret::new("${OOPS").resolve_with(|_| None).unwrap_err(),
             SecretError::Malformed
         );
+    }
+
+    #[test]
+    fn file_references_read_the_file_without_its_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cr3t\n").unwrap();
+        let s = Secret::new(format!("Bearer ${{file:{}}}", path.display()));
+        assert_eq!(s.resolve_with(|_| None).unwrap().expose(), "Bearer s3cr3t");
+        // Rotated on disk: the next resolution reads the new value.
+        std::fs::write(&path, "n3w\r\n").unwrap();
+        assert_eq!(s.resolve_with(|_| None).unwrap().expose(), "Bearer n3w");
+        assert_eq!(s.display_safe(), format!("${{file:{}}}", path.display()));
+
+        let missing = dir.path().join("nope");
+        let err = Secret::new(format!("${{file:{}}}", missing.display()))
+            .resolve_with(|_| None)
+            .unwrap_err();
+        assert!(
+            matches!(&err, SecretError::File { path, .. } if path.ends_with("nope")),
+            "{err}"
+        );
+        let err = Secret::new("${file:relative/token}")
+            .resolve_with(|_| None)
+            .unwrap_err();
+        assert!(err.to_string().contains("absolute"), "{err}");
     }
 }

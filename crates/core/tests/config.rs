@@ -266,7 +266,7 @@ fn secrets_never_appear_in_errors() {
     );
     let msg = one(&text);
     assert!(
-        msg.contains("sources.helpdesk.auth: set exactly one of bearer, basic or api_key"),
+        msg.contains("sources.helpdesk.auth: set exactly one of bearer, basic, api_key or oauth2_client_credentials"),
         "{msg}"
     );
     assert!(
@@ -369,5 +369,53 @@ fn the_incremental_block_replaces_the_bulk_walks_params_start_and_pagination() {
     assert!(
         url.as_str().contains("updatedSince=2024-05-01") && url.as_str().ends_with("page=2"),
         "{url}"
+    );
+}
+
+/// Time windows from long ago every second would be hundreds of millions
+/// of jobs, built in memory by validate, pull and the coordinator: refused
+/// with the count and what to change (found while writing fuzz/).
+#[test]
+fn too_many_time_windows_are_refused() {
+    let windows = |from: &str, to: &str, every: &str| {
+        edit(
+            "partitions:",
+            &format!(
+                "    partitions: {{ windows: {{ from: \"{from}\",{to} every: {every}, end_param: end_time }} }}"
+            ),
+        )
+    };
+    let msg = one(&windows("2000-01-01T00:00:00Z", "", "1s"));
+    assert!(msg.contains("feeds[0].partitions.windows"), "{msg}");
+    assert!(
+        msg.contains("over the limit of 100000 jobs per feed"),
+        "{msg}"
+    );
+    assert!(msg.contains("to now every 1s"), "{msg}");
+
+    let bounded = windows(
+        "2024-01-01T00:00:00Z",
+        " to: \"2024-01-03T00:00:00Z\",",
+        "1s",
+    );
+    let msg = one(&bounded);
+    assert!(msg.contains("172800 windows"), "{msg}");
+
+    // Fewer load, and the last window ends at `to`.
+    let hourly = windows(
+        "2024-01-01T00:00:00Z",
+        " to: \"2024-01-02T00:00:00Z\",",
+        "1h",
+    );
+    let c = load_str("feeds.yaml", &hourly).unwrap();
+    let parts = c
+        .feed("tickets")
+        .unwrap()
+        .partitions(chrono::Utc::now())
+        .unwrap();
+    assert_eq!(parts.len(), 24);
+    assert_eq!(
+        parts[23].params,
+        vec![("end_time".to_string(), "1704153600".to_string())]
     );
 }

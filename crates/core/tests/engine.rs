@@ -695,3 +695,63 @@ fn an_empty_page_handing_back_its_cursor_ends_the_stream_without_a_preset() {
         Err(ReadError::Loop { .. })
     ));
 }
+
+#[test]
+fn limits_refuse_deep_json_long_cursors_and_crowded_pages_with_clear_errors() {
+    let start = Position::Start { from: None };
+    // Nesting: in the envelope and inside a record.
+    let pag = paginator(json!({"preset": "start_after"}), "/data");
+    let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    let body = format!(r#"{{"data": [], "meta": {{"x": {}}}}}"#, deep(5000));
+    let e = read_one(&pag, start.clone(), vec![], &body).unwrap_err();
+    assert!(e.to_string().contains("nested deeper than 128"), "{e}");
+    let body = format!(
+        r#"{{"data": [{{"id": 1, "x": {}}}], "meta": {{"hasMore": false}}}}"#,
+        deep(5000)
+    );
+    let e = read_one(&pag, start.clone(), vec![], &body).unwrap_err();
+    assert!(e.to_string().contains("nested deeper than 128"), "{e}");
+    // 100 levels are fine.
+    let body = format!(
+        r#"{{"data": [{{"id": 1, "x": {}}}], "meta": {{"hasMore": false}}}}"#,
+        deep(100)
+    );
+    read_one(&pag, start.clone(), vec![], &body).unwrap();
+
+    // Records per page.
+    let pag = paginator(json!({"preset": "start_after"}), "/data").with_max_records(2);
+    let body = r#"{"data": [{"id": 1}, {"id": 2}, {"id": 3}], "meta": {"hasMore": false}}"#;
+    let e = read_one(&pag, start.clone(), vec![], body).unwrap_err();
+    assert!(
+        matches!(e, ReadError::TooManyRecords { count: 3, limit: 2 }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("max_records_per_page"), "{e}");
+
+    // Cursor length.
+    let pag = paginator(json!({"preset": "start_after"}), "/data").with_max_cursor_len(16);
+    let body = format!(
+        r#"{{"data": [{{"id": 1}}], "meta": {{"hasMore": true, "nextStartAfter": "{}"}}}}"#,
+        "c".repeat(17)
+    );
+    let e = read_one(&pag, start, vec![], &body).unwrap_err();
+    assert!(
+        matches!(e, ReadError::CursorTooLong { len: 17, limit: 16 }),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_next_url_that_echoes_the_api_key_is_stored_without_it() {
+    let pag = paginator(json!({"preset": "next_url"}), "/data")
+        .with_secret_params(vec!["api_key".into()]);
+    let body = r#"{"data": [{"id": 1}], "links": {"next": "https://api.test/base/v1/items?after=2&api_key=SECRET&a=1"}}"#;
+    let next = read_one(&pag, Position::Start { from: None }, vec![], body).unwrap();
+    match next {
+        Next::More(url) => {
+            assert!(!url.contains("SECRET"), "{url}");
+            assert!(url.contains("after=2") && url.contains("a=1"), "{url}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -15,6 +15,8 @@
 //! | `types` | `"records"` is an object, not an array |
 //! | `empty_more` | no records, `"has_more": true` and `"next": "p3"` (so `p3` pages to itself) |
 //! | `empty_forever` | no records, `"has_more": true` and a new cursor every time (`pN` leads to `pN+1`) |
+//! | `deep` | a record nested 10,000 arrays deep |
+//! | `long_cursor` | a good record and a 20,000-byte next cursor |
 //!
 //! An unknown kind is a 404.
 
@@ -26,13 +28,15 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 /// The kinds served.
-pub const KINDS: [&str; 6] = [
+pub const KINDS: [&str; 8] = [
     "loop",
     "huge",
     "utf8",
     "types",
     "empty_more",
     "empty_forever",
+    "deep",
+    "long_cursor",
 ];
 
 /// Bytes in the `huge` body, at least.
@@ -76,6 +80,15 @@ pub fn serve(kind: &str, cursor: Option<&str>) -> Response {
                 .unwrap_or(2);
             Body::from(format!(r#"{{"records":[],"has_more":true,"next":"p{}"}}"#, n + 1))
         }
+        "deep" => Body::from(format!(
+            r#"{{"records":[{{"id":"h4","updated_at":"2024-01-01T00:00:03Z","x":{}{}}}],"next":"p3"}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        )),
+        "long_cursor" => Body::from(format!(
+            r#"{{"records":[{{"id":"h4","updated_at":"2024-01-01T00:00:03Z"}}],"has_more":true,"next":"{}"}}"#,
+            "c".repeat(20_000)
+        )),
         _ => Body::from(r#"{"records":[],"has_more":true,"next":"p3"}"#), // empty_more
     };
     json(body)

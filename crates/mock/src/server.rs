@@ -30,6 +30,8 @@ struct Shared {
     /// Unix ms of the first data request (0: none yet).
     first_request_ms: AtomicI64,
     by_path: Mutex<BTreeMap<String, u64>>,
+    /// Access tokens issued by `POST /oauth/token`, newest last.
+    tokens: Mutex<Vec<String>>,
 }
 
 /// A handle on the mock's state, for tests in the same process.
@@ -60,6 +62,7 @@ impl MockState {
             requests: AtomicU64::new(0),
             first_request_ms: AtomicI64::new(0),
             by_path: Mutex::new(BTreeMap::new()),
+            tokens: Mutex::new(Vec::new()),
         }))
     }
     pub fn insert(&self, n: usize) {
@@ -125,8 +128,50 @@ pub fn router(state: MockState) -> Router {
         .route("/_admin/update", post(admin_update))
         .route("/_admin/faults", post(admin_faults))
         .route("/hostile/{kind}", get(hostile_page))
+        .route("/oauth/token", post(oauth_token))
+        .route(
+            "/_oauth/tokens",
+            get(|State(s): State<MockState>| async move { axum::Json(lock(&s.0.tokens).clone()) }),
+        )
         .fallback(data)
         .with_state(state)
+}
+
+/// An OAuth2 token endpoint (client credentials): any client with a
+/// non-empty id and secret, by HTTP Basic or in the form, gets a new bearer
+/// token living an hour. A data request that presents a bearer token of
+/// this mock that it did not issue is answered 401.
+async fn oauth_token(State(s): State<MockState>, headers: HeaderMap, body: String) -> Response {
+    let form: HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes())
+        .into_owned()
+        .collect();
+    let basic = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.decode(b).ok()
+        })
+        .and_then(|b| String::from_utf8(b).ok())
+        .is_some_and(|pair| {
+            pair.split_once(':')
+                .is_some_and(|(id, secret)| !id.is_empty() && !secret.is_empty())
+        });
+    let in_form = form.get("client_id").is_some_and(|v| !v.is_empty())
+        && form.get("client_secret").is_some_and(|v| !v.is_empty());
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return json_error(400, "unsupported_grant_type", "only client_credentials");
+    }
+    if !basic && !in_form {
+        return json_error(401, "invalid_client", "no client credentials");
+    }
+    let token = format!("mock-{:032x}", rand::random::<u128>());
+    lock(&s.0.tokens).push(token.clone());
+    axum::Json(serde_json::json!({
+        "access_token": token, "token_type": "Bearer", "expires_in": 3600,
+    }))
+    .into_response()
 }
 
 async fn admin_insert(
@@ -197,6 +242,16 @@ fn json_error(status: u16, error: &str, description: &str) -> Response {
 
 async fn data(State(s): State<MockState>, uri: Uri, headers: HeaderMap) -> Response {
     let n = s.count(uri.path());
+    if let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer mock-"))
+        && !lock(&s.0.tokens)
+            .iter()
+            .any(|t| t.strip_prefix("mock-") == Some(token))
+    {
+        return json_error(401, "invalid_token", "this token was not issued here");
+    }
     let faults = s.faults();
     let cfg = &s.0.config;
     if !cfg.latency.is_zero() {

@@ -5,13 +5,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use reqwest::header::{ACCEPT, HeaderMap, HeaderValue, RETRY_AFTER, USER_AGENT};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, LOCATION, RETRY_AFTER, USER_AGENT,
+};
 use tidemark_core::config::{AuthConfig, RetryConfig, SourceConfig};
 use tidemark_core::pagination::{Headers, PageRequest, redact_query};
 use tidemark_core::secret::Secret;
 use url::Url;
 
 use crate::FetchError;
+use crate::oauth::TokenSource;
 use crate::retry::{backoff_delay, parse_retry_after};
 
 const MAX_REDIRECTS: usize = 5;
@@ -51,9 +54,13 @@ struct Inner {
     base: Url,
     client: reqwest::Client,
     auth: Option<AuthConfig>,
+    oauth: Option<TokenSource>,
     headers: BTreeMap<String, Secret>,
     retry: RetryConfig,
     max_body: u64,
+    max_headers: usize,
+    /// Origins a redirect may lead to, without credentials.
+    redirects_to: Vec<url::Origin>,
 }
 
 impl std::fmt::Debug for HttpSource {
@@ -68,20 +75,11 @@ impl std::fmt::Debug for HttpSource {
 
 impl HttpSource {
     pub fn new(name: &str, cfg: &SourceConfig) -> Result<Self, FetchError> {
-        let origin = cfg.base_url.origin();
-        let policy = reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= MAX_REDIRECTS {
-                attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
-            } else if attempt.url().origin() != origin {
-                let to = attempt.url().origin().ascii_serialization();
-                attempt.error(format!("redirect to another origin ({to}) is not followed"))
-            } else {
-                attempt.follow()
-            }
-        });
         let timeout = cfg.timeout();
+        // Redirects are followed by `send`, which decides per hop what
+        // the next origin may see.
         let client = reqwest::Client::builder()
-            .redirect(policy)
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .pool_max_idle_per_host(64)
@@ -90,15 +88,23 @@ impl HttpSource {
             .map_err(|e| {
                 FetchError::Config(format!("cannot build the HTTP client: {}", e.without_url()))
             })?;
+        let oauth = cfg
+            .auth
+            .as_ref()
+            .and_then(|a| a.oauth2_client_credentials.clone())
+            .map(|o| TokenSource::new(o, client.clone()));
         Ok(HttpSource {
             inner: Arc::new(Inner {
                 name: name.to_string(),
                 base: cfg.base_url.clone(),
                 client,
                 auth: cfg.auth.clone(),
+                oauth,
                 headers: cfg.headers.clone(),
                 retry: cfg.retry(),
                 max_body: cfg.max_body_bytes(),
+                max_headers: cfg.max_header_bytes(),
+                redirects_to: cfg.redirects_allowed_to.iter().map(Url::origin).collect(),
             }),
         })
     }
@@ -156,28 +162,7 @@ impl HttpSource {
             });
         }
         let started = Instant::now();
-        let mut url = req.url.clone();
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            USER_AGENT,
-            HeaderValue::from_static(concat!("tidemark/", env!("CARGO_PKG_VERSION"))),
-        );
-        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-        crate::auth::apply(
-            self.inner.auth.as_ref(),
-            &self.inner.headers,
-            &mut headers,
-            &mut url,
-        )?;
-        tracing::debug!(source = %self.inner.name, url = %shown, "GET");
-        let resp = self
-            .inner
-            .client
-            .get(url)
-            .headers(headers)
-            .send()
-            .await
-            .map_err(|e| classify(e, &shown))?;
+        let (resp, sent) = self.send(&req.url, &shown).await?;
         let status = resp.status().as_u16();
         let resp_headers = resp.headers().clone();
         if !resp.status().is_success() {
@@ -185,12 +170,24 @@ impl HttpSource {
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| parse_retry_after(v, SystemTime::now()));
-            let body_snippet = snippet(resp).await;
+            let sent: Vec<&str> = sent.iter().map(|s| s.expose()).collect();
+            let body_snippet = crate::auth::scrub(&snippet(resp).await, &sent);
             return Err(FetchError::Status {
                 status,
                 url: shown,
                 retry_after,
                 body_snippet,
+            });
+        }
+        let header_bytes: usize = resp_headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        if header_bytes > self.inner.max_headers {
+            return Err(FetchError::HeadersTooLarge {
+                url: shown,
+                size: header_bytes,
+                limit: self.inner.max_headers,
             });
         }
         let body = self.read_body(resp, &shown).await?;
@@ -201,6 +198,94 @@ impl HttpSource {
             attempts: 1,
             elapsed: started.elapsed(),
         })
+    }
+
+    /// GET `first`, following redirects: on the source's origin with the
+    /// credentials, to an origin of `redirects_allowed_to` without any
+    /// credential or configured header, anywhere else not at all. An OAuth2
+    /// source whose token the API refuses (401) gets one retry with a new
+    /// token. Returns the response and the secret values sent to the source.
+    async fn send(
+        &self,
+        first: &Url,
+        shown: &str,
+    ) -> Result<(reqwest::Response, crate::auth::Sent), FetchError> {
+        let inner = &self.inner;
+        let mut url = first.clone();
+        let mut hops = 0usize;
+        let mut refused_token: Option<String> = None;
+        loop {
+            let on_source = url.origin() == inner.base.origin();
+            let mut target = url.clone();
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                USER_AGENT,
+                HeaderValue::from_static(concat!("tidemark/", env!("CARGO_PKG_VERSION"))),
+            );
+            headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+            let mut sent = crate::auth::Sent::new();
+            let mut token = None;
+            if on_source {
+                sent = crate::auth::apply(
+                    inner.auth.as_ref(),
+                    &inner.headers,
+                    &mut headers,
+                    &mut target,
+                )?;
+                if let Some(oauth) = &inner.oauth {
+                    let t = oauth.token(refused_token.as_deref()).await?;
+                    headers.insert(AUTHORIZATION, crate::auth::bearer(t.expose())?);
+                    sent.push(tidemark_core::secret::Resolved::from_value(
+                        t.expose().to_string(),
+                    ));
+                    token = Some(t);
+                }
+            }
+            tracing::debug!(source = %inner.name, url = %redact_query(&url), "GET");
+            let resp = inner
+                .client
+                .get(target)
+                .headers(headers)
+                .send()
+                .await
+                .map_err(|e| classify(e, shown))?;
+            let status = resp.status();
+            if status.is_redirection()
+                && let Some(location) = resp.headers().get(LOCATION)
+            {
+                hops += 1;
+                let refuse = |reason: String| FetchError::Redirect {
+                    url: shown.to_string(),
+                    reason,
+                };
+                if hops > MAX_REDIRECTS {
+                    return Err(refuse(format!("more than {MAX_REDIRECTS} redirects")));
+                }
+                let next = location
+                    .to_str()
+                    .ok()
+                    .and_then(|l| url.join(l).ok())
+                    .ok_or_else(|| refuse("an invalid Location".into()))?;
+                let origin = next.origin();
+                if origin != inner.base.origin() && !inner.redirects_to.contains(&origin) {
+                    return Err(refuse(format!(
+                        "redirect to another origin ({}) is not followed; list it in redirects_allowed_to to follow it without credentials",
+                        origin.ascii_serialization()
+                    )));
+                }
+                url = next;
+                continue;
+            }
+            if status == reqwest::StatusCode::UNAUTHORIZED
+                && refused_token.is_none()
+                && let Some(t) = token
+            {
+                tracing::info!(source = %inner.name, "the API refused the OAuth2 token; fetching a new one");
+                refused_token = Some(t.expose().to_string());
+                continue;
+            }
+            return Ok((resp, sent));
+        }
     }
 
     async fn read_body(

@@ -30,6 +30,20 @@ pub enum FetchError {
     },
     #[error("response body from {url} exceeds the limit of {limit} bytes (max_body_bytes)")]
     TooLarge { url: String, limit: u64 },
+    #[error(
+        "response headers from {url} are {size} bytes, over the limit of {limit} (max_header_bytes)"
+    )]
+    HeadersTooLarge {
+        url: String,
+        size: usize,
+        limit: usize,
+    },
+    #[error("no OAuth2 token from {url}: {reason}")]
+    Token {
+        url: String,
+        reason: String,
+        transient: bool,
+    },
 }
 
 impl FetchError {
@@ -41,6 +55,7 @@ impl FetchError {
                 true
             }
             FetchError::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
+            FetchError::Token { transient, .. } => *transient,
             _ => false,
         }
     }
@@ -62,6 +77,14 @@ impl FetchError {
 
     /// True when the configuration (a secret, auth) is at fault, not the API.
     pub fn is_config(&self) -> bool {
-        matches!(self, FetchError::Secret(_) | FetchError::Config(_))
+        matches!(
+            self,
+            FetchError::Secret(_)
+                | FetchError::Config(_)
+                | FetchError::Token {
+                    transient: false,
+                    ..
+                }
+        )
     }
 }

@@ -267,3 +267,256 @@ async fn other_origins_never_receive_a_request() {
     assert_eq!(other_hits.load(Ordering::SeqCst), 0);
     assert!(!format!("{e} {e:?} {s:?}").contains("literal-token"));
 }
+
+#[tokio::test]
+async fn an_allowed_redirect_is_followed_without_any_credential_and_others_are_refused() {
+    let seen: Arc<std::sync::Mutex<Vec<(HeaderMap, String)>>> = Arc::default();
+    let log = seen.clone();
+    let (cdn, cdn_hits) = server(move |_, h, uri| {
+        log.lock()
+            .unwrap()
+            .push((h.clone(), uri.query().unwrap_or_default().to_string()));
+        ok("[\"from the cdn\"]")
+    })
+    .await;
+    let (elsewhere, elsewhere_hits) = server(|_, _, _| ok("[]")).await;
+    let (to_cdn, to_elsewhere) = (format!("{cdn}/blob"), format!("{elsewhere}/blob"));
+    let (url, _) = server(move |_, h, uri| {
+        assert_eq!(
+            h.get("x-api-key").unwrap(),
+            "k3y-value",
+            "the source gets its key"
+        );
+        match uri.path() {
+            "/cdn" => (StatusCode::FOUND, [("location", to_cdn.clone())]).into_response(),
+            _ => (
+                StatusCode::TEMPORARY_REDIRECT,
+                [("location", to_elsewhere.clone())],
+            )
+                .into_response(),
+        }
+    })
+    .await;
+    let extra = format!(
+        "    auth: {{ api_key: {{ header: X-Api-Key, value: k3y-value }} }}\n    headers: {{ X-Tenant: tenant-secret }}\n    redirects_allowed_to: [\"{cdn}\"]\n"
+    );
+    let s = HttpSource::new("s", &source(&url, &extra)).unwrap();
+    let page = s.fetch(&req(&format!("{url}/cdn"))).await.unwrap();
+    assert_eq!(&page.body[..], b"[\"from the cdn\"]");
+    assert_eq!(cdn_hits.load(Ordering::SeqCst), 1);
+    let (headers, query) = seen.lock().unwrap()[0].clone();
+    for (name, value) in &headers {
+        let v = value.to_str().unwrap_or_default();
+        assert!(
+            !v.contains("k3y-value") && !v.contains("tenant-secret"),
+            "the other origin saw {name}: {v}"
+        );
+    }
+    assert!(headers.get("authorization").is_none() && query.is_empty());
+
+    let e = s.fetch(&req(&format!("{url}/other"))).await.unwrap_err();
+    assert!(
+        matches!(e, FetchError::Redirect { .. }) && !e.is_transient(),
+        "{e}"
+    );
+    assert!(e.to_string().contains("redirects_allowed_to"), "{e}");
+    assert_eq!(elsewhere_hits.load(Ordering::SeqCst), 0);
+
+    // A key in the query string stays on the source's origin too.
+    let (url, _) = {
+        let to_cdn = format!("{cdn}/blob");
+        server(move |_, _, _| (StatusCode::FOUND, [("location", to_cdn.clone())]).into_response())
+            .await
+    };
+    let extra = format!(
+        "    auth: {{ api_key: {{ query: key, value: q-secret }} }}\n    redirects_allowed_to: [\"{cdn}\"]\n"
+    );
+    let s = HttpSource::new("s", &source(&url, &extra)).unwrap();
+    s.fetch(&req(&format!("{url}/x"))).await.unwrap();
+    let (_, query) = seen.lock().unwrap()[1].clone();
+    assert!(!query.contains("q-secret"), "{query}");
+}
+
+#[tokio::test]
+async fn header_limits_and_echoed_secrets() {
+    let (url, _) = server(|_, h, uri| match uri.path() {
+        "/fat" => ([("x-padding", "p".repeat(3000))], "[]").into_response(),
+        _ => {
+            // An API that echoes the credential in its error body.
+            let auth = h
+                .get("authorization")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            (StatusCode::BAD_REQUEST, format!("bad token: {auth}")).into_response()
+        }
+    })
+    .await;
+    let s = HttpSource::new(
+        "s",
+        &source(
+            &url,
+            "    auth: { bearer: echo-me-not }\n    max_header_bytes: 2048\n",
+        ),
+    )
+    .unwrap();
+    let e = s.fetch(&req(&format!("{url}/fat"))).await.unwrap_err();
+    assert!(
+        matches!(e, FetchError::HeadersTooLarge { limit: 2048, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("max_header_bytes"), "{e}");
+    let e = s.fetch(&req(&format!("{url}/echo"))).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("bad token: Bearer ***"), "{msg}");
+    assert!(!msg.contains("echo-me-not"), "{msg}");
+}
+
+/// A token endpoint: checks the client's credentials, issues `tok-N`
+/// living `ttl` seconds, counts its requests.
+async fn token_server(ttl: u64, body_auth: bool) -> (String, Arc<AtomicUsize>) {
+    let issued = Arc::new(AtomicUsize::new(0));
+    let n = issued.clone();
+    let app = axum::Router::new().route(
+        "/oauth/token",
+        axum::routing::post(move |h: HeaderMap, body: String| {
+            let n = n.clone();
+            async move {
+                let form: std::collections::HashMap<String, String> =
+                    url::form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+                let good = if body_auth {
+                    form.get("client_id").map(String::as_str) == Some("the-client")
+                        && form.get("client_secret").map(String::as_str) == Some("client-s3cret")
+                } else {
+                    use base64::Engine;
+                    let want = format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode("the-client:client-s3cret")
+                    );
+                    h.get("authorization").and_then(|v| v.to_str().ok()) == Some(want.as_str())
+                };
+                if form.get("grant_type").map(String::as_str) != Some("client_credentials") || !good {
+                    return (
+                        StatusCode::UNAUTHORIZED,
+                        "{\"error\": \"invalid_client\", \"error_description\": \"client-s3cret is wrong\"}",
+                    )
+                        .into_response();
+                }
+                assert_eq!(form.get("scope").map(String::as_str), Some("read:tickets read:users"));
+                let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+                ok_json(format!(
+                    "{{\"access_token\": \"tok-{i}\", \"token_type\": \"Bearer\", \"expires_in\": {ttl}}}"
+                ))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/oauth/token", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, issued)
+}
+
+fn ok_json(body: String) -> Response {
+    ([("content-type", "application/json")], body).into_response()
+}
+
+fn oauth_source(api: &str, token_url: &str, client_auth: &str) -> SourceConfig {
+    source(
+        api,
+        &format!(
+            "    auth: {{ oauth2_client_credentials: {{ token_url: \"{token_url}\", client_id: the-client, client_secret: client-s3cret, scopes: [\"read:tickets\", \"read:users\"], client_auth: {client_auth} }} }}\n"
+        ),
+    )
+}
+
+#[tokio::test]
+async fn oauth2_tokens_are_cached_renewed_before_expiry_and_replaced_once_on_401() {
+    let (token_url, issued) = token_server(3600, false).await;
+    // The API accepts only the newest token, so a refused one must be replaced.
+    let accepted = Arc::new(AtomicUsize::new(1));
+    let acc = accepted.clone();
+    let (api, hits) = server(move |_, h, _| {
+        let want = format!("Bearer tok-{}", acc.load(Ordering::SeqCst));
+        if h.get("authorization").and_then(|v| v.to_str().ok()) == Some(want.as_str()) {
+            ok("[]")
+        } else {
+            (StatusCode::UNAUTHORIZED, "expired").into_response()
+        }
+    })
+    .await;
+    let s = HttpSource::new("s", &oauth_source(&api, &token_url, "basic")).unwrap();
+    for _ in 0..3 {
+        s.fetch(&req(&format!("{api}/x"))).await.unwrap();
+    }
+    assert_eq!(
+        issued.load(Ordering::SeqCst),
+        1,
+        "one token for three requests"
+    );
+
+    // The API revokes the token: one 401, a new token, the same request again.
+    accepted.store(2, Ordering::SeqCst);
+    s.fetch(&req(&format!("{api}/x"))).await.unwrap();
+    assert_eq!(issued.load(Ordering::SeqCst), 2);
+    assert_eq!(hits.load(Ordering::SeqCst), 5);
+
+    // A token the API keeps refusing: one retry, then the 401 is the error.
+    accepted.store(99, Ordering::SeqCst);
+    let e = s.fetch(&req(&format!("{api}/x"))).await.unwrap_err();
+    assert_eq!(e.status(), Some(401), "{e}");
+    assert_eq!(issued.load(Ordering::SeqCst), 3);
+    let shown = format!("{e} {e:?} {s:?}");
+    assert!(
+        !shown.contains("tok-") && !shown.contains("client-s3cret"),
+        "{shown}"
+    );
+
+    // Short-lived tokens are renewed before they expire.
+    let (token_url, issued) = token_server(1, true).await;
+    let (api, _) = server(|_, h, _| {
+        if h.get("authorization").is_some() {
+            ok("[]")
+        } else {
+            (StatusCode::UNAUTHORIZED, "").into_response()
+        }
+    })
+    .await;
+    let s = HttpSource::new("s", &oauth_source(&api, &token_url, "body")).unwrap();
+    s.fetch(&req(&format!("{api}/x"))).await.unwrap();
+    s.fetch(&req(&format!("{api}/x"))).await.unwrap();
+    assert_eq!(issued.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.fetch(&req(&format!("{api}/x"))).await.unwrap();
+    assert_eq!(
+        issued.load(Ordering::SeqCst),
+        2,
+        "renewed at half its one-second life"
+    );
+}
+
+#[tokio::test]
+async fn oauth2_endpoint_errors_are_clear_and_never_show_the_secret() {
+    let (token_url, _) = token_server(3600, false).await;
+    let (api, hits) = server(|_, _, _| ok("[]")).await;
+    // The endpoint expects Basic; sending the secret in the body fails.
+    let s = HttpSource::new("s", &oauth_source(&api, &token_url, "body")).unwrap();
+    let e = s.fetch(&req(&format!("{api}/x"))).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(
+            e,
+            FetchError::Token {
+                transient: false,
+                ..
+            }
+        ) && e.is_config(),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("invalid_client") && msg.contains("HTTP 401"),
+        "{msg}"
+    );
+    assert!(!msg.contains("client-s3cret"), "{msg}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "no request without a token");
+}

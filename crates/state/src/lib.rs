@@ -9,6 +9,7 @@
 //! distributed deployment, [`EmbeddedStore`] for one process with a local
 //! file; both pass the same behavioural tests.
 
+mod client;
 mod embedded;
 mod keys;
 mod leader;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId};
 
+pub use client::{is_tls, redis_client};
 pub use embedded::EmbeddedStore;
 pub use leader::LeaderGuard;
 pub use redis_store::{DEFAULT_PREFIX, RedisStore};

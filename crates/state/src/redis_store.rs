@@ -38,13 +38,44 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// Connect to `url` (`redis://` or `rediss://`) and keep every key under `prefix`.
+    /// Connect to `url` (`redis://` or `rediss://`, trusting the system's
+    /// roots) and keep every key under `prefix`.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StateError> {
-        let client = redis::Client::open(url)?;
+        Self::connect_with_ca(url, prefix, None).await
+    }
+
+    /// [`RedisStore::connect`], a `rediss://` server's certificate also
+    /// trusted when it chains to a CA in `ca_pem` (PEM certificates).
+    pub async fn connect_with_ca(
+        url: &str,
+        prefix: &str,
+        ca_pem: Option<&str>,
+    ) -> Result<Self, StateError> {
+        let client = crate::client::redis_client(url, ca_pem)?;
+        if crate::client::is_tls(url) {
+            // An untrusted certificate stays untrusted: say so now, not
+            // after the connection manager's retries (minutes).
+            let probe = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Duration::from_secs(5))
+                .set_response_timeout(Duration::from_secs(5));
+            if let Err(e) = client
+                .get_multiplexed_async_connection_with_config(&probe)
+                .await
+                && crate::client::is_tls_failure(&e)
+            {
+                return Err(e.into());
+            }
+        }
+        // redis 0.32 hands `factor` to its backoff as the growth per
+        // attempt (from a 1 s start): its default of 100 made a Redis that
+        // does not answer take over two minutes to report. Double instead,
+        // at most 2 s apart: 3 retries, about 5 s.
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Duration::from_secs(5))
             .set_response_timeout(Duration::from_secs(5))
-            .set_number_of_retries(3);
+            .set_number_of_retries(3)
+            .set_factor(2)
+            .set_max_delay(2000);
         let conn = ConnectionManager::new_with_config(client, config).await?;
         Ok(RedisStore {
             conn,

@@ -133,7 +133,7 @@ impl Metrics {
             tasks_dropped: reg(
                 &mut r,
                 "tasks_dropped",
-                "Page tasks acked without work, by reason (stale_epoch, already_applied, conflict, not_running, unknown_job, fenced)",
+                "Page tasks acked without work, by reason (stale_epoch, already_applied, conflict, not_running, fenced)",
             ),
             tasks_retried: reg(
                 &mut r,

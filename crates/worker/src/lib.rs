@@ -192,17 +192,7 @@ impl Worker {
     async fn handle(&self, d: TaskDelivery) {
         let task = match d.task() {
             Ok(t) => t,
-            Err(e) => {
-                tracing::error!(error = %e, "malformed page task; dead-lettering it");
-                self.metrics
-                    .tasks_dead_lettered
-                    .get_or_create(&Metrics::feed(""))
-                    .inc();
-                if let Err(err) = self.tasks.dead_letter(d, "malformed", &e).await {
-                    tracing::warn!(error = %err, "cannot dead-letter a malformed task");
-                }
-                return;
-            }
+            Err(e) => return self.reject(d, "malformed", &e).await,
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.in_flight
@@ -228,6 +218,7 @@ impl Worker {
                 ack(d).await
             }
             Outcome::Dropped(reason) => self.drop_task(d, task, reason).await,
+            Outcome::Rejected { reason, error } => self.reject(d, reason, &error).await,
             Outcome::Retry { delay, error } if task.attempt + 1 < self.opts.max_attempts => {
                 tracing::warn!(job = %job, seq = task.seq, attempt = task.attempt + 1, delay_ms = delay.as_millis() as u64, error = %error, "page failed; retrying later");
                 let mut again = task.clone();
@@ -264,6 +255,18 @@ impl Worker {
     }
 
     /// Ack a task that has nothing (more) to do, counting why.
+    /// Dead-letter a task that is wrong in itself, with `reason` and `error`.
+    async fn reject(&self, d: TaskDelivery, reason: &str, error: &str) {
+        tracing::error!(reason, error, "invalid page task; dead-lettering it");
+        self.metrics
+            .tasks_dead_lettered
+            .get_or_create(&Metrics::feed(""))
+            .inc();
+        if let Err(err) = self.tasks.dead_letter(d, reason, error).await {
+            tracing::warn!(error = %err, "cannot dead-letter an invalid task");
+        }
+    }
+
     async fn drop_task(&self, d: TaskDelivery, task: &PageTask, reason: &'static str) {
         tracing::debug!(job = %task.job, seq = task.seq, epoch = task.epoch, reason, "task dropped");
         self.metrics

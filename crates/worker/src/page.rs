@@ -33,6 +33,9 @@ pub enum Outcome {
     Done,
     /// Nothing to do; ack. The reason is a metric label.
     Dropped(&'static str),
+    /// The task itself is wrong (it names no job): dead-letter it with the
+    /// reason, fail no job.
+    Rejected { reason: &'static str, error: String },
     /// A transient failure: try again after `delay` as attempt + 1.
     Retry { delay: Duration, error: String },
     /// Cannot succeed: mark the job failed and dead-letter the task.
@@ -86,7 +89,14 @@ impl Worker {
         let job = &task.job;
         let cp = match self.store.get(job).await {
             Ok(Some(cp)) => cp,
-            Ok(None) => return Outcome::Dropped("unknown_job"),
+            Ok(None) => {
+                return Outcome::Rejected {
+                    reason: "unknown_job",
+                    error: format!(
+                        "no job {job} in the state store (a task for a removed feed, or not one of ours)"
+                    ),
+                };
+            }
             Err(e) => {
                 return Outcome::Requeue {
                     error: format!("reading the checkpoint: {e}"),

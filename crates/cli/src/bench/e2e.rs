@@ -49,6 +49,8 @@ pub struct E2eBench {
         hide_env_values = true
     )]
     pub amqp_url: String,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Approximate JSON size of one record.
     #[arg(long, default_value_t = 330)]
     pub record_bytes: usize,
@@ -386,18 +388,23 @@ struct Deployment {
     prefix: String,
     amqp_url: String,
     redis_url: String,
+    /// `--tls-ca-file`: handed to the processes, and its checked bundle.
+    tls_ca_file: Option<std::path::PathBuf>,
+    tls_ca_pem: Option<String>,
 }
 
 impl Deployment {
-    fn new(b: &E2eBench) -> Self {
-        Deployment {
+    fn new(b: &E2eBench) -> Result<Self, Failure> {
+        Ok(Deployment {
             prefix: format!(
                 "tmbench{}",
                 &uuid::Uuid::new_v4().simple().to_string()[..12]
             ),
             amqp_url: b.amqp_url.clone(),
             redis_url: b.redis_url.clone(),
-        }
+            tls_ca_file: b.tls.tls_ca_file.clone(),
+            tls_ca_pem: b.tls.ca_pem()?,
+        })
     }
     fn exchange(&self) -> String {
         format!("{}.records", self.prefix)
@@ -415,17 +422,27 @@ impl Deployment {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(
+            self.tls_ca_file
+                .iter()
+                .map(|f| ("TIDEMARK_TLS_CA_FILE".to_string(), f.display().to_string())),
+        )
         .collect()
     }
 
     /// Delete the run's Redis keys, queues and exchange.
     async fn cleanup(&self) {
-        if let Ok(store) =
-            tidemark_state::RedisStore::connect(&self.redis_url, &format!("{}:", self.prefix)).await
+        if let Ok(store) = tidemark_state::RedisStore::connect_with_ca(
+            &self.redis_url,
+            &format!("{}:", self.prefix),
+            self.tls_ca_pem.as_deref(),
+        )
+        .await
         {
             let _ = store.delete_all().await;
         }
         let mut cfg = tidemark_bus::amqp::BusConfig::new(&self.amqp_url);
+        cfg.tls_ca_pem = self.tls_ca_pem.clone();
         cfg.prefix = self.prefix.clone();
         cfg.records_exchange = self.exchange();
         let _ = tidemark_bus::amqp::delete_topology(&cfg).await;
@@ -490,7 +507,7 @@ async fn run_system(b: &E2eBench, spec: &Spec) -> Result<RunResult, Failure> {
         .prefix("tidemark-bench-")
         .tempdir()
         .map_err(|e| Failure::runtime(e.to_string()))?;
-    let d = Deployment::new(b);
+    let d = Deployment::new(b)?;
     eprintln!(
         "bench: {}: {} jobs, {} records expected, {} worker(s) x {} ...",
         spec.label, spec.jobs, spec.expected_records, spec.workers, spec.concurrency
@@ -528,7 +545,7 @@ async fn run_in(
         ),
     )
     .map_err(|e| Failure::runtime(e.to_string()))?;
-    let sink = Sink::start(&d.amqp_url, &d.exchange()).await?;
+    let sink = Sink::start(&d.amqp_url, d.tls_ca_pem.as_deref(), &d.exchange()).await?;
     let env = d.env();
     let mut workers = Vec::new();
     for i in 0..spec.workers {
@@ -669,14 +686,15 @@ async fn run_in(
 /// The broker's ceiling through the same sink: record-sized and page-sized
 /// messages from a minimal confirmed publisher.
 async fn measure_ceiling(b: &E2eBench) -> Result<Vec<Ceiling>, Failure> {
-    let d = Deployment::new(b);
-    let sink = Sink::start(&d.amqp_url, &d.exchange()).await?;
+    let d = Deployment::new(b)?;
+    let sink = Sink::start(&d.amqp_url, d.tls_ca_pem.as_deref(), &d.exchange()).await?;
     eprintln!("bench: the broker ceiling ...");
     let count = b
         .ceiling_messages
         .unwrap_or((b.throughput_jobs * b.throughput_records) as u64);
     let small = sink::ceiling(
         &d.amqp_url,
+        d.tls_ca_pem.as_deref(),
         &d.exchange(),
         &sink,
         b.record_bytes,
@@ -690,6 +708,7 @@ async fn measure_ceiling(b: &E2eBench) -> Result<Vec<Ceiling>, Failure> {
         Ok(_) => Some(
             sink::ceiling(
                 &d.amqp_url,
+                d.tls_ca_pem.as_deref(),
                 &d.exchange(),
                 &sink,
                 page_bytes,

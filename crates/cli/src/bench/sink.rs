@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Connection};
 use serde::Serialize;
 
 use crate::exit::Failure;
@@ -54,7 +54,7 @@ pub struct Snapshot {
 }
 
 impl Sink {
-    pub async fn start(url: &str, exchange: &str) -> Result<Sink, Failure> {
+    pub async fn start(url: &str, ca_pem: Option<&str>, exchange: &str) -> Result<Sink, Failure> {
         // No acks: the sink only counts, so that it costs the broker and the
         // two cores as little as possible (the ceiling goes through it too).
         let (conn, mut consumer, _queue) = tidemark_bus::amqp::subscribe_with(
@@ -65,6 +65,7 @@ impl Sink {
             tidemark_bus::amqp::SubscribeOptions {
                 queue: None,
                 no_ack: true,
+                tls_ca_pem: ca_pem,
             },
         )
         .await
@@ -155,15 +156,16 @@ pub struct Ceiling {
 /// publish to the sink's last receipt.
 pub async fn ceiling(
     url: &str,
+    ca_pem: Option<&str>,
     exchange: &str,
     sink: &Sink,
     size: usize,
     count: u64,
     batch: u64,
 ) -> Result<Ceiling, Failure> {
-    let conn = Connection::connect(url, ConnectionProperties::default())
+    let conn = tidemark_bus::amqp::open_connection(url, ca_pem)
         .await
-        .map_err(amqp("cannot connect to RabbitMQ"))?;
+        .map_err(|e| Failure::runtime(format!("cannot connect to RabbitMQ: {e}")))?;
     let ch = conn.create_channel().await.map_err(amqp("channel"))?;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await

@@ -11,6 +11,33 @@ use crate::timefmt::{TimeFormat, parse_timestamp};
 /// The partition id of a feed without partitions.
 pub const DEFAULT_PARTITION: &str = "all";
 
+/// The most partitions (jobs) one feed may have: hourly windows for eleven
+/// years. Each is a job the coordinator walks every pass (about 120 µs
+/// each, docs/BENCHMARKS.md); windows from long ago every second would be
+/// hundreds of millions, built in memory before anything is checked.
+pub const MAX_PARTITIONS: usize = 100_000;
+
+/// How many windows of `every` cover `from..to` (0 when `to` is not later).
+pub(crate) fn window_count(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    every: std::time::Duration,
+) -> u128 {
+    let (Ok(span), every) = ((to - from).to_std(), every.as_nanos()) else {
+        return 0;
+    };
+    if every == 0 {
+        return u128::MAX;
+    }
+    span.as_nanos().div_ceil(every)
+}
+
+fn too_many_windows(count: u128) -> String {
+    format!(
+        "partitions.windows makes {count} windows, over the limit of {MAX_PARTITIONS} jobs per feed: use a longer `every` or a later `from`"
+    )
+}
+
 /// One independent slice of a feed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
@@ -48,6 +75,12 @@ impl FeedConfig {
             }]);
         };
         if let (Some(param), Some(values)) = (&p.param, &p.values) {
+            if values.len() > MAX_PARTITIONS {
+                return Err(format!(
+                    "partitions.values lists {} values, over the limit of {MAX_PARTITIONS} jobs per feed",
+                    values.len()
+                ));
+            }
             return Ok(values
                 .iter()
                 .map(|v| Partition {
@@ -73,7 +106,11 @@ impl FeedConfig {
         if step <= chrono::Duration::zero() {
             return Err("partitions.windows.every must be above 0".into());
         }
-        let mut out = Vec::new();
+        let count = window_count(from, to, w.every.std());
+        if count > MAX_PARTITIONS as u128 {
+            return Err(too_many_windows(count));
+        }
+        let mut out = Vec::with_capacity(count as usize);
         let mut t = from;
         while t < to {
             let end = (t + step).min(to);
@@ -164,6 +201,15 @@ impl FeedConfig {
             spec,
             params,
             self.start_for(stage).as_ref(),
+        )
+        .with_max_cursor_len(source.max_cursor_bytes())
+        .with_max_records(source.max_records_per_page())
+        .with_secret_params(
+            source
+                .auth
+                .iter()
+                .filter_map(|a| a.api_key.as_ref()?.query.clone())
+                .collect(),
         ))
     }
 

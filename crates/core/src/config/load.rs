@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
+use chrono::Utc;
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 
@@ -183,6 +184,7 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
                 auth.bearer.is_some(),
                 auth.basic.is_some(),
                 auth.api_key.is_some(),
+                auth.oauth2_client_credentials.is_some(),
             ]
             .iter()
             .filter(|b| **b)
@@ -190,7 +192,7 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
             if n != 1 {
                 out.push((
                     format!("{at}.auth"),
-                    "set exactly one of bearer, basic or api_key".into(),
+                    "set exactly one of bearer, basic, api_key or oauth2_client_credentials".into(),
                 ));
             }
             if let Some(k) = &auth.api_key
@@ -200,6 +202,14 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
                     format!("{at}.auth.api_key"),
                     "set exactly one of header (a header name) or query (a query parameter name)"
                         .into(),
+                ));
+            }
+            if let Some(o) = &auth.oauth2_client_credentials
+                && !matches!(o.token_url.scheme(), "http" | "https")
+            {
+                out.push((
+                    format!("{at}.auth.oauth2_client_credentials.token_url"),
+                    "must be an http:// or https:// URL".into(),
                 ));
             }
             for secret in auth.secrets() {
@@ -221,6 +231,27 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
         }
         if s.max_body_bytes == Some(0) {
             out.push((format!("{at}.max_body_bytes"), "must be above 0".into()));
+        }
+        for (field, zero) in [
+            ("max_records_per_page", s.max_records_per_page == Some(0)),
+            ("max_cursor_bytes", s.max_cursor_bytes == Some(0)),
+            ("max_header_bytes", s.max_header_bytes == Some(0)),
+        ] {
+            if zero {
+                out.push((format!("{at}.{field}"), "must be above 0".into()));
+            }
+        }
+        for (j, origin) in s.redirects_allowed_to.iter().enumerate() {
+            if !matches!(origin.scheme(), "http" | "https")
+                || origin.host_str().is_none()
+                || !matches!(origin.path(), "" | "/")
+                || origin.query().is_some()
+            {
+                out.push((
+                    format!("{at}.redirects_allowed_to[{j}]"),
+                    "must be an origin: http(s)://host[:port], no path".into(),
+                ));
+            }
         }
         if let Some(r) = &s.retry
             && r.max_attempts == 0
@@ -341,6 +372,16 @@ fn validate_feed(feed: &FeedConfig, at: &str, out: &mut Vec<(String, String)>) {
                         "missing: the parameter that carries the partition value".into(),
                     ));
                 }
+                if values.len() > super::feed::MAX_PARTITIONS {
+                    out.push((
+                        format!("{at}.partitions.values"),
+                        format!(
+                            "lists {} values, over the limit of {} jobs per feed",
+                            values.len(),
+                            super::feed::MAX_PARTITIONS
+                        ),
+                    ));
+                }
                 if values.is_empty() {
                     out.push((
                         format!("{at}.partitions.values"),
@@ -388,6 +429,23 @@ fn validate_feed(feed: &FeedConfig, at: &str, out: &mut Vec<(String, String)>) {
                         format!("{at}.partitions.windows.every"),
                         "must be above 0".into(),
                     ));
+                } else if let Ok(from) = parse_timestamp(&w.from) {
+                    let to = w.to.as_deref().map_or(Ok(Utc::now()), parse_timestamp);
+                    if let Ok(to) = to {
+                        let count = super::feed::window_count(from, to, w.every.std());
+                        if count > super::feed::MAX_PARTITIONS as u128 {
+                            out.push((
+                                format!("{at}.partitions.windows"),
+                                format!(
+                                    "{count} windows from {} to {} every {}, over the limit of {} jobs per feed: use a longer `every` or a later `from`",
+                                    w.from,
+                                    w.to.as_deref().unwrap_or("now"),
+                                    humantime::format_duration(w.every.std()),
+                                    super::feed::MAX_PARTITIONS
+                                ),
+                            ));
+                        }
+                    }
                 }
             }
             _ => out.push((

@@ -19,7 +19,7 @@ use crate::pointer::JsonPointer;
 use crate::secret::Secret;
 use crate::timefmt::TimeFormat;
 
-pub use feed::{DEFAULT_PARTITION, Partition};
+pub use feed::{DEFAULT_PARTITION, MAX_PARTITIONS, Partition};
 pub use load::{ConfigError, ConfigErrors, load_file, load_str, validate};
 pub use preset::{CursorFrom, NextUrlFrom, PageStyle, PaginationSpec, Preset, Strategy};
 
@@ -67,6 +67,20 @@ pub struct SourceConfig {
     /// Largest response body accepted, in bytes. Default 64 MiB.
     #[serde(default)]
     pub max_body_bytes: Option<u64>,
+    /// Most records one page may hold. Default 100,000.
+    #[serde(default)]
+    pub max_records_per_page: Option<usize>,
+    /// Longest cursor (or next URL) accepted, in bytes. Default 8 KiB.
+    #[serde(default)]
+    pub max_cursor_bytes: Option<usize>,
+    /// Largest total size of a response's headers, in bytes. Default 64 KiB.
+    #[serde(default)]
+    pub max_header_bytes: Option<usize>,
+    /// Origins (`https://cdn.example.com`) that a redirect may lead to. Such
+    /// a redirect is followed without any credential or configured header;
+    /// a redirect to any other origin is an error.
+    #[serde(default)]
+    pub redirects_allowed_to: Vec<Url>,
 }
 
 impl SourceConfig {
@@ -79,9 +93,25 @@ impl SourceConfig {
     pub fn retry(&self) -> RetryConfig {
         self.retry.clone().unwrap_or_default()
     }
+    pub fn max_records_per_page(&self) -> usize {
+        self.max_records_per_page
+            .unwrap_or(DEFAULT_MAX_RECORDS_PER_PAGE)
+    }
+    pub fn max_cursor_bytes(&self) -> usize {
+        self.max_cursor_bytes
+            .unwrap_or(crate::pagination::DEFAULT_MAX_CURSOR_LEN)
+    }
+    pub fn max_header_bytes(&self) -> usize {
+        self.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES)
+    }
 }
 
-/// How requests authenticate: exactly one of `bearer`, `basic`, `api_key`.
+/// Default of `max_records_per_page`.
+pub const DEFAULT_MAX_RECORDS_PER_PAGE: usize = 100_000;
+/// Default of `max_header_bytes`.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// How requests authenticate: exactly one of `bearer`, `basic`, `api_key`, `oauth2_client_credentials`.
 /// Every secret may be a `${VAR}` reference.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +125,40 @@ pub struct AuthConfig {
     /// A key in a header (`header: X-Api-Key`) or a query parameter (`query: api_key`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<ApiKeyAuth>,
+    /// OAuth2 client credentials (RFC 6749 section 4.4): a token from
+    /// `token_url`, cached, refreshed before it expires, sent as a bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2_client_credentials: Option<OAuth2Auth>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Auth {
+    /// The token endpoint (may be on another origin than the API: only the
+    /// client credentials go there, and the token only to the API).
+    pub token_url: Url,
+    pub client_id: Secret,
+    pub client_secret: Secret,
+    /// Sent space-separated as `scope`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// Sent as `audience` (Auth0 and others ask for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// How the client authenticates to the token endpoint.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+}
+
+/// `basic`: HTTP Basic with the client id and secret (RFC 6749 section
+/// 2.3.1, which every server must support); `body`: `client_id` and
+/// `client_secret` in the form body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    #[default]
+    Basic,
+    Body,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,6 +191,10 @@ impl AuthConfig {
         }
         if let Some(k) = &self.api_key {
             v.push(&k.value);
+        }
+        if let Some(o) = &self.oauth2_client_credentials {
+            v.push(&o.client_id);
+            v.push(&o.client_secret);
         }
         v
     }

@@ -11,6 +11,8 @@
 //! leaves the caller's position where it was.
 
 mod extract;
+#[cfg(test)]
+mod fuzz_regressions;
 pub mod link;
 
 use chrono::{DateTime, Utc};
@@ -18,6 +20,7 @@ use serde_json::value::RawValue;
 use url::Url;
 
 use crate::config::{CursorFrom, NextUrlFrom, PageStyle, PaginationSpec, StartConfig, Strategy};
+use crate::jsonbytes::nested_deeper_than;
 use crate::pointer::JsonPointer;
 use crate::timefmt::TimeFormat;
 
@@ -25,6 +28,11 @@ use extract::Plan;
 
 /// Default longest cursor accepted from an API.
 pub const DEFAULT_MAX_CURSOR_LEN: usize = 8 * 1024;
+
+/// The deepest nesting of arrays and objects a response may have, records
+/// included: deeper JSON is refused before it is parsed (and before a
+/// consumer downstream, whose parser may recurse, ever sees it).
+pub const MAX_JSON_DEPTH: usize = 128;
 
 /// Where a chain is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,8 +115,12 @@ pub enum ReadError {
     MoreWithoutNext { field: &'static str },
     #[error("the API returned an empty page but claims more pages")]
     EmptyClaimsMore,
-    #[error("next cursor is {len} bytes, over the limit of {limit}")]
+    #[error("next cursor is {len} bytes, over the limit of {limit} (max_cursor_bytes)")]
     CursorTooLong { len: usize, limit: usize },
+    #[error("the response is nested deeper than {limit} levels of arrays and objects")]
+    TooDeep { limit: usize },
+    #[error("the page holds {count} records, over the limit of {limit} (max_records_per_page)")]
+    TooManyRecords { count: usize, limit: usize },
     #[error(
         "next URL {url} is on another origin than the source ({origin}); refusing to follow it"
     )]
@@ -129,6 +141,11 @@ pub struct Paginator {
     plan: Plan,
     slots: Slots,
     max_cursor_len: usize,
+    max_records: usize,
+    /// Query parameters that carry a credential (an `api_key` in the
+    /// query): removed from next URLs the API hands out, so a URL that
+    /// echoes the key is never stored; the client adds the key to each request.
+    secret_params: Vec<String>,
 }
 
 #[derive(Default)]
@@ -213,11 +230,25 @@ impl Paginator {
             slots,
             spec,
             max_cursor_len: DEFAULT_MAX_CURSOR_LEN,
+            max_records: usize::MAX,
+            secret_params: Vec::new(),
         }
     }
 
     pub fn with_max_cursor_len(mut self, n: usize) -> Self {
         self.max_cursor_len = n;
+        self
+    }
+
+    /// Remove these query parameters from next URLs (see `secret_params`).
+    pub fn with_secret_params(mut self, names: Vec<String>) -> Self {
+        self.secret_params = names;
+        self
+    }
+
+    /// Refuse pages with more than `n` records.
+    pub fn with_max_records(mut self, n: usize) -> Self {
+        self.max_records = n;
         self
     }
 
@@ -298,6 +329,27 @@ impl Paginator {
         Ok(PageRequest { url })
     }
 
+    fn without_secret_params(&self, mut url: Url) -> Url {
+        if self.secret_params.is_empty()
+            || !url
+                .query_pairs()
+                .any(|(k, _)| self.secret_params.iter().any(|s| *s == k))
+        {
+            return url;
+        }
+        let kept: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(k, _)| !self.secret_params.iter().any(|s| *s == *k))
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        if kept.is_empty() {
+            url.set_query(None);
+        } else {
+            url.query_pairs_mut().clear().extend_pairs(kept);
+        }
+        url
+    }
+
     fn same_origin(&self, candidate: &str, relative_to: &Url) -> Result<Url, ReadError> {
         let url = relative_to.join(candidate).map_err(|e| ReadError::BadUrl {
             url: candidate.to_string(),
@@ -320,6 +372,11 @@ impl Paginator {
         headers: &dyn Headers,
         body: &'b [u8],
     ) -> Result<Page<'b>, ReadError> {
+        if nested_deeper_than(body, MAX_JSON_DEPTH) {
+            return Err(ReadError::TooDeep {
+                limit: MAX_JSON_DEPTH,
+            });
+        }
         let got = self
             .plan
             .run(body)
@@ -330,6 +387,12 @@ impl Paginator {
             (None, Some(kind)) => return Err(ReadError::RecordsNotArray { ptr, kind }),
             (None, None) => return Err(ReadError::RecordsMissing(ptr)),
         };
+        if records.len() > self.max_records {
+            return Err(ReadError::TooManyRecords {
+                count: records.len(),
+                limit: self.max_records,
+            });
+        }
         let value = |slot: Option<usize>| slot.and_then(|i| got.values[i]);
         let has_more = self.bool_at(
             "has_more",
@@ -369,6 +432,10 @@ impl Paginator {
                     Some(p) => self.string_at("self_cursor", p, value(self.slots.self_cursor))?,
                     None => None,
                 };
+                // It may become the stored resume point: the same limit.
+                if let Some(s) = &self_cursor {
+                    self.check_len(s)?;
+                }
                 let resume = |n: Option<String>| {
                     n.or(self_cursor.clone())
                         .or_else(|| used_str.map(str::to_string))
@@ -417,7 +484,7 @@ impl Paginator {
                         }
                         None => Next::End { resume: Some(here) },
                         Some(n) => {
-                            let url = self.same_origin(&n, &req.url)?;
+                            let url = self.without_secret_params(self.same_origin(&n, &req.url)?);
                             self.check_len(url.as_str())?;
                             if url == req.url {
                                 return Err(ReadError::Loop {
@@ -441,25 +508,37 @@ impl Paginator {
                     value(self.slots.total_count),
                 )?;
                 let n = records.len() as u64;
-                let (this, next) = match (style, used_str) {
-                    (PageStyle::Number { first, .. }, None) => (*first, first + 1),
+                // Positions come from checkpoints and `pull --cursor` too:
+                // the arithmetic is checked (found by fuzz/, see
+                // fuzz_regressions.rs).
+                let (this, next, field) = match (style, used_str) {
+                    (PageStyle::Number { first, .. }, None) => {
+                        (*first, first.checked_add(1), "page")
+                    }
                     (PageStyle::Number { .. }, Some(s)) => {
                         let p = parse_num(s, "page")?;
-                        (p, p + 1)
+                        (p, p.checked_add(1), "page")
                     }
-                    (PageStyle::Offset { .. }, None) => (0, n),
+                    (PageStyle::Offset { .. }, None) => (0, Some(n), "offset"),
                     (PageStyle::Offset { .. }, Some(s)) => {
                         let o = parse_num(s, "offset")?;
-                        (o, o + n)
+                        (o, o.checked_add(n), "offset")
                     }
                 };
+                let next = next.ok_or_else(|| ReadError::BadPosition {
+                    field,
+                    reason: format!("{field} {this} is too large to advance"),
+                })?;
                 let past_total = match style {
                     PageStyle::Number { first, .. } => {
-                        total_pages.is_some_and(|t| this + 1 - first >= t)
+                        // Pages of this walk read so far; none for a page
+                        // number below first_page.
+                        let pages = next.saturating_sub(*first);
+                        total_pages.is_some_and(|t| pages >= t)
                             || total_count.is_some_and(|c| {
                                 self.spec
                                     .page_size
-                                    .is_some_and(|size| (this + 1 - first) * size >= c)
+                                    .is_some_and(|size| pages.saturating_mul(size) >= c)
                             })
                     }
                     PageStyle::Offset { .. } => total_count.is_some_and(|c| next >= c),
