@@ -47,7 +47,8 @@ use crate::{
 /// How to reach and lay out the broker.
 #[derive(Debug, Clone)]
 pub struct BusConfig {
-    pub url: String,
+    /// The broker's URL; its `Debug` hides the password.
+    pub url: tidemark_core::ServiceUrl,
     /// PEM CA certificates an `amqps://` broker's certificate may chain to,
     /// besides the system's roots (`--tls-ca-file`).
     pub tls_ca_pem: Option<String>,
@@ -81,7 +82,7 @@ pub struct BusConfig {
 impl BusConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
-            url: url.into(),
+            url: tidemark_core::ServiceUrl::new(url),
             tls_ca_pem: None,
             prefix: "tidemark".into(),
             records_exchange: "tidemark.records".into(),

@@ -342,7 +342,7 @@ async fn body_a_cut_connection_fails_the_page_then_the_bus_reconnects() {
     let cfg = test_config(&proxied);
     let bus = AmqpBus::start(cfg.clone(), false).await.unwrap();
     let (_conn, _consumer) = subscriber(&BusConfig {
-        url: url.clone(),
+        url: url.clone().into(),
         ..cfg.clone()
     })
     .await;

@@ -27,7 +27,7 @@ pub struct Target {
         default_value = "redis://127.0.0.1:6379",
         hide_env_values = true
     )]
-    pub redis_url: String,
+    pub redis_url: tidemark_core::ServiceUrl,
     /// Prefix of the deployment's Redis keys.
     #[arg(long, env = "TIDEMARK_REDIS_PREFIX", default_value = tidemark_state::DEFAULT_PREFIX)]
     pub redis_prefix: String,

@@ -28,7 +28,7 @@ pub struct Infra {
         default_value = "redis://127.0.0.1:6379",
         hide_env_values = true
     )]
-    pub redis_url: String,
+    pub redis_url: tidemark_core::ServiceUrl,
     /// Prefix of every Redis key, so deployments can share a Redis.
     #[arg(long, env = "TIDEMARK_REDIS_PREFIX", default_value = tidemark_state::DEFAULT_PREFIX)]
     pub redis_prefix: String,
@@ -39,7 +39,7 @@ pub struct Infra {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         hide_env_values = true
     )]
-    pub amqp_url: String,
+    pub amqp_url: tidemark_core::ServiceUrl,
     #[command(flatten)]
     pub tls: TlsArgs,
     /// Prefix of the task, retry and dead-letter queue names.
@@ -134,7 +134,7 @@ async fn connect_bus(
     prefetch: u16,
     window: Option<(u32, u32)>,
 ) -> Result<AmqpBus, Failure> {
-    let mut cfg = BusConfig::new(infra.amqp_url.clone());
+    let mut cfg = BusConfig::new(infra.amqp_url.to_string());
     cfg.tls_ca_pem = ca_pem;
     if let Some((mib, messages)) = window {
         cfg.max_unconfirmed_bytes = mib as usize * 1024 * 1024;
@@ -349,4 +349,41 @@ pub async fn worker(
     };
     let result = tidemark_worker::run(deps, opts, shutdown).await;
     w.finish(result).await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser;
+
+    use super::Infra;
+
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        infra: Infra,
+    }
+
+    /// A role's settings may be logged whole (`?infra`); the passwords in
+    /// the Redis and RabbitMQ URLs must not be.
+    #[test]
+    fn infra_debug_hides_service_passwords() {
+        let args = Args::try_parse_from([
+            "role",
+            "--redis-url",
+            "rediss://:redis-canary@redis:6380/0",
+            "--amqp-url",
+            "amqps://tm:amqp-canary@rabbit:5671/%2f",
+        ])
+        .unwrap();
+        let shown = format!("{:?}", args.infra);
+        assert!(!shown.contains("canary"), "{shown}");
+        assert!(shown.contains("rediss://:***@redis:6380/0"), "{shown}");
+        assert_eq!(
+            &*args.infra.amqp_url,
+            "amqps://tm:amqp-canary@rabbit:5671/%2f"
+        );
+        let bus = super::BusConfig::new(args.infra.amqp_url.to_string());
+        assert!(!format!("{bus:?}").contains("canary"));
+    }
 }

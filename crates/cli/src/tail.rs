@@ -23,7 +23,7 @@ pub struct TailArgs {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         hide_env_values = true
     )]
-    pub amqp_url: String,
+    pub amqp_url: tidemark_core::ServiceUrl,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[arg(

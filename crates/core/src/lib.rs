@@ -18,4 +18,4 @@ pub mod timefmt;
 pub use config::{Config, FeedConfig, SourceConfig};
 pub use duration::Duration;
 pub use pointer::JsonPointer;
-pub use secret::Secret;
+pub use secret::{Secret, ServiceUrl};

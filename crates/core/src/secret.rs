@@ -167,9 +167,93 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The URL of a service tidemark connects to (`REDIS_URL`, `AMQP_URL`),
+/// which may carry a password. It reads as a `&str` where it is used; its
+/// `Debug` shows `***` for the password, so a struct that holds one can
+/// derive `Debug` without putting the password in a log line. It has no
+/// `Display`, so it cannot be formatted into a message by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServiceUrl(String);
+
+impl ServiceUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL with its password (if any) replaced by `***`.
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(&self.0) {
+            Ok(mut u) if u.password().is_some() => {
+                // Only fails for URLs that cannot have a password.
+                let _ = u.set_password(Some("***"));
+                u.to_string()
+            }
+            Ok(u) => u.to_string(),
+            Err(_) => "<not a URL>".into(),
+        }
+    }
+}
+
+impl std::ops::Deref for ServiceUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for ServiceUrl {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for ServiceUrl {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<&str> for ServiceUrl {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
+}
+
+impl std::str::FromStr for ServiceUrl {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl fmt::Debug for ServiceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_url_debug_hides_the_password() {
+        let u = ServiceUrl::new("amqp://tm:hunter2@rabbit:5672/%2f");
+        let shown = format!("{u:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("amqp://tm:***@rabbit:5672/%2f"), "{shown}");
+        assert_eq!(&*u, "amqp://tm:hunter2@rabbit:5672/%2f");
+        let plain = ServiceUrl::new("redis://127.0.0.1:6379");
+        assert_eq!(format!("{plain:?}"), "\"redis://127.0.0.1:6379\"");
+        assert_eq!(
+            format!("{:?}", ServiceUrl::new("rediss://:p%40ss@h/0")),
+            "\"rediss://:***@h/0\""
+        );
+        assert_eq!(
+            format!("{:?}", ServiceUrl::new("not a url hunter2")),
+            "\"<not a URL>\""
+        );
+    }
 
     #[test]
     fn resolves_references_and_names_missing_variables() {

@@ -41,14 +41,14 @@ pub struct E2eBench {
         default_value = "redis://127.0.0.1:6379",
         hide_env_values = true
     )]
-    pub redis_url: String,
+    pub redis_url: tidemark_core::ServiceUrl,
     #[arg(
         long,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         hide_env_values = true
     )]
-    pub amqp_url: String,
+    pub amqp_url: tidemark_core::ServiceUrl,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
     /// Approximate JSON size of one record.
@@ -400,8 +400,8 @@ impl Deployment {
                 "tmbench{}",
                 &uuid::Uuid::new_v4().simple().to_string()[..12]
             ),
-            amqp_url: b.amqp_url.clone(),
-            redis_url: b.redis_url.clone(),
+            amqp_url: b.amqp_url.to_string(),
+            redis_url: b.redis_url.to_string(),
             tls_ca_file: b.tls.tls_ca_file.clone(),
             tls_ca_pem: b.tls.ca_pem()?,
         })
