@@ -20,14 +20,8 @@ pub struct Target {
     /// An embedded run's state directory (`tidemark run --state-dir`); without it, Redis.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// Redis URL of a distributed deployment.
-    #[arg(
-        long,
-        env = "REDIS_URL",
-        default_value = "redis://127.0.0.1:6379",
-        hide_env_values = true
-    )]
-    pub redis_url: tidemark_core::ServiceUrl,
+    #[command(flatten)]
+    pub redis: crate::services::RedisArg,
     /// Prefix of the deployment's Redis keys.
     #[arg(long, env = "TIDEMARK_REDIS_PREFIX", default_value = tidemark_state::DEFAULT_PREFIX)]
     pub redis_prefix: String,
@@ -39,7 +33,7 @@ impl Target {
     async fn redis(&self) -> Result<Arc<dyn StateStore>, Failure> {
         let ca_pem = self.tls.ca_pem()?;
         Ok(
-            crate::roles::connect_store(&self.redis_url, &self.redis_prefix, ca_pem.as_deref())
+            crate::roles::connect_store(&self.redis.url, &self.redis_prefix, ca_pem.as_deref())
                 .await?,
         )
     }

@@ -10,6 +10,7 @@ pub mod mockapi;
 pub mod pull;
 pub mod roles;
 pub mod run;
+pub mod services;
 pub mod tail;
 pub mod tls;
 pub mod validate;

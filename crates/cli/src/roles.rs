@@ -21,25 +21,13 @@ use crate::tls::{TlsArgs, hint};
 /// Where the distributed roles find Redis and RabbitMQ.
 #[derive(Args, Debug, Clone)]
 pub struct Infra {
-    /// Redis URL (state, leases, the feed registry, the rate limiter).
-    #[arg(
-        long,
-        env = "REDIS_URL",
-        default_value = "redis://127.0.0.1:6379",
-        hide_env_values = true
-    )]
-    pub redis_url: tidemark_core::ServiceUrl,
+    #[command(flatten)]
+    pub redis: crate::services::RedisArg,
     /// Prefix of every Redis key, so deployments can share a Redis.
     #[arg(long, env = "TIDEMARK_REDIS_PREFIX", default_value = tidemark_state::DEFAULT_PREFIX)]
     pub redis_prefix: String,
-    /// RabbitMQ URL (page tasks, downstream records).
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    pub amqp_url: tidemark_core::ServiceUrl,
+    #[command(flatten)]
+    pub amqp: crate::services::AmqpArg,
     #[command(flatten)]
     pub tls: TlsArgs,
     /// Prefix of the task, retry and dead-letter queue names.
@@ -134,7 +122,7 @@ async fn connect_bus(
     prefetch: u16,
     window: Option<(u32, u32)>,
 ) -> Result<AmqpBus, Failure> {
-    let mut cfg = BusConfig::new(infra.amqp_url.to_string());
+    let mut cfg = BusConfig::new(infra.amqp.url.to_string());
     cfg.tls_ca_pem = ca_pem;
     if let Some((mib, messages)) = window {
         cfg.max_unconfirmed_bytes = mib as usize * 1024 * 1024;
@@ -230,7 +218,7 @@ impl Wiring {
         err: &mut (dyn Write + Send),
     ) -> Result<Self, Failure> {
         let ca_pem = infra.tls.ca_pem()?;
-        let store = connect_store(&infra.redis_url, &infra.redis_prefix, ca_pem.as_deref()).await?;
+        let store = connect_store(&infra.redis.url, &infra.redis_prefix, ca_pem.as_deref()).await?;
         let bus = connect_bus(infra, ca_pem, consume, prefetch, window).await?;
         let metrics = Metrics::new();
         let listen = infra.listen.as_deref().unwrap_or(default_listen);
@@ -380,10 +368,10 @@ mod tests {
         assert!(!shown.contains("canary"), "{shown}");
         assert!(shown.contains("rediss://:***@redis:6380/0"), "{shown}");
         assert_eq!(
-            &*args.infra.amqp_url,
+            &*args.infra.amqp.url,
             "amqps://tm:amqp-canary@rabbit:5671/%2f"
         );
-        let bus = super::BusConfig::new(args.infra.amqp_url.to_string());
+        let bus = super::BusConfig::new(args.infra.amqp.url.to_string());
         assert!(!format!("{bus:?}").contains("canary"));
     }
 }

@@ -17,13 +17,8 @@ use crate::tls::{TlsArgs, hint};
 
 #[derive(Args, Debug, Clone)]
 pub struct TailArgs {
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    pub amqp_url: tidemark_core::ServiceUrl,
+    #[command(flatten)]
+    pub amqp: crate::services::AmqpArg,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[arg(
@@ -60,7 +55,7 @@ pub async fn run(
     };
     let ca_pem = args.tls.ca_pem()?;
     let (conn, mut consumer, queue) = tidemark_bus::amqp::subscribe_with(
-        &args.amqp_url,
+        &args.amqp.url,
         &args.records_exchange,
         &pattern,
         "tidemark-tail",

@@ -35,20 +35,10 @@ pub struct E2eBench {
     /// Scenarios to run, comma-separated (default: all three).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub scenario: Vec<Scenario>,
-    #[arg(
-        long,
-        env = "REDIS_URL",
-        default_value = "redis://127.0.0.1:6379",
-        hide_env_values = true
-    )]
-    pub redis_url: tidemark_core::ServiceUrl,
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    pub amqp_url: tidemark_core::ServiceUrl,
+    #[command(flatten)]
+    pub redis: crate::services::RedisArg,
+    #[command(flatten)]
+    pub amqp: crate::services::AmqpArg,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
     /// Approximate JSON size of one record.
@@ -400,8 +390,8 @@ impl Deployment {
                 "tmbench{}",
                 &uuid::Uuid::new_v4().simple().to_string()[..12]
             ),
-            amqp_url: b.amqp_url.to_string(),
-            redis_url: b.redis_url.to_string(),
+            amqp_url: b.amqp.url.to_string(),
+            redis_url: b.redis.url.to_string(),
             tls_ca_file: b.tls.tls_ca_file.clone(),
             tls_ca_pem: b.tls.ca_pem()?,
         })
