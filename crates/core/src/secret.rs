@@ -201,21 +201,9 @@ impl std::ops::Deref for ServiceUrl {
     }
 }
 
-impl AsRef<str> for ServiceUrl {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
 impl From<String> for ServiceUrl {
     fn from(s: String) -> Self {
         Self(s)
-    }
-}
-
-impl From<&str> for ServiceUrl {
-    fn from(s: &str) -> Self {
-        Self(s.to_string())
     }
 }
 

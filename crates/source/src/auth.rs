@@ -10,7 +10,7 @@ use url::Url;
 
 use crate::FetchError;
 
-fn sensitive(value: &str) -> Result<HeaderValue, FetchError> {
+pub(crate) fn sensitive(value: &str) -> Result<HeaderValue, FetchError> {
     let mut v = HeaderValue::from_str(value).map_err(|_| {
         FetchError::Config("a secret holds characters not allowed in an HTTP header".into())
     })?;
@@ -84,15 +84,8 @@ pub fn apply(
             (None, Some(q)) => {
                 // Replace a key the URL already carries (a next URL that
                 // echoed it) instead of sending it twice.
-                let kept: Vec<(String, String)> = url
-                    .query_pairs()
-                    .filter(|(k, _)| k != q)
-                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                    .collect();
-                url.query_pairs_mut()
-                    .clear()
-                    .extend_pairs(kept)
-                    .append_pair(q, value.expose());
+                tidemark_core::pagination::remove_query_params(url, &[q]);
+                url.query_pairs_mut().append_pair(q, value.expose());
             }
             (None, None) => return Err(FetchError::Config("api_key needs header or query".into())),
         }

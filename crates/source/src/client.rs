@@ -235,9 +235,7 @@ impl HttpSource {
                 if let Some(oauth) = &inner.oauth {
                     let t = oauth.token(refused_token.as_deref()).await?;
                     headers.insert(AUTHORIZATION, crate::auth::bearer(t.expose())?);
-                    sent.push(tidemark_core::secret::Resolved::from_value(
-                        t.expose().to_string(),
-                    ));
+                    sent.push(t.clone());
                     token = Some(t);
                 }
             }
@@ -288,29 +286,36 @@ impl HttpSource {
         }
     }
 
-    async fn read_body(
-        &self,
-        mut resp: reqwest::Response,
-        shown: &str,
-    ) -> Result<Bytes, FetchError> {
+    async fn read_body(&self, resp: reqwest::Response, shown: &str) -> Result<Bytes, FetchError> {
         let limit = self.inner.max_body;
-        let too_large = || FetchError::TooLarge {
-            url: shown.to_string(),
-            limit,
-        };
-        if resp.content_length().is_some_and(|n| n > limit) {
-            return Err(too_large());
-        }
-        let cap = resp.content_length().unwrap_or(64 * 1024).min(limit) as usize;
-        let mut buf = BytesMut::with_capacity(cap);
-        while let Some(chunk) = resp.chunk().await.map_err(|e| classify(e, shown))? {
-            if (buf.len() + chunk.len()) as u64 > limit {
-                return Err(too_large());
-            }
-            buf.extend_from_slice(&chunk);
-        }
-        Ok(buf.freeze())
+        read_capped(resp, limit)
+            .await
+            .map_err(|e| classify(e, shown))?
+            .ok_or_else(|| FetchError::TooLarge {
+                url: shown.to_string(),
+                limit,
+            })
     }
+}
+
+/// The body of `resp`, or `None` when it is over `limit` bytes (by its
+/// Content-Length, or as it is read).
+pub(crate) async fn read_capped(
+    mut resp: reqwest::Response,
+    limit: u64,
+) -> Result<Option<Bytes>, reqwest::Error> {
+    if resp.content_length().is_some_and(|n| n > limit) {
+        return Ok(None);
+    }
+    let cap = resp.content_length().unwrap_or(64 * 1024).min(limit) as usize;
+    let mut buf = BytesMut::with_capacity(cap);
+    while let Some(chunk) = resp.chunk().await? {
+        if (buf.len() + chunk.len()) as u64 > limit {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Some(buf.freeze()))
 }
 
 /// The start of an error body, as text, for the error message.

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use tidemark_core::config::{ClientAuth, OAuth2Auth};
 use tidemark_core::pagination::redact_query;
 use tidemark_core::secret::Resolved;
@@ -15,22 +15,13 @@ use tidemark_core::secret::Resolved;
 use crate::FetchError;
 
 /// Largest token endpoint answer read.
-const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+const MAX_TOKEN_RESPONSE: u64 = 64 * 1024;
 /// A token is renewed this long before it expires (at most half its life).
 const RENEW_BEFORE: Duration = Duration::from_secs(60);
 
-/// The access token: shown as `***` in every `Debug`.
-#[derive(Clone)]
-pub(crate) struct AccessToken(Resolved);
-
-impl AccessToken {
-    pub(crate) fn expose(&self) -> &str {
-        self.0.expose()
-    }
-}
-
 struct Cached {
-    token: AccessToken,
+    /// The access token (a `Resolved`: `***` in every `Debug`).
+    token: Resolved,
     /// When to fetch a new one; `None`: the endpoint gave no lifetime, so
     /// until the API refuses it.
     renew_at: Option<Instant>,
@@ -54,7 +45,7 @@ impl TokenSource {
     /// The current token: the cached one while it is fresh, else a new one.
     /// `stale` is a token the API just refused: it is replaced even if fresh
     /// (unless another request already replaced it).
-    pub(crate) async fn token(&self, stale: Option<&str>) -> Result<AccessToken, FetchError> {
+    pub(crate) async fn token(&self, stale: Option<&str>) -> Result<Resolved, FetchError> {
         let mut cached = self.cached.lock().await;
         if let Some(c) = cached.as_ref() {
             let refused = stale.is_some_and(|s| s == c.token.expose());
@@ -71,7 +62,7 @@ impl TokenSource {
         Ok(token)
     }
 
-    async fn fetch(&self) -> Result<(AccessToken, Option<Duration>), FetchError> {
+    async fn fetch(&self) -> Result<(Resolved, Option<Duration>), FetchError> {
         let url = redact_query(&self.cfg.token_url);
         let fail = |reason: String, transient: bool| FetchError::Token {
             url: url.clone(),
@@ -105,7 +96,7 @@ impl TokenSource {
             let enc =
                 |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
             let pair = format!("{}:{}", enc(id.expose()), enc(secret.expose()));
-            let mut v = HeaderValue::from_str(&format!(
+            let v = crate::auth::sensitive(&format!(
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD.encode(pair)
             ))
@@ -115,7 +106,6 @@ impl TokenSource {
                     false,
                 )
             })?;
-            v.set_sensitive(true);
             req = req.header(AUTHORIZATION, v);
         }
         let resp = req.body(body).send().await.map_err(|e| {
@@ -129,9 +119,15 @@ impl TokenSource {
             )
         })?;
         let status = resp.status();
-        let body = read_limited(resp)
+        let body = crate::client::read_capped(resp, MAX_TOKEN_RESPONSE)
             .await
-            .map_err(|reason| fail(reason, true))?;
+            .map_err(|_| fail("the answer was cut off".into(), true))?
+            .ok_or_else(|| {
+                fail(
+                    format!("the answer exceeds {MAX_TOKEN_RESPONSE} bytes"),
+                    true,
+                )
+            })?;
         let scrub = |text: &str| crate::auth::scrub(text, &[id.expose(), secret.expose()]);
         let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
         if !status.is_success() {
@@ -179,24 +175,6 @@ impl TokenSource {
             })
             .map(Duration::from_secs);
         tracing::debug!(token_url = %url, expires_in_s = lifetime.map(|l| l.as_secs()), "OAuth2 token fetched");
-        Ok((
-            AccessToken(Resolved::from_value(token.to_string())),
-            lifetime,
-        ))
+        Ok((Resolved::from_value(token.to_string()), lifetime))
     }
-}
-
-async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
-    let mut buf = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|_| "the answer was cut off".to_string())?
-    {
-        if buf.len() + chunk.len() > MAX_TOKEN_RESPONSE {
-            return Err(format!("the answer exceeds {MAX_TOKEN_RESPONSE} bytes"));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf)
 }

@@ -254,7 +254,6 @@ impl Worker {
         }
     }
 
-    /// Ack a task that has nothing (more) to do, counting why.
     /// Dead-letter a task that is wrong in itself, with `reason` and `error`.
     async fn reject(&self, d: TaskDelivery, reason: &str, error: &str) {
         tracing::error!(reason, error, "invalid page task; dead-lettering it");
@@ -267,6 +266,7 @@ impl Worker {
         }
     }
 
+    /// Ack a task that has nothing (more) to do, counting why.
     async fn drop_task(&self, d: TaskDelivery, task: &PageTask, reason: &'static str) {
         tracing::debug!(job = %task.job, seq = task.seq, epoch = task.epoch, reason, "task dropped");
         self.metrics

@@ -3,7 +3,9 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{FeedConfig, IncrementalConfig, Mode, PaginationSpec, SourceConfig, StartConfig};
+use super::{
+    FeedConfig, IncrementalConfig, Mode, PaginationSpec, SourceConfig, StartConfig, WindowsConfig,
+};
 use crate::checkpoint::Stage;
 use crate::pagination::{Paginator, Position};
 use crate::timefmt::{TimeFormat, parse_timestamp};
@@ -18,11 +20,7 @@ pub const DEFAULT_PARTITION: &str = "all";
 pub const MAX_PARTITIONS: usize = 100_000;
 
 /// How many windows of `every` cover `from..to` (0 when `to` is not later).
-pub(crate) fn window_count(
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-    every: std::time::Duration,
-) -> u128 {
+fn window_count(from: DateTime<Utc>, to: DateTime<Utc>, every: std::time::Duration) -> u128 {
     let (Ok(span), every) = ((to - from).to_std(), every.as_nanos()) else {
         return 0;
     };
@@ -32,10 +30,33 @@ pub(crate) fn window_count(
     span.as_nanos().div_ceil(every)
 }
 
-fn too_many_windows(count: u128) -> String {
-    format!(
-        "partitions.windows makes {count} windows, over the limit of {MAX_PARTITIONS} jobs per feed: use a longer `every` or a later `from`"
-    )
+/// The number of windows of `w` from `from` to `to`, or why they are too
+/// many: the one check behind `validate` and [`FeedConfig::partitions`].
+pub(crate) fn windows_within_limit(
+    w: &WindowsConfig,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<usize, String> {
+    let count = window_count(from, to, w.every.std());
+    if count > MAX_PARTITIONS as u128 {
+        return Err(format!(
+            "{count} windows from {} to {} every {}, over the limit of {MAX_PARTITIONS} jobs per feed: use a longer `every` or a later `from`",
+            w.from,
+            w.to.as_deref().unwrap_or("now"),
+            humantime::format_duration(w.every.std()),
+        ));
+    }
+    Ok(count as usize)
+}
+
+/// Why `n` partition values are too many, if they are.
+pub(crate) fn values_within_limit(n: usize) -> Result<(), String> {
+    if n > MAX_PARTITIONS {
+        return Err(format!(
+            "lists {n} values, over the limit of {MAX_PARTITIONS} jobs per feed"
+        ));
+    }
+    Ok(())
 }
 
 /// One independent slice of a feed.
@@ -75,12 +96,7 @@ impl FeedConfig {
             }]);
         };
         if let (Some(param), Some(values)) = (&p.param, &p.values) {
-            if values.len() > MAX_PARTITIONS {
-                return Err(format!(
-                    "partitions.values lists {} values, over the limit of {MAX_PARTITIONS} jobs per feed",
-                    values.len()
-                ));
-            }
+            values_within_limit(values.len()).map_err(|why| format!("partitions.values {why}"))?;
             return Ok(values
                 .iter()
                 .map(|v| Partition {
@@ -106,11 +122,9 @@ impl FeedConfig {
         if step <= chrono::Duration::zero() {
             return Err("partitions.windows.every must be above 0".into());
         }
-        let count = window_count(from, to, w.every.std());
-        if count > MAX_PARTITIONS as u128 {
-            return Err(too_many_windows(count));
-        }
-        let mut out = Vec::with_capacity(count as usize);
+        let count = windows_within_limit(w, from, to)
+            .map_err(|why| format!("partitions.windows: {why}"))?;
+        let mut out = Vec::with_capacity(count);
         let mut t = from;
         while t < to {
             let end = (t + step).min(to);
@@ -204,13 +218,7 @@ impl FeedConfig {
         )
         .with_max_cursor_len(source.max_cursor_bytes())
         .with_max_records(source.max_records_per_page())
-        .with_secret_params(
-            source
-                .auth
-                .iter()
-                .filter_map(|a| a.api_key.as_ref()?.query.clone())
-                .collect(),
-        ))
+        .with_secret_params(source.secret_query_params()))
     }
 
     /// The pause between two polls (`every`, default 5 minutes).

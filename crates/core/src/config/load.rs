@@ -372,15 +372,8 @@ fn validate_feed(feed: &FeedConfig, at: &str, out: &mut Vec<(String, String)>) {
                         "missing: the parameter that carries the partition value".into(),
                     ));
                 }
-                if values.len() > super::feed::MAX_PARTITIONS {
-                    out.push((
-                        format!("{at}.partitions.values"),
-                        format!(
-                            "lists {} values, over the limit of {} jobs per feed",
-                            values.len(),
-                            super::feed::MAX_PARTITIONS
-                        ),
-                    ));
+                if let Err(why) = super::feed::values_within_limit(values.len()) {
+                    out.push((format!("{at}.partitions.values"), why));
                 }
                 if values.is_empty() {
                     out.push((
@@ -431,20 +424,10 @@ fn validate_feed(feed: &FeedConfig, at: &str, out: &mut Vec<(String, String)>) {
                     ));
                 } else if let Ok(from) = parse_timestamp(&w.from) {
                     let to = w.to.as_deref().map_or(Ok(Utc::now()), parse_timestamp);
-                    if let Ok(to) = to {
-                        let count = super::feed::window_count(from, to, w.every.std());
-                        if count > super::feed::MAX_PARTITIONS as u128 {
-                            out.push((
-                                format!("{at}.partitions.windows"),
-                                format!(
-                                    "{count} windows from {} to {} every {}, over the limit of {} jobs per feed: use a longer `every` or a later `from`",
-                                    w.from,
-                                    w.to.as_deref().unwrap_or("now"),
-                                    humantime::format_duration(w.every.std()),
-                                    super::feed::MAX_PARTITIONS
-                                ),
-                            ));
-                        }
+                    if let Ok(to) = to
+                        && let Err(why) = super::feed::windows_within_limit(w, from, to)
+                    {
+                        out.push((format!("{at}.partitions.windows"), why));
                     }
                 }
             }

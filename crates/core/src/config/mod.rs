@@ -104,6 +104,14 @@ impl SourceConfig {
     pub fn max_header_bytes(&self) -> usize {
         self.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES)
     }
+    /// The query parameters that carry a credential (an `api_key` in the
+    /// query): never stored in a next URL.
+    pub fn secret_query_params(&self) -> Vec<String> {
+        self.auth
+            .iter()
+            .filter_map(|a| a.api_key.as_ref()?.query.clone())
+            .collect()
+    }
 }
 
 /// Default of `max_records_per_page`.

@@ -329,27 +329,6 @@ impl Paginator {
         Ok(PageRequest { url })
     }
 
-    fn without_secret_params(&self, mut url: Url) -> Url {
-        if self.secret_params.is_empty()
-            || !url
-                .query_pairs()
-                .any(|(k, _)| self.secret_params.iter().any(|s| *s == k))
-        {
-            return url;
-        }
-        let kept: Vec<(String, String)> = url
-            .query_pairs()
-            .filter(|(k, _)| !self.secret_params.iter().any(|s| *s == *k))
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        if kept.is_empty() {
-            url.set_query(None);
-        } else {
-            url.query_pairs_mut().clear().extend_pairs(kept);
-        }
-        url
-    }
-
     fn same_origin(&self, candidate: &str, relative_to: &Url) -> Result<Url, ReadError> {
         let url = relative_to.join(candidate).map_err(|e| ReadError::BadUrl {
             url: candidate.to_string(),
@@ -484,7 +463,8 @@ impl Paginator {
                         }
                         None => Next::End { resume: Some(here) },
                         Some(n) => {
-                            let url = self.without_secret_params(self.same_origin(&n, &req.url)?);
+                            let mut url = self.same_origin(&n, &req.url)?;
+                            remove_query_params(&mut url, &self.secret_params);
                             self.check_len(url.as_str())?;
                             if url == req.url {
                                 return Err(ReadError::Loop {
@@ -707,6 +687,25 @@ pub fn empty_run_error() -> String {
     format!(
         "the API answered {MAX_EMPTY_PAGES_IN_A_ROW} empty pages in a row, each with a new cursor and more claimed: stopped as a pagination loop"
     )
+}
+
+/// Remove the query parameters named in `names` from `url`. A URL without
+/// any of them is left exactly as it is (not re-encoded).
+pub fn remove_query_params(url: &mut Url, names: &[impl AsRef<str>]) {
+    let named = |k: &str| names.iter().any(|n| n.as_ref() == k);
+    if !url.query_pairs().any(|(k, _)| named(&k)) {
+        return;
+    }
+    let kept: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(k, _)| !named(k))
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if kept.is_empty() {
+        url.set_query(None);
+    } else {
+        url.query_pairs_mut().clear().extend_pairs(kept);
+    }
 }
 
 /// A URL for messages: the query is dropped (it may carry an api key).
