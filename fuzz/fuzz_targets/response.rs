@@ -171,10 +171,10 @@ fn cases() -> &'static [Case] {
     static CASES: OnceLock<Vec<Case>> = OnceLock::new();
     CASES.get_or_init(|| {
         let cfg = config::load_str("fuzz.yaml", CONFIG).expect("the fuzz config is valid");
+        let now = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
         let mut out = Vec::new();
         for feed in &cfg.feeds {
             let source = cfg.source_of(feed).expect("source");
-            let now = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
             let partition = feed.partitions(now).expect("partitions").remove(0);
             let start_from = match feed.start_position(&partition).expect("start") {
                 Position::Start { from } => from,
@@ -192,11 +192,7 @@ fn cases() -> &'static [Case] {
                     start_from,
                     max_cursor: source.max_cursor_bytes(),
                     max_records: source.max_records_per_page(),
-                    secret_params: source
-                        .auth
-                        .iter()
-                        .filter_map(|a| a.api_key.as_ref()?.query.clone())
-                        .collect(),
+                    secret_params: source.secret_query_params(),
                 });
             }
         }

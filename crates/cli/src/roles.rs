@@ -16,7 +16,7 @@ use tidemark_telemetry::{Metrics, ReadyCheck};
 use tidemark_worker::{WorkerDeps, WorkerOptions};
 
 use crate::exit::Failure;
-use crate::tls::{TlsArgs, hint};
+use crate::tls::{TlsArgs, explain};
 
 /// Where the distributed roles find Redis and RabbitMQ.
 #[derive(Args, Debug, Clone)]
@@ -104,10 +104,7 @@ pub(crate) async fn connect_store(
 ) -> Result<Arc<RedisStore>, Failure> {
     let store = RedisStore::connect_with_ca(url, prefix, ca_pem)
         .await
-        .map_err(|e| {
-            let e = e.to_string();
-            Failure::runtime(format!("cannot connect to Redis: {e}{}", hint(&e)))
-        })?;
+        .map_err(|e| Failure::runtime(format!("cannot connect to Redis: {}", explain(e))))?;
     store
         .ping()
         .await
@@ -131,10 +128,9 @@ async fn connect_bus(
     cfg.prefix = infra.queue_prefix.clone();
     cfg.records_exchange = infra.records_exchange.clone();
     cfg.prefetch = prefetch;
-    AmqpBus::start(cfg, consume).await.map_err(|e| {
-        let e = e.to_string();
-        Failure::runtime(format!("cannot connect to RabbitMQ: {e}{}", hint(&e)))
-    })
+    AmqpBus::start(cfg, consume)
+        .await
+        .map_err(|e| Failure::runtime(format!("cannot connect to RabbitMQ: {}", explain(e))))
 }
 
 fn ready_check(store: Arc<RedisStore>, bus: AmqpBus) -> ReadyCheck {

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use lapin::options::BasicAckOptions;
 
 use crate::exit::Failure;
-use crate::tls::{TlsArgs, hint};
+use crate::tls::{TlsArgs, explain};
 
 #[derive(Args, Debug, Clone)]
 pub struct TailArgs {
@@ -67,11 +67,10 @@ pub async fn run(
     )
     .await
     .map_err(|e| {
-        let e = e.to_string();
         Failure::runtime(format!(
-            "cannot subscribe to {}: {e}{}",
+            "cannot subscribe to {}: {}",
             args.records_exchange,
-            hint(&e)
+            explain(e)
         ))
     })?;
     let _ = writeln!(

@@ -54,8 +54,16 @@ pub fn read_ca_file(path: &Path) -> Result<String, Failure> {
     String::from_utf8(bytes).map_err(|_| bad("not a text file".into()))
 }
 
+/// A connection error's text, followed by [`hint`]'s advice when it is
+/// about the server's certificate.
+pub fn explain(error: impl std::fmt::Display) -> String {
+    let e = error.to_string();
+    let hint = hint(&e);
+    e + hint
+}
+
 /// A hint for a connection error that is about the server's certificate.
-pub fn hint(error: &str) -> &'static str {
+fn hint(error: &str) -> &'static str {
     let e = error.to_ascii_lowercase();
     if e.contains("certificate") || e.contains("unknownissuer") {
         " (the server's certificate must chain to the system's roots or to a CA in \
