@@ -40,7 +40,7 @@ fn answers(hostport: &str) -> bool {
 }
 
 /// `host:port` of a `scheme://[user:pass@]host:port/...` URL.
-fn host_port(url: &str) -> &str {
+pub fn host_port(url: &str) -> &str {
     let rest = url.split("://").nth(1).unwrap_or(url);
     let rest = rest.rsplit('@').next().unwrap_or(rest);
     rest.split('/').next().unwrap_or(rest)
@@ -170,6 +170,51 @@ pub fn tidemark(args: &[&str], env: &[(String, String)]) -> (i32, String, String
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `tidemark <args>` against the deployment `c` (its [`Cluster::role_env`]);
+/// panics unless it exits with `code`. Returns stdout then stderr.
+pub fn ctl(c: &Cluster, args: &[&str], code: i32) -> String {
+    let (got, out, err) = tidemark(args, &c.role_env());
+    assert_eq!(got, code, "tidemark {args:?}: exit {got}\n{out}\n{err}");
+    out + &err
+}
+
+/// Run `fut` to completion (or for at most 20 s) on a fresh runtime on its
+/// own thread, and wait for it: for cleanup from `Drop`, which runs during a
+/// panic too, and inside or outside a runtime.
+pub fn block_on_cleanup(fut: impl Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(20), fut).await;
+            });
+        }
+    })
+    .join();
+}
+
+/// The Redis key prefix of the deployment named `prefix`.
+fn redis_prefix_of(prefix: &str) -> String {
+    format!("{prefix}:")
+}
+
+/// The records exchange of the deployment named `prefix`.
+pub fn exchange_of(prefix: &str) -> String {
+    format!("{prefix}.records")
+}
+
+/// The environment that gives the roles of the deployment named `prefix`
+/// its Redis key prefix, queue prefix and records exchange.
+pub fn prefix_env(prefix: &str) -> [(String, String); 3] {
+    [
+        ("TIDEMARK_REDIS_PREFIX".to_string(), redis_prefix_of(prefix)),
+        ("TIDEMARK_QUEUE_PREFIX".to_string(), prefix.to_string()),
+        ("TIDEMARK_RECORDS_EXCHANGE".to_string(), exchange_of(prefix)),
+    ]
 }
 
 /// A child process whose stderr goes to a log file; killed when dropped.
@@ -365,10 +410,10 @@ impl Cluster {
     }
 
     pub fn exchange(&self) -> String {
-        format!("{}.records", self.prefix)
+        exchange_of(&self.prefix)
     }
     pub fn redis_prefix(&self) -> String {
-        format!("{}:", self.prefix)
+        redis_prefix_of(&self.prefix)
     }
 
     /// The environment of every role (and of CLI commands against this deployment).
@@ -376,9 +421,9 @@ impl Cluster {
         let mut env = vec![
             ("REDIS_URL".to_string(), self.redis.clone()),
             ("AMQP_URL".to_string(), amqp_url()),
-            ("TIDEMARK_REDIS_PREFIX".to_string(), self.redis_prefix()),
-            ("TIDEMARK_QUEUE_PREFIX".to_string(), self.prefix.clone()),
-            ("TIDEMARK_RECORDS_EXCHANGE".to_string(), self.exchange()),
+        ];
+        env.extend(prefix_env(&self.prefix));
+        env.extend([
             ("TIDEMARK_LISTEN".to_string(), "127.0.0.1:0".to_string()),
             (
                 "TIDEMARK_ADMIN_LISTEN".to_string(),
@@ -388,7 +433,7 @@ impl Cluster {
                 "TIDEMARK_LOG".to_string(),
                 "info,lapin=warn,tidemark_bus=warn".to_string(),
             ),
-        ];
+        ]);
         env.extend(self.env.iter().cloned());
         env
     }
@@ -520,12 +565,12 @@ impl Cluster {
     /// Delete the Redis keys, queues and records exchange of the
     /// deployment named `prefix` (the names [`Cluster::role_env`] gives).
     pub async fn cleanup(prefix: String) {
-        if let Ok(store) = RedisStore::connect(&redis_url(), &format!("{prefix}:")).await {
+        if let Ok(store) = RedisStore::connect(&redis_url(), &redis_prefix_of(&prefix)).await {
             let _ = store.delete_all().await;
         }
         let mut cfg = BusConfig::new(amqp_url());
-        cfg.prefix = prefix.clone();
-        cfg.records_exchange = format!("{prefix}.records");
+        cfg.records_exchange = exchange_of(&prefix);
+        cfg.prefix = prefix;
         let _ = tidemark_bus::amqp::delete_topology(&cfg).await;
     }
 }
@@ -533,21 +578,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.procs.clear();
-        let prefix = self.prefix.clone();
-        // Clean up from a fresh runtime on its own thread: this runs during
-        // a panic too, and inside or outside a runtime.
-        let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                rt.block_on(async {
-                    let _ = tokio::time::timeout(Duration::from_secs(20), Cluster::cleanup(prefix))
-                        .await;
-                });
-            }
-        })
-        .join();
+        block_on_cleanup(Cluster::cleanup(self.prefix.clone()));
     }
 }
 

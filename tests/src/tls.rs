@@ -5,7 +5,7 @@
 //! reconfigured, so `amqps://` reaches it through one of these.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -79,9 +79,6 @@ impl TestCa {
     }
     pub fn key_file(&self) -> PathBuf {
         self.dir.path().join("server.key")
-    }
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem

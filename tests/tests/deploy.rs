@@ -20,7 +20,10 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use serde_yaml_ng::Value;
-use tidemark_tests::{Checker, Cluster, Proc, amqp_url, eventually, redis_url, tidemark_bin};
+use tidemark_tests::{
+    Checker, Cluster, Proc, amqp_url, block_on_cleanup, eventually, exchange_of, prefix_env,
+    redis_url, tidemark_bin,
+};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -127,6 +130,13 @@ impl ComposeService {
     fn arg_after(&self, flag: &str) -> Option<&str> {
         let i = self.command.iter().position(|a| a == flag)?;
         self.command.get(i + 1).map(String::as_str)
+    }
+    /// The host path (relative to the repository) mounted at `container`.
+    fn host_path(&self, container: &str) -> Option<&str> {
+        self.mounts
+            .iter()
+            .find(|(_, c)| c == container)
+            .map(|(host, _)| host.as_str())
     }
 }
 
@@ -298,7 +308,7 @@ impl Mapping {
         let mut out = Vec::new();
         let mut prev = "";
         for arg in &svc.command {
-            let mapped = if let Some((host, _)) = svc.mounts.iter().find(|(_, c)| c == arg) {
+            let mapped = if let Some(host) = svc.host_path(arg) {
                 self.file(host).display().to_string()
             } else if prev == "--host" && arg == "0.0.0.0" {
                 "127.0.0.1".to_string()
@@ -328,17 +338,7 @@ impl Mapping {
                 (k.clone(), v)
             })
             .collect();
-        env.extend([
-            (
-                "TIDEMARK_REDIS_PREFIX".to_string(),
-                format!("{}:", self.prefix),
-            ),
-            ("TIDEMARK_QUEUE_PREFIX".to_string(), self.prefix.clone()),
-            (
-                "TIDEMARK_RECORDS_EXCHANGE".to_string(),
-                format!("{}.records", self.prefix),
-            ),
-        ]);
+        env.extend(prefix_env(&self.prefix));
         env
     }
 
@@ -433,10 +433,8 @@ fn compose_file_describes_the_demo_stack() {
     }
     let coord = by_role("coordinator")[0];
     let config = coord.arg_after("--config").expect("coordinator --config");
-    let (host, _) = coord
-        .mounts
-        .iter()
-        .find(|(_, c)| c == config)
+    let host = coord
+        .host_path(config)
         .expect("the config is a mounted file");
     tidemark_core::config::load_file(&repo().join(host)).expect("the compose feeds load");
 }
@@ -467,7 +465,7 @@ async fn compose_services_run_as_local_processes_and_records_reach_the_printer()
         dir: dir.path().to_path_buf(),
         prefix: prefix.clone(),
     };
-    let exchange = format!("{prefix}.records");
+    let exchange = exchange_of(&prefix);
     let printer_queue = services
         .values()
         .find(|s| s.role() == "tail")
@@ -511,12 +509,10 @@ async fn compose_services_run_as_local_processes_and_records_reach_the_printer()
         .values()
         .find(|s| s.role() == "coordinator")
         .expect("coordinator");
-    let config_host = &coord
-        .mounts
-        .iter()
-        .find(|(_, c)| Some(c.as_str()) == coord.arg_after("--config"))
-        .expect("mounted config")
-        .0;
+    let config_host = coord
+        .arg_after("--config")
+        .and_then(|c| coord.host_path(c))
+        .expect("mounted config");
     let config = tidemark_core::config::load_file(&map.file(config_host)).expect("config");
     let feeds: Vec<String> = config.feeds.iter().map(|f| f.name.clone()).collect();
     let printer = procs
@@ -607,19 +603,12 @@ struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let (prefix, queue) = (self.prefix.clone(), self.queue.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                Cluster::cleanup(prefix).await;
-                if let Some(q) = queue {
-                    delete_queue(&q).await;
-                }
-            });
-        })
-        .join();
+        block_on_cleanup(async move {
+            Cluster::cleanup(prefix).await;
+            if let Some(q) = queue {
+                delete_queue(&q).await;
+            }
+        });
     }
 }
 
@@ -697,6 +686,8 @@ fn selects(selector: &Value, labels: &BTreeMap<String, String>) -> bool {
 
 /// A tidemark role's Deployment in an overlay.
 struct Role<'a> {
+    /// What the Deployment runs: `tidemark <role>`.
+    role: &'a str,
     deployment: &'a Value,
     pod_labels: BTreeMap<String, String>,
     container: &'a Value,
@@ -704,7 +695,7 @@ struct Role<'a> {
 }
 
 impl<'a> Role<'a> {
-    fn find(docs: &'a [Value], role: &str) -> Role<'a> {
+    fn find(docs: &'a [Value], role: &'a str) -> Role<'a> {
         let deployment = of_kind(docs, "Deployment")
             .into_iter()
             .find(|d| {
@@ -723,6 +714,7 @@ impl<'a> Role<'a> {
             .map(|e| (text(&e["name"]), text(&e["value"])))
             .collect();
         Role {
+            role,
             deployment,
             pod_labels: string_map(at(deployment, "spec.template.metadata.labels")),
             container,
@@ -733,11 +725,11 @@ impl<'a> Role<'a> {
         text(at(self.deployment, "metadata.name"))
     }
     /// The setting `var`, else the CLI's default for `flag`.
-    fn setting(&self, role: &str, var: &str, flag: &str) -> String {
+    fn setting(&self, var: &str, flag: &str) -> String {
         self.env
             .get(var)
             .cloned()
-            .unwrap_or_else(|| cli_default(role, flag))
+            .unwrap_or_else(|| cli_default(self.role, flag))
     }
     fn port(&self, name: &str) -> u16 {
         self.container["ports"]
@@ -850,7 +842,62 @@ fn k8s_manifests_agree_with_the_binary() {
             ctx("coordinator replicas")
         );
 
-        for (role, r) in [("coordinator", &coordinator), ("worker", &worker)] {
+        // What both roles connect to: the ports of the URLs in the Secret
+        // the overlay ships, else Redis's and RabbitMQ's defaults.
+        let connections: Vec<(String, u16)> = match named(&docs, "Secret", "tidemark-connections") {
+            Some(secret) => ["REDIS_URL", "AMQP_URL"]
+                .into_iter()
+                .map(|key| {
+                    let b64 = text(&secret["data"][key]);
+                    let url = String::from_utf8(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b64)
+                            .expect("base64"),
+                    )
+                    .expect("utf-8");
+                    let port = reqwest::Url::parse(&url)
+                        .expect("URL")
+                        .port_or_known_default()
+                        .unwrap_or(match key {
+                            "REDIS_URL" => 6379,
+                            _ => 5672,
+                        });
+                    (key.to_string(), port)
+                })
+                .collect(),
+            None => vec![("Redis".into(), 6379), ("RabbitMQ".into(), 5672)],
+        };
+
+        // The feeds, as the coordinator reads them from the ConfigMap it mounts.
+        let config_path = {
+            let args = strings(&coordinator.container["args"]);
+            let i = args.iter().position(|a| a == "--config").expect("--config");
+            PathBuf::from(&args[i + 1])
+        };
+        let mount = coordinator.container["volumeMounts"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|m| Path::new(&text(&m["mountPath"])) == config_path.parent().expect("dir"))
+            .unwrap_or_else(|| panic!("{}", ctx("the config's directory is mounted")));
+        let volume = at(coordinator.deployment, "spec.template.spec.volumes")
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|v| text(&v["name"]) == text(&mount["name"]))
+            .expect("volume");
+        let cm = named(&docs, "ConfigMap", &text(at(volume, "configMap.name")))
+            .unwrap_or_else(|| panic!("{}", ctx("the mounted ConfigMap exists")));
+        let file = config_path
+            .file_name()
+            .expect("file")
+            .to_string_lossy()
+            .into_owned();
+        let config = tidemark_core::config::load_str(&file, &text(&cm["data"][file.as_str()]))
+            .unwrap_or_else(|e| panic!("{}", ctx(&format!("the feeds load: {e}"))));
+
+        for r in [&coordinator, &worker] {
+            let role = r.role;
             let pod = at(r.deployment, "spec.template.spec");
             let what = |s: &str| ctx(&format!("{role}: {s}"));
             // Restricted security context.
@@ -978,36 +1025,8 @@ fn k8s_manifests_agree_with_the_binary() {
             );
             let egress = policy_ports("egress");
             assert!(egress.contains(&53), "{}", what("DNS"));
-            let mut needed: Vec<(String, u16)> = Vec::new();
-            if let Some(secret) = named(&docs, "Secret", "tidemark-connections") {
-                for key in ["REDIS_URL", "AMQP_URL"] {
-                    let b64 = text(&secret["data"][key]);
-                    let url = String::from_utf8(
-                        base64::engine::general_purpose::STANDARD
-                            .decode(b64)
-                            .expect("base64"),
-                    )
-                    .expect("utf-8");
-                    let port = reqwest::Url::parse(&url)
-                        .expect("URL")
-                        .port_or_known_default()
-                        .unwrap_or(match key {
-                            "REDIS_URL" => 6379,
-                            _ => 5672,
-                        });
-                    needed.push((key.to_string(), port));
-                }
-            } else {
-                needed.extend([("Redis".into(), 6379), ("RabbitMQ".into(), 5672)]);
-            }
+            let mut needed = connections.clone();
             if role == "worker" {
-                let cm = of_kind(&docs, "ConfigMap")
-                    .into_iter()
-                    .find(|c| !c["data"]["feeds.yaml"].is_null())
-                    .expect("feeds");
-                let config =
-                    tidemark_core::config::load_str("feeds.yaml", &text(&cm["data"]["feeds.yaml"]))
-                        .expect("feeds");
                 for (name, s) in &config.sources {
                     needed.push((
                         format!("source {name}"),
@@ -1025,7 +1044,7 @@ fn k8s_manifests_agree_with_the_binary() {
         }
 
         // The worker's shutdown fits in its termination grace period.
-        let grace = seconds(&worker.setting("worker", "TIDEMARK_GRACE", "--grace"));
+        let grace = seconds(&worker.setting("TIDEMARK_GRACE", "--grace"));
         let termination = at(
             worker.deployment,
             "spec.template.spec.terminationGracePeriodSeconds",
@@ -1045,34 +1064,7 @@ fn k8s_manifests_agree_with_the_binary() {
             ctx("source credentials from a Secret")
         );
 
-        // The coordinator reads the feeds from the ConfigMap it mounts, and
-        // their credentials are ${VAR} references, never literals.
-        let config_path = {
-            let args = strings(&coordinator.container["args"]);
-            let i = args.iter().position(|a| a == "--config").expect("--config");
-            PathBuf::from(&args[i + 1])
-        };
-        let mount = coordinator.container["volumeMounts"]
-            .as_sequence()
-            .into_iter()
-            .flatten()
-            .find(|m| Path::new(&text(&m["mountPath"])) == config_path.parent().expect("dir"))
-            .unwrap_or_else(|| panic!("{}", ctx("the config's directory is mounted")));
-        let volume = at(coordinator.deployment, "spec.template.spec.volumes")
-            .as_sequence()
-            .into_iter()
-            .flatten()
-            .find(|v| text(&v["name"]) == text(&mount["name"]))
-            .expect("volume");
-        let cm = named(&docs, "ConfigMap", &text(at(volume, "configMap.name")))
-            .unwrap_or_else(|| panic!("{}", ctx("the mounted ConfigMap exists")));
-        let file = config_path
-            .file_name()
-            .expect("file")
-            .to_string_lossy()
-            .into_owned();
-        let config = tidemark_core::config::load_str(&file, &text(&cm["data"][file.as_str()]))
-            .unwrap_or_else(|e| panic!("{}", ctx(&format!("the feeds load: {e}"))));
+        // The feeds' credentials are ${VAR} references, never literals.
         for (name, source) in &config.sources {
             for s in source.auth.iter().flat_map(|a| a.secrets()) {
                 assert!(
@@ -1107,7 +1099,7 @@ fn k8s_manifests_agree_with_the_binary() {
             let trigger = at(scaled[0], "spec.triggers.0");
             assert_eq!(text(&trigger["type"]), "rabbitmq");
             let mut bus = tidemark_bus::amqp::BusConfig::new(String::new());
-            bus.prefix = worker.setting("worker", "TIDEMARK_QUEUE_PREFIX", "--queue-prefix");
+            bus.prefix = worker.setting("TIDEMARK_QUEUE_PREFIX", "--queue-prefix");
             assert_eq!(
                 text(&trigger["metadata"]["queueName"]),
                 bus.tasks_queue(),
@@ -1116,7 +1108,7 @@ fn k8s_manifests_agree_with_the_binary() {
             );
             assert_eq!(
                 text(&trigger["metadata"]["value"]),
-                worker.setting("worker", "TIDEMARK_CONCURRENCY", "--concurrency"),
+                worker.setting("TIDEMARK_CONCURRENCY", "--concurrency"),
                 "{}",
                 ctx("one worker per TIDEMARK_CONCURRENCY tasks")
             );

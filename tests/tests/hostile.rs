@@ -288,7 +288,7 @@ async fn malformed_page_tasks_are_dead_lettered_with_their_reason() {
     );
     let checker = Checker::start(&c.exchange()).await;
     c.coordinator("coord");
-    c.worker("w1", &[]);
+    let w = c.worker("w1", &[]);
     assert!(
         checker.wait_for(300, Duration::from_secs(60)).await,
         "{}",
@@ -367,10 +367,10 @@ async fn malformed_page_tasks_are_dead_lettered_with_their_reason() {
     }
     // The worker is still running, and never panicked.
     assert!(
-        c.procs[1].wait(Duration::from_millis(300)).is_none(),
+        c.procs[w].wait(Duration::from_millis(300)).is_none(),
         "the worker exited"
     );
-    let log = std::fs::read_to_string(&c.procs[1].log).unwrap_or_default();
+    let log = std::fs::read_to_string(&c.procs[w].log).unwrap_or_default();
     assert!(!log.contains("panicked"), "{log}");
     let _ = conn.close(200, "bye".into()).await;
 }

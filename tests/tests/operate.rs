@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tidemark_core::checkpoint::{Checkpoint, JobId};
 use tidemark_state::{Acquire, StateStore};
-use tidemark_tests::{Checker, Cluster, eventually, tidemark};
+use tidemark_tests::{Checker, Cluster, ctl, eventually};
 
 const FEEDS: &str = r#"  - name: tickets
     source: mock
@@ -34,13 +34,6 @@ const FEEDS: &str = r#"  - name: tickets
     pagination: { preset: cursor }
     key: /id
 "#;
-
-/// `tidemark <args>` against the cluster's Redis; panics unless it exits with `code`.
-fn ctl(c: &Cluster, args: &[&str], code: i32) -> String {
-    let (got, out, err) = tidemark(args, &c.role_env());
-    assert_eq!(got, code, "tidemark {args:?}: exit {got}\n{out}\n{err}");
-    out + &err
-}
 
 fn status(c: &Cluster) -> HashMap<String, serde_json::Value> {
     let out = ctl(c, &["status", "--json"], 0);

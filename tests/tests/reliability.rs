@@ -29,7 +29,7 @@ use tidemark_mock::TruthRecord;
 use tidemark_state::StateStore;
 use tidemark_tests::proxy::FaultProxy;
 use tidemark_tests::redis_server::RedisServer;
-use tidemark_tests::{Checker, Cluster, amqp_url, eventually, versions};
+use tidemark_tests::{Checker, Cluster, amqp_url, eventually, host_port, versions};
 
 /// xorshift64*: a small deterministic generator, so a seed replays a run.
 struct Rng(u64);
@@ -541,12 +541,6 @@ impl Rig {
     }
 }
 
-fn host_port(url: &str) -> String {
-    let rest = url.split("://").nth(1).unwrap_or(url);
-    let rest = rest.rsplit('@').next().unwrap_or(rest);
-    rest.split('/').next().unwrap_or(rest).to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn faults_while_syncing_lose_nothing() {
     let seed: u64 = std::env::var("TIDEMARK_CHAOS_SEED")
@@ -581,9 +575,9 @@ async fn faults_while_syncing_lose_nothing() {
         .unwrap()
         .replace("timeout: 10s", "timeout: 2s");
     std::fs::write(&c.config, text).unwrap();
-    let redis_proxy = FaultProxy::start(&host_port(&redis.url())).await.unwrap();
-    let amqp_proxy = FaultProxy::start(&host_port(&amqp_url())).await.unwrap();
-    let api_proxy = FaultProxy::start(&host_port(&c.mock_url)).await.unwrap();
+    let redis_proxy = FaultProxy::start(host_port(&redis.url())).await.unwrap();
+    let amqp_proxy = FaultProxy::start(host_port(&amqp_url())).await.unwrap();
+    let api_proxy = FaultProxy::start(host_port(&c.mock_url)).await.unwrap();
     c.set_base_url(&api_proxy.url_for(&c.mock_url));
     c.redis = redis.url();
     c.env.extend([

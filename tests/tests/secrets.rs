@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tidemark_core::checkpoint::Phase;
-use tidemark_tests::{Checker, Cluster, amqp_url, eventually, tidemark};
+use tidemark_tests::{Checker, Cluster, amqp_url, ctl, eventually};
 
 /// Every value in Redis under `prefix`, as text.
 async fn redis_dump(url: &str, prefix: &str) -> String {
@@ -241,16 +241,12 @@ feeds:
     assert!(api.contains("broken"), "{api}");
     channels.push(("admin API status".into(), api));
     for args in [&["status"][..], &["status", "--json"][..]] {
-        let (code, out, err) = tidemark(args, &c.role_env());
-        assert_eq!(code, 0, "{err}");
-        channels.push((format!("tidemark {args:?}"), format!("{out}{err}")));
+        channels.push((format!("tidemark {args:?}"), ctl(&c, args, 0)));
     }
     // The logs last: everything above ran with trace logging too.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for p in std::iter::once(&c.mock).chain(c.procs.iter()) {
-        if p.name == "mock" {
-            continue; // the API itself received the credentials, by design
-        }
+    // Not the mock's: the API itself received the credentials, by design.
+    for p in &c.procs {
         channels.push((
             format!("log of {}", p.name),
             std::fs::read_to_string(&p.log).unwrap(),

@@ -18,15 +18,11 @@ use tidemark_bus::amqp::{AmqpBus, BusConfig, open_connection};
 use tidemark_state::{RedisStore, StateStore};
 use tidemark_tests::redis_server::RedisServer;
 use tidemark_tests::tls::{TestCa, TlsFront};
-use tidemark_tests::{Checker, Cluster, amqp_url, eventually, spawn_to, tidemark, versions};
+use tidemark_tests::{
+    Checker, Cluster, amqp_url, eventually, host_port, spawn_to, tidemark, versions,
+};
 
 const PASSWORD: &str = "s3cret-Pw-never-printed";
-
-fn host_port(url: &str) -> String {
-    let rest = url.split("://").nth(1).unwrap_or(url);
-    let rest = rest.rsplit('@').next().unwrap_or(rest);
-    rest.split('/').next().unwrap_or(rest).to_string()
-}
 
 /// The shared broker's URL (credentials and vhost) as `amqps://` to
 /// `localhost:<port>`: the front's certificate names `localhost` as well as
@@ -85,7 +81,7 @@ fn lines(path: &Path) -> usize {
 async fn the_distributed_sync_runs_over_rediss_and_amqps_with_the_ca_option() {
     let ca = TestCa::new("tidemark e2e test CA");
     let redis = tokio::task::block_in_place(|| RedisServer::start_tls(&ca));
-    let front = TlsFront::start(&host_port(&amqp_url()), &ca).await.unwrap();
+    let front = TlsFront::start(host_port(&amqp_url()), &ca).await.unwrap();
     let ca_file = ca.ca_file().display().to_string();
 
     let mut c = Cluster::start(&feeds(), &["--records", "300"]);
@@ -199,7 +195,7 @@ async fn an_untrusted_redis_certificate_is_a_clear_error_without_the_password() 
 async fn amqps_trusts_the_configured_ca_and_refuses_an_unknown_one() {
     let ca = TestCa::new("tidemark test CA");
     let other = TestCa::new("some other CA");
-    let front = TlsFront::start(&host_port(&amqp_url()), &ca).await.unwrap();
+    let front = TlsFront::start(host_port(&amqp_url()), &ca).await.unwrap();
     let url = amqps_url(front.port());
 
     for (what, bundle) in [("no CA", None), ("another CA", Some(other.ca_pem()))] {
