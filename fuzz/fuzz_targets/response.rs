@@ -1,7 +1,8 @@
-//! Fuzz the response reader: `Paginator::read` (and through it the one-pass
-//! extractor `Plan::run` and the RFC 8288 `Link` parser `link::find_rel`) for
-//! every pagination style, with the paginators built the way `pull` and the
-//! worker build them: `config::load_str`, then `FeedConfig::paginator_for`.
+//! Fuzz the response reader: `Walk::advance` (and through it
+//! `Paginator::read`, the one-pass extractor `Plan::run`, the RFC 8288
+//! `Link` parser `link::find_rel` and record identity) for every pagination
+//! style, with the walks built the way `pull` and the worker build them:
+//! `config::load_str`, then `Walk::new`.
 //!
 //! The input looks like an HTTP response, so seeds are real responses of
 //! the mock API (see `fuzz/make-seeds`) and mutations stay readable:
@@ -23,11 +24,12 @@
 
 use std::sync::OnceLock;
 
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 use libfuzzer_sys::fuzz_target;
 use tidemark_core::checkpoint::Stage;
 use tidemark_core::config::{self, Strategy};
-use tidemark_core::pagination::{Next, Page, PageRequest, Paginator, Position};
+use tidemark_core::pagination::{Next, PageRequest};
+use tidemark_core::walk::{Step, Walk};
 use url::Url;
 
 /// The feeds under test. The first nine are examples/mock.yaml's (one per
@@ -159,9 +161,10 @@ feeds:
 "#;
 
 struct Case {
-    paginator: Paginator,
-    /// The feed's own start point (`Position::Start { from }`).
-    start_from: Option<DateTime<Utc>>,
+    /// A walk at the feed's own start point, as the worker and `pull` build it.
+    walk: Walk,
+    /// The same walk without a start time.
+    walk_without_start: Walk,
     max_cursor: usize,
     max_records: usize,
     secret_params: Vec<String>,
@@ -176,20 +179,19 @@ fn cases() -> &'static [Case] {
         for feed in &cfg.feeds {
             let source = cfg.source_of(feed).expect("source");
             let partition = feed.partitions(now).expect("partitions").remove(0);
-            let start_from = match feed.start_position(&partition).expect("start") {
-                Position::Start { from } => from,
-                Position::At(_) => None,
-            };
             let mut stages = vec![Stage::Bulk];
             if feed.incremental.is_some() {
                 stages.push(Stage::Incremental);
             }
             for stage in stages {
+                let walk = Walk::new(feed, source, &partition, stage)
+                    .expect("walk")
+                    .identifying(feed.key.clone(), feed.version.clone());
+                let walk_without_start = Walk::from_paginator(walk.paginator().clone(), None)
+                    .identifying(feed.key.clone(), feed.version.clone());
                 out.push(Case {
-                    paginator: feed
-                        .paginator_for(source, &partition, stage)
-                        .expect("paginator"),
-                    start_from,
+                    walk,
+                    walk_without_start,
                     max_cursor: source.max_cursor_bytes(),
                     max_records: source.max_records_per_page(),
                     secret_params: source.secret_query_params(),
@@ -238,77 +240,68 @@ fuzz_target!(|data: &[u8]| {
     };
     let cases = cases();
     let case = &cases[sel as usize % cases.len()];
-    let (used, chain_from) = match flags & 3 {
-        0 => (
-            Position::Start {
-                from: case.start_from,
-            },
-            case.start_from,
-        ),
-        1 => (Position::Start { from: None }, None),
-        2 => (Position::At(pos.unwrap_or_default()), None),
-        _ => (Position::At(pos.unwrap_or_default()), case.start_from),
+    let mut walk = match flags & 3 {
+        0 => case.walk.clone(),
+        1 => case.walk_without_start.clone(),
+        2 => case
+            .walk_without_start
+            .clone()
+            .at(Some(pos.unwrap_or_default())),
+        _ => case.walk.clone().at(Some(pos.unwrap_or_default())),
     };
     // As the worker and `pull` do: a position whose request cannot be built
     // is an error before anything is fetched.
-    let Ok(req) = case.paginator.request_in_chain(&used, chain_from) else {
+    let Ok(req) = walk.request() else {
         return;
     };
-    let read = case.paginator.read(&used, &req, &headers, body);
+    let before = walk.clone();
+    let step = walk.advance(&req, &headers, body);
     if debug() {
         // TIDEMARK_FUZZ_DEBUG=1 with -runs=0: what each seed reads as.
         eprintln!(
-            "paginator {} at {used:?}: {:?}",
+            "case {} at {:?}: {:?}",
             sel as usize % cases.len(),
-            read.as_ref().map(|p| (p.records.len(), &p.next))
+            before.position(),
+            step.as_ref().map(|s| (s.records.len(), &s.next))
         );
     }
-    let Ok(page) = read else {
+    let Ok(step) = step else {
+        // A page that cannot be taken leaves the walk where it was.
+        assert_eq!(walk.position(), before.position(), "moved on an error");
         return;
     };
-    check(case, &used, &req, chain_from, body, &page);
+    check(case, &before, &req, body, &step);
 
     // The API answers the next request with the very same page (a classic
     // loop): read it again at the position it pointed to.
-    if let Next::More(n) = &page.next {
-        let used2 = Position::At(n.clone());
-        if let Ok(req2) = case.paginator.request_in_chain(&used2, chain_from)
-            && let Ok(page2) = case.paginator.read(&used2, &req2, &headers, body)
+    if let Next::More(_) = &step.next {
+        let before2 = walk.clone();
+        if let Ok(req2) = walk.request()
+            && let Ok(step2) = walk.advance(&req2, &headers, body)
         {
-            check(case, &used2, &req2, chain_from, body, &page2);
+            check(case, &before2, &req2, body, &step2);
         }
     }
 });
 
-/// Invariants of a page that `read` accepted.
-fn check(
-    case: &Case,
-    used: &Position,
-    req: &PageRequest,
-    chain_from: Option<DateTime<Utc>>,
-    body: &[u8],
-    page: &Page<'_>,
-) {
-    let p = &case.paginator;
+/// Invariants of a page that the walk took.
+fn check(case: &Case, used: &Walk, req: &PageRequest, body: &[u8], step: &Step) {
+    let p = used.paginator();
     let strategy = &p.spec().strategy;
-    let used_str = match used {
-        Position::At(s) => Some(s.as_str()),
-        Position::Start { .. } => None,
-    };
+    let used_str = used.cursor();
 
-    // The record limit holds, and every record is a slice of the body:
-    // `pull` and the worker find each record by pointer arithmetic on it.
-    assert!(page.records.len() <= case.max_records);
-    let range = body.as_ptr_range();
-    for r in &page.records {
-        let s = r.get().as_bytes().as_ptr_range();
+    // The record limit holds, and every record is a range of the body that
+    // holds one JSON value: `pull` and the worker deliver these bytes.
+    assert!(step.records.len() <= case.max_records);
+    for r in &step.records {
         assert!(
-            range.start <= s.start && s.end <= range.end,
+            r.start < r.end && r.end <= body.len(),
             "record outside the body"
         );
     }
+    assert!(step.identities.is_empty() || step.identities.len() == step.records.len());
 
-    let (pos, more) = match &page.next {
+    let (pos, more) = match &step.next {
         Next::More(n) => (Some(n.as_str()), true),
         Next::End { resume } => (resume.as_deref(), false),
     };
@@ -352,7 +345,7 @@ fn check(
     }
 
     // Where the walk goes next (or resumes) can be requested.
-    if let Err(e) = p.request_in_chain(&Position::At(pos.to_string()), chain_from) {
-        panic!("read returned position {pos:?} whose request fails: {e}");
+    if let Err(e) = used.clone().at(Some(pos.to_string())).request() {
+        panic!("the walk returned position {pos:?} whose request fails: {e}");
     }
 }

@@ -491,10 +491,7 @@ pub async fn sync(
             concurrency: opts.concurrency.max(1),
             lease: opts.lease,
             grace: opts.grace,
-            max_attempts: opts.max_attempts.max(1),
-            retry_base: opts.retry_base,
             registry_refresh: Duration::from_millis(500),
-            ..WorkerOptions::default()
         },
         stopped(stop_rx.clone()),
     );

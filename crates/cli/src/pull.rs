@@ -7,18 +7,18 @@
 //! flight, so memory stays at a few pages whatever the size of the stream.
 
 use std::io::{IsTerminal, Write};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Serialize;
+use tidemark_core::checkpoint::Stage;
 use tidemark_core::config::{FeedConfig, Partition, load_file};
 use tidemark_core::jsonbytes::compact_json;
-use tidemark_core::pagination::{
-    MAX_EMPTY_PAGES_IN_A_ROW, Next, Position, empty_run_error, redact_query,
-};
-use tidemark_core::timefmt::parse_timestamp;
+use tidemark_core::pagination::{Next, Position, redact_query};
+use tidemark_core::walk::{Walk, WalkError};
 use tidemark_source::HttpSource;
 
 use crate::exit::Failure;
@@ -70,7 +70,7 @@ pub struct PullSummary {
 /// A page's records as byte ranges of its body.
 struct Chunk {
     body: Bytes,
-    spans: Vec<(usize, usize)>,
+    spans: Vec<Range<usize>>,
 }
 
 /// Run a pull, writing records to `out` and messages to `err`.
@@ -93,28 +93,17 @@ pub async fn run(
         .source_of(feed)
         .ok_or_else(|| Failure::usage(format!("feed {} names an unknown source", feed.name)))?;
     let partition = choose_partition(feed, opts.partition.as_deref())?;
-    let paginator = feed
-        .paginator(source_cfg, &partition)
-        .map_err(Failure::usage)?;
     let source =
         HttpSource::new(&feed.source, source_cfg).map_err(|e| Failure::usage(e.to_string()))?;
-    let mut pos = match (&opts.cursor, &opts.from) {
-        (Some(_), Some(_)) => return Err(Failure::usage("--cursor and --from exclude each other")),
-        (Some(c), None) => Position::At(c.clone()),
-        (None, Some(t)) => Position::Start {
-            from: Some(parse_timestamp(t).map_err(|e| Failure::usage(format!("--from: {e}")))?),
-        },
-        (None, None) => feed.start_position(&partition).map_err(Failure::usage)?,
-    };
+    if opts.cursor.is_some() && opts.from.is_some() {
+        return Err(Failure::usage("--cursor and --from exclude each other"));
+    }
+    let mut walk = Walk::new(feed, source_cfg, &partition, Stage::Bulk)
+        .map_err(Failure::usage)?
+        .starting_from(opts.from.as_deref())
+        .map_err(|e| Failure::usage(format!("--from: {e}")))?
+        .at(opts.cursor.clone());
 
-    // Page-number and offset walks repeat the chain's start time on every page.
-    let chain_from = match &pos {
-        Position::Start { from } => *from,
-        Position::At(_) => match feed.start_position(&partition) {
-            Ok(Position::Start { from }) => from,
-            _ => None,
-        },
-    };
     let (tx, rx) = mpsc::sync_channel::<Chunk>(PIPELINE_PAGES);
     let writer = std::thread::spawn(move || write_records(out, rx));
 
@@ -124,22 +113,18 @@ pub async fn run(
     let (mut pages, mut records, mut bytes) = (0u64, 0u64, 0u64);
     let mut end = EndReason::EndOfStream;
     let mut resume: Option<String> = None;
-    let mut empty_run = 0u32;
     let failure = loop {
         if opts.max_pages.is_some_and(|m| pages >= m) {
             end = EndReason::MaxPages;
-            resume = match &pos {
-                Position::At(c) => Some(c.clone()),
-                Position::Start { .. } => None,
-            };
+            resume = walk.cursor().map(str::to_string);
             break None;
         }
-        let req = match paginator.request_in_chain(&pos, chain_from) {
+        let req = match walk.request() {
             Ok(r) => r,
             Err(e) => {
                 break Some(format!(
                     "cannot build the request at {}: {e}",
-                    describe(&pos)
+                    describe(walk.position())
                 ));
             }
         };
@@ -153,9 +138,9 @@ pub async fn run(
                 ));
             }
         };
-        let body = page.body.clone();
-        let read = match paginator.read(&pos, &req, &page, &body) {
-            Ok(r) => r,
+        let step = match walk.advance(&req, &page, &page.body) {
+            Ok(step) => step,
+            Err(e @ WalkError::EmptyRun) => break Some(format!("page {}: {e}", pages + 1)),
             Err(e) => {
                 break Some(format!(
                     "page {} ({}): {e}",
@@ -164,21 +149,14 @@ pub async fn run(
                 ));
             }
         };
-        let base = body.as_ptr() as usize;
-        let spans: Vec<(usize, usize)> = read
-            .records
-            .iter()
-            .map(|r| {
-                let start = r.get().as_ptr() as usize - base;
-                (start, start + r.get().len())
-            })
-            .collect();
         pages += 1;
-        let records_in_page = spans.len();
-        records += records_in_page as u64;
-        bytes += body.len() as u64;
-        let next = read.next;
-        if tx.send(Chunk { body, spans }).is_err() {
+        records += step.records.len() as u64;
+        bytes += page.body.len() as u64;
+        let chunk = Chunk {
+            body: page.body,
+            spans: step.records,
+        };
+        if tx.send(chunk).is_err() {
             end = EndReason::OutputClosed;
             break None;
         }
@@ -191,19 +169,9 @@ pub async fn run(
                 feed.name
             );
         }
-        empty_run = match (&next, records_in_page) {
-            (Next::More(_), 0) => empty_run + 1,
-            _ => 0,
-        };
-        if empty_run >= MAX_EMPTY_PAGES_IN_A_ROW {
-            break Some(format!("page {pages}: {}", empty_run_error()));
-        }
-        match next {
-            Next::More(c) => pos = Position::At(c),
-            Next::End { resume: r } => {
-                resume = r;
-                break None;
-            }
+        if let Next::End { resume: r } = step.next {
+            resume = r;
+            break None;
         }
     };
     drop(tx);
@@ -223,7 +191,7 @@ pub async fn run(
             "tidemark pull: feed {} partition {}: {pages} page(s), {records} record(s) printed before the error; the failed page was not printed (retry from: {})",
             feed.name,
             partition.id,
-            describe(&pos)
+            describe(walk.position())
         );
         return Err(Failure::runtime(format!("feed {}: {message}", feed.name)));
     }
@@ -328,8 +296,8 @@ fn write_records(out: Box<dyn Write + Send>, rx: mpsc::Receiver<Chunk>) -> std::
     let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
     let mut compact = Vec::new();
     for chunk in rx {
-        for (a, b) in chunk.spans {
-            let rec = &chunk.body[a..b];
+        for span in chunk.spans {
+            let rec = &chunk.body[span];
             let res = if memchr::memchr2(b'\n', b'\r', rec).is_some() {
                 compact.clear();
                 compact_json(rec, &mut compact);

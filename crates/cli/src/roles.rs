@@ -321,8 +321,6 @@ pub async fn worker(
         concurrency: args.concurrency,
         lease: args.infra.lease.std(),
         grace: args.infra.grace.std(),
-        max_attempts: args.max_attempts.max(1),
-        retry_base: args.retry_base.std(),
         ..WorkerOptions::default()
     };
     let deps = WorkerDeps {

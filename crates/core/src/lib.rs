@@ -6,6 +6,7 @@
 //! moment a request is sent, and record identity ([`record`]).
 
 pub mod checkpoint;
+pub mod clock;
 pub mod config;
 pub mod duration;
 pub mod jsonbytes;
@@ -14,6 +15,7 @@ pub mod pointer;
 pub mod record;
 pub mod secret;
 pub mod timefmt;
+pub mod walk;
 
 pub use config::{Config, FeedConfig, SourceConfig};
 pub use duration::Duration;

@@ -9,6 +9,7 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 use tidemark_core::config::{PaginationConfig, PaginationSpec};
 use tidemark_core::pagination::{Next, Paginator, Position, ReadError};
+use tidemark_core::walk::{Walk, WalkError};
 use url::Url;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,36 +166,40 @@ impl Api {
     }
 }
 
-struct Walk {
+struct Walked {
     records: Vec<Value>,
     pages: usize,
     resume: Option<String>,
 }
 
-fn walk(api: &Api) -> Result<Walk, ReadError> {
+/// Walk the whole dataset with the engine's `Walk`, as the worker and
+/// `pull` do, reassembling the records from their byte ranges.
+fn walk(api: &Api) -> Result<Walked, ReadError> {
     let (p, records) = api.pagination();
     let records = records.map(|r| r.parse().unwrap());
     let spec = PaginationSpec::resolve(&p, records.as_ref()).expect("valid spec");
     let base = Url::parse("http://api.test").unwrap();
-    let pag = Paginator::new(&base, "/x", spec, vec![], None);
-    let mut pos = Position::Start { from: None };
-    let mut out = Walk {
+    let mut w = Walk::from_paginator(Paginator::new(&base, "/x", spec, vec![], None), None);
+    let mut out = Walked {
         records: vec![],
         pages: 0,
         resume: None,
     };
     for _ in 0..10_000 {
-        let req = pag.request(&pos)?;
+        let req = w.request()?;
         let (headers, body) = api.respond(&req.url);
-        let page = pag.read(&pos, &req, &headers, &body)?;
+        let step = w.advance(&req, &headers, &body).map_err(|e| match e {
+            WalkError::Read(e) => e,
+            other => panic!("not a read error: {other}"),
+        })?;
         out.pages += 1;
         out.records.extend(
-            page.records
+            step.records
                 .iter()
-                .map(|r| serde_json::from_str::<Value>(r.get()).unwrap()),
+                .map(|r| serde_json::from_slice::<Value>(&body[r.clone()]).unwrap()),
         );
-        match page.next {
-            Next::More(c) => pos = Position::At(c),
+        match step.next {
+            Next::More(c) => assert_eq!(w.cursor(), Some(c.as_str())),
             Next::End { resume } => {
                 out.resume = resume;
                 return Ok(out);
@@ -362,7 +367,7 @@ fn requests_carry_params_cursor_and_start_in_each_format() {
             "/api/x.json",
             spec.clone(),
             vec![("k".into(), "v".into())],
-            Some(&start),
+            Some((start.param.clone(), start.format)),
         );
         let req = pag.request(&Position::Start { from: Some(from) }).unwrap();
         assert_eq!(
@@ -539,7 +544,7 @@ fn filtered_pages(pagination: Value) -> Paginator {
         "/v2/inspections",
         spec,
         vec![],
-        Some(&start),
+        Some((start.param, start.format)),
     )
 }
 

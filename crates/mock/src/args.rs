@@ -26,6 +26,10 @@ pub struct MockArgs {
     /// Answer every Nth data request with 429.
     #[arg(long)]
     pub fail_429_every: Option<u64>,
+    /// Answer the first N data requests of every path with 429.
+    #[arg(long, default_value_t = 0)]
+    pub fail_429_first: u64,
+    /// The Retry-After (seconds) of those 429s.
     #[arg(long, default_value_t = 1)]
     pub retry_after_secs: u64,
     /// Answer every Nth data request with 500.
@@ -63,6 +67,7 @@ impl MockArgs {
             hide_newest: Duration::from_secs(self.hide_newest_secs),
             faults: Faults {
                 fail_429_every: self.fail_429_every,
+                fail_429_first: self.fail_429_first,
                 retry_after_secs: self.retry_after_secs,
                 fail_500_every: self.fail_500_every,
                 slow_every: self.slow_every,

@@ -55,6 +55,8 @@ impl Default for MockConfig {
 pub struct Faults {
     /// 429 with `Retry-After: retry_after_secs`.
     pub fail_429_every: Option<u64>,
+    /// The first N data requests of every path answer 429 likewise.
+    pub fail_429_first: u64,
     pub retry_after_secs: u64,
     /// 500.
     pub fail_500_every: Option<u64>,
@@ -76,6 +78,7 @@ impl Default for Faults {
     fn default() -> Self {
         Self {
             fail_429_every: None,
+            fail_429_first: 0,
             retry_after_secs: 1,
             fail_500_every: None,
             slow_every: None,

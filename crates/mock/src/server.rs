@@ -262,7 +262,7 @@ async fn data(State(s): State<MockState>, uri: Uri, headers: HeaderMap) -> Respo
         d.insert(faults.mutate_count);
         d.update(faults.mutate_count);
     }
-    if every(n, faults.fail_429_every) {
+    if n <= faults.fail_429_first || every(n, faults.fail_429_every) {
         let mut r = json_error(429, "rate_limited", "too many requests");
         if let Ok(v) = faults.retry_after_secs.to_string().parse() {
             r.headers_mut().insert(header::RETRY_AFTER, v);

@@ -56,11 +56,6 @@ pub struct WorkerOptions {
     pub lease: Duration,
     /// How long in-flight pages may take to finish after shutdown.
     pub grace: Duration,
-    /// Attempts of a page task that fails transiently before its job fails.
-    pub max_attempts: u32,
-    /// First retry delay; doubles per attempt, with jitter.
-    pub retry_base: Duration,
-    pub retry_max: Duration,
     /// How often the feed registry's version is checked.
     pub registry_refresh: Duration,
 }
@@ -71,9 +66,6 @@ impl Default for WorkerOptions {
             concurrency: 8,
             lease: Duration::from_secs(60),
             grace: Duration::from_secs(25),
-            max_attempts: 8,
-            retry_base: Duration::from_millis(500),
-            retry_max: Duration::from_secs(60),
             registry_refresh: Duration::from_secs(2),
         }
     }
@@ -219,15 +211,25 @@ impl Worker {
             }
             Outcome::Dropped(reason) => self.drop_task(d, task, reason).await,
             Outcome::Rejected { reason, error } => self.reject(d, reason, &error).await,
-            Outcome::Retry { delay, error } if task.attempt + 1 < self.opts.max_attempts => {
+            Outcome::Retry { delay, error } => {
                 tracing::warn!(job = %job, seq = task.seq, attempt = task.attempt + 1, delay_ms = delay.as_millis() as u64, error = %error, "page failed; retrying later");
+                // The lease must outlast the wait, or the chain is re-issued
+                // meanwhile; a refused renewal means a newer epoch owns the
+                // job, and this task has nothing more to do.
+                match self
+                    .store
+                    .renew(job, task.epoch, delay.saturating_add(self.opts.lease))
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => return self.drop_task(d, task, "fenced").await,
+                    Err(e) => {
+                        tracing::warn!(job = %job, error = %e, "cannot renew the lease for the retry; giving the task back");
+                        return self.give_back(d).await;
+                    }
+                }
                 let mut again = task.clone();
                 again.attempt += 1;
-                // The lease must outlast the wait, or the chain is re-issued meanwhile.
-                let _ = self
-                    .store
-                    .renew(job, task.epoch, delay + self.opts.lease)
-                    .await;
                 match self.tasks.publish_task(&again, Some(delay)).await {
                     Ok(()) => {
                         self.metrics
@@ -241,10 +243,6 @@ impl Worker {
                         self.give_back(d).await;
                     }
                 }
-            }
-            Outcome::Retry { error, .. } => {
-                let error = format!("gave up after {} attempts: {error}", self.opts.max_attempts);
-                self.fail(d, task, &error).await;
             }
             Outcome::Fail { error } => self.fail(d, task, &error).await,
             Outcome::Requeue { error } => {

@@ -1,7 +1,11 @@
-//! One page task, following DESIGN.md's "life of a page": check the task
-//! against the checkpoint, take a rate-limit permit, fetch, read, publish
-//! every record with confirms, commit with one fenced step, hand on the next
-//! task. The outcome says what the caller does with the delivery.
+//! One page task, following DESIGN.md's "life of a page", one function per
+//! step: [`Worker::check`] the task against the checkpoint (1), take a
+//! [`Worker::permit`] of the source's shared limiter (2), fetch and read the
+//! page (3, 4: [`Worker::fetch_and_read`]), [`Worker::publish`] every record
+//! with confirms (5), [`Worker::commit`] with one fenced step (6) and
+//! [`Worker::hand_on`] the next task (7). Each step returns
+//! `Result<_, Outcome>`: an `Err` ends the page there and says what the
+//! caller does with the delivery; acking it (8) is the caller's.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,17 +14,13 @@ use bytes::Bytes;
 use chrono::Utc;
 use tidemark_bus::{OutPage, OutRecord, PageTask};
 use tidemark_core::SourceConfig;
-use tidemark_core::checkpoint::{
-    Checkpoint, Commit, CommitOutcome, Phase, Restart, Stage, compare_versions, max_version,
-};
-use tidemark_core::config::{FeedConfig, Mode, Partition};
-use tidemark_core::pagination::{
-    MAX_EMPTY_PAGES_IN_A_ROW, Next, Position, empty_run_error, redact_query,
-};
-use tidemark_core::record::{identity, page_message_id, positional_message_id, record_message_id};
-use tidemark_core::timefmt::parse_timestamp;
+use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, Phase};
+use tidemark_core::clock::now_ms;
+use tidemark_core::config::{FeedConfig, Partition, RetryConfig};
+use tidemark_core::pagination::{Next, redact_query};
+use tidemark_core::record::{page_message_id, positional_message_id, record_message_id};
+use tidemark_core::walk::{Step, Walk, WalkError, restart_at_end, restart_point};
 use tidemark_source::{FetchError, HttpSource, backoff_delay};
-use tidemark_state::now_ms;
 use tidemark_telemetry::Metrics;
 
 use crate::feeds::Snapshot;
@@ -54,6 +54,8 @@ struct Resolved {
     partition: Partition,
     http: HttpSource,
     rate: Option<(f64, u32)>,
+    /// The source's `retry:` block: the one retry policy of every fetch.
+    retry: RetryConfig,
 }
 
 impl Resolved {
@@ -67,68 +69,92 @@ impl Resolved {
         // Present: `resolve` checked it.
         &self.snap.config.sources[self.source_name()]
     }
+    /// The longest the source may be paused for.
+    fn max_pause(&self) -> Duration {
+        self.retry.max_retry_after.std()
+    }
 }
 
-/// `t` (a time or a time-valued version) minus the feed's `lag`, as RFC 3339.
-fn minus_lag(feed: &FeedConfig, t: &str) -> Option<String> {
-    let lag = chrono::Duration::from_std(feed.lag()).unwrap_or_default();
-    parse_timestamp(t)
-        .ok()
-        .map(|t| (t - lag).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
-}
-
-/// Where a chain restarts without a cursor: the high-water mark minus lag,
-/// else the start point it had.
-fn restart_point(feed: &FeedConfig, high: Option<&str>, cp: &Checkpoint) -> Option<String> {
-    high.and_then(|h| minus_lag(feed, h))
-        .or_else(|| cp.start_from.clone())
+/// A page as read (steps 3 and 4), ready to publish and commit.
+struct ReadPage {
+    body: Bytes,
+    step: Step,
+    /// The page's own position, for the ids of messages without a version.
+    page_cursor: String,
+    /// The walk, already at the page after this one.
+    walk: Walk,
 }
 
 impl Worker {
+    /// Steps 1 to 7 for one task.
     pub(crate) async fn process(&self, task: &PageTask) -> Outcome {
+        match self.life_of_a_page(task).await {
+            Ok(outcome) | Err(outcome) => outcome,
+        }
+    }
+
+    async fn life_of_a_page(&self, task: &PageTask) -> Result<Outcome, Outcome> {
+        let cp = self.check(task).await?;
+        let r = self.resolve(task).await?;
+        // The lease outlives slow pages: renew it while this page works; a
+        // refused renewal means a newer epoch owns the job, so stop.
+        tokio::select! {
+            out = self.work(task, &cp, &r) => out,
+            () = self.keep_lease(task) => Err(Outcome::Dropped("fenced")),
+        }
+    }
+
+    async fn work(
+        &self,
+        task: &PageTask,
+        cp: &Checkpoint,
+        r: &Resolved,
+    ) -> Result<Outcome, Outcome> {
+        self.permit(r).await?;
+        let page = self.fetch_and_read(task, cp, r).await?;
+        self.publish(task, r, &page).await?;
+        self.commit(task, cp, r, &page).await?;
+        self.hand_on(task, cp, page).await
+    }
+
+    /// Step 1: the task against the job's checkpoint. A stale epoch, an
+    /// applied or a skipped seq, or a job that is not running: drop it.
+    async fn check(&self, task: &PageTask) -> Result<Checkpoint, Outcome> {
         let job = &task.job;
         let cp = match self.store.get(job).await {
             Ok(Some(cp)) => cp,
             Ok(None) => {
-                return Outcome::Rejected {
+                return Err(Outcome::Rejected {
                     reason: "unknown_job",
                     error: format!(
                         "no job {job} in the state store (a task for a removed feed, or not one of ours)"
                     ),
-                };
+                });
             }
             Err(e) => {
-                return Outcome::Requeue {
+                return Err(Outcome::Requeue {
                     error: format!("reading the checkpoint: {e}"),
-                };
+                });
             }
         };
-        if task.epoch != cp.epoch {
-            return Outcome::Dropped("stale_epoch");
-        }
-        if task.seq < cp.seq {
-            return Outcome::Dropped("already_applied");
-        }
-        if task.seq > cp.seq {
-            return Outcome::Dropped("conflict");
-        }
-        if cp.phase != Phase::Running {
-            return Outcome::Dropped("not_running");
-        }
-        let r = match self.resolve(task).await {
-            Ok(r) => r,
-            Err(outcome) => return outcome,
+        let dropped = if task.epoch != cp.epoch {
+            Some("stale_epoch")
+        } else if task.seq < cp.seq {
+            Some("already_applied")
+        } else if task.seq > cp.seq {
+            Some("conflict")
+        } else if cp.phase != Phase::Running {
+            Some("not_running")
+        } else {
+            None
         };
-
-        // The lease outlives slow pages: renew it while this page works; a
-        // refused renewal means a newer epoch owns the job, so stop.
-        let renew = self.keep_lease(task);
-        tokio::select! {
-            out = self.page(task, &cp, &r) => out,
-            () = renew => Outcome::Dropped("fenced"),
+        match dropped {
+            Some(reason) => Err(Outcome::Dropped(reason)),
+            None => Ok(cp),
         }
     }
 
+    /// The feed, partition and source client the task names, from the registry.
     async fn resolve(&self, task: &PageTask) -> Result<Resolved, Outcome> {
         let job = &task.job;
         let mut snap = self
@@ -182,12 +208,14 @@ impl Worker {
                     .unwrap_or_else(|| r.per_second.ceil().max(1.0) as u32),
             )
         });
+        let retry = source.retry();
         Ok(Resolved {
             snap,
             feed,
             partition,
             http,
             rate,
+            retry,
         })
     }
 
@@ -212,22 +240,32 @@ impl Worker {
         }
     }
 
-    /// Wait for a permit of the source's shared limiter and for any source-wide pause.
-    async fn permit(&self, r: &Resolved) -> Result<(), String> {
+    /// Step 2: a permit of the source's shared limiter, after any
+    /// source-wide pause. A pause is honoured for at most the source's
+    /// `retry.max_retry_after`, whatever end a store holds (one written
+    /// by an older version, or by hand).
+    async fn permit(&self, r: &Resolved) -> Result<(), Outcome> {
         let source = r.source_name();
+        let requeue = |e: tidemark_state::StateError| Outcome::Requeue {
+            error: e.to_string(),
+        };
+        let waited_enough = Instant::now() + r.max_pause();
         loop {
             let paused = self
                 .store
                 .source_paused_until(source)
                 .await
-                .map_err(|e| e.to_string())?;
-            if let Some(until) = paused {
+                .map_err(requeue)?;
+            let left = waited_enough.saturating_duration_since(Instant::now());
+            if let Some(until) = paused
+                && !left.is_zero()
+            {
                 self.metrics
                     .rate_limit_waits
                     .get_or_create(&Metrics::source(source))
                     .inc();
-                let wait = until.saturating_sub(now_ms()).max(1);
-                tokio::time::sleep(Duration::from_millis(wait)).await;
+                let wait = Duration::from_millis(until.saturating_sub(now_ms()).max(1));
+                tokio::time::sleep(wait.min(left)).await;
                 continue;
             }
             let Some((per_second, burst)) = r.rate else {
@@ -237,7 +275,7 @@ impl Worker {
                 .store
                 .rate_acquire(source, per_second, burst)
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(requeue)?
             {
                 None => return Ok(()),
                 Some(wait) => {
@@ -251,45 +289,26 @@ impl Worker {
         }
     }
 
-    async fn page(&self, task: &PageTask, cp: &Checkpoint, r: &Resolved) -> Outcome {
+    /// Steps 3 and 4: fetch the page the task points at and read its
+    /// records, their identities and what comes next.
+    async fn fetch_and_read(
+        &self,
+        task: &PageTask,
+        cp: &Checkpoint,
+        r: &Resolved,
+    ) -> Result<ReadPage, Outcome> {
         let feed = r.feed();
-        let job = &task.job;
-        if let Err(error) = self.permit(r).await {
-            return Outcome::Requeue { error };
-        }
-        // Where the chain started: the task's start time, else the feed's.
-        // A page-number or offset walk repeats it on every page.
-        let chain_from = match &task.start_from {
-            Some(t) => match parse_timestamp(t) {
-                Ok(from) => Some(from),
-                Err(e) => {
-                    return Outcome::Fail {
-                        error: format!("task start {t:?}: {e}"),
-                    };
-                }
-            },
-            None => match feed.start_position(&r.partition) {
-                Ok(Position::Start { from }) => from,
-                Ok(Position::At(_)) => None,
-                Err(error) => return Outcome::Fail { error },
-            },
-        };
-        let pos = match &task.cursor {
-            Some(c) => Position::At(c.clone()),
-            None => Position::Start { from: chain_from },
-        };
-        let paginator = match feed.paginator_for(r.source(), &r.partition, cp.stage) {
-            Ok(p) => p,
-            Err(error) => return Outcome::Fail { error },
-        };
-        let req = match paginator.request_in_chain(&pos, chain_from) {
-            Ok(req) => req,
-            Err(e) => {
-                return Outcome::Fail {
-                    error: format!("cannot build the request: {e}"),
-                };
-            }
-        };
+        let fail = |error: String| Outcome::Fail { error };
+        let mut walk = Walk::new(feed, r.source(), &r.partition, cp.stage)
+            .map_err(fail)?
+            .starting_from(task.start_from.as_deref())
+            .map_err(|e| fail(format!("task {e}")))?
+            .at(task.cursor.clone())
+            .after_empty_pages(task.empty_run)
+            .identifying(feed.key.clone(), feed.version.clone());
+        let req = walk
+            .request()
+            .map_err(|e| fail(format!("cannot build the request: {e}")))?;
         let started = Instant::now();
         let fetched = r.http.fetch_once(&req).await;
         self.metrics
@@ -298,19 +317,28 @@ impl Worker {
             .observe(started.elapsed().as_secs_f64());
         let page = match fetched {
             Ok(p) => p,
-            Err(e) => return self.fetch_failed(task, cp, r, &pos, e).await,
-        };
-        let body: Bytes = page.body.clone();
-        let read = match paginator.read(&pos, &req, &page, &body) {
-            Ok(read) => read,
             Err(e) => {
-                self.metrics
-                    .fetch_errors
-                    .get_or_create(&Metrics::feed_kind(&feed.name, "unreadable"))
-                    .inc();
-                return Outcome::Fail {
-                    error: format!("page {} ({}): {e}", task.seq, redact_query(&req.url)),
+                return Err(self
+                    .fetch_failed(task, cp, r, walk.cursor().is_some(), e)
+                    .await);
+            }
+        };
+        let page_cursor = walk.page_cursor();
+        let step = match walk.advance(&req, &page, &page.body) {
+            Ok(step) => step,
+            Err(e) => {
+                let error = match &e {
+                    WalkError::Read(e) => {
+                        self.metrics
+                            .fetch_errors
+                            .get_or_create(&Metrics::feed_kind(&feed.name, "unreadable"))
+                            .inc();
+                        format!("page {} ({}): {e}", task.seq, redact_query(&req.url))
+                    }
+                    WalkError::Identity { .. } => format!("page {} {e}", task.seq),
+                    WalkError::EmptyRun => format!("page {}: {e}", task.seq),
                 };
+                return Err(fail(error));
             }
         };
         self.metrics
@@ -318,121 +346,111 @@ impl Worker {
             .get_or_create(&Metrics::feed(&feed.name))
             .inc();
         crash_point!("worker::after_fetch");
+        Ok(ReadPage {
+            body: page.body,
+            step,
+            page_cursor,
+            walk,
+        })
+    }
 
-        // Identity of every record, and the page's high-water mark.
-        let page_cursor = match &pos {
-            Position::At(c) => c.clone(),
-            Position::Start { from } => {
-                format!("start:{}", from.map(|t| t.to_rfc3339()).unwrap_or_default())
-            }
-        };
-        let base = body.as_ptr() as usize;
-        let mut records = Vec::with_capacity(read.records.len());
-        let mut high: Option<String> = None;
-        for (i, rec) in read.records.iter().enumerate() {
-            let id = match identity(rec, &feed.key, feed.version.as_ref()) {
-                Ok(id) => id,
-                Err(e) => {
-                    return Outcome::Fail {
-                        error: format!("page {} record {i}: {e}", task.seq),
-                    };
-                }
-            };
-            let message_id = match &id.version {
-                Some(v) => {
-                    if high
-                        .as_deref()
-                        .is_none_or(|h| compare_versions(h, v).is_lt())
-                    {
-                        high = Some(v.clone());
-                    }
-                    record_message_id(&feed.name, &job.partition, &id.key, v)
-                }
-                None => positional_message_id(&feed.name, &job.partition, &page_cursor, i),
-            };
-            let start = rec.get().as_ptr() as usize - base;
-            records.push(OutRecord {
-                key: id.key,
-                message_id,
-                body: body.slice(start..start + rec.get().len()),
-            });
-        }
+    /// Step 5: every record downstream, each confirmed by the broker.
+    async fn publish(&self, task: &PageTask, r: &Resolved, page: &ReadPage) -> Result<(), Outcome> {
+        let feed = r.feed();
+        let partition = &task.job.partition;
+        let records: Vec<OutRecord> = page
+            .step
+            .records
+            .iter()
+            .zip(&page.step.identities)
+            .enumerate()
+            .map(|(i, (span, id))| OutRecord {
+                key: id.key.clone(),
+                message_id: match &id.version {
+                    Some(v) => record_message_id(&feed.name, partition, &id.key, v),
+                    None => positional_message_id(&feed.name, partition, &page.page_cursor, i),
+                },
+                body: page.body.slice(span.clone()),
+            })
+            .collect();
         let count = records.len() as u64;
+        if count == 0 {
+            return Ok(());
+        }
         let out = OutPage {
             feed: feed.name.clone(),
-            partition: job.partition.clone(),
+            partition: partition.clone(),
             seq: task.seq,
             per: feed.delivery.per,
-            page_message_id: page_message_id(&feed.name, &job.partition, &page_cursor),
+            page_message_id: page_message_id(&feed.name, partition, &page.page_cursor),
             records,
         };
-        if count > 0
-            && let Err(e) = self.downstream.publish_page(&out).await
-        {
-            return Outcome::Retry {
-                delay: self.backoff(task.attempt),
-                error: format!("publishing page {} downstream: {e}", task.seq),
-            };
+        if let Err(e) = self.downstream.publish_page(&out).await {
+            return Err(self.retry(
+                task,
+                r,
+                self.backoff(task, r),
+                format!("publishing page {} downstream: {e}", task.seq),
+            ));
         }
         self.metrics
             .records_published
             .get_or_create(&Metrics::feed(&feed.name))
             .inc_by(count);
-        if count > 0 {
-            crash_point!("worker::after_publish");
-        }
+        crash_point!("worker::after_publish");
+        Ok(())
+    }
 
-        // An API may skip a filtered-out page with an empty one and a new
-        // cursor, but not forever: a run of them is a loop whose cursor
-        // changes. Stop before committing, so the cursor stays where it was.
-        if count == 0
-            && matches!(read.next, Next::More(_))
-            && task.empty_run + 1 >= MAX_EMPTY_PAGES_IN_A_ROW
-        {
-            return Outcome::Fail {
-                error: format!("page {}: {}", task.seq, empty_run_error()),
-            };
-        }
-
-        // The one fenced step.
-        let (next_cursor, eos) = match read.next {
-            Next::More(c) => (Some(c), false),
-            Next::End { resume } => (resume, true),
+    /// Step 6: the one fenced, atomic step that advances the cursor (and
+    /// renews the lease). A fenced or conflicting commit ends the chain here.
+    async fn commit(
+        &self,
+        task: &PageTask,
+        cp: &Checkpoint,
+        r: &Resolved,
+        page: &ReadPage,
+    ) -> Result<(), Outcome> {
+        let feed = r.feed();
+        let job = &task.job;
+        let (next_cursor, eos) = match &page.step.next {
+            Next::More(c) => (Some(c.clone()), false),
+            Next::End { resume } => (resume.clone(), true),
         };
         let now = now_ms();
-        let mut next_due_ms = now + feed.every().as_millis() as u64;
-        let restart = if eos {
-            self.restart_after(
+        let (restart, due_now) = if eos {
+            restart_at_end(
                 feed,
                 cp,
-                high.as_deref(),
+                page.step.high_water.as_deref(),
                 next_cursor.is_none(),
-                &mut next_due_ms,
-                now,
             )
         } else {
-            None
+            (None, false)
         };
+        let every = u64::try_from(feed.every().as_millis()).unwrap_or(u64::MAX);
         let commit = Commit {
             epoch: task.epoch,
             expected_seq: task.seq,
-            new_cursor: next_cursor.clone(),
+            new_cursor: next_cursor,
             new_seq: task.seq + 1,
-            high_water: high,
-            count,
+            high_water: page.step.high_water.clone(),
+            count: page.step.records.len() as u64,
             end_of_stream: eos,
-            next_due_ms,
+            next_due_ms: if due_now {
+                now
+            } else {
+                now.saturating_add(every)
+            },
             lease_ms: self.opts.lease.as_millis() as u64,
             restart,
         };
-        let outcome = match self.store.commit(job, &commit).await {
-            Ok(o) => o,
-            Err(e) => {
-                return Outcome::Requeue {
-                    error: format!("commit: {e}"),
-                };
-            }
-        };
+        let outcome = self
+            .store
+            .commit(job, &commit)
+            .await
+            .map_err(|e| Outcome::Requeue {
+                error: format!("commit: {e}"),
+            })?;
         self.metrics
             .commits
             .get_or_create(&Metrics::result(&outcome.as_str().to_ascii_lowercase()))
@@ -440,8 +458,8 @@ impl Worker {
         tracing::debug!(job = %job, epoch = task.epoch, seq = task.seq, outcome = outcome.as_str(), "commit");
         match outcome {
             CommitOutcome::Ok | CommitOutcome::AlreadyApplied => {}
-            CommitOutcome::Fenced => return Outcome::Dropped("fenced"),
-            CommitOutcome::Conflict => return Outcome::Dropped("conflict"),
+            CommitOutcome::Fenced => return Err(Outcome::Dropped("fenced")),
+            CommitOutcome::Conflict => return Err(Outcome::Dropped("conflict")),
         }
         if outcome == CommitOutcome::Ok && task.published_ms > 0 {
             self.metrics
@@ -450,81 +468,75 @@ impl Worker {
                 .observe(now_ms().saturating_sub(task.published_ms) as f64 / 1000.0);
         }
         crash_point!("worker::after_commit");
-        if eos {
+        Ok(())
+    }
+
+    /// Step 7: at the end of the stream the job is idle (the commit said
+    /// so); otherwise publish the task of the next page. The commit is in:
+    /// if the next task cannot be published the lease runs out and the
+    /// coordinator re-issues the chain from the stored cursor.
+    async fn hand_on(
+        &self,
+        task: &PageTask,
+        cp: &Checkpoint,
+        page: ReadPage,
+    ) -> Result<Outcome, Outcome> {
+        let job = &task.job;
+        if !matches!(page.step.next, Next::More(_)) {
             tracing::info!(job = %job, pages = cp.pages + 1, "end of stream");
-            return Outcome::Done;
+            return Ok(Outcome::Done);
         }
         let next = PageTask {
             job: job.clone(),
             epoch: task.epoch,
             seq: task.seq + 1,
-            cursor: next_cursor,
+            cursor: page.walk.cursor().map(str::to_string),
             start_from: task.start_from.clone(),
             attempt: 0,
-            empty_run: if count == 0 { task.empty_run + 1 } else { 0 },
+            empty_run: page.walk.empty_run(),
             published_ms: now_ms(),
         };
-        // The commit is in; if the next task cannot be published the lease
-        // runs out and the coordinator re-issues the chain from the cursor.
         for attempt in 0..3u32 {
             match self.tasks.publish_task(&next, None).await {
-                Ok(()) => return Outcome::Done,
+                Ok(()) => return Ok(Outcome::Done),
                 Err(e) => {
                     tracing::warn!(job = %job, attempt, error = %e, "cannot publish the next page task");
                     tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                 }
             }
         }
-        Outcome::Done
+        Ok(Outcome::Done)
     }
 
-    /// At end of stream: where the next chain starts, if not from the cursor.
-    fn restart_after(
-        &self,
-        feed: &FeedConfig,
-        cp: &Checkpoint,
-        page_high: Option<&str>,
-        no_cursor: bool,
-        next_due_ms: &mut u64,
-        now: u64,
-    ) -> Option<Restart> {
-        match (feed.mode, cp.stage) {
-            (Mode::Snapshot, stage) => Some(Restart {
-                stage,
-                start_from: None,
-            }),
-            (Mode::BulkThenIncremental, Stage::Bulk) => {
-                // Seed 002: incremental syncs start at T0 (recorded before the bulk walk) minus lag, at once.
-                *next_due_ms = now;
-                Some(Restart {
-                    stage: Stage::Incremental,
-                    start_from: cp.t0.as_deref().and_then(|t0| minus_lag(feed, t0)),
-                })
-            }
-            // No cursor to continue from (page numbers, an API that gives
-            // none): the next poll starts at the high-water mark minus lag.
-            (_, stage) if no_cursor && feed.start_for(stage).is_some() => Some(Restart {
-                stage,
-                start_from: restart_point(
-                    feed,
-                    max_version(cp.high_water.as_deref(), page_high),
-                    cp,
-                ),
-            }),
-            _ => None,
+    /// The source's backoff before attempt `task.attempt + 1`.
+    fn backoff(&self, task: &PageTask, r: &Resolved) -> Duration {
+        backoff_delay(
+            task.attempt + 1,
+            r.retry.base_delay.std(),
+            r.retry.max_delay.std(),
+        )
+    }
+
+    /// Try the task again after `delay`, or fail the job when the source's
+    /// `retry.max_attempts` are used up.
+    fn retry(&self, task: &PageTask, r: &Resolved, delay: Duration, error: String) -> Outcome {
+        let max_attempts = r.retry.max_attempts.max(1);
+        if task.attempt + 1 >= max_attempts {
+            return Outcome::Fail {
+                error: format!("gave up after {max_attempts} attempts: {error}"),
+            };
         }
+        Outcome::Retry { delay, error }
     }
 
-    fn backoff(&self, attempt: u32) -> Duration {
-        backoff_delay(attempt, self.opts.retry_base, self.opts.retry_max)
-    }
-
+    /// What a failed fetch means: cursor recovery, a rate-limit pause, a
+    /// retry with backoff, or a failed job.
     async fn fetch_failed(
         &self,
         task: &PageTask,
         cp: &Checkpoint,
         r: &Resolved,
-        pos: &Position,
+        at_cursor: bool,
         e: FetchError,
     ) -> Outcome {
         let feed = r.feed();
@@ -535,48 +547,26 @@ impl Worker {
                 .get_or_create(&Metrics::feed_kind(&feed.name, k))
                 .inc();
         };
-        if let (
-            Position::At(_),
-            FetchError::Status {
-                status,
-                body_snippet,
-                ..
-            },
-        ) = (pos, &e)
+        if let FetchError::Status {
+            status,
+            body_snippet,
+            ..
+        } = &e
+            && at_cursor
             && feed.cursor_expired.matches(*status, body_snippet)
         {
             kind("cursor_expired");
-            let from = restart_point(feed, cp.high_water.as_deref(), cp);
-            tracing::warn!(job = %task.job, error = %e, from = ?from, "cursor expired or rejected; restarting from the high-water mark");
-            return match self
-                .store
-                .recover(&task.job, task.epoch, from.as_deref())
-                .await
-            {
-                Ok(true) => {
-                    self.metrics
-                        .cursor_recoveries
-                        .get_or_create(&Metrics::feed(&feed.name))
-                        .inc();
-                    Outcome::Recovered
-                }
-                Ok(false) => Outcome::Dropped("fenced"),
-                Err(err) => Outcome::Requeue {
-                    error: format!("recovery: {err}"),
-                },
-            };
+            return self.recover(task, cp, feed, &e).await;
         }
+        // The server's Retry-After, within the source's cap.
+        let retry_after = e.retry_after().map(|d| d.min(r.max_pause()));
         if e.status() == Some(429) {
             kind("rate_limited");
-            let wait = e
-                .retry_after()
-                .unwrap_or_else(|| self.backoff(task.attempt));
-            if e.retry_after().is_some() {
-                if let Err(err) = self
-                    .store
-                    .pause_source(source, now_ms() + wait.as_millis() as u64)
-                    .await
-                {
+            let wait = retry_after.unwrap_or_else(|| self.backoff(task, r));
+            if retry_after.is_some() {
+                let until =
+                    now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+                if let Err(err) = self.store.pause_source(source, until).await {
                     tracing::warn!(source, error = %err, "cannot set the source pause");
                 }
                 self.metrics
@@ -584,23 +574,46 @@ impl Worker {
                     .get_or_create(&Metrics::source(source))
                     .inc();
             }
-            return Outcome::Retry {
-                delay: wait,
-                error: e.to_string(),
-            };
+            return self.retry(task, r, wait, e.to_string());
         }
         if e.is_transient() {
             kind("transient");
-            return Outcome::Retry {
-                delay: self
-                    .backoff(task.attempt)
-                    .max(e.retry_after().unwrap_or_default()),
-                error: e.to_string(),
-            };
+            let delay = self.backoff(task, r).max(retry_after.unwrap_or_default());
+            return self.retry(task, r, delay, e.to_string());
         }
         kind("permanent");
         Outcome::Fail {
             error: format!("page {}: {e}", task.seq),
+        }
+    }
+
+    /// The API rejected or expired the cursor: restart the job from its
+    /// high-water mark minus lag, under a new epoch.
+    async fn recover(
+        &self,
+        task: &PageTask,
+        cp: &Checkpoint,
+        feed: &FeedConfig,
+        e: &FetchError,
+    ) -> Outcome {
+        let from = restart_point(feed, cp.high_water.as_deref(), cp);
+        tracing::warn!(job = %task.job, error = %e, from = ?from, "cursor expired or rejected; restarting from the high-water mark");
+        match self
+            .store
+            .recover(&task.job, task.epoch, from.as_deref())
+            .await
+        {
+            Ok(true) => {
+                self.metrics
+                    .cursor_recoveries
+                    .get_or_create(&Metrics::feed(&feed.name))
+                    .inc();
+                Outcome::Recovered
+            }
+            Ok(false) => Outcome::Dropped("fenced"),
+            Err(err) => Outcome::Requeue {
+                error: format!("recovery: {err}"),
+            },
         }
     }
 }

@@ -79,9 +79,9 @@ impl FeedConfig {
     /// The start block in force: the feed's, or the one its preset implies.
     pub fn effective_start(&self) -> Option<StartConfig> {
         self.start.clone().or_else(|| {
-            PaginationSpec::resolve(&self.pagination, self.records.as_ref())
+            self.pagination_spec()
                 .ok()
-                .and_then(|s| s.preset)
+                .and(self.pagination.preset())
                 .and_then(|p| p.default_start())
         })
     }
@@ -214,7 +214,7 @@ impl FeedConfig {
             &self.path,
             spec,
             params,
-            self.start_for(stage).as_ref(),
+            self.start_for(stage).map(|s| (s.param, s.format)),
         )
         .with_max_cursor_len(source.max_cursor_bytes())
         .with_max_records(source.max_records_per_page())

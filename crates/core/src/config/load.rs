@@ -400,7 +400,7 @@ fn validate_feed(feed: &FeedConfig, at: &str, out: &mut Vec<(String, String)>) {
                 }
                 if feed.start.is_none()
                     && !matches!(
-                        spec.as_ref().ok().and_then(|s| s.preset),
+                        spec.as_ref().ok().and(feed.pagination.preset()),
                         Some(Preset::ZendeskCursor)
                     )
                 {

@@ -1,4 +1,5 @@
-//! Presets and the resolved pagination spec.
+//! Presets, and how a `pagination:` block resolves into the engine's
+//! [`PaginationSpec`].
 //!
 //! A preset fills the pagination fields its seed fixes; any field set by hand
 //! wins. [`PaginationSpec::resolve`] turns the block as written into one
@@ -11,6 +12,7 @@ use crate::pointer::JsonPointer;
 use crate::timefmt::TimeFormat;
 
 use super::{PaginationConfig, StartConfig};
+pub use crate::pagination::spec::{CursorFrom, NextUrlFrom, PageStyle, PaginationSpec, Strategy};
 
 /// The named pagination styles, one per seed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +131,13 @@ impl Preset {
     }
 }
 
+impl PaginationConfig {
+    /// The preset named by `preset:`, if it names a known one.
+    pub fn preset(&self) -> Option<Preset> {
+        self.preset.as_deref().and_then(|p| p.parse().ok())
+    }
+}
+
 impl FromStr for Preset {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -161,55 +170,6 @@ impl fmt::Display for Preset {
         };
         f.write_str(Preset::NAMES[i])
     }
-}
-
-/// Where the next cursor comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CursorFrom {
-    Body(JsonPointer),
-    Header(String),
-    LastRecord(JsonPointer),
-}
-
-/// Where the next URL comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NextUrlFrom {
-    Body(JsonPointer),
-    LinkNext,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PageStyle {
-    /// `page=1, 2, …` starting at `first`.
-    Number { param: String, first: u64 },
-    /// `offset=0, n, 2n, …` advancing by the records received.
-    Offset { param: String },
-}
-
-/// How one page leads to the next.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Strategy {
-    Cursor { param: String, from: CursorFrom },
-    NextUrl { from: NextUrlFrom },
-    Pages(PageStyle),
-}
-
-/// A fully resolved pagination block.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PaginationSpec {
-    pub preset: Option<Preset>,
-    pub strategy: Strategy,
-    pub records: JsonPointer,
-    pub self_cursor: Option<JsonPointer>,
-    pub has_more: Option<JsonPointer>,
-    pub end_of_stream: Option<JsonPointer>,
-    pub stop_on_empty_page: bool,
-    pub page_size_param: Option<String>,
-    pub page_size: Option<u64>,
-    pub total_pages: Option<JsonPointer>,
-    pub total_count: Option<JsonPointer>,
-    /// Fixed parameters the preset sends (e.g. `paginationMode=CURSOR`).
-    pub preset_params: Vec<(String, String)>,
 }
 
 /// A problem found while resolving: the field (relative to the pagination
@@ -366,7 +326,6 @@ impl PaginationSpec {
 
         let spec = match (strategy, records, problems.is_empty()) {
             (Some(strategy), Some(records), true) => PaginationSpec {
-                preset,
                 strategy,
                 records,
                 self_cursor: pickp(&p.self_cursor, &defaults.self_cursor),

@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 
 use crate::pointer::JsonPointer;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Node {
     children: Vec<(String, Node)>,
     /// Index into the output slots, or `RECORDS`.
@@ -55,6 +55,7 @@ pub(crate) struct Extracted<'a> {
 }
 
 /// A reusable extraction plan for one set of pointers.
+#[derive(Clone)]
 pub(crate) struct Plan {
     root: Node,
     n: usize,

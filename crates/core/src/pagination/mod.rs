@@ -14,17 +14,18 @@ mod extract;
 #[cfg(test)]
 mod fuzz_regressions;
 pub mod link;
+pub mod spec;
 
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 use url::Url;
 
-use crate::config::{CursorFrom, NextUrlFrom, PageStyle, PaginationSpec, StartConfig, Strategy};
 use crate::jsonbytes::nested_deeper_than;
 use crate::pointer::JsonPointer;
 use crate::timefmt::TimeFormat;
 
 use extract::Plan;
+pub use spec::{CursorFrom, NextUrlFrom, PageStyle, PaginationSpec, Strategy};
 
 /// Default longest cursor accepted from an API.
 pub const DEFAULT_MAX_CURSOR_LEN: usize = 8 * 1024;
@@ -131,7 +132,22 @@ pub enum ReadError {
     BadPosition { field: &'static str, reason: String },
 }
 
+/// What every strategy reads from a response before deciding what comes next.
+struct Seen<'b> {
+    /// The position the page was fetched at (`None`: the start).
+    used: Option<&'b str>,
+    /// The API said this is the last page (`has_more: false`, `end_of_stream: true`).
+    declared_end: bool,
+    /// The API said more pages follow.
+    declared_more: bool,
+    empty: bool,
+    count: u64,
+    /// The raw value at the next-cursor / next-URL pointer, if the strategy reads one.
+    next: Option<&'b RawValue>,
+}
+
 /// Builds requests and reads responses for one feed (and partition).
+#[derive(Clone)]
 pub struct Paginator {
     base: Url,
     spec: PaginationSpec,
@@ -148,7 +164,7 @@ pub struct Paginator {
     secret_params: Vec<String>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Slots {
     next: Option<usize>,
     self_cursor: Option<usize>,
@@ -166,7 +182,7 @@ impl Paginator {
         path: &str,
         spec: PaginationSpec,
         params: Vec<(String, String)>,
-        start: Option<&StartConfig>,
+        start: Option<(String, TimeFormat)>,
     ) -> Self {
         let mut base = base_url.clone();
         let joined = format!(
@@ -225,7 +241,7 @@ impl Paginator {
         Paginator {
             base,
             params: all,
-            start: start.map(|s| (s.param.clone(), s.format)),
+            start,
             plan,
             slots,
             spec,
@@ -343,7 +359,9 @@ impl Paginator {
         Ok(url)
     }
 
-    /// Read the response to `req`, which fetched the page at `used`.
+    /// Read the response to `req`, which fetched the page at `used`: the
+    /// parts every strategy shares (depth, records, the API's own verdict),
+    /// then the strategy's own rule for what comes next.
     pub fn read<'b>(
         &self,
         used: &Position,
@@ -383,171 +401,203 @@ impl Paginator {
             self.spec.end_of_stream.as_ref(),
             value(self.slots.end_of_stream),
         )?;
-        let used_str = match used {
-            Position::At(s) => Some(s.as_str()),
-            Position::Start { .. } => None,
+        let seen = Seen {
+            used: match used {
+                Position::At(s) => Some(s.as_str()),
+                Position::Start { .. } => None,
+            },
+            declared_end: eos == Some(true) || has_more == Some(false),
+            declared_more: eos == Some(false) || has_more == Some(true),
+            empty: records.is_empty(),
+            count: records.len() as u64,
+            next: value(self.slots.next),
         };
-        // The API's own verdict, where it gives one.
-        let declared_end = eos == Some(true) || has_more == Some(false);
-        let declared_more = eos == Some(false) || has_more == Some(true);
-        let empty = records.is_empty();
-
         let next = match &self.spec.strategy {
             Strategy::Cursor { from, .. } => {
-                let next = match from {
-                    CursorFrom::Body(p) => {
-                        self.string_at("next_cursor", p, value(self.slots.next))?
-                    }
-                    CursorFrom::Header(name) => headers.header(name).filter(|s| !s.is_empty()),
-                    CursorFrom::LastRecord(p) => match records.last() {
-                        Some(r) => record_string(r, p)?,
-                        None => None,
-                    },
-                };
-                if let Some(n) = &next {
-                    self.check_len(n)?;
-                }
-                let self_cursor = match &self.spec.self_cursor {
-                    Some(p) => self.string_at("self_cursor", p, value(self.slots.self_cursor))?,
-                    None => None,
-                };
-                // It may become the stored resume point: the same limit.
-                if let Some(s) = &self_cursor {
-                    self.check_len(s)?;
-                }
-                let resume = |n: Option<String>| {
-                    n.or(self_cursor.clone())
-                        .or_else(|| used_str.map(str::to_string))
-                };
-                if declared_end || (empty && self.spec.stop_on_empty_page) {
-                    Next::End {
-                        resume: resume(next),
-                    }
-                } else {
-                    match next {
-                        None if declared_more => {
-                            return Err(ReadError::MoreWithoutNext {
-                                field: "next_cursor",
-                            });
-                        }
-                        None => Next::End {
-                            resume: resume(None),
-                        },
-                        Some(n) if Some(n.as_str()) == used_str => {
-                            if declared_more || !empty {
-                                return Err(ReadError::Loop { cursor: n });
-                            }
-                            // An empty page that hands back the same cursor: caught up (seed 004).
-                            Next::End { resume: Some(n) }
-                        }
-                        Some(n) => Next::More(n),
-                    }
-                }
+                let self_cursor = value(self.slots.self_cursor);
+                self.next_cursor(from, &seen, headers, records.last().copied(), self_cursor)?
             }
-            Strategy::NextUrl { from } => {
-                let next = match from {
-                    NextUrlFrom::Body(p) => {
-                        self.string_at("next_url", p, value(self.slots.next))?
-                    }
-                    NextUrlFrom::LinkNext => headers
-                        .header("link")
-                        .and_then(|h| link::find_rel(&h, "next").map(str::to_string)),
-                };
-                let here = req.url.to_string();
-                if declared_end || (empty && self.spec.stop_on_empty_page) {
-                    Next::End { resume: Some(here) }
-                } else {
-                    match next {
-                        None if declared_more => {
-                            return Err(ReadError::MoreWithoutNext { field: "next_url" });
-                        }
-                        None => Next::End { resume: Some(here) },
-                        Some(n) => {
-                            let mut url = self.same_origin(&n, &req.url)?;
-                            remove_query_params(&mut url, &self.secret_params);
-                            self.check_len(url.as_str())?;
-                            if url == req.url {
-                                return Err(ReadError::Loop {
-                                    cursor: redact_query(&url),
-                                });
-                            }
-                            Next::More(url.to_string())
-                        }
-                    }
-                }
-            }
-            Strategy::Pages(style) => {
-                let total_pages = self.u64_at(
-                    "total_pages",
-                    self.spec.total_pages.as_ref(),
-                    value(self.slots.total_pages),
-                )?;
-                let total_count = self.u64_at(
-                    "total_count",
-                    self.spec.total_count.as_ref(),
-                    value(self.slots.total_count),
-                )?;
-                let n = records.len() as u64;
-                // Positions come from checkpoints and `pull --cursor` too:
-                // the arithmetic is checked (found by fuzz/, see
-                // fuzz_regressions.rs).
-                let (this, next, field) = match (style, used_str) {
-                    (PageStyle::Number { first, .. }, None) => {
-                        (*first, first.checked_add(1), "page")
-                    }
-                    (PageStyle::Number { .. }, Some(s)) => {
-                        let p = parse_num(s, "page")?;
-                        (p, p.checked_add(1), "page")
-                    }
-                    (PageStyle::Offset { .. }, None) => (0, Some(n), "offset"),
-                    (PageStyle::Offset { .. }, Some(s)) => {
-                        let o = parse_num(s, "offset")?;
-                        (o, o.checked_add(n), "offset")
-                    }
-                };
-                let next = next.ok_or_else(|| ReadError::BadPosition {
-                    field,
-                    reason: format!("{field} {this} is too large to advance"),
-                })?;
-                let past_total = match style {
-                    PageStyle::Number { first, .. } => {
-                        // Pages of this walk read so far; none for a page
-                        // number below first_page.
-                        let pages = next.saturating_sub(*first);
-                        total_pages.is_some_and(|t| pages >= t)
-                            || total_count.is_some_and(|c| {
-                                self.spec
-                                    .page_size
-                                    .is_some_and(|size| pages.saturating_mul(size) >= c)
-                            })
-                    }
-                    PageStyle::Offset { .. } => total_count.is_some_and(|c| next >= c),
-                };
-                if empty && declared_more {
-                    return Err(ReadError::EmptyClaimsMore);
-                }
-                let resume = match style {
-                    PageStyle::Number { .. } => this,
-                    PageStyle::Offset { .. } => next,
-                };
-                if empty || declared_end || (past_total && !declared_more) {
-                    // A walk filtered by a start time ends without a
-                    // position: the next one starts from the high-water
-                    // mark (minus lag) with page 1, not at page N of a list
-                    // whose pages have shifted (seed 002's incremental syncs).
-                    // An unfiltered list resumes at its last page.
-                    Next::End {
-                        resume: match self.start {
-                            Some(_) => None,
-                            None => Some(resume.to_string()),
-                        },
-                    }
-                } else {
-                    Next::More(next.to_string())
-                }
-            }
+            Strategy::NextUrl { from } => self.next_url(from, &seen, headers, req)?,
+            Strategy::Pages(style) => self.next_page(
+                style,
+                &seen,
+                value(self.slots.total_pages),
+                value(self.slots.total_count),
+            )?,
         };
         Ok(Page { records, next })
+    }
+
+    /// A cursor walk: the next cursor from the body, a header or the last
+    /// record; the `Self` cursor (or the one used) is where a finished walk
+    /// resumes.
+    fn next_cursor(
+        &self,
+        from: &CursorFrom,
+        seen: &Seen,
+        headers: &dyn Headers,
+        last: Option<&RawValue>,
+        self_raw: Option<&RawValue>,
+    ) -> Result<Next, ReadError> {
+        let next = match from {
+            CursorFrom::Body(p) => self.string_at("next_cursor", p, seen.next)?,
+            CursorFrom::Header(name) => headers.header(name).filter(|s| !s.is_empty()),
+            CursorFrom::LastRecord(p) => match last {
+                Some(r) => record_string(r, p)?,
+                None => None,
+            },
+        };
+        if let Some(n) = &next {
+            self.check_len(n)?;
+        }
+        let self_cursor = match &self.spec.self_cursor {
+            Some(p) => self.string_at("self_cursor", p, self_raw)?,
+            None => None,
+        };
+        // It may become the stored resume point: the same limit.
+        if let Some(s) = &self_cursor {
+            self.check_len(s)?;
+        }
+        let resume = |n: Option<String>| {
+            n.or(self_cursor.clone())
+                .or_else(|| seen.used.map(str::to_string))
+        };
+        if seen.declared_end || (seen.empty && self.spec.stop_on_empty_page) {
+            return Ok(Next::End {
+                resume: resume(next),
+            });
+        }
+        Ok(match next {
+            None if seen.declared_more => {
+                return Err(ReadError::MoreWithoutNext {
+                    field: "next_cursor",
+                });
+            }
+            None => Next::End {
+                resume: resume(None),
+            },
+            Some(n) if Some(n.as_str()) == seen.used => {
+                if seen.declared_more || !seen.empty {
+                    return Err(ReadError::Loop { cursor: n });
+                }
+                // An empty page that hands back the same cursor: caught up (seed 004).
+                Next::End { resume: Some(n) }
+            }
+            Some(n) => Next::More(n),
+        })
+    }
+
+    /// A next-URL walk: the URL from the body or the `Link` header, on the
+    /// source's origin; a finished walk resumes at the URL just fetched.
+    fn next_url(
+        &self,
+        from: &NextUrlFrom,
+        seen: &Seen,
+        headers: &dyn Headers,
+        req: &PageRequest,
+    ) -> Result<Next, ReadError> {
+        let next = match from {
+            NextUrlFrom::Body(p) => self.string_at("next_url", p, seen.next)?,
+            NextUrlFrom::LinkNext => headers
+                .header("link")
+                .and_then(|h| link::find_rel(&h, "next").map(str::to_string)),
+        };
+        let here = req.url.to_string();
+        if seen.declared_end || (seen.empty && self.spec.stop_on_empty_page) {
+            return Ok(Next::End { resume: Some(here) });
+        }
+        Ok(match next {
+            None if seen.declared_more => {
+                return Err(ReadError::MoreWithoutNext { field: "next_url" });
+            }
+            None => Next::End { resume: Some(here) },
+            Some(n) => {
+                let mut url = self.same_origin(&n, &req.url)?;
+                remove_query_params(&mut url, &self.secret_params);
+                self.check_len(url.as_str())?;
+                if url == req.url {
+                    return Err(ReadError::Loop {
+                        cursor: redact_query(&url),
+                    });
+                }
+                Next::More(url.to_string())
+            }
+        })
+    }
+
+    /// Page numbers or offsets: the next position is arithmetic; an empty
+    /// page, the API's verdict or its totals end the walk.
+    fn next_page(
+        &self,
+        style: &PageStyle,
+        seen: &Seen,
+        total_pages_raw: Option<&RawValue>,
+        total_count_raw: Option<&RawValue>,
+    ) -> Result<Next, ReadError> {
+        let total_pages = self.u64_at(
+            "total_pages",
+            self.spec.total_pages.as_ref(),
+            total_pages_raw,
+        )?;
+        let total_count = self.u64_at(
+            "total_count",
+            self.spec.total_count.as_ref(),
+            total_count_raw,
+        )?;
+        let n = seen.count;
+        // Positions come from checkpoints and `pull --cursor` too: the
+        // arithmetic is checked (found by fuzz/, see fuzz_regressions.rs).
+        let (this, next, field) = match (style, seen.used) {
+            (PageStyle::Number { first, .. }, None) => (*first, first.checked_add(1), "page"),
+            (PageStyle::Number { .. }, Some(s)) => {
+                let p = parse_num(s, "page")?;
+                (p, p.checked_add(1), "page")
+            }
+            (PageStyle::Offset { .. }, None) => (0, Some(n), "offset"),
+            (PageStyle::Offset { .. }, Some(s)) => {
+                let o = parse_num(s, "offset")?;
+                (o, o.checked_add(n), "offset")
+            }
+        };
+        let next = next.ok_or_else(|| ReadError::BadPosition {
+            field,
+            reason: format!("{field} {this} is too large to advance"),
+        })?;
+        let past_total = match style {
+            PageStyle::Number { first, .. } => {
+                // Pages of this walk read so far; none for a page number
+                // below first_page.
+                let pages = next.saturating_sub(*first);
+                total_pages.is_some_and(|t| pages >= t)
+                    || total_count.is_some_and(|c| {
+                        self.spec
+                            .page_size
+                            .is_some_and(|size| pages.saturating_mul(size) >= c)
+                    })
+            }
+            PageStyle::Offset { .. } => total_count.is_some_and(|c| next >= c),
+        };
+        if seen.empty && seen.declared_more {
+            return Err(ReadError::EmptyClaimsMore);
+        }
+        let resume = match style {
+            PageStyle::Number { .. } => this,
+            PageStyle::Offset { .. } => next,
+        };
+        if seen.empty || seen.declared_end || (past_total && !seen.declared_more) {
+            // A walk filtered by a start time ends without a position: the
+            // next one starts from the high-water mark (minus lag) with page
+            // 1, not at page N of a list whose pages have shifted (seed
+            // 002's incremental syncs). An unfiltered list resumes at its
+            // last page.
+            return Ok(Next::End {
+                resume: match self.start {
+                    Some(_) => None,
+                    None => Some(resume.to_string()),
+                },
+            });
+        }
+        Ok(Next::More(next.to_string()))
     }
 
     fn check_len(&self, s: &str) -> Result<(), ReadError> {
