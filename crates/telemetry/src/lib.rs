@@ -424,10 +424,10 @@ mod documented {
 
     #[test]
     fn the_operating_guide_documents_every_metric() {
-        let readme = mentioned(&repo_file("docs/OPERATING.md"));
+        let guide = mentioned(&repo_file("docs/OPERATING.md"));
         let missing: Vec<_> = exported()
             .into_iter()
-            .filter(|m| !readme.contains(m))
+            .filter(|m| !guide.contains(m))
             .collect();
         assert!(
             missing.is_empty(),
