@@ -1,5 +1,5 @@
 //! tidemark-telemetry: the metrics of both roles, with fixed names and
-//! labels (the README's metrics table lists them), and the HTTP endpoints
+//! labels (docs/OPERATING.md's metrics table lists them), and the HTTP endpoints
 //! every long-running role serves: `/metrics` (Prometheus text),
 //! `/healthz` (the process is alive) and `/readyz` (its dependencies answer).
 
@@ -211,7 +211,7 @@ impl Metrics {
     }
 
     /// The exported name of every metric (counters with `_total`), as the
-    /// README's table and the Grafana dashboard use them.
+    /// docs/OPERATING.md's table and the Grafana dashboard use them.
     pub fn names(&self) -> &[String] {
         &self.names
     }
@@ -423,15 +423,15 @@ mod documented {
     }
 
     #[test]
-    fn the_readme_documents_every_metric() {
-        let readme = mentioned(&repo_file("README.md"));
+    fn the_operating_guide_documents_every_metric() {
+        let guide = mentioned(&repo_file("docs/OPERATING.md"));
         let missing: Vec<_> = exported()
             .into_iter()
-            .filter(|m| !readme.contains(m))
+            .filter(|m| !guide.contains(m))
             .collect();
         assert!(
             missing.is_empty(),
-            "metrics the README does not document: {missing:?}"
+            "metrics docs/OPERATING.md does not document: {missing:?}"
         );
     }
 }
