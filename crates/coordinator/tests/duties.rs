@@ -1,0 +1,318 @@
+//! The coordinator's duties, in process: its public `run` over the embedded
+//! store and the in-process task queue, with the test standing in for the
+//! workers (it takes the page tasks and commits as they would) and for the
+//! operator (through `tidemark_coordinator::ops`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{World, eventually, inspections, now_ms, tickets};
+use tidemark_coordinator::ops::{Action, RewindTo};
+use tidemark_core::checkpoint::{Checkpoint, CommitOutcome, JobId, Phase, Stage};
+
+/// A chain lease no test outlives.
+const LONG: Duration = Duration::from_secs(30);
+const LEADER_TTL: Duration = Duration::from_millis(300);
+
+/// Every due job gets one chain: a new epoch, the job running under it, and
+/// its first page task from the stored start. A job not yet due is left
+/// alone, and the registry the workers read is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_job_gets_one_chain_with_a_new_epoch_and_its_first_task() {
+    let w = World::new(&[tickets("tickets")]);
+    let (a, b) = (JobId::new("tickets", "a"), JobId::new("tickets", "b"));
+    let later = now_ms() + 3_600_000;
+    w.seed(
+        &b,
+        Checkpoint {
+            next_due_ms: later,
+            ..Checkpoint::default()
+        },
+    )
+    .await;
+    let c = w.coordinator("c1", LONG, LEADER_TTL);
+
+    let task = w.next_task().await;
+    let cp = w.checkpoint(&a).await;
+    assert_eq!(task.job, a);
+    assert!(task.epoch > 0);
+    assert_eq!(
+        (task.seq, task.cursor.as_deref(), task.start_from.as_deref()),
+        (0, None, None)
+    );
+    assert_eq!((cp.phase, cp.epoch), (Phase::Running, task.epoch), "{cp:?}");
+    assert!(
+        cp.lease_until_ms > now_ms() + LONG.as_millis() as u64 / 2,
+        "{cp:?}"
+    );
+    // A running chain is not started twice; a job not due is not started.
+    w.no_task("a is running and b is not due").await;
+    let b_cp = w.checkpoint(&b).await;
+    assert_eq!(
+        (b_cp.phase, b_cp.epoch, b_cp.next_due_ms),
+        (Phase::Idle, 0, later)
+    );
+    c.metric_is("tidemark_chains_started_total", &[("feed", "tickets")], 1)
+        .await;
+    assert_eq!(c.metric("tidemark_jobs", &[("phase", "running")]), 1);
+    assert_eq!(c.metric("tidemark_jobs", &[("phase", "idle")]), 1);
+    let (_, registered) = w
+        .registry()
+        .await
+        .expect("the feed registry for the workers");
+    assert_eq!(registered.feeds.len(), 1);
+    assert_eq!(registered.feeds[0].name, "tickets");
+    c.stop().await;
+}
+
+/// Seed 002: T0 is recorded before the bulk walk's first task, and a chain
+/// re-issued mid-walk keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_walk_records_t0_before_its_first_task_and_keeps_it() {
+    let w = World::new(&[inspections("inspections")]);
+    let job = JobId::new("inspections", "all");
+    let before = chrono::Utc::now().timestamp();
+    let c = w.coordinator("c1", Duration::from_millis(150), LEADER_TTL);
+
+    let first = w.next_task().await;
+    let cp = w.checkpoint(&job).await;
+    let t0 = cp.t0.clone().expect("T0 recorded");
+    let t0_secs = chrono::DateTime::parse_from_rfc3339(&t0)
+        .unwrap()
+        .timestamp();
+    assert!(
+        (before..=chrono::Utc::now().timestamp()).contains(&t0_secs),
+        "T0 {t0}"
+    );
+    assert_eq!(cp.stage, Stage::Bulk);
+    // Nobody works the chain: its lease runs out and it is re-issued.
+    let again = w.next_task().await;
+    assert!(again.epoch > first.epoch);
+    assert_eq!(
+        w.checkpoint(&job).await.t0.as_deref(),
+        Some(t0.as_str()),
+        "T0 moved"
+    );
+    c.stop().await;
+}
+
+/// A chain whose lease expired (its worker died, or its next task was lost)
+/// is re-issued under a new epoch from the stored cursor; the dead worker's
+/// late commit is fenced. A chain whose lease is live is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_is_reissued_from_the_stored_cursor_under_a_new_epoch() {
+    let w = World::new(&[tickets("tickets")]);
+    let (a, b) = (JobId::new("tickets", "a"), JobId::new("tickets", "b"));
+    // b's chain is alive elsewhere: a live lease under epoch 7.
+    let alive = Checkpoint {
+        phase: Phase::Running,
+        epoch: 7,
+        seq: 4,
+        cursor: Some("b4".into()),
+        lease_until_ms: now_ms() + 3_600_000,
+        ..Checkpoint::default()
+    };
+    w.seed(&b, alive.clone()).await;
+    let lease = Duration::from_millis(250);
+    let c = w.coordinator("c1", lease, LEADER_TTL);
+
+    // A worker takes a's first task, commits its first page, and dies.
+    let first = w.next_task().await;
+    assert_eq!(first.job, a);
+    let committed = w.commit(&a, first.epoch, 0, "a1", lease).await;
+    assert_eq!(committed, CommitOutcome::Ok);
+
+    let reissued = w.next_task().await;
+    assert_eq!(reissued.job, a);
+    assert!(reissued.epoch > first.epoch);
+    assert_eq!((reissued.seq, reissued.cursor.as_deref()), (1, Some("a1")));
+    let cp = w.checkpoint(&a).await;
+    assert_eq!((cp.phase, cp.epoch), (Phase::Running, reissued.epoch));
+    c.metric_is("tidemark_chains_reissued_total", &[("feed", "tickets")], 1)
+        .await;
+    c.metric_is("tidemark_chains_started_total", &[("feed", "tickets")], 1)
+        .await;
+    // The old chain's worker comes back too late: nothing moves.
+    assert_eq!(
+        w.commit(&a, first.epoch, 1, "a2", lease).await,
+        CommitOutcome::Fenced
+    );
+    assert_eq!(w.checkpoint(&a).await.cursor.as_deref(), Some("a1"));
+    assert_eq!(w.checkpoint(&b).await, alive, "a live chain was touched");
+    c.stop().await;
+}
+
+/// Pause fences the chain in flight and no chain starts while paused (a
+/// rewind then moves the job but keeps it paused); resume starts a chain
+/// at once, from where the job stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_fences_the_chain_and_resume_starts_one_from_where_the_job_stands() {
+    let w = World::new(&[tickets("tickets")]);
+    let a = JobId::new("tickets", "a");
+    let c = w.coordinator("c1", LONG, LEADER_TTL);
+    let _ = (w.next_task().await, w.next_task().await); // a's and b's chains
+    let first = w.checkpoint(&a).await.epoch;
+
+    let paused = w.operator("tickets", Some("a"), Action::Pause).await;
+    assert_eq!(paused.applied.len(), 1);
+    let cp = w.checkpoint(&a).await;
+    assert_eq!(
+        (cp.phase, cp.epoch),
+        (Phase::Paused, paused.applied[0].epoch)
+    );
+    assert!(cp.epoch > first);
+    assert_eq!(
+        w.commit(&a, first, 0, "a1", LONG).await,
+        CommitOutcome::Fenced,
+        "the paused chain committed"
+    );
+    let rewound = w
+        .operator(
+            "tickets",
+            Some("a"),
+            Action::Rewind {
+                to: RewindTo::Cursor("from-here".into()),
+            },
+        )
+        .await;
+    let cp = w.checkpoint(&a).await;
+    assert_eq!(
+        (cp.phase, cp.cursor.as_deref()),
+        (Phase::Paused, Some("from-here"))
+    );
+    assert!(rewound.applied[0].epoch > paused.applied[0].epoch);
+    w.no_task("the job is paused").await;
+
+    let resumed = w.operator("tickets", Some("a"), Action::Resume).await;
+    let task = w.next_task().await;
+    assert_eq!(task.job, a);
+    assert!(task.epoch > resumed.applied[0].epoch);
+    assert_eq!((task.seq, task.cursor.as_deref()), (0, Some("from-here")));
+    assert_eq!(w.checkpoint(&a).await.phase, Phase::Running);
+    c.stop().await;
+}
+
+/// Rewind fences the running chain and the coordinator starts a new one at
+/// once from where the rewind put the job: a cursor, a time, the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewind_fences_the_chain_and_a_new_one_starts_where_it_points() {
+    let w = World::new(&[tickets("tickets")]);
+    let a = JobId::new("tickets", "a");
+    let c = w.coordinator("c1", LONG, LEADER_TTL);
+    let mut task = w.next_task_of(&a).await;
+    assert_eq!(
+        w.commit(&a, task.epoch, 0, "a1", LONG).await,
+        CommitOutcome::Ok
+    );
+
+    let rewinds = [
+        (RewindTo::Cursor("c-x".into()), Some("c-x"), None),
+        (
+            RewindTo::Time("2024-03-01".into()),
+            None,
+            Some("2024-03-01T00:00:00Z"),
+        ),
+        (RewindTo::Start, None, None),
+    ];
+    for (to, cursor, start_from) in rewinds {
+        let report = w
+            .operator("tickets", Some("a"), Action::Rewind { to: to.clone() })
+            .await;
+        assert!(report.applied[0].epoch > task.epoch, "{to:?}");
+        assert_eq!(
+            w.commit(&a, task.epoch, task.seq, "old", LONG).await,
+            CommitOutcome::Fenced,
+            "{to:?}: the rewound chain committed"
+        );
+        let next = w.next_task_of(&a).await;
+        assert!(next.epoch > report.applied[0].epoch, "{to:?}");
+        assert_eq!(
+            (next.cursor.as_deref(), next.start_from.as_deref()),
+            (cursor, start_from),
+            "{to:?}"
+        );
+        let cp = w.checkpoint(&a).await;
+        assert_eq!((cp.phase, cp.epoch), (Phase::Running, next.epoch), "{to:?}");
+        task = next;
+    }
+    let cp = w.checkpoint(&a).await;
+    assert_eq!((cp.high_water, cp.stage, cp.t0), (None, Stage::Bulk, None));
+    c.stop().await;
+}
+
+/// Two coordinators on one store: one leads, the other waits. When the
+/// leader stops it resigns, and the standby leads well within the leader
+/// TTL and carries on (here: re-issuing a chain nobody works).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_at_once_when_the_leader_stops() {
+    let w = World::new(&[inspections("inspections")]);
+    // The first leader stops well before its chain's lease runs out, so
+    // only the new leader can re-issue it.
+    let lease = Duration::from_millis(400);
+    let ttl = Duration::from_millis(800);
+    let first_leader = w.coordinator("one", lease, ttl);
+    let first = w.next_task().await;
+    let standby = w.coordinator("two", lease, ttl);
+    eventually("the first coordinator says it leads", async || {
+        first_leader.leads()
+    })
+    .await;
+    tokio::time::sleep(support::TICK * 5).await;
+    assert!(!standby.leads(), "two leaders at once");
+
+    let stopped = Instant::now();
+    first_leader.stop().await;
+    eventually("the standby leads", async || standby.leads()).await;
+    assert!(
+        stopped.elapsed() < ttl / 2,
+        "took {:?}: the leader did not resign",
+        stopped.elapsed()
+    );
+    let reissued = w.next_task().await;
+    assert!(reissued.epoch > first.epoch);
+    standby
+        .metric_is(
+            "tidemark_chains_reissued_total",
+            &[("feed", "inspections")],
+            1,
+        )
+        .await;
+    standby.stop().await;
+}
+
+/// A leader that dies without resigning keeps its leadership until its
+/// TTL lapses; then the standby leads and carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_once_a_dead_leaders_ttl_lapses() {
+    let w = World::new(&[inspections("inspections")]);
+    let lease = Duration::from_millis(200);
+    let first_leader = w.coordinator("one", lease, LEADER_TTL);
+    let first = w.next_task().await;
+    let standby = w.coordinator("two", lease, LEADER_TTL);
+
+    let died = Instant::now();
+    first_leader.crash().await;
+    tokio::time::sleep(LEADER_TTL / 3).await;
+    assert!(
+        !standby.leads(),
+        "took the leadership of a leader whose lease was live"
+    );
+    eventually("the standby leads", async || standby.leads()).await;
+    assert!(
+        died.elapsed() >= LEADER_TTL / 2,
+        "took over after {:?}",
+        died.elapsed()
+    );
+    let reissued = w.next_task().await;
+    assert!(reissued.epoch > first.epoch);
+    standby
+        .metric_is(
+            "tidemark_chains_reissued_total",
+            &[("feed", "inspections")],
+            1,
+        )
+        .await;
+    standby.stop().await;
+}

@@ -1,0 +1,469 @@
+//! Each branch of DESIGN.md's "life of a page", in process: the worker's
+//! public `run` over the in-process task queue, the embedded store and the
+//! mock API, checked by what a user relies on (the stored checkpoint, what
+//! the downstream received, the worker's metrics).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use support::{
+    World, commit, eventually, hostile, inspections, job, mock, now_ms, settle, take_over, tickets,
+};
+use tidemark_core::checkpoint::{CommitOutcome, Phase, Stage};
+use tidemark_mock::Faults;
+
+const DROPPED: &str = "tidemark_tasks_dropped_total";
+const COMMITS: &str = "tidemark_commits_total";
+
+/// Step 1: a task under an older epoch than the stored one is acked and
+/// dropped before anything is fetched or published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_from_an_older_epoch_is_dropped_without_a_request() {
+    let w = World::start(mock(25), &[tickets("tickets")]).await;
+    let j = job("tickets");
+    let old = w.take(&j).await;
+    let stale = w.first_task(&j, old).await;
+    let current = w.take_over(&j).await;
+    assert!(current > old);
+    let before = w.checkpoint(&j).await;
+
+    w.publish(&stale).await;
+    w.metric_reaches(DROPPED, &[("reason", "stale_epoch")], 1)
+        .await;
+    settle().await;
+    assert_eq!(w.requests(), 0, "a stale task fetched a page");
+    assert!(w.received.pages().is_empty(), "a stale task published");
+    assert_eq!(w.checkpoint(&j).await, before);
+
+    // The current epoch's task walks the chain: only the old one was refused.
+    let task = w.first_task(&j, current).await;
+    w.publish(&task).await;
+    let cp = w.chain_ended(&j).await;
+    assert_eq!((cp.phase, cp.records, cp.epoch), (Phase::Idle, 25, current));
+    assert_eq!(w.metric(DROPPED, &[("reason", "stale_epoch")]), 1);
+    w.stop().await;
+}
+
+/// Step 1: a redelivered task whose page is already committed (a crash
+/// between commit and ack) is acked without a second fetch or publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_task_of_an_applied_page_is_dropped() {
+    let w = World::start(mock(25), &[tickets("tickets")]).await;
+    let j = job("tickets");
+    let first = w.start_chain(&j).await;
+    let done = w.chain_ended(&j).await;
+    assert_eq!((done.seq, done.records), (3, 25));
+    let requests = w.requests();
+
+    w.publish(&first).await;
+    w.metric_reaches(DROPPED, &[("reason", "already_applied")], 1)
+        .await;
+    settle().await;
+    assert_eq!(w.requests(), requests, "an applied page was fetched again");
+    assert_eq!(
+        w.received.records().len(),
+        25,
+        "an applied page was published again"
+    );
+    assert_eq!(w.checkpoint(&j).await, done);
+    w.stop().await;
+}
+
+/// Step 1: a task ahead of the stored seq does not chain: dropped as a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_ahead_of_the_checkpoint_is_dropped_as_a_conflict() {
+    let w = World::start(mock(25), &[tickets("tickets")]).await;
+    let j = job("tickets");
+    let epoch = w.take(&j).await;
+    let mut ahead = w.first_task(&j, epoch).await;
+    ahead.seq = 2;
+    ahead.cursor = Some("somewhere-ahead".into());
+    let before = w.checkpoint(&j).await;
+
+    w.publish(&ahead).await;
+    w.metric_reaches(DROPPED, &[("reason", "conflict")], 1)
+        .await;
+    settle().await;
+    assert_eq!(w.requests(), 0);
+    assert!(w.received.pages().is_empty());
+    assert_eq!(w.checkpoint(&j).await, before);
+    w.stop().await;
+}
+
+/// Step 6, CONFLICT: another holder of the same epoch (a duplicate of the
+/// task, answered differently) committed this seq while the page was in
+/// flight. The worker's commit is refused and its chain stops there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_lost_the_race_for_its_seq_is_a_conflict() {
+    let w = World::start(mock(25), &[tickets("tickets")]).await;
+    let j = job("tickets");
+    let store = w.store.clone();
+    let (rj, first) = (j.clone(), w.take(&j).await);
+    w.received.during_next_page(Box::new(move || {
+        Box::pin(async move {
+            assert_eq!(
+                commit(&store, &rj, first, 0, "the-rival-cursor").await,
+                CommitOutcome::Ok
+            );
+        })
+    }));
+
+    let task = w.first_task(&j, first).await;
+    w.publish(&task).await;
+    w.metric_reaches(COMMITS, &[("result", "conflict")], 1)
+        .await;
+    w.metric_reaches(DROPPED, &[("reason", "conflict")], 1)
+        .await;
+    settle().await;
+    let cp = w.checkpoint(&j).await;
+    assert_eq!(cp.cursor.as_deref(), Some("the-rival-cursor"), "{cp:?}");
+    assert_eq!((cp.seq, cp.pages, cp.records), (1, 1, 0), "{cp:?}");
+    assert_eq!(w.metric(COMMITS, &[("result", "ok")]), 0);
+    assert_eq!(w.requests(), 1, "the losing chain went on to the next page");
+    w.stop().await;
+}
+
+/// Step 6, FENCED: a newer epoch takes the job while the page is in flight.
+/// Nothing is committed under the old epoch and its chain stops; the new
+/// chain re-sends the page with the same message ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_epoch_taking_the_job_mid_page_fences_the_commit() {
+    let w = World::start(mock(25), &[tickets("tickets")]).await;
+    let j = job("tickets");
+    let (store, hj) = (w.store.clone(), j.clone());
+    let newer = Arc::new(std::sync::Mutex::new(None));
+    let seen = newer.clone();
+    w.received.during_next_page(Box::new(move || {
+        Box::pin(async move {
+            *seen.lock().unwrap() = Some(take_over(&store, &hj).await);
+        })
+    }));
+
+    let old = w.start_chain(&j).await;
+    w.metric_reaches(DROPPED, &[("reason", "fenced")], 1).await;
+    settle().await;
+    let newer = newer.lock().unwrap().expect("the hook ran");
+    assert!(newer > old.epoch);
+    assert_eq!(w.metric(COMMITS, &[("result", "fenced")]), 1);
+    assert_eq!(w.metric(COMMITS, &[("result", "ok")]), 0);
+    let cp = w.checkpoint(&j).await;
+    assert_eq!(
+        (
+            cp.epoch,
+            cp.seq,
+            cp.cursor.as_deref(),
+            cp.pages,
+            cp.high_water.as_deref()
+        ),
+        (newer, 0, None, 0, None),
+        "something was committed under the fenced epoch"
+    );
+    assert_eq!(w.requests(), 1, "the fenced chain went on to the next page");
+    let first_send = w.received.records();
+    assert_eq!(first_send.len(), 10);
+
+    // The newer epoch's chain starts where the checkpoint is: the page again.
+    let task = w.first_task(&j, newer).await;
+    w.publish(&task).await;
+    let cp = w.chain_ended(&j).await;
+    assert_eq!((cp.seq, cp.records, cp.last_error), (3, 25, None));
+    let all = w.received.records();
+    assert_eq!(all.len(), 35);
+    assert_eq!(
+        &all[10..20],
+        &first_send[..],
+        "a re-sent page changed its message ids"
+    );
+    w.stop().await;
+}
+
+/// Steps 2-3: a 429 with Retry-After pauses the whole source; the task is
+/// retried after the pause, and no request to the source (from any feed)
+/// is made before it ends. Every record arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_pauses_the_source_and_the_task_is_retried_after_it() {
+    let w = World::start(mock(15), &[tickets("tickets"), tickets("other")]).await;
+    let j = job("tickets");
+    // The page after the first answers 429 Retry-After: 1.
+    let mock_state = w.mock_state();
+    w.received.during_next_page(Box::new(move || {
+        Box::pin(async move {
+            mock_state.set_faults(Faults {
+                fail_429_every: Some(1),
+                retry_after_secs: 1,
+                ..Faults::default()
+            });
+        })
+    }));
+    let t0 = now_ms();
+    w.start_chain(&j).await;
+    eventually("the source is paused", async || {
+        w.source_paused_until("mock").await.is_some()
+    })
+    .await;
+    let until = w.source_paused_until("mock").await.expect("paused");
+    assert!(
+        until > now_ms() && until <= t0 + 1_000 + 100,
+        "pause until {until}, started {t0}"
+    );
+    // The pause holds every request to the source; answer normally after it.
+    w.set_faults(Faults::default());
+    let other = w.start_chain(&job("other")).await;
+    assert_eq!(other.seq, 0);
+
+    let cp = w.chain_ended(&j).await;
+    let other_cp = w.chain_ended(&job("other")).await;
+    assert_eq!(
+        (cp.seq, cp.records, cp.last_error.as_deref()),
+        (2, 15, None)
+    );
+    assert_eq!(
+        (other_cp.records, other_cp.last_error.as_deref()),
+        (15, None)
+    );
+    let pages = w.received.pages();
+    assert!(
+        pages.iter().filter(|p| p.at_ms < until).count() == 1,
+        "a page was fetched during the source's pause: {:?}",
+        pages
+            .iter()
+            .map(|p| (&p.feed, p.seq, p.at_ms))
+            .collect::<Vec<_>>()
+    );
+    let mut keys = w.received.keys();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 15, "a record is missing");
+    assert_eq!(w.requests(), 2 + 1 + 2, "two pages each, one 429");
+    assert_eq!(
+        w.metric(
+            "tidemark_fetch_errors_total",
+            &[("feed", "tickets"), ("kind", "rate_limited")]
+        ),
+        1
+    );
+    assert_eq!(
+        w.metric("tidemark_source_pauses_total", &[("source", "mock")]),
+        1
+    );
+    assert_eq!(
+        w.metric("tidemark_tasks_retried_total", &[("feed", "tickets")]),
+        1
+    );
+    w.stop().await;
+}
+
+/// Step 3, recovery: a refused cursor ends the chain; the job restarts from
+/// its high-water mark minus lag under a new epoch. Re-sent records are
+/// duplicates with the same message ids, never gaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_cursor_restarts_from_the_high_water_mark_under_a_new_epoch() {
+    // Every cursor is refused (`400 cursor_expired`): a cursor is at least
+    // the mock's latency old when it comes back.
+    let mut m = mock(25);
+    m.latency = std::time::Duration::from_millis(2);
+    m.faults.cursor_ttl_secs = Some(0);
+    let w = World::start(m, &[tickets("tickets")]).await;
+    let j = job("tickets");
+    let first = w.start_chain(&j).await;
+
+    w.metric_reaches(
+        "tidemark_cursor_recoveries_total",
+        &[("feed", "tickets")],
+        1,
+    )
+    .await;
+    let cp = w.chain_ended(&j).await;
+    assert_eq!(cp.phase, Phase::Idle, "{cp:?}");
+    assert_eq!(cp.cursor, None);
+    assert_eq!(
+        cp.high_water.as_deref(),
+        Some("2024-01-01T00:00:09.000000000Z")
+    );
+    // The tenth record's time minus the feed's 5 s lag.
+    assert_eq!(cp.start_from.as_deref(), Some("2024-01-01T00:00:04Z"));
+    assert_eq!(
+        (cp.recoveries, cp.seq, cp.last_error.as_deref()),
+        (1, 1, None)
+    );
+    assert!(cp.next_due_ms <= now_ms(), "a recovered job is due at once");
+    assert_eq!(
+        w.metric(
+            "tidemark_fetch_errors_total",
+            &[("feed", "tickets"), ("kind", "cursor_expired")]
+        ),
+        1
+    );
+    let first_send = w.received.records();
+    assert_eq!(first_send.len(), 10);
+
+    w.set_faults(Faults::default());
+    let again = w.start_chain(&j).await;
+    assert!(again.epoch > first.epoch);
+    assert_eq!(
+        (again.cursor.as_deref(), again.start_from.as_deref()),
+        (None, Some("2024-01-01T00:00:04Z"))
+    );
+    let cp = w.chain_ended(&j).await;
+    assert_eq!((cp.phase, cp.last_error.as_deref()), (Phase::Idle, None));
+    let resent = &w.received.records()[10..];
+    assert_eq!(
+        resent[0].updated_at, "2024-01-01T00:00:04Z",
+        "restarted elsewhere"
+    );
+    assert_eq!(
+        &resent[..6],
+        &first_send[4..],
+        "re-sent records changed their message ids"
+    );
+    let keys: BTreeSet<String> = w.received.keys().into_iter().collect();
+    assert_eq!(keys.len(), 25, "a gap");
+    w.stop().await;
+}
+
+/// Step 4: a next cursor equal to the one just used, with more claimed, is
+/// a loop: the job fails with the reason, its cursor stays where it was and
+/// the task is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pagination_loop_fails_the_job_and_keeps_the_cursor() {
+    let w = World::start(mock(0), &[hostile("looping", "loop")]).await;
+    let j = job("looping");
+    w.start_chain(&j).await;
+
+    let cp = w.chain_ended(&j).await;
+    assert_eq!(cp.phase, Phase::Failed, "{cp:?}");
+    let error = cp.last_error.clone().unwrap_or_default();
+    assert!(error.contains("loop"), "{error}");
+    assert_eq!(
+        (cp.cursor.as_deref(), cp.seq, cp.records),
+        (Some("p2"), 1, 3)
+    );
+    assert_eq!(
+        w.received.keys(),
+        ["h1", "h2", "h3"],
+        "the looping page was published"
+    );
+    let dead = w.dead_letter().await;
+    assert_eq!(dead.reason, "failed");
+    assert!(dead.last_error.unwrap_or_default().contains("loop"));
+    assert_eq!(
+        w.metric("tidemark_jobs_failed_total", &[("feed", "looping")]),
+        1
+    );
+    assert_eq!(w.requests(), 2, "the loop was fetched more than once");
+    w.stop().await;
+}
+
+/// Step 7: at the end of the stream the job goes idle, due again after
+/// `every`, holding the cursor the API gave; the next poll continues there
+/// and delivers only what is new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_of_stream_leaves_the_job_idle_with_its_due_time_and_resume_cursor() {
+    let w = World::start(mock(25), &[tickets("tickets")]).await;
+    let j = job("tickets");
+    let before = now_ms();
+    w.start_chain(&j).await;
+    let cp = w.chain_ended(&j).await;
+    let after = now_ms();
+
+    assert_eq!(cp.phase, Phase::Idle, "{cp:?}");
+    assert_eq!(
+        (cp.seq, cp.pages, cp.records, cp.lease_until_ms),
+        (3, 3, 25, 0)
+    );
+    assert_eq!(
+        cp.high_water.as_deref(),
+        Some("2024-01-01T00:00:24.000000000Z")
+    );
+    let hour = 3_600_000;
+    assert!(
+        (before + hour..=after + hour).contains(&cp.next_due_ms),
+        "next due {} not an hour after the end",
+        cp.next_due_ms
+    );
+    assert!(
+        cp.cursor.as_deref().is_some_and(|c| !c.is_empty()),
+        "{cp:?}"
+    );
+    assert!(cp.last_end_of_stream_ms.is_some());
+    let keys = w.received.keys();
+    let want: Vec<String> = (1..=25)
+        .map(|i| format!("00000000-0000-0000-0000-{i:012}"))
+        .collect();
+    assert_eq!(keys, want, "every record once, in order");
+
+    // The next poll: three new records, and only they.
+    w.mock_state().insert(3);
+    let next = w.start_chain(&j).await;
+    assert_eq!((next.seq, next.cursor.as_ref()), (3, cp.cursor.as_ref()));
+    let cp = w.chain_ended(&j).await;
+    assert_eq!((cp.seq, cp.records), (4, 28));
+    let new: Vec<String> = w.received.keys()[25..].to_vec();
+    let want: Vec<String> = (26..=28)
+        .map(|i| format!("00000000-0000-0000-0000-{i:012}"))
+        .collect();
+    assert_eq!(new, want);
+    w.stop().await;
+}
+
+/// Step 7, seed 002: after the bulk walk a `bulk_then_incremental` job
+/// moves to the incremental stage, due at once, starting at T0 minus lag;
+/// the incremental sync delivers what changed since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bulk_walk_hands_off_to_incremental_syncs_from_t0_minus_lag() {
+    let w = World::start(mock(25), &[inspections("inspections")]).await;
+    let j = job("inspections");
+    w.start_chain(&j).await;
+    let cp = w.chain_ended(&j).await;
+    let t0 = cp.t0.clone().expect("T0 recorded before the bulk walk");
+
+    assert_eq!(
+        (cp.phase, cp.stage),
+        (Phase::Idle, Stage::Incremental),
+        "{cp:?}"
+    );
+    assert_eq!((cp.seq, cp.records, cp.cursor.as_deref()), (3, 25, None));
+    let t0_minus_lag =
+        chrono::DateTime::parse_from_rfc3339(&t0).unwrap() - chrono::Duration::seconds(2);
+    let start = cp
+        .start_from
+        .as_deref()
+        .expect("an incremental start point");
+    assert_eq!(
+        chrono::DateTime::parse_from_rfc3339(start).unwrap(),
+        t0_minus_lag
+    );
+    assert!(
+        cp.next_due_ms <= now_ms(),
+        "the first incremental sync is due at once"
+    );
+
+    // The incremental sync: the records changed since T0 - lag, by page number.
+    w.mock_state().update(3);
+    let changed: BTreeSet<String> = w
+        .mock_state()
+        .truth()
+        .records
+        .into_iter()
+        .filter(|r| r.updated_at.as_str() >= t0.as_str())
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(changed.len(), 3);
+    let task = w.start_chain(&j).await;
+    assert_eq!(
+        (task.cursor.as_deref(), task.start_from.as_deref()),
+        (None, Some(start))
+    );
+    let cp = w.chain_ended(&j).await;
+    assert_eq!(
+        (cp.phase, cp.stage, cp.last_error.as_deref()),
+        (Phase::Idle, Stage::Incremental, None)
+    );
+    assert_eq!(cp.t0.as_deref(), Some(t0.as_str()), "T0 changed");
+    let synced: BTreeSet<String> = w.received.keys()[25..].iter().cloned().collect();
+    assert_eq!(synced, changed);
+    w.stop().await;
+}
