@@ -205,8 +205,9 @@ async fn a_429_pauses_the_source_and_the_task_is_retried_after_it() {
     })
     .await;
     let until = w.source_paused_until("mock").await.expect("paused");
+    // Retry-After: 1, within the source's max_retry_after of 300 ms.
     assert!(
-        until > now_ms() && until <= t0 + 1_000 + 100,
+        until > now_ms() && until <= t0 + 300 + 100,
         "pause until {until}, started {t0}"
     );
     // The pause holds every request to the source; answer normally after it.
@@ -249,6 +250,45 @@ async fn a_429_pauses_the_source_and_the_task_is_retried_after_it() {
         w.metric("tidemark_source_pauses_total", &[("source", "mock")]),
         1
     );
+    assert_eq!(
+        w.metric("tidemark_tasks_retried_total", &[("feed", "tickets")]),
+        1
+    );
+    w.stop().await;
+}
+
+/// Hostile input: a first answer of `429 Retry-After: 99999999999` (about
+/// 3,000 years) pauses the source for the source's `max_retry_after`
+/// (300 ms here), never longer; every record then arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_retry_after_is_capped_by_max_retry_after() {
+    let w = World::start(mock(15), &[tickets("tickets")]).await;
+    let j = job("tickets");
+    w.set_faults(Faults {
+        fail_429_first: 1,
+        retry_after_secs: 99_999_999_999,
+        ..Faults::default()
+    });
+    let t0 = now_ms();
+    w.start_chain(&j).await;
+    eventually("the source is paused", async || {
+        w.source_paused_until("mock").await.is_some()
+    })
+    .await;
+    let until = w.source_paused_until("mock").await.expect("paused");
+    assert!(
+        until <= now_ms() + 300,
+        "pause until {until}, {} ms away: longer than max_retry_after",
+        until.saturating_sub(now_ms())
+    );
+    let cp = w.chain_ended(&j).await;
+    assert_eq!(
+        (cp.records, cp.last_error.as_deref()),
+        (15, None),
+        "every record arrives"
+    );
+    let took = now_ms() - t0;
+    assert!(took < 3_000, "the chain took {took} ms");
     assert_eq!(
         w.metric("tidemark_tasks_retried_total", &[("feed", "tickets")]),
         1
