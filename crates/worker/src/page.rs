@@ -13,6 +13,7 @@ use tidemark_core::SourceConfig;
 use tidemark_core::checkpoint::{
     Checkpoint, Commit, CommitOutcome, Phase, Restart, Stage, compare_versions, max_version,
 };
+use tidemark_core::clock::now_ms;
 use tidemark_core::config::{FeedConfig, Mode, Partition};
 use tidemark_core::pagination::{
     MAX_EMPTY_PAGES_IN_A_ROW, Next, Position, empty_run_error, redact_query,
@@ -20,7 +21,6 @@ use tidemark_core::pagination::{
 use tidemark_core::record::{identity, page_message_id, positional_message_id, record_message_id};
 use tidemark_core::timefmt::parse_timestamp;
 use tidemark_source::{FetchError, HttpSource, backoff_delay};
-use tidemark_state::now_ms;
 use tidemark_telemetry::Metrics;
 
 use crate::feeds::Snapshot;
