@@ -26,7 +26,7 @@ use lapin::{Connection, ConnectionProperties};
 use tidemark_bus::amqp::BusConfig;
 use tidemark_core::checkpoint::{Checkpoint, JobId};
 use tidemark_mock::{Truth, TruthRecord};
-use tidemark_state::{RedisStore, StateStore};
+use tidemark_state::{Jobs, RedisStore, StateStore};
 
 fn answers(hostport: &str) -> bool {
     hostport

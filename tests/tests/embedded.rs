@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tidemark_core::checkpoint::{JobId, Phase};
-use tidemark_state::{Acquire, EmbeddedStore, StateStore};
+use tidemark_state::{Acquire, EmbeddedStore, Jobs, Leases};
 use tidemark_tests::{Cluster, eventually, spawn, tidemark};
 
 /// Lines of a JSON Lines file (0 when it does not exist yet).

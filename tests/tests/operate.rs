@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tidemark_core::checkpoint::{Checkpoint, JobId};
-use tidemark_state::{Acquire, StateStore};
+use tidemark_state::{Acquire, Jobs};
 use tidemark_tests::{Checker, Cluster, ctl, eventually};
 
 const FEEDS: &str = r#"  - name: tickets

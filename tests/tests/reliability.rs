@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use tidemark_core::checkpoint::compare_versions;
 use tidemark_mock::TruthRecord;
-use tidemark_state::StateStore;
+use tidemark_state::Jobs;
 use tidemark_tests::proxy::FaultProxy;
 use tidemark_tests::redis_server::RedisServer;
 use tidemark_tests::{Checker, Cluster, amqp_url, eventually, host_port, versions};

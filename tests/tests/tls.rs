@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tidemark_bus::BusError;
 use tidemark_bus::amqp::{AmqpBus, BusConfig, open_connection};
-use tidemark_state::{RedisStore, StateStore};
+use tidemark_state::{Jobs, RedisStore};
 use tidemark_tests::redis_server::RedisServer;
 use tidemark_tests::tls::{TestCa, TlsFront};
 use tidemark_tests::{

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tidemark_core::checkpoint::Phase;
+use tidemark_core::clock::now_ms;
 use tidemark_core::config::load_file;
 use tidemark_mock::{MockConfig, MockServer};
-use tidemark_state::{EmbeddedStore, StateStore, now_ms};
+use tidemark_state::{EmbeddedStore, Jobs};
 use tidemark_telemetry::Metrics;
 
 use crate::embedded::{self, EngineOptions, JsonlSink, Out, StateDir};

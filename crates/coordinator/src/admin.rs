@@ -24,7 +24,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tidemark_state::StateStore;
+use tidemark_state::Jobs;
 
 use crate::ops::{self, Action, OpError, RewindTo};
 
@@ -75,12 +75,12 @@ impl AdminToken {
 
 #[derive(Clone)]
 struct AdminState {
-    store: Arc<dyn StateStore>,
+    store: Arc<dyn Jobs>,
     token: AdminToken,
 }
 
 /// The admin router: the status page and the API over `store`.
-pub fn router(store: Arc<dyn StateStore>, token: AdminToken) -> Router {
+pub fn router(store: Arc<dyn Jobs>, token: AdminToken) -> Router {
     let state = AdminState { store, token };
     let api = Router::new()
         .route("/api/status", get(status))
@@ -197,7 +197,7 @@ fn error(code: StatusCode, message: String) -> Response {
 mod tests {
     use super::*;
     use tidemark_core::checkpoint::{Checkpoint, JobId, Phase};
-    use tidemark_state::EmbeddedStore;
+    use tidemark_state::{EmbeddedStore, Leases};
 
     async fn serve(token: Option<&str>) -> (String, Arc<EmbeddedStore>) {
         let store = Arc::new(EmbeddedStore::in_memory());

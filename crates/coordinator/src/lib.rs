@@ -30,10 +30,11 @@ use futures::StreamExt;
 use tidemark_bus::{PageTask, TaskQueue};
 use tidemark_core::Config;
 use tidemark_core::checkpoint::{Checkpoint, JobId, Phase, Stage};
+use tidemark_core::clock::now_ms;
 use tidemark_core::config::Mode;
 use tidemark_core::timefmt::parse_timestamp;
 use tidemark_state::registry::publish_config;
-use tidemark_state::{Acquire, LeaderGuard, StateError, StateStore, now_ms};
+use tidemark_state::{Acquire, LeaderGuard, StateError, StateStore};
 use tidemark_telemetry::Metrics;
 
 /// How a coordinator behaves.
@@ -65,6 +66,8 @@ impl Default for CoordinatorOptions {
 
 #[derive(Clone)]
 pub struct CoordinatorDeps {
+    /// Used for its job table and leases (to start chains), the feed
+    /// registry and leadership: every capability but the source limits.
     pub store: Arc<dyn StateStore>,
     pub tasks: Arc<dyn TaskQueue>,
     pub metrics: Metrics,

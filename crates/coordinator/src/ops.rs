@@ -1,17 +1,19 @@
 //! Operator actions on feeds: the status table, pause, resume, rewind and
 //! retry. The CLI (`tidemark status|pause|…`), the coordinator's admin API
 //! and an embedded run's control requests all call these, against any
-//! [`StateStore`], so the three ways of steering a feed cannot disagree.
+//! store's job table ([`Jobs`]), so the three ways of steering a feed cannot
+//! disagree.
 //!
-//! Every change goes through [`StateStore::control`], which takes a new
+//! Every change goes through [`Jobs::control`], which takes a new
 //! epoch: page tasks already in flight for the job are fenced (their commit
 //! answers `FENCED`), so an operator's action wins over work in progress.
 
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use tidemark_core::checkpoint::{Checkpoint, JobId, Phase, Stage};
+use tidemark_core::clock::now_ms;
 use tidemark_core::timefmt::parse_timestamp;
-use tidemark_state::{Control, Rewind, StateError, StateStore, now_ms};
+use tidemark_state::{Control, Jobs, Rewind, StateError};
 
 /// One row of the status table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,10 +91,7 @@ impl JobStatus {
 }
 
 /// The status of every job (optionally of one feed), sorted by feed and partition.
-pub async fn status(
-    store: &dyn StateStore,
-    feed: Option<&str>,
-) -> Result<StatusReport, StateError> {
+pub async fn status(store: &dyn Jobs, feed: Option<&str>) -> Result<StatusReport, StateError> {
     let now = now_ms();
     let mut jobs: Vec<JobStatus> = store
         .list()
@@ -207,7 +206,7 @@ pub struct Skipped {
 
 /// Apply `action` to every job of `feed` (or to one partition of it).
 pub async fn apply(
-    store: &dyn StateStore,
+    store: &dyn Jobs,
     feed: &str,
     partition: Option<&str>,
     action: &Action,
@@ -266,7 +265,7 @@ pub async fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidemark_state::EmbeddedStore;
+    use tidemark_state::{EmbeddedStore, Leases};
 
     async fn store_with(jobs: &[(&str, &str, Phase)]) -> EmbeddedStore {
         let s = EmbeddedStore::in_memory();

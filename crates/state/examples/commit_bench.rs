@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId};
-use tidemark_state::{Acquire, RedisStore, StateStore};
+use tidemark_state::{Acquire, Jobs, Leases, RedisStore};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -14,8 +14,11 @@ use serde::{Deserialize, Serialize};
 use tidemark_core::checkpoint::{
     Checkpoint, Commit, CommitOutcome, JobId, Phase, Stage, next_epoch,
 };
+use tidemark_core::clock::now_ms;
 
-use crate::{Acquire, Control, Rewind, StateError, StateStore, now_ms};
+use crate::{
+    Acquire, Control, FeedRegistry, Jobs, Leadership, Leases, Rewind, SourceLimits, StateError,
+};
 
 #[derive(Default, Serialize, Deserialize)]
 struct Persisted {
@@ -137,16 +140,7 @@ impl EmbeddedStore {
 }
 
 #[async_trait]
-impl StateStore for EmbeddedStore {
-    async fn get(&self, job: &JobId) -> Result<Option<Checkpoint>, StateError> {
-        Ok(self
-            .lock()
-            .data
-            .jobs
-            .get(&key(job))
-            .map(|(_, cp)| cp.clone()))
-    }
-
+impl Jobs for EmbeddedStore {
     async fn list(&self) -> Result<Vec<(JobId, Checkpoint)>, StateError> {
         let inner = self.lock();
         let mut v: Vec<(JobId, Checkpoint)> = inner.data.jobs.values().cloned().collect();
@@ -194,6 +188,60 @@ impl StateStore for EmbeddedStore {
             (Acquire::Granted { epoch: cp.epoch }, true)
         })?;
         Ok(r.unwrap_or(Acquire::Missing))
+    }
+
+    async fn control(&self, job: &JobId, control: &Control) -> Result<u64, StateError> {
+        let r = self.with_job(job, |cp, now| {
+            cp.epoch = next_epoch(cp.epoch, now);
+            cp.lease_until_ms = 0;
+            match control {
+                Control::Pause => cp.phase = Phase::Paused,
+                Control::Resume => {
+                    cp.phase = Phase::Idle;
+                    cp.next_due_ms = now;
+                    cp.last_error = None;
+                }
+                Control::Rewind(to) => {
+                    match to {
+                        Rewind::Cursor(c) => {
+                            cp.cursor = Some(c.clone());
+                            cp.start_from = None;
+                        }
+                        Rewind::Time(t) => {
+                            cp.start_from = Some(t.clone());
+                            cp.cursor = None;
+                        }
+                        Rewind::Start => {
+                            cp.cursor = None;
+                            cp.start_from = None;
+                            cp.high_water = None;
+                            cp.t0 = None;
+                            cp.last_end_of_stream_ms = None;
+                            cp.stage = Stage::Bulk;
+                        }
+                    }
+                    if cp.phase != Phase::Paused {
+                        cp.phase = Phase::Idle;
+                    }
+                    cp.next_due_ms = now;
+                    cp.last_error = None;
+                }
+            }
+            (cp.epoch, true)
+        })?;
+        r.ok_or_else(|| StateError::NoSuchJob(job.clone()))
+    }
+}
+
+#[async_trait]
+impl Leases for EmbeddedStore {
+    async fn get(&self, job: &JobId) -> Result<Option<Checkpoint>, StateError> {
+        Ok(self
+            .lock()
+            .data
+            .jobs
+            .get(&key(job))
+            .map(|(_, cp)| cp.clone()))
     }
 
     async fn renew(&self, job: &JobId, epoch: u64, lease: Duration) -> Result<bool, StateError> {
@@ -259,7 +307,10 @@ impl StateStore for EmbeddedStore {
             true
         })
     }
+}
 
+#[async_trait]
+impl FeedRegistry for EmbeddedStore {
     async fn put_registry(&self, digest: &str, doc: &str) -> Result<u64, StateError> {
         let mut inner = self.lock();
         if let Some((v, d, _)) = &inner.data.registry
@@ -285,49 +336,10 @@ impl StateStore for EmbeddedStore {
     async fn registry_version(&self) -> Result<Option<u64>, StateError> {
         Ok(self.lock().data.registry.as_ref().map(|r| r.0))
     }
+}
 
-    async fn control(&self, job: &JobId, control: &Control) -> Result<u64, StateError> {
-        let r = self.with_job(job, |cp, now| {
-            cp.epoch = next_epoch(cp.epoch, now);
-            cp.lease_until_ms = 0;
-            match control {
-                Control::Pause => cp.phase = Phase::Paused,
-                Control::Resume => {
-                    cp.phase = Phase::Idle;
-                    cp.next_due_ms = now;
-                    cp.last_error = None;
-                }
-                Control::Rewind(to) => {
-                    match to {
-                        Rewind::Cursor(c) => {
-                            cp.cursor = Some(c.clone());
-                            cp.start_from = None;
-                        }
-                        Rewind::Time(t) => {
-                            cp.start_from = Some(t.clone());
-                            cp.cursor = None;
-                        }
-                        Rewind::Start => {
-                            cp.cursor = None;
-                            cp.start_from = None;
-                            cp.high_water = None;
-                            cp.t0 = None;
-                            cp.last_end_of_stream_ms = None;
-                            cp.stage = Stage::Bulk;
-                        }
-                    }
-                    if cp.phase != Phase::Paused {
-                        cp.phase = Phase::Idle;
-                    }
-                    cp.next_due_ms = now;
-                    cp.last_error = None;
-                }
-            }
-            (cp.epoch, true)
-        })?;
-        r.ok_or_else(|| StateError::NoSuchJob(job.clone()))
-    }
-
+#[async_trait]
+impl Leadership for EmbeddedStore {
     async fn try_lead(&self, id: &str, ttl: Duration) -> Result<bool, StateError> {
         let mut inner = self.lock();
         let now = now_ms();
@@ -348,7 +360,10 @@ impl StateStore for EmbeddedStore {
         }
         Ok(())
     }
+}
 
+#[async_trait]
+impl SourceLimits for EmbeddedStore {
     async fn rate_acquire(
         &self,
         source: &str,

@@ -9,17 +9,17 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::{StateError, StateStore};
+use crate::{Leadership, StateError};
 
 pub struct LeaderGuard {
-    store: Arc<dyn StateStore>,
+    store: Arc<dyn Leadership>,
     id: String,
     ttl: Duration,
     deadline: Mutex<Option<Instant>>,
 }
 
 impl LeaderGuard {
-    pub fn new(store: Arc<dyn StateStore>, id: impl Into<String>, ttl: Duration) -> Self {
+    pub fn new(store: Arc<dyn Leadership>, id: impl Into<String>, ttl: Duration) -> Self {
         Self {
             store,
             id: id.into(),

@@ -11,9 +11,12 @@ use redis::{AsyncCommands, Script};
 use tidemark_core::checkpoint::{
     Checkpoint, Commit, CommitOutcome, JobId, Phase, Stage, normalize_version,
 };
+use tidemark_core::clock::now_ms;
 
 use crate::keys::Keys;
-use crate::{Acquire, Control, Rewind, StateError, StateStore, now_ms};
+use crate::{
+    Acquire, Control, FeedRegistry, Jobs, Leadership, Leases, Rewind, SourceLimits, StateError,
+};
 
 pub const DEFAULT_PREFIX: &str = "tidemark:";
 
@@ -233,16 +236,7 @@ fn from_fields(key: &str, h: &HashMap<String, String>) -> Result<(JobId, Checkpo
 }
 
 #[async_trait]
-impl StateStore for RedisStore {
-    async fn get(&self, job: &JobId) -> Result<Option<Checkpoint>, StateError> {
-        let key = self.keys.job(job);
-        let h: HashMap<String, String> = self.conn.clone().hgetall(&key).await?;
-        if h.is_empty() {
-            return Ok(None);
-        }
-        from_fields(&key, &h).map(|(_, cp)| Some(cp))
-    }
-
+impl Jobs for RedisStore {
     async fn list(&self) -> Result<Vec<(JobId, Checkpoint)>, StateError> {
         let mut c = self.conn.clone();
         let mut keys: Vec<String> = c.smembers(self.keys.jobs()).await?;
@@ -302,6 +296,44 @@ impl StateStore for RedisStore {
             "FAILED" => Acquire::Failed,
             _ => Acquire::Missing,
         })
+    }
+
+    async fn control(&self, job: &JobId, control: &Control) -> Result<u64, StateError> {
+        let (op, target, value) = match control {
+            Control::Pause => ("pause", "", String::new()),
+            Control::Resume => ("resume", "", String::new()),
+            Control::Rewind(Rewind::Start) => ("rewind", "start", String::new()),
+            Control::Rewind(Rewind::Cursor(c)) => ("rewind", "cursor", c.clone()),
+            Control::Rewind(Rewind::Time(t)) => ("rewind", "time", t.clone()),
+        };
+        let e: String = self
+            .scripts
+            .control
+            .key(self.keys.job(job))
+            .arg(op)
+            .arg(target)
+            .arg(value)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        if e.is_empty() {
+            return Err(StateError::NoSuchJob(job.clone()));
+        }
+        e.parse().map_err(|_| StateError::Corrupt {
+            job: job.to_string(),
+            reason: format!("epoch {e:?}"),
+        })
+    }
+}
+
+#[async_trait]
+impl Leases for RedisStore {
+    async fn get(&self, job: &JobId) -> Result<Option<Checkpoint>, StateError> {
+        let key = self.keys.job(job);
+        let h: HashMap<String, String> = self.conn.clone().hgetall(&key).await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        from_fields(&key, &h).map(|(_, cp)| Some(cp))
     }
 
     async fn renew(&self, job: &JobId, epoch: u64, lease: Duration) -> Result<bool, StateError> {
@@ -372,7 +404,10 @@ impl StateStore for RedisStore {
     async fn set_t0(&self, job: &JobId, epoch: u64, t0: &str) -> Result<bool, StateError> {
         self.lease_op(job, "t0", epoch, t0.to_string()).await
     }
+}
 
+#[async_trait]
+impl FeedRegistry for RedisStore {
     async fn put_registry(&self, digest: &str, doc: &str) -> Result<u64, StateError> {
         let v: u64 = self
             .scripts
@@ -401,33 +436,10 @@ impl StateStore for RedisStore {
             .hget(self.keys.registry(), "version")
             .await?)
     }
+}
 
-    async fn control(&self, job: &JobId, control: &Control) -> Result<u64, StateError> {
-        let (op, target, value) = match control {
-            Control::Pause => ("pause", "", String::new()),
-            Control::Resume => ("resume", "", String::new()),
-            Control::Rewind(Rewind::Start) => ("rewind", "start", String::new()),
-            Control::Rewind(Rewind::Cursor(c)) => ("rewind", "cursor", c.clone()),
-            Control::Rewind(Rewind::Time(t)) => ("rewind", "time", t.clone()),
-        };
-        let e: String = self
-            .scripts
-            .control
-            .key(self.keys.job(job))
-            .arg(op)
-            .arg(target)
-            .arg(value)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        if e.is_empty() {
-            return Err(StateError::NoSuchJob(job.clone()));
-        }
-        e.parse().map_err(|_| StateError::Corrupt {
-            job: job.to_string(),
-            reason: format!("epoch {e:?}"),
-        })
-    }
-
+#[async_trait]
+impl Leadership for RedisStore {
     async fn try_lead(&self, id: &str, ttl: Duration) -> Result<bool, StateError> {
         let r: i64 = self
             .scripts
@@ -453,7 +465,10 @@ impl StateStore for RedisStore {
             .await?;
         Ok(())
     }
+}
 
+#[async_trait]
+impl SourceLimits for RedisStore {
     async fn rate_acquire(
         &self,
         source: &str,

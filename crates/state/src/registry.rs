@@ -5,10 +5,10 @@
 use sha2::{Digest, Sha256};
 use tidemark_core::Config;
 
-use crate::{StateError, StateStore};
+use crate::{FeedRegistry, StateError};
 
 /// Store `config` as the registry; returns its version.
-pub async fn publish_config(store: &dyn StateStore, config: &Config) -> Result<u64, StateError> {
+pub async fn publish_config(store: &dyn FeedRegistry, config: &Config) -> Result<u64, StateError> {
     let doc = serde_json::to_string(config).map_err(|e| StateError::Corrupt {
         job: "registry".into(),
         reason: e.to_string(),
@@ -18,7 +18,7 @@ pub async fn publish_config(store: &dyn StateStore, config: &Config) -> Result<u
 }
 
 /// The registered config and its version, if a coordinator registered one.
-pub async fn load_config(store: &dyn StateStore) -> Result<Option<(u64, Config)>, StateError> {
+pub async fn load_config(store: &dyn FeedRegistry) -> Result<Option<(u64, Config)>, StateError> {
     let Some((version, doc)) = store.registry().await? else {
         return Ok(None);
     };

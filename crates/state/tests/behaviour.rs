@@ -1,4 +1,5 @@
 //! One behavioural suite, run against Redis and against the embedded store.
+//! Each test reaches the store through the capabilities it exercises.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
 mod support;
@@ -8,7 +9,10 @@ use std::time::Duration;
 
 use support::*;
 use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId, Phase, Restart, Stage};
-use tidemark_state::{Acquire, Control, Rewind, StateStore};
+use tidemark_core::clock::now_ms;
+use tidemark_state::{
+    Acquire, Control, FeedRegistry, Jobs, Leadership, Leases, Rewind, SourceLimits,
+};
 
 const LEASE: Duration = Duration::from_secs(30);
 
@@ -27,14 +31,14 @@ fn commit(epoch: u64, seq: u64, cursor: &str) -> Commit {
     }
 }
 
-async fn granted(s: &dyn StateStore, job: &JobId, force: bool) -> u64 {
+async fn granted(s: &dyn Jobs, job: &JobId, force: bool) -> u64 {
     match s.acquire(job, LEASE, force).await.unwrap() {
         Acquire::Granted { epoch } => epoch,
         other => panic!("expected a lease, got {other:?}"),
     }
 }
 
-async fn new_job(s: &dyn StateStore, name: &str) -> JobId {
+async fn new_job(s: &dyn Jobs, name: &str) -> JobId {
     let job = JobId::new(name, "p/1 ü");
     assert!(s.ensure(&job, &Checkpoint::default()).await.unwrap());
     assert!(
@@ -44,7 +48,7 @@ async fn new_job(s: &dyn StateStore, name: &str) -> JobId {
     job
 }
 
-async fn lifecycle(s: Arc<dyn StateStore>) {
+async fn lifecycle<S: Jobs + Leases>(s: Arc<S>) {
     let job = new_job(&*s, "life").await;
     let e = granted(&*s, &job, false).await;
     assert_eq!(
@@ -67,7 +71,7 @@ async fn lifecycle(s: Arc<dyn StateStore>) {
         (cp.seq, cp.pages, cp.records, cp.cursor.as_deref()),
         (1, 1, 100, Some("c1"))
     );
-    assert!(cp.lease_until_ms > tidemark_state::now_ms());
+    assert!(cp.lease_until_ms > now_ms());
     let mut last = commit(e, 1, "resume-here");
     last.end_of_stream = true;
     last.next_due_ms = 12345;
@@ -96,7 +100,7 @@ async fn lifecycle(s: Arc<dyn StateStore>) {
     assert_eq!(listed[0].0, job);
 }
 
-async fn concurrent_commits(s: Arc<dyn StateStore>) {
+async fn concurrent_commits<S: Jobs + Leases + 'static>(s: Arc<S>) {
     let job = new_job(&*s, "race").await;
     let e = granted(&*s, &job, false).await;
     let mut tasks = Vec::new();
@@ -157,7 +161,7 @@ async fn concurrent_commits(s: Arc<dyn StateStore>) {
     assert_eq!(ok, 1);
 }
 
-async fn expired_lease_fences_the_old_epoch(s: Arc<dyn StateStore>) {
+async fn expired_lease_fences_the_old_epoch<S: Jobs + Leases>(s: Arc<S>) {
     let job = new_job(&*s, "expiry").await;
     let Acquire::Granted { epoch: old } = s
         .acquire(&job, Duration::from_millis(100), false)
@@ -188,7 +192,7 @@ async fn expired_lease_fences_the_old_epoch(s: Arc<dyn StateStore>) {
     assert_eq!(s.get(&job).await.unwrap().unwrap().lease_until_ms, 0);
 }
 
-async fn controls_take_new_epochs(s: Arc<dyn StateStore>) {
+async fn controls_take_new_epochs<S: Jobs + Leases>(s: Arc<S>) {
     let job = new_job(&*s, "ctl").await;
     let e1 = granted(&*s, &job, false).await;
     assert_eq!(
@@ -252,7 +256,7 @@ async fn controls_take_new_epochs(s: Arc<dyn StateStore>) {
     );
 }
 
-async fn failure_is_visible_and_retried_by_force(s: Arc<dyn StateStore>) {
+async fn failure_is_visible_and_retried_by_force<S: Jobs + Leases>(s: Arc<S>) {
     let job = new_job(&*s, "fail").await;
     let e = granted(&*s, &job, false).await;
     assert!(!s.fail(&job, e - 1, "stale").await.unwrap());
@@ -279,9 +283,9 @@ async fn failure_is_visible_and_retried_by_force(s: Arc<dyn StateStore>) {
     assert_eq!(s.get(&job).await.unwrap().unwrap().last_error, None);
 }
 
-async fn source_pause_and_leadership(s: Arc<dyn StateStore>) {
+async fn source_pause_and_leadership<S: SourceLimits + Leadership>(s: Arc<S>) {
     assert_eq!(s.source_paused_until("api").await.unwrap(), None);
-    let until = tidemark_state::now_ms() + 2000;
+    let until = now_ms() + 2000;
     s.pause_source("api", until).await.unwrap();
     s.pause_source("api", until - 1000).await.unwrap();
     assert_eq!(s.source_paused_until("api").await.unwrap(), Some(until));
@@ -297,7 +301,7 @@ async fn source_pause_and_leadership(s: Arc<dyn StateStore>) {
     assert!(s.try_lead("b", ttl).await.unwrap());
 }
 
-async fn rate_limiter_shares_one_budget(s: Arc<dyn StateStore>) {
+async fn rate_limiter_shares_one_budget(s: Arc<dyn SourceLimits>) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     let mut tasks = Vec::new();
     for _ in 0..8 {
@@ -352,7 +356,7 @@ macro_rules! both {
 }
 
 /// The handoff, snapshot restarts, cursor recovery, T0 and the registry.
-async fn restarts_recovery_t0_and_registry(s: Arc<dyn StateStore>) {
+async fn restarts_recovery_t0_and_registry<S: Jobs + Leases + FeedRegistry>(s: Arc<S>) {
     let job = new_job(&*s, "restart").await;
     let e = granted(&*s, &job, false).await;
     assert!(s.set_t0(&job, e, "2024-05-01T00:00:00Z").await.unwrap());
@@ -412,7 +416,7 @@ async fn restarts_recovery_t0_and_registry(s: Arc<dyn StateStore>) {
         (None, Some("2024-01-01T00:00:00Z"), Phase::Idle, 1, 2)
     );
     assert!(cp.high_water.is_some());
-    assert!(cp.next_due_ms <= tidemark_state::now_ms());
+    assert!(cp.next_due_ms <= now_ms());
 
     // Rewind to the start forgets the stage and T0 too.
     s.control(&job, &Control::Rewind(Rewind::Start))

@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use support::*;
 use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId};
 use tidemark_state::{
-    Acquire, Control, EmbeddedStore, LeaderGuard, RedisStore, Rewind, StateStore,
+    Acquire, Control, EmbeddedStore, Jobs, LeaderGuard, Leadership, Leases, RedisStore, Rewind,
 };
 
 fn free_port() -> u16 {
@@ -180,7 +180,7 @@ async fn a_sigkilled_aof_redis_comes_back_with_state_and_never_reuses_an_epoch()
 #[tokio::test(flavor = "multi_thread")]
 async fn leadership_moves_when_the_leader_goes_quiet() {
     let redis = redis_store().await;
-    let s: Arc<dyn StateStore> = redis.clone();
+    let s: Arc<dyn Leadership> = redis.clone();
     let ttl = Duration::from_millis(600);
     let a = LeaderGuard::new(s.clone(), "coordinator-a", ttl);
     let b = LeaderGuard::new(s.clone(), "coordinator-b", ttl);
@@ -255,7 +255,12 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 /// Apply `op` to `s`, tracking its current and previous epochs; return a comparable answer.
-async fn run(s: &dyn StateStore, job: &JobId, epochs: &mut (u64, u64), op: &Op) -> String {
+async fn run<S: Jobs + Leases + ?Sized>(
+    s: &S,
+    job: &JobId,
+    epochs: &mut (u64, u64),
+    op: &Op,
+) -> String {
     let lease = Duration::from_secs(60);
     let pick = |stale: bool, e: &(u64, u64)| if stale { e.1 } else { e.0 };
     match op {

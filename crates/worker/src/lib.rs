@@ -25,6 +25,27 @@ macro_rules! crash_point {
 }
 pub(crate) use crash_point;
 
+/// Arm the failpoints named in `FAILPOINTS` (`name=actions;name=actions`).
+/// Configured point by point rather than with `fail::FailScenario`, whose
+/// guard holds a lock across the worker's awaits (and across workers that
+/// share a process).
+#[cfg(feature = "failpoints")]
+fn arm_failpoints() {
+    let Ok(all) = std::env::var("FAILPOINTS") else {
+        return;
+    };
+    tracing::warn!(failpoints = %all, "failpoints armed (a test build)");
+    for point in all.split(';').filter(|p| !p.trim().is_empty()) {
+        let Some((name, actions)) = point.split_once('=') else {
+            tracing::error!(point, "FAILPOINTS: expected name=actions");
+            continue;
+        };
+        if let Err(e) = fail::cfg(name.trim(), actions.trim()) {
+            tracing::error!(point, error = %e, "FAILPOINTS: cannot arm");
+        }
+    }
+}
+
 /// End the process now, as a crash would (no destructors, no acks).
 #[cfg(feature = "failpoints")]
 pub(crate) fn crash<T>(name: &str) -> T {
@@ -114,12 +135,7 @@ pub async fn run(
         next_id: AtomicU64::new(0),
     });
     #[cfg(feature = "failpoints")]
-    let _failpoints = {
-        if let Ok(f) = std::env::var("FAILPOINTS") {
-            tracing::warn!(failpoints = %f, "failpoints armed (a test build)");
-        }
-        fail::FailScenario::setup()
-    };
+    arm_failpoints();
     let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let mut running = JoinSet::new();
     tokio::pin!(shutdown);

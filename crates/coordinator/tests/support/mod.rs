@@ -17,7 +17,7 @@ use tidemark_coordinator::{CoordinatorDeps, CoordinatorOptions};
 use tidemark_core::Config;
 use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId};
 use tidemark_core::config::load_str;
-use tidemark_state::{EmbeddedStore, StateError, StateStore};
+use tidemark_state::{EmbeddedStore, Jobs, Leases, StateError};
 use tidemark_telemetry::Metrics;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

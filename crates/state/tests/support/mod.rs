@@ -4,7 +4,7 @@
 use std::sync::{Arc, OnceLock};
 
 use rand::Rng;
-use tidemark_state::{EmbeddedStore, RedisStore, StateStore};
+use tidemark_state::{EmbeddedStore, RedisStore};
 
 /// A Redis for the tests: REDIS_URL (default the local server) when it
 /// answers; else, when Docker is available, a container started once for
@@ -62,8 +62,4 @@ pub async fn redis_store() -> Arc<RedisStore> {
 
 pub fn embedded_store(dir: &tempfile::TempDir) -> Arc<EmbeddedStore> {
     Arc::new(EmbeddedStore::open(&dir.path().join("state.json")).unwrap())
-}
-
-pub fn as_dyn<S: StateStore + 'static>(s: Arc<S>) -> Arc<dyn StateStore> {
-    s
 }

@@ -20,7 +20,7 @@ use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId, Phase,
 use tidemark_core::config::{DEFAULT_PARTITION, Mode, load_str};
 use tidemark_mock::{Faults, MockConfig, MockServer, MockState};
 use tidemark_state::registry::publish_config;
-use tidemark_state::{Acquire, EmbeddedStore, StateStore};
+use tidemark_state::{Acquire, EmbeddedStore, Jobs, Leases, SourceLimits};
 use tidemark_telemetry::Metrics;
 use tidemark_worker::{WorkerDeps, WorkerError, WorkerOptions};
 use tokio::sync::oneshot;

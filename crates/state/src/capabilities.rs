@@ -1,0 +1,136 @@
+//! The state store's capabilities, one trait per thing a caller does with
+//! it, each documenting what it guarantees. [`StateStore`] is all of them,
+//! for the wiring code that hands one store to every role.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId};
+
+use crate::{Acquire, Control, StateError};
+
+/// The job table: create and list jobs, and hand out epochs.
+///
+/// Each job's epoch only grows, across restarts of the store too
+/// ([`tidemark_core::checkpoint::next_epoch`]). [`Jobs::acquire`] and
+/// [`Jobs::control`] each take a new epoch atomically, and taking one fences
+/// every earlier holder: from then on their [`Leases`] calls change nothing.
+/// The coordinator starts chains with it, operators steer jobs with it.
+#[async_trait]
+pub trait Jobs: Send + Sync {
+    /// Every job and its checkpoint, sorted by job. One read of the whole
+    /// table, not a snapshot: a job may change while it is listed.
+    async fn list(&self) -> Result<Vec<(JobId, Checkpoint)>, StateError>;
+    /// Create the job with `init` unless it exists (never overwrites); true
+    /// when created.
+    async fn ensure(&self, job: &JobId, init: &Checkpoint) -> Result<bool, StateError>;
+    /// Take the job's lease for `lease` under a new epoch. Refused while
+    /// another lease is live, the job is paused, or (unless `force`, an
+    /// operator's retry) it failed.
+    async fn acquire(
+        &self,
+        job: &JobId,
+        lease: Duration,
+        force: bool,
+    ) -> Result<Acquire, StateError>;
+    /// Pause, resume or rewind under a new epoch, which fences the chain in
+    /// flight so an operator wins over work in progress; returns the epoch.
+    async fn control(&self, job: &JobId, control: &Control) -> Result<u64, StateError>;
+}
+
+/// What the holder of a job's lease does: read the job and change it under
+/// its epoch.
+///
+/// Every change names the caller's epoch and is one atomic check-then-write:
+/// nothing is written unless that epoch is still the job's current one and
+/// the job is running. A holder that lost its lease
+/// (it expired and was re-issued, or an operator acted) is fenced: `false`,
+/// or [`CommitOutcome::Fenced`], and the stored state is untouched.
+#[async_trait]
+pub trait Leases: Send + Sync {
+    /// The job's checkpoint, if the job exists.
+    async fn get(&self, job: &JobId) -> Result<Option<Checkpoint>, StateError>;
+    /// Extend the lease by `lease` from now; false when fenced.
+    async fn renew(&self, job: &JobId, epoch: u64, lease: Duration) -> Result<bool, StateError>;
+    /// Give the lease up (the job stays running, so it is re-issued at once);
+    /// false when fenced.
+    async fn release(&self, job: &JobId, epoch: u64) -> Result<bool, StateError>;
+    /// The cursor step of DESIGN.md's life of a page, applied atomically
+    /// exactly as [`Checkpoint::apply`] specifies (applied once; a retry of
+    /// an applied commit answers `AlreadyApplied`); also renews the lease.
+    async fn commit(&self, job: &JobId, commit: &Commit) -> Result<CommitOutcome, StateError>;
+    /// Mark the job failed with `error`; false when fenced.
+    async fn fail(&self, job: &JobId, epoch: u64, error: &str) -> Result<bool, StateError>;
+    /// The cursor was rejected or expired: drop it and make the job due at
+    /// once, so the coordinator restarts it under a new epoch from
+    /// `start_from` (RFC 3339; `None`: the feed's start). False when fenced.
+    async fn recover(
+        &self,
+        job: &JobId,
+        epoch: u64,
+        start_from: Option<&str>,
+    ) -> Result<bool, StateError>;
+    /// Record T0 (RFC 3339) before a bulk walk, unless one is recorded
+    /// already (the first T0 stays); false when fenced.
+    async fn set_t0(&self, job: &JobId, epoch: u64, t0: &str) -> Result<bool, StateError>;
+}
+
+/// The feed registry: the config a coordinator registered, for workers that
+/// have no config file.
+///
+/// Its version changes exactly when the stored document does, so a reader
+/// polls [`FeedRegistry::registry_version`] and fetches the document only
+/// when the version moved. A version and its document are written and read
+/// together.
+#[async_trait]
+pub trait FeedRegistry: Send + Sync {
+    /// Store `doc` unless `digest` equals the stored document's digest;
+    /// returns the version in force.
+    async fn put_registry(&self, digest: &str, doc: &str) -> Result<u64, StateError>;
+    /// The registered document and its version.
+    async fn registry(&self) -> Result<Option<(u64, String)>, StateError>;
+    /// The registered version alone, cheaply.
+    async fn registry_version(&self) -> Result<Option<u64>, StateError>;
+}
+
+/// Coordinator leader election: at most one id holds the leadership at a
+/// time, for `ttl` after its last successful [`Leadership::try_lead`].
+///
+/// The store's clock decides when a lease lapses; [`crate::LeaderGuard`]
+/// adds the local deadline a leader needs to stop acting in time.
+#[async_trait]
+pub trait Leadership: Send + Sync {
+    /// Take or renew the leadership for `id`; true while `id` leads.
+    async fn try_lead(&self, id: &str, ttl: Duration) -> Result<bool, StateError>;
+    /// Give the leadership up if `id` holds it (a no-op otherwise).
+    async fn resign(&self, id: &str) -> Result<(), StateError>;
+}
+
+/// Limits shared by every process that calls one source: a rate limiter and
+/// a source-wide pause.
+///
+/// The limiter is one GCRA budget per source, checked and spent atomically,
+/// so all workers together stay within it. A pause only ever grows: a
+/// shorter pause never cuts a longer one short.
+#[async_trait]
+pub trait SourceLimits: Send + Sync {
+    /// One permit of `source`'s limiter (`per_second`, bursts of `burst`):
+    /// `None` when granted, else how long to wait before asking again.
+    async fn rate_acquire(
+        &self,
+        source: &str,
+        per_second: f64,
+        burst: u32,
+    ) -> Result<Option<Duration>, StateError>;
+    /// Pause every request to `source` until `until_ms` (unix ms); never
+    /// shortens a pause in force.
+    async fn pause_source(&self, source: &str, until_ms: u64) -> Result<(), StateError>;
+    /// The end of `source`'s pause (unix ms), if one is in force now.
+    async fn source_paused_until(&self, source: &str) -> Result<Option<u64>, StateError>;
+}
+
+/// Every capability of a store, for wiring code that builds one store and
+/// hands it to a role. Functions take the narrow traits they use.
+pub trait StateStore: Jobs + Leases + FeedRegistry + Leadership + SourceLimits {}
+
+impl<T> StateStore for T where T: Jobs + Leases + FeedRegistry + Leadership + SourceLimits + ?Sized {}
