@@ -1,4 +1,4 @@
-//! `tidemark run`: embedded mode on your own feeds (see [`crate::embedded`]).
+//! `tidemark run`: embedded mode on your own feeds (see [`tidemark_embedded`]).
 
 use std::future::Future;
 use std::io::Write;
@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use clap::Args;
 use tidemark_core::config::load_file;
+use tidemark_embedded::{EngineOptions, JsonlSink, Out, Owned, StateDir};
 use tidemark_telemetry::{Metrics, ReadyCheck};
 
-use crate::embedded::{self, EngineOptions, JsonlSink, Out, StateDir};
 use crate::exit::Failure;
 use crate::roles::Http;
 
@@ -65,8 +65,7 @@ pub async fn run(
         return Err(Failure::usage("--concurrency must be at least 1"));
     }
     let config = load_file(&args.config).map_err(|e| Failure::usage(e.to_string()))?;
-    let dir = StateDir::new(&args.state_dir);
-    let owned = take(&dir)?;
+    let owned = StateDir::new(&args.state_dir).take()?;
     let out = Out::parse(&args.out);
     let sink = Arc::new(JsonlSink::new(out.clone())?);
     let metrics = Metrics::new();
@@ -85,28 +84,19 @@ pub async fn run(
             Out::Stdout => "on stdout".into(),
         }
     );
-    let result = embedded::sync(config, &owned, sink, metrics, &args.engine(), shutdown).await;
+    let result =
+        tidemark_embedded::sync(config, &owned, sink, metrics, &args.engine(), shutdown).await;
     if let Some(http) = http {
         http.stop().await;
     }
     let _ = writeln!(err, "tidemark run: stopped; run it again to resume");
-    result
-}
-
-/// This process's hold on the state directory, or why it cannot have one.
-pub fn take(dir: &StateDir) -> Result<embedded::Owned, Failure> {
-    dir.take()?.ok_or_else(|| {
-        Failure::usage(format!(
-            "another tidemark run holds {} (see its lock file); stop it first, or use another --state-dir",
-            dir.dir.display()
-        ))
-    })
+    Ok(result?)
 }
 
 /// Serve the endpoints of an embedded run: metrics, health, status page, admin API.
 pub(crate) async fn serve(
     listen: &str,
-    owned: &embedded::Owned,
+    owned: &Owned,
     metrics: &Metrics,
     err: &mut (dyn Write + Send),
 ) -> Result<Http, Failure> {
