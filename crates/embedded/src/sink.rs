@@ -52,10 +52,6 @@ impl JsonlSink {
         })
     }
 
-    pub fn out(&self) -> &Out {
-        &self.out
-    }
-
     pub fn path(&self, feed: &str) -> Option<PathBuf> {
         match &self.out {
             Out::Dir(d) => Some(d.join(format!("{feed}.jsonl"))),
