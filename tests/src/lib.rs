@@ -1,7 +1,9 @@
-//! The end-to-end harness: real `tidemark` processes (mock API,
-//! coordinators, workers) against real Redis and RabbitMQ, and a checker
-//! that consumes the downstream exchange and compares what arrived with the
-//! mock's ground truth.
+//! The end-to-end suites' own support: the `tidemark` binary of this build,
+//! [`Cluster`] (one isolated deployment of real processes: mock API,
+//! coordinators, workers, against real Redis and RabbitMQ) and [`Checker`],
+//! which consumes the downstream exchange so a test can compare what
+//! arrived with the mock's ground truth. Processes and services come from
+//! tidemark-harness.
 //!
 //! Every cluster uses its own Redis key prefix, queue prefix and records
 //! exchange, and removes them (and its processes) when dropped, even when
@@ -13,9 +15,8 @@ pub mod redis_server;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -25,95 +26,22 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use tidemark_bus::amqp::BusConfig;
 use tidemark_core::checkpoint::{Checkpoint, JobId};
+use tidemark_harness::services;
+pub use tidemark_harness::services::host_port;
+pub use tidemark_harness::{Proc, Spawn};
 use tidemark_mock::{Truth, TruthRecord};
 use tidemark_state::{Jobs, RedisStore, StateStore};
 
-fn answers(hostport: &str) -> bool {
-    hostport
-        .parse::<std::net::SocketAddr>()
-        .ok()
-        .or_else(|| {
-            use std::net::ToSocketAddrs;
-            hostport.to_socket_addrs().ok().and_then(|mut a| a.next())
-        })
-        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
-}
-
-/// `host:port` of a `scheme://[user:pass@]host:port/...` URL.
-pub fn host_port(url: &str) -> &str {
-    let rest = url.split("://").nth(1).unwrap_or(url);
-    let rest = rest.rsplit('@').next().unwrap_or(rest);
-    rest.split('/').next().unwrap_or(rest)
-}
-
-fn docker() -> bool {
-    Command::new("docker")
-        .arg("info")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// The URL in `var` (else `default`) when something answers there; else,
-/// when Docker is available, the URL of a container that `start` starts
-/// once and that outlives this test binary.
-fn service_url(
-    var: &str,
-    default: &str,
-    what: &str,
-    start: impl FnOnce() -> (Box<dyn std::any::Any + Send + Sync>, String),
-) -> String {
-    let url = std::env::var(var).unwrap_or_else(|_| default.into());
-    if answers(host_port(&url)) {
-        return url;
-    }
-    assert!(
-        docker(),
-        "no {what} at {url} and no Docker: ./scripts/test starts one, or set {var}"
-    );
-    let (container, url) = start();
-    // Leaked on purpose: statics are never dropped, so the container lives as long as the binary.
-    Box::leak(Box::new(container));
-    url
-}
-
-/// REDIS_URL (default the local server) when it answers; else a container when Docker is there.
+/// REDIS_URL (default the local server) when it answers; else a container
+/// when Docker is there ([`tidemark_harness::services`]).
 pub fn redis_url() -> String {
-    static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        service_url("REDIS_URL", "redis://127.0.0.1:6379", "Redis", || {
-            use testcontainers_modules::testcontainers::runners::SyncRunner;
-            let c = testcontainers_modules::redis::Redis::default()
-                .start()
-                .expect("start a Redis container");
-            let port = c.get_host_port_ipv4(6379).expect("container port");
-            (Box::new(c), format!("redis://127.0.0.1:{port}"))
-        })
-    })
-    .clone()
+    services::redis_url().unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// AMQP_URL (default the local broker) when it answers; else a container when Docker is there.
+/// AMQP_URL (default the local broker) when it answers; else a container
+/// when Docker is there ([`tidemark_harness::services`]).
 pub fn amqp_url() -> String {
-    static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        service_url(
-            "AMQP_URL",
-            "amqp://guest:guest@127.0.0.1:5672/%2f",
-            "RabbitMQ",
-            || {
-                use testcontainers_modules::testcontainers::runners::SyncRunner;
-                let c = testcontainers_modules::rabbitmq::RabbitMq::default()
-                    .start()
-                    .expect("start a RabbitMQ container");
-                let port = c.get_host_port_ipv4(5672).expect("container port");
-                (
-                    Box::new(c),
-                    format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
-                )
-            },
-        )
-    })
-    .clone()
+    services::amqp_url().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The `tidemark` binary of this build. `cargo test --workspace` builds it
@@ -217,65 +145,6 @@ pub fn prefix_env(prefix: &str) -> [(String, String); 3] {
     ]
 }
 
-/// A child process whose stderr goes to a log file; killed when dropped.
-pub struct Proc {
-    pub name: String,
-    child: Child,
-    pub log: PathBuf,
-    /// The address it announced (mock API base URL, or metrics endpoint).
-    pub addr: Option<String>,
-}
-
-impl Proc {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-    /// SIGTERM, then wait up to `within` for the exit status.
-    pub fn term(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        self.signal("TERM");
-        self.wait(within)
-    }
-    /// Wait up to `within` for the process to exit by itself.
-    pub fn wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-    /// The first `http://…` address on a log line containing `marker`.
-    pub fn announced(&self, marker: &str) -> Option<String> {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let line = text.lines().find(|l| l.contains(marker))?;
-        let w = line.split_whitespace().find(|w| w.starts_with("http://"))?;
-        Some(w.trim_end_matches('/').to_string())
-    }
-    pub fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status();
-    }
-    pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Spawn `tidemark args...` and wait until its stderr has a line containing
 /// `ready_marker`; the URL in that line becomes `addr`.
 pub fn spawn(
@@ -297,56 +166,13 @@ pub fn spawn_to(
     ready_marker: &str,
     stdout: impl Into<Stdio>,
 ) -> Proc {
-    let log = dir.join(format!("{name}.log"));
-    let mut child = Command::new(tidemark_bin())
+    Spawn::new(tidemark_bin(), name, dir)
         .args(args)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
+        .envs(env)
+        .ready(ready_marker)
         .stdout(stdout)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let mut file = std::fs::File::create(&log).expect("log file");
-    let marker = ready_marker.to_string();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            let _ = writeln!(file, "{line}");
-            if !sent && line.contains(&marker) {
-                let _ = tx.send(line);
-                sent = true;
-            }
-        }
-    });
-    let line = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(l) => l,
-        Err(_) => {
-            let _ = child.kill();
-            panic!(
-                "{name} did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-    };
-    let addr = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .map(|w| {
-            let w = w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
-            match w.find("/metrics") {
-                Some(i) => w[..i].to_string(),
-                None => w.to_string(),
-            }
-        });
-    Proc {
-        name: name.into(),
-        child,
-        log,
-        addr,
-    }
+        .start()
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// One isolated deployment: mock API, config, names, processes.

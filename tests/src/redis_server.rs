@@ -66,17 +66,23 @@ impl RedisServer {
             child: None,
             tls_ca: ca.map(|c| c.ca_pem().to_string()),
         };
-        // The port is free when we look but another process may take it
-        // before redis-server binds, so a failed start gets a new port.
+        // redis-server cannot be handed a listener or announce a port it
+        // picked, so pick one; when it is taken, redis-server says so and
+        // exits, and the next try takes another.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
         let mut failure = String::new();
-        for _ in 0..3 {
-            server.port = free_port();
+        for i in 0..20 {
+            server.port = port_to_try(seed, i);
             match server.spawn() {
                 Ok(()) => return server,
-                Err(e) => failure = e,
+                Err(e) if e.contains("Address already in use") => failure = e,
+                Err(e) => panic!("{e}"),
             }
         }
-        panic!("{failure}");
+        panic!("no free port after 20 tries: {failure}");
     }
 
     /// `redis://127.0.0.1:<port>`, or `rediss://` for a TLS server.
@@ -252,17 +258,11 @@ impl Drop for RedisServer {
     }
 }
 
-/// A free port below the ephemeral range (32768+), so that while the server
-/// is down for a restart no outgoing connection is given its port.
-fn free_port() -> u16 {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    (0..2000u32)
-        .map(|i| 20_000 + ((seed.wrapping_add(i * 7919)) % 12_000) as u16)
-        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
-        .expect("a free port on 127.0.0.1 between 20000 and 32000")
+/// The `i`th port to try, spread from `seed` over 20000..32000: below the
+/// ephemeral range (32768+), so that while the server is down for a restart
+/// no outgoing connection is given its port.
+fn port_to_try(seed: u32, i: u32) -> u16 {
+    20_000 + (seed.wrapping_add(i.wrapping_mul(7919)) % 12_000) as u16
 }
 
 fn pong(addr: SocketAddr) -> bool {

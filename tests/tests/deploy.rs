@@ -217,13 +217,6 @@ fn start_order(services: &BTreeMap<String, ComposeService>) -> Vec<ComposeServic
     order
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -250,7 +243,8 @@ async fn delete_queue(name: &str) {
 /// What a compose service becomes as a local process.
 struct Mapping {
     services: BTreeMap<String, ComposeService>,
-    /// (service, port it listens on in its container) -> local port.
+    /// (service, port it listens on in its container) -> local port, once
+    /// the service has started on port 0 and announced the one it got.
     ports: HashMap<(String, u16), u16>,
     dir: PathBuf,
     prefix: String,
@@ -313,8 +307,8 @@ impl Mapping {
             } else if prev == "--host" && arg == "0.0.0.0" {
                 "127.0.0.1".to_string()
             } else if prev == "--port" {
-                let port: u16 = arg.parse().expect("--port");
-                self.ports[&(svc.name.clone(), port)].to_string()
+                // Any free port: the service announces the one it got.
+                "0".to_string()
             } else {
                 self.value(arg)
             };
@@ -342,7 +336,7 @@ impl Mapping {
         env
     }
 
-    fn spawn(&self, svc: &ComposeService, instance: &str) -> Proc {
+    fn spawn(&mut self, svc: &ComposeService, instance: &str) -> Proc {
         let marker = match svc.role() {
             "mock-api" => "mock API listening",
             "tail" => "tidemark tail: bound",
@@ -352,7 +346,17 @@ impl Mapping {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out =
             std::fs::File::create(self.dir.join(format!("{instance}.out"))).expect("stdout file");
-        tidemark_tests::spawn_to(instance, &args, &self.env(svc), &self.dir, marker, out)
+        let p = tidemark_tests::spawn_to(instance, &args, &self.env(svc), &self.dir, marker, out);
+        if let Some(port) = svc.arg_after("--port") {
+            let announced = p.addr.as_deref().expect("an announced address");
+            let local = reqwest::Url::parse(announced)
+                .ok()
+                .and_then(|u| u.port())
+                .expect("a port in the announced address");
+            self.ports
+                .insert((svc.name.clone(), port.parse().expect("port")), local);
+        }
+        p
     }
 }
 
@@ -450,18 +454,9 @@ async fn compose_services_run_as_local_processes_and_records_reach_the_printer()
         .prefix(&format!("{prefix}-"))
         .tempdir()
         .expect("tempdir");
-    let mut ports = HashMap::new();
-    for s in services.values().filter(|s| s.is_tidemark()) {
-        if let Some(p) = s.arg_after("--port") {
-            ports.insert(
-                (s.name.clone(), p.parse::<u16>().expect("port")),
-                free_port(),
-            );
-        }
-    }
-    let map = Mapping {
+    let mut map = Mapping {
         services: services.clone(),
-        ports,
+        ports: HashMap::new(),
         dir: dir.path().to_path_buf(),
         prefix: prefix.clone(),
     };

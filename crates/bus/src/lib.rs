@@ -7,10 +7,13 @@
 //! a lost connection or a timeout is an error, never a success.
 //! [`amqp::AmqpBus`] implements both on RabbitMQ with a supervisor that
 //! reconnects; [`memory`] implements both in process for embedded mode.
+//! [`subscriber::Subscription`] reads the records exchange, as a downstream
+//! consumer does.
 
 pub mod amqp;
 pub mod memory;
 mod message;
+pub mod subscriber;
 
 use std::time::Duration;
 

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use clap::Args;
 use tidemark_coordinator::ops::{self, Action, ActionReport, JobStatus, RewindTo};
+use tidemark_embedded::StateDir;
 use tidemark_state::StateStore;
 
-use crate::embedded::{StateDir, op_failure, state_failure};
 use crate::exit::Failure;
 use crate::tls::TlsArgs;
 
@@ -53,10 +53,8 @@ impl Target {
         action: &Action,
     ) -> Result<ActionReport, Failure> {
         match &self.state_dir {
-            Some(d) => StateDir::new(d).apply(feed, partition, action).await,
-            None => ops::apply(&*self.redis().await?, feed, partition, action)
-                .await
-                .map_err(op_failure),
+            Some(d) => Ok(StateDir::new(d).apply(feed, partition, action).await?),
+            None => Ok(ops::apply(&*self.redis().await?, feed, partition, action).await?),
         }
     }
 }
@@ -112,9 +110,7 @@ impl RewindArgs {
 
 pub async fn status(args: &StatusArgs, out: &mut dyn Write) -> Result<(), Failure> {
     let store = args.target.reader().await?;
-    let report = ops::status(&*store, args.feed.as_deref())
-        .await
-        .map_err(state_failure)?;
+    let report = ops::status(&*store, args.feed.as_deref()).await?;
     if let Some(f) = &args.feed
         && report.jobs.is_empty()
     {
@@ -230,17 +226,4 @@ pub fn table(jobs: &[JobStatus]) -> String {
         out.push_str("(no jobs yet: has a coordinator or run registered the feeds?)\n");
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_read_like_a_person_writes_them() {
-        assert_eq!(human_secs(3.4), "3s");
-        assert_eq!(human_secs(250.0), "4m10s");
-        assert_eq!(human_secs(7500.0), "2h05m");
-        assert_eq!(human_secs(3.0 * 86_400.0 + 4.0 * 3600.0), "3d04h");
-    }
 }

@@ -3,7 +3,7 @@
 //! live progress per feed, then polling for the records the mock keeps
 //! adding. Ctrl-C stops it; running it again resumes from the stored cursors.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tidemark_core::checkpoint::Phase;
 use tidemark_core::clock::now_ms;
 use tidemark_core::config::load_file;
+use tidemark_embedded::{EngineOptions, JsonlSink, Out, StateDir, progress};
 use tidemark_mock::{MockConfig, MockServer};
 use tidemark_state::{EmbeddedStore, Jobs};
 use tidemark_telemetry::Metrics;
+use tidemark_worker::WorkerOptions;
 
-use crate::embedded::{self, EngineOptions, JsonlSink, Out, StateDir};
 use crate::exit::Failure;
 
 #[derive(Args, Debug, Clone)]
@@ -42,48 +42,9 @@ pub struct DemoArgs {
     pub listen: Option<String>,
 }
 
-/// The three feeds: seed 003's Zendesk cursor, seed 001's Self/Next, seed 004's base64 keyset.
-fn demo_config(base_url: &str) -> String {
-    format!(
-        r#"# The config `tidemark demo` syncs; copy a feed and point it at your API.
-sources:
-  mock:
-    base_url: {base_url}
-    timeout: 10s
-    rate_limit: {{ per_second: 200, burst: 50 }}
-
-feeds:
-  # Seed 003: Zendesk incremental export (start_time, then after_cursor until end_of_stream).
-  - name: tickets
-    source: mock
-    path: /api/v2/incremental/tickets/cursor.json
-    records: /tickets
-    pagination: {{ preset: zendesk_cursor, page_size: 100 }}
-    key: /id
-    version: /updated_at
-    start: {{ param: start_time, format: unix, from: "2024-01-01T00:00:00Z" }}
-    every: 10s
-
-  # Seed 001: Cursors.Next / Cursors.Self; the next poll starts at the last Self.
-  - name: events
-    source: mock
-    path: /v1/events
-    pagination: {{ preset: self_next, page_size: 250 }}
-    key: /id
-    version: /updated_at
-    every: 10s
-
-  # Seed 004: a base64 keyset cursor in cursor.starting_at.
-  - name: items
-    source: mock
-    path: /items
-    pagination: {{ preset: cursor, page_size: 50 }}
-    key: /id
-    version: /updated_at
-    every: 10s
-"#
-    )
-}
+/// The three feeds: seed 003's Zendesk cursor, seed 001's Self/Next, seed
+/// 004's base64 keyset; `BASE_URL` becomes the mock's.
+const DEMO_CONFIG: &str = include_str!("demo.yaml");
 
 async fn start_mock(args: &DemoArgs) -> Result<MockServer, Failure> {
     let config = MockConfig {
@@ -107,11 +68,14 @@ pub async fn run(
     err: &mut (dyn Write + Send),
 ) -> Result<(), Failure> {
     let dir = StateDir::new(args.dir.join("state"));
-    let owned = crate::run::take(&dir)?;
+    let owned = dir.take()?;
     let mock = start_mock(args).await?;
     let config_path = args.dir.join("feeds.yaml");
-    std::fs::write(&config_path, demo_config(&mock.base_url()))
-        .map_err(|e| Failure::runtime(format!("cannot write {}: {e}", config_path.display())))?;
+    std::fs::write(
+        &config_path,
+        DEMO_CONFIG.replace("BASE_URL", &mock.base_url()),
+    )
+    .map_err(|e| Failure::runtime(format!("cannot write {}: {e}", config_path.display())))?;
     let config = load_file(&config_path).map_err(|e| Failure::usage(e.to_string()))?;
     let out_dir = args.dir.join("out");
     let sink = Arc::new(JsonlSink::new(Out::Dir(out_dir.clone()))?);
@@ -157,12 +121,15 @@ pub async fn run(
         mock.state(),
     ));
     let opts = EngineOptions {
-        concurrency: 4,
+        worker: WorkerOptions {
+            concurrency: 4,
+            grace: Duration::from_secs(10),
+            ..WorkerOptions::default()
+        },
         tick: Duration::from_millis(250),
-        grace: Duration::from_secs(10),
         ..EngineOptions::default()
     };
-    let result = embedded::sync(config, &owned, sink, metrics, &opts, shutdown).await;
+    let result = tidemark_embedded::sync(config, &owned, sink, metrics, &opts, shutdown).await;
     churn.abort();
     let _ = stop_progress.send(());
     let _ = progress.await;
@@ -170,7 +137,7 @@ pub async fn run(
     if let Some(http) = http {
         http.stop().await;
     }
-    let summary = summary(&owned.store).await;
+    let summary = progress::summary(&*owned.store).await;
     let _ = writeln!(
         err,
         "\ntidemark demo: stopped. {summary}\n\
@@ -179,7 +146,7 @@ pub async fn run(
         out_dir.display(),
         dir.dir.display()
     );
-    result
+    Ok(result?)
 }
 
 fn sink_paths(sink: &JsonlSink, config: &tidemark_core::Config) -> HashMap<String, PathBuf> {
@@ -188,62 +155,6 @@ fn sink_paths(sink: &JsonlSink, config: &tidemark_core::Config) -> HashMap<Strin
         .iter()
         .filter_map(|f| sink.path(&f.name).map(|p| (f.name.clone(), p)))
         .collect()
-}
-
-async fn summary(store: &EmbeddedStore) -> String {
-    let Ok(jobs) = store.list().await else {
-        return String::new();
-    };
-    let (pages, records) = jobs
-        .iter()
-        .fold((0, 0), |(p, r), (_, cp)| (p + cp.pages, r + cp.records));
-    format!(
-        "{} job(s), {pages} pages, {records} records committed",
-        jobs.len()
-    )
-}
-
-/// One feed's figures, summed over its partitions.
-#[derive(Default)]
-struct FeedView {
-    phase: &'static str,
-    pages: u64,
-    records: u64,
-    next_due_ms: u64,
-    error: Option<String>,
-}
-
-fn view(
-    jobs: &[(
-        tidemark_core::checkpoint::JobId,
-        tidemark_core::checkpoint::Checkpoint,
-    )],
-    feed: &str,
-) -> FeedView {
-    let mut v = FeedView {
-        phase: "waiting",
-        ..FeedView::default()
-    };
-    for (_, cp) in jobs.iter().filter(|(j, _)| j.feed == feed) {
-        v.pages += cp.pages;
-        v.records += cp.records;
-        v.next_due_ms = v.next_due_ms.max(cp.next_due_ms);
-        // The most telling phase wins: failed, running, paused, idle.
-        let rank = |p: &str| match p {
-            "failed" => 4,
-            "running" => 3,
-            "paused" => 2,
-            "idle" => 1,
-            _ => 0,
-        };
-        if rank(cp.phase.as_str()) > rank(v.phase) {
-            v.phase = cp.phase.as_str();
-        }
-        if cp.phase == Phase::Failed {
-            v.error = cp.last_error.clone();
-        }
-    }
-    v
 }
 
 /// Live progress: a bar per feed on a terminal, a line per feed every few
@@ -275,8 +186,7 @@ async fn show_progress(
             b
         })
         .collect();
-    // (time, records) samples per feed over the last few seconds, for records/s.
-    let mut samples: HashMap<String, VecDeque<(Instant, u64)>> = HashMap::new();
+    let mut rates: HashMap<String, progress::Rate> = HashMap::new();
     let mut last_line = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
@@ -294,18 +204,11 @@ async fn show_progress(
         let now = Instant::now();
         let mut lines = Vec::new();
         for (feed, bar) in feeds.iter().zip(&bars) {
-            let v = view(&jobs, feed);
-            let s = samples.entry(feed.clone()).or_default();
-            s.push_back((now, v.records));
-            while s.len() > 2 && now.duration_since(s[0].0) > Duration::from_secs(3) {
-                s.pop_front();
-            }
-            let rate = match (s.front(), s.back()) {
-                (Some(a), Some(b)) if b.0 > a.0 => {
-                    (b.1.saturating_sub(a.1)) as f64 / b.0.duration_since(a.0).as_secs_f64()
-                }
-                _ => 0.0,
-            };
+            let v = progress::view(&jobs, feed);
+            let rate = rates
+                .entry(feed.clone())
+                .or_default()
+                .sample(now, v.records);
             let phase = match v.phase {
                 "idle" => {
                     let wait = v.next_due_ms.saturating_sub(now_ms()) / 1000;

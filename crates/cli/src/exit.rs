@@ -33,3 +33,29 @@ impl fmt::Display for Failure {
 }
 
 impl std::error::Error for Failure {}
+
+impl From<tidemark_embedded::EmbeddedError> for Failure {
+    fn from(e: tidemark_embedded::EmbeddedError) -> Self {
+        if e.is_usage() {
+            Self::usage(e.to_string())
+        } else {
+            Self::runtime(e.to_string())
+        }
+    }
+}
+
+impl From<tidemark_coordinator::ops::OpError> for Failure {
+    fn from(e: tidemark_coordinator::ops::OpError) -> Self {
+        if e.is_usage() {
+            Self::usage(e.to_string())
+        } else {
+            Self::runtime(e.to_string())
+        }
+    }
+}
+
+impl From<tidemark_state::StateError> for Failure {
+    fn from(e: tidemark_state::StateError) -> Self {
+        Self::runtime(e.to_string())
+    }
+}

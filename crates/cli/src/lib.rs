@@ -1,14 +1,15 @@
 //! The `tidemark` command line: each subcommand is a library function here
-//! so tests and benchmarks can call it; `main.rs` only parses flags.
+//! so tests can call it; `main.rs` only parses flags. The engines live in
+//! libraries: embedded mode in tidemark-embedded, the roles in
+//! tidemark-coordinator and tidemark-worker, `bench` in tidemark-harness.
 
-pub mod bench;
 pub mod ctl;
 pub mod demo;
-pub mod embedded;
 pub mod exit;
 pub mod mockapi;
 pub mod pull;
 pub mod roles;
+mod rss;
 pub mod run;
 pub mod services;
 pub mod tail;

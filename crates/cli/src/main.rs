@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tidemark::exit::Failure;
-use tidemark::{bench, ctl, demo, mockapi, pull, roles, run, tail, validate};
+use tidemark::{ctl, demo, mockapi, pull, roles, run, tail, validate};
 use tidemark_coordinator::ops::Action;
 
 #[derive(Parser)]
@@ -93,9 +93,10 @@ enum Command {
         mock: tidemark_mock::MockArgs,
     },
     /// Benchmarks; results go to docs/BENCHMARKS.md.
+    #[cfg(feature = "bench")]
     Bench {
         #[command(subcommand)]
-        which: bench::BenchCommand,
+        which: tidemark_harness::bench::BenchCommand,
     },
 }
 
@@ -196,7 +197,15 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         Command::MockApi { host, port, mock } => {
             mockapi::run(&host, port, &mock, shutdown_signal(), &mut stderr).await?;
         }
-        Command::Bench { which } => bench::run(which, &mut std::io::stdout()).await?,
+        #[cfg(feature = "bench")]
+        Command::Bench { which } => {
+            // The benchmark starts this very binary for every role.
+            let exe = std::env::current_exe()
+                .map_err(|e| Failure::runtime(format!("cannot find this binary: {e}")))?;
+            tidemark_harness::bench::run(which, &exe, &mut stdout)
+                .await
+                .map_err(|e| Failure::runtime(e.to_string()))?;
+        }
     }
     Ok(())
 }

@@ -320,5 +320,5 @@ fn write_records(out: Box<dyn Write + Send>, rx: mpsc::Receiver<Chunk>) -> std::
 
 /// Peak resident set size of this process (Linux; None elsewhere).
 pub fn peak_rss_bytes() -> Option<u64> {
-    crate::bench::peak_rss_bytes("/proc/self/status")
+    crate::rss::peak_rss_bytes("/proc/self/status")
 }

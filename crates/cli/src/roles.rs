@@ -43,12 +43,6 @@ pub struct Infra {
     /// Serve /metrics, /healthz and /readyz here (port 0: a free port, printed on stderr).
     #[arg(long, env = "TIDEMARK_LISTEN")]
     pub listen: Option<String>,
-    /// After SIGTERM, how long in-flight work may take before it is handed back.
-    #[arg(long, env = "TIDEMARK_GRACE", default_value = "25s")]
-    pub grace: tidemark_core::Duration,
-    /// The lease of a chain: a chain silent this long is re-issued.
-    #[arg(long, env = "TIDEMARK_LEASE", default_value = "60s")]
-    pub lease: tidemark_core::Duration,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -57,15 +51,8 @@ pub struct CoordinatorArgs {
     pub config: PathBuf,
     #[command(flatten)]
     pub infra: Infra,
-    /// Time between two passes over the jobs.
-    #[arg(long, env = "TIDEMARK_TICK", default_value = "1s")]
-    pub tick: tidemark_core::Duration,
-    /// The leadership lease: how soon a standby takes over from a dead leader.
-    #[arg(long, env = "TIDEMARK_LEADER_TTL", default_value = "10s")]
-    pub leader_ttl: tidemark_core::Duration,
-    /// This replica's name in the leader election (default: host name and a random suffix).
-    #[arg(long, env = "TIDEMARK_ID")]
-    pub id: Option<String>,
+    #[command(flatten)]
+    pub opts: CoordinatorOptions,
     /// Serve the status page and the admin API here (the API needs TIDEMARK_ADMIN_TOKEN).
     #[arg(long, env = "TIDEMARK_ADMIN_LISTEN", default_value = "127.0.0.1:9465")]
     pub admin_listen: String,
@@ -75,15 +62,8 @@ pub struct CoordinatorArgs {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub infra: Infra,
-    /// Page tasks worked on at once.
-    #[arg(long, env = "TIDEMARK_CONCURRENCY", default_value_t = 8)]
-    pub concurrency: usize,
-    /// Attempts of a page that fails transiently before its job is marked failed.
-    #[arg(long, env = "TIDEMARK_MAX_ATTEMPTS", default_value_t = 8)]
-    pub max_attempts: u32,
-    /// First retry delay of a failed page (doubles per attempt, with jitter).
-    #[arg(long, env = "TIDEMARK_RETRY_BASE", default_value = "1s")]
-    pub retry_base: tidemark_core::Duration,
+    #[command(flatten)]
+    pub opts: WorkerOptions,
     /// MiB of downstream messages awaiting the broker's confirms at once;
     /// pages beyond it wait their turn. Bounds memory at high concurrency.
     #[arg(long, env = "TIDEMARK_MAX_UNCONFIRMED_MIB", default_value_t = 16,
@@ -272,15 +252,7 @@ pub async fn coordinator(
             "disabled: TIDEMARK_ADMIN_TOKEN is not set"
         }
     );
-    let mut opts = CoordinatorOptions {
-        tick: args.tick.std(),
-        lease: args.infra.lease.std(),
-        leader_ttl: args.leader_ttl.std(),
-        ..CoordinatorOptions::default()
-    };
-    if let Some(id) = args.id {
-        opts.id = id;
-    }
+    let opts = args.opts;
     let _ = writeln!(
         err,
         "tidemark coordinator {}: {} feed(s) from {}",
@@ -303,10 +275,8 @@ pub async fn worker(
     shutdown: impl Future<Output = ()> + Send,
     err: &mut (dyn Write + Send),
 ) -> Result<(), Failure> {
-    if args.concurrency == 0 {
-        return Err(Failure::usage("--concurrency must be at least 1"));
-    }
-    let prefetch = u16::try_from(args.concurrency).unwrap_or(u16::MAX);
+    // At least 1 and at most u16::MAX: the flag's parser checked.
+    let prefetch = u16::try_from(args.opts.concurrency).unwrap_or(u16::MAX);
     let w = Wiring::start(
         "worker",
         &args.infra,
@@ -317,55 +287,12 @@ pub async fn worker(
         err,
     )
     .await?;
-    let opts = WorkerOptions {
-        concurrency: args.concurrency,
-        lease: args.infra.lease.std(),
-        grace: args.infra.grace.std(),
-        ..WorkerOptions::default()
-    };
     let deps = WorkerDeps {
         store: w.store.clone() as Arc<dyn StateStore>,
         tasks: Arc::new(w.bus.clone()),
         downstream: Arc::new(w.bus.clone()),
         metrics: w.metrics.clone(),
     };
-    let result = tidemark_worker::run(deps, opts, shutdown).await;
+    let result = tidemark_worker::run(deps, args.opts, shutdown).await;
     w.finish(result).await
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use clap::Parser;
-
-    use super::Infra;
-
-    #[derive(Parser)]
-    struct Args {
-        #[command(flatten)]
-        infra: Infra,
-    }
-
-    /// A role's settings may be logged whole (`?infra`); the passwords in
-    /// the Redis and RabbitMQ URLs must not be.
-    #[test]
-    fn infra_debug_hides_service_passwords() {
-        let args = Args::try_parse_from([
-            "role",
-            "--redis-url",
-            "rediss://:redis-canary@redis:6380/0",
-            "--amqp-url",
-            "amqps://tm:amqp-canary@rabbit:5671/%2f",
-        ])
-        .unwrap();
-        let shown = format!("{:?}", args.infra);
-        assert!(!shown.contains("canary"), "{shown}");
-        assert!(shown.contains("rediss://:***@redis:6380/0"), "{shown}");
-        assert_eq!(
-            &*args.infra.amqp.url,
-            "amqps://tm:amqp-canary@rabbit:5671/%2f"
-        );
-        let bus = super::BusConfig::new(args.infra.amqp.url.to_string());
-        assert!(!format!("{bus:?}").contains("canary"));
-    }
 }

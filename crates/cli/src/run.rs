@@ -1,4 +1,4 @@
-//! `tidemark run`: embedded mode on your own feeds (see [`crate::embedded`]).
+//! `tidemark run`: embedded mode on your own feeds (see [`tidemark_embedded`]).
 
 use std::future::Future;
 use std::io::Write;
@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use clap::Args;
 use tidemark_core::config::load_file;
+use tidemark_embedded::{EngineOptions, JsonlSink, Out, Owned, StateDir};
 use tidemark_telemetry::{Metrics, ReadyCheck};
+use tidemark_worker::WorkerOptions;
 
-use crate::embedded::{self, EngineOptions, JsonlSink, Out, StateDir};
 use crate::exit::Failure;
 use crate::roles::Http;
 
@@ -23,21 +24,15 @@ pub struct RunArgs {
     /// A directory for one `<feed>.jsonl` file per feed, or `-` for stdout.
     #[arg(long, default_value = "tidemark-out")]
     pub out: String,
-    /// Pages worked on at once.
-    #[arg(long, env = "TIDEMARK_CONCURRENCY", default_value_t = 8)]
-    pub concurrency: usize,
     /// Walk every feed to its end of stream once, then exit (exit 1 if a job failed).
     #[arg(long)]
     pub once: bool,
     /// Time between two passes of the scheduler.
     #[arg(long, env = "TIDEMARK_TICK", default_value = "500ms")]
     pub tick: tidemark_core::Duration,
-    /// Attempts of a page that fails transiently before its job is marked failed.
-    #[arg(long, default_value_t = 5)]
-    pub max_attempts: u32,
-    /// After SIGTERM, how long in-flight pages may take to finish.
-    #[arg(long, default_value = "25s")]
-    pub grace: tidemark_core::Duration,
+    /// The worker's flags, as `tidemark worker` takes them.
+    #[command(flatten)]
+    pub worker: WorkerOptions,
     /// Serve /metrics, /healthz, /readyz, the status page and the admin API here.
     #[arg(long, env = "TIDEMARK_LISTEN")]
     pub listen: Option<String>,
@@ -46,12 +41,9 @@ pub struct RunArgs {
 impl RunArgs {
     pub fn engine(&self) -> EngineOptions {
         EngineOptions {
-            concurrency: self.concurrency,
+            worker: self.worker.clone(),
             tick: self.tick.std(),
-            grace: self.grace.std(),
-            max_attempts: self.max_attempts,
             once: self.once,
-            ..EngineOptions::default()
         }
     }
 }
@@ -61,12 +53,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
     err: &mut (dyn Write + Send),
 ) -> Result<(), Failure> {
-    if args.concurrency == 0 {
-        return Err(Failure::usage("--concurrency must be at least 1"));
-    }
     let config = load_file(&args.config).map_err(|e| Failure::usage(e.to_string()))?;
-    let dir = StateDir::new(&args.state_dir);
-    let owned = take(&dir)?;
+    let owned = StateDir::new(&args.state_dir).take()?;
     let out = Out::parse(&args.out);
     let sink = Arc::new(JsonlSink::new(out.clone())?);
     let metrics = Metrics::new();
@@ -85,28 +73,19 @@ pub async fn run(
             Out::Stdout => "on stdout".into(),
         }
     );
-    let result = embedded::sync(config, &owned, sink, metrics, &args.engine(), shutdown).await;
+    let result =
+        tidemark_embedded::sync(config, &owned, sink, metrics, &args.engine(), shutdown).await;
     if let Some(http) = http {
         http.stop().await;
     }
     let _ = writeln!(err, "tidemark run: stopped; run it again to resume");
-    result
-}
-
-/// This process's hold on the state directory, or why it cannot have one.
-pub fn take(dir: &StateDir) -> Result<embedded::Owned, Failure> {
-    dir.take()?.ok_or_else(|| {
-        Failure::usage(format!(
-            "another tidemark run holds {} (see its lock file); stop it first, or use another --state-dir",
-            dir.dir.display()
-        ))
-    })
+    Ok(result?)
 }
 
 /// Serve the endpoints of an embedded run: metrics, health, status page, admin API.
 pub(crate) async fn serve(
     listen: &str,
-    owned: &embedded::Owned,
+    owned: &Owned,
     metrics: &Metrics,
     err: &mut (dyn Write + Send),
 ) -> Result<Http, Failure> {

@@ -9,8 +9,8 @@ use std::future::Future;
 use std::io::Write;
 
 use clap::Args;
-use futures::StreamExt;
-use lapin::options::BasicAckOptions;
+use tidemark_bus::amqp::SubscribeOptions;
+use tidemark_bus::subscriber::Subscription;
 
 use crate::exit::Failure;
 use crate::tls::{TlsArgs, explain};
@@ -54,12 +54,12 @@ pub async fn run(
         None => "#".to_string(),
     };
     let ca_pem = args.tls.ca_pem()?;
-    let (conn, mut consumer, queue) = tidemark_bus::amqp::subscribe_with(
+    let mut sub = Subscription::start(
         &args.amqp.url,
         &args.records_exchange,
         &pattern,
         "tidemark-tail",
-        tidemark_bus::amqp::SubscribeOptions {
+        SubscribeOptions {
             queue: args.queue.as_deref(),
             no_ack: false,
             tls_ca_pem: ca_pem.as_deref(),
@@ -75,36 +75,31 @@ pub async fn run(
     })?;
     let _ = writeln!(
         err,
-        "tidemark tail: bound {queue} to {} with {pattern}; Ctrl-C stops",
+        "tidemark tail: bound {} to {} with {pattern}; Ctrl-C stops",
+        sub.queue(),
         args.records_exchange
     );
     let mut seen: HashSet<String> = HashSet::new();
     let (mut printed, mut dropped) = (0u64, 0u64);
     tokio::pin!(shutdown);
     loop {
-        let d = tokio::select! {
+        let m = tokio::select! {
             () = &mut shutdown => break,
-            d = consumer.next() => match d {
-                Some(Ok(d)) => d,
+            m = sub.next() => match m {
+                Some(Ok(m)) => m,
                 Some(Err(e)) => return Err(Failure::runtime(format!("delivery: {e}"))),
                 None => break,
             },
         };
-        let id = d
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        if args.dedupe && !seen.insert(id) {
+        if args.dedupe && !seen.insert(m.message_id.clone().unwrap_or_default()) {
             dropped += 1;
         } else {
-            out.write_all(&d.data)
+            out.write_all(&m.body)
                 .and_then(|_| out.write_all(b"\n"))
                 .map_err(|e| Failure::runtime(format!("cannot write: {e}")))?;
             printed += 1;
         }
-        let _ = d.ack(BasicAckOptions::default()).await;
+        let _ = m.ack().await;
         if args.limit.is_some_and(|l| printed >= l) {
             break;
         }
@@ -114,6 +109,6 @@ pub async fn run(
         err,
         "tidemark tail: {printed} message(s) printed, {dropped} repeat(s) dropped"
     );
-    let _ = conn.close(200, "bye".into()).await;
+    sub.close().await;
     Ok(())
 }

@@ -32,35 +32,41 @@ use tidemark_core::Config;
 use tidemark_core::checkpoint::{Checkpoint, JobId, Phase, Stage};
 use tidemark_core::clock::now_ms;
 use tidemark_core::config::Mode;
+use tidemark_core::options::parse_duration;
 use tidemark_core::timefmt::parse_timestamp;
 use tidemark_state::registry::publish_config;
 use tidemark_state::{Acquire, LeaderGuard, StateError, StateStore};
 use tidemark_telemetry::Metrics;
 
-/// How a coordinator behaves.
-#[derive(Debug, Clone)]
+/// How a coordinator behaves: the flags of `tidemark coordinator`;
+/// `Default` is the flags' defaults.
+#[derive(Debug, Clone, clap::Args)]
 pub struct CoordinatorOptions {
-    /// This replica's name in the leader election.
+    /// This replica's name in the leader election (default: a random one).
+    #[arg(long, env = "TIDEMARK_ID", default_value_t = default_id())]
     pub id: String,
     /// Time between two passes over the jobs.
+    #[arg(long, env = "TIDEMARK_TICK", default_value = "1s", value_parser = parse_duration)]
     pub tick: Duration,
-    /// The lease a chain holds; a chain silent for longer is re-issued.
+    /// The lease of a chain: a chain silent this long is re-issued.
+    #[arg(long, env = "TIDEMARK_LEASE", default_value = "60s", value_parser = parse_duration)]
     pub lease: Duration,
-    /// The leadership lease; a standby takes over this long after a leader dies.
+    /// The leadership lease: how soon a standby takes over from a dead leader.
+    #[arg(long, env = "TIDEMARK_LEADER_TTL", default_value = "10s", value_parser = parse_duration)]
     pub leader_ttl: Duration,
     /// How often the registry and the job list are written again (time windows grow).
+    #[arg(long, env = "TIDEMARK_REGISTER_EVERY", default_value = "60s", value_parser = parse_duration)]
     pub register_every: Duration,
+}
+
+/// A leader-election name no other replica has.
+fn default_id() -> String {
+    format!("coordinator-{}", uuid::Uuid::new_v4().simple())
 }
 
 impl Default for CoordinatorOptions {
     fn default() -> Self {
-        Self {
-            id: format!("coordinator-{}", uuid::Uuid::new_v4().simple()),
-            tick: Duration::from_secs(1),
-            lease: Duration::from_secs(60),
-            leader_ttl: Duration::from_secs(10),
-            register_every: Duration::from_secs(60),
-        }
+        tidemark_core::options::defaults()
     }
 }
 

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod duration;
 pub mod jsonbytes;
+pub mod options;
 pub mod pagination;
 pub mod pointer;
 pub mod record;

@@ -59,8 +59,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use clap::builder::TypedValueParser as _;
 use tidemark_bus::{BusError, Downstream, PageTask, TaskDelivery, TaskQueue};
 use tidemark_core::checkpoint::JobId;
+use tidemark_core::options::parse_duration;
 use tidemark_state::StateStore;
 use tidemark_telemetry::Metrics;
 use tokio::sync::Semaphore;
@@ -68,27 +70,31 @@ use tokio::task::JoinSet;
 
 pub use page::Outcome;
 
-/// How a worker behaves.
-#[derive(Debug, Clone)]
+/// How a worker behaves: the flags of `tidemark worker` (and of `tidemark
+/// run`, whose worker it configures); `Default` is the flags' defaults.
+/// Retries are not here: the source's `retry:` block governs them.
+#[derive(Debug, Clone, clap::Args)]
 pub struct WorkerOptions {
     /// Page tasks worked on at once.
+    #[arg(long, env = "TIDEMARK_CONCURRENCY", default_value = "8",
+          value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
     pub concurrency: usize,
-    /// The job lease a page holds and renews while it works.
+    /// The lease of a chain: a chain silent this long is re-issued. A page
+    /// renews it every third of it while it works.
+    #[arg(long, env = "TIDEMARK_LEASE", default_value = "60s", value_parser = parse_duration)]
     pub lease: Duration,
-    /// How long in-flight pages may take to finish after shutdown.
+    /// After SIGTERM, how long in-flight pages may take to finish before
+    /// they are handed back.
+    #[arg(long, env = "TIDEMARK_GRACE", default_value = "25s", value_parser = parse_duration)]
     pub grace: Duration,
-    /// How often the feed registry's version is checked.
+    /// How often the feed registry's version is checked for a new config.
+    #[arg(long, env = "TIDEMARK_REGISTRY_REFRESH", default_value = "2s", value_parser = parse_duration)]
     pub registry_refresh: Duration,
 }
 
 impl Default for WorkerOptions {
     fn default() -> Self {
-        Self {
-            concurrency: 8,
-            lease: Duration::from_secs(60),
-            grace: Duration::from_secs(25),
-            registry_refresh: Duration::from_secs(2),
-        }
+        tidemark_core::options::defaults()
     }
 }
 

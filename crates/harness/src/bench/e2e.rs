@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::procs::{Role, tail};
 use super::prom::{Buckets, Scrape};
 use super::sink::{self, Ceiling, Sink};
-use crate::exit::Failure;
+use crate::HarnessError;
+use crate::proc::{Proc, Spawn, tail};
+use crate::services::{self, Service};
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -35,12 +36,16 @@ pub struct E2eBench {
     /// Scenarios to run, comma-separated (default: all three).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub scenario: Vec<Scenario>,
-    #[command(flatten)]
-    pub redis: crate::services::RedisArg,
-    #[command(flatten)]
-    pub amqp: crate::services::AmqpArg,
-    #[command(flatten)]
-    pub tls: crate::tls::TlsArgs,
+    /// Redis URL (default: REDIS_URL, else the local server).
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// RabbitMQ URL (default: AMQP_URL, else the local broker).
+    #[arg(long, value_name = "URL")]
+    pub amqp_url: Option<String>,
+    /// PEM file of CA certificates to trust for rediss:// and amqps://
+    /// (handed to the roles, which check it).
+    #[arg(long, env = "TIDEMARK_TLS_CA_FILE", value_name = "PATH")]
+    pub tls_ca_file: Option<PathBuf>,
     /// Approximate JSON size of one record.
     #[arg(long, default_value_t = 330)]
     pub record_bytes: usize,
@@ -215,7 +220,11 @@ impl Machine {
     }
 }
 
-pub async fn run(b: &E2eBench, out: &mut dyn std::io::Write) -> Result<(), Failure> {
+pub async fn run(
+    b: &E2eBench,
+    exe: &Path,
+    out: &mut dyn std::io::Write,
+) -> Result<(), HarnessError> {
     let all = [Scenario::Throughput, Scenario::ScaleOut, Scenario::ManyJobs];
     let scenarios: Vec<Scenario> = if b.scenario.is_empty() {
         all.to_vec()
@@ -231,22 +240,22 @@ pub async fn run(b: &E2eBench, out: &mut dyn std::io::Write) -> Result<(), Failu
     }
     for s in scenarios {
         match s {
-            Scenario::Throughput => throughput(b, &mut report).await?,
+            Scenario::Throughput => throughput(b, exe, &mut report).await?,
             Scenario::ScaleOut => {
                 for &w in &b.scale_workers {
                     report
                         .scale_out
-                        .push(run_system(b, &scale_out_spec(b, w)).await?);
+                        .push(run_system(b, exe, &scale_out_spec(b, w)).await?);
                 }
             }
             Scenario::ManyJobs => report
                 .many_jobs
-                .push(run_system(b, &many_jobs_spec(b)).await?),
+                .push(run_system(b, exe, &many_jobs_spec(b)).await?),
         }
     }
     if b.json {
-        let text =
-            serde_json::to_string_pretty(&report).map_err(|e| Failure::runtime(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| HarnessError::bench(e.to_string()))?;
         let _ = writeln!(out, "{text}");
     } else {
         let _ = write!(out, "{}", render(&report));
@@ -254,15 +263,15 @@ pub async fn run(b: &E2eBench, out: &mut dyn std::io::Write) -> Result<(), Failu
     Ok(())
 }
 
-async fn throughput(b: &E2eBench, report: &mut Report) -> Result<(), Failure> {
+async fn throughput(b: &E2eBench, exe: &Path, report: &mut Report) -> Result<(), HarnessError> {
     report.ceiling = measure_ceiling(b).await?;
     for per in ["record", "page"] {
         report
             .throughput
-            .push(run_system(b, &throughput_spec(b, per)).await?);
+            .push(run_system(b, exe, &throughput_spec(b, per)).await?);
     }
     if b.compare {
-        report.compare = compare(b).await?;
+        report.compare = compare(b, exe).await?;
     }
     Ok(())
 }
@@ -384,16 +393,26 @@ struct Deployment {
 }
 
 impl Deployment {
-    fn new(b: &E2eBench) -> Result<Self, Failure> {
+    fn new(b: &E2eBench) -> Result<Self, HarnessError> {
         Ok(Deployment {
             prefix: format!(
                 "tmbench{}",
                 &uuid::Uuid::new_v4().simple().to_string()[..12]
             ),
-            amqp_url: b.amqp.url.to_string(),
-            redis_url: b.redis.url.to_string(),
-            tls_ca_file: b.tls.tls_ca_file.clone(),
-            tls_ca_pem: b.tls.ca_pem()?,
+            amqp_url: services::url(Service::RabbitMq, b.amqp_url.as_deref())?,
+            redis_url: services::url(Service::Redis, b.redis_url.as_deref())?,
+            tls_ca_file: b.tls_ca_file.clone(),
+            tls_ca_pem: b
+                .tls_ca_file
+                .as_deref()
+                .map(|f| {
+                    std::fs::read_to_string(f).map_err(|source| HarnessError::Io {
+                        what: "cannot read --tls-ca-file",
+                        path: f.to_path_buf(),
+                        source,
+                    })
+                })
+                .transpose()?,
         })
     }
     fn exchange(&self) -> String {
@@ -439,13 +458,29 @@ impl Deployment {
     }
 }
 
+/// Start a child on a blocking thread: its start-up waits for a ready line.
+async fn start(spawn: Spawn) -> Result<Proc, HarnessError> {
+    tokio::task::spawn_blocking(move || spawn.start())
+        .await
+        .map_err(|e| HarnessError::bench(format!("a start-up task failed: {e}")))?
+}
+
+/// Stop children on blocking threads, all at once.
+async fn stop(procs: Vec<Proc>, within: Duration) {
+    let stopping = procs
+        .into_iter()
+        .map(|p| tokio::task::spawn_blocking(move || p.stop(within)));
+    futures::future::join_all(stopping).await;
+}
+
 async fn start_mock(
+    exe: &Path,
     dir: &Path,
     records: usize,
     page_size: usize,
     record_bytes: usize,
     latency_ms: u64,
-) -> Result<Role, Failure> {
+) -> Result<Proc, HarnessError> {
     let args: Vec<String> = [
         "mock-api",
         "--port",
@@ -462,19 +497,24 @@ async fn start_mock(
     .iter()
     .map(|s| s.to_string())
     .collect();
-    Role::spawn("mock", &args, &[], dir, "listening on").await
+    start(
+        Spawn::new(exe, "mock", dir)
+            .args(&args)
+            .ready("listening on"),
+    )
+    .await
 }
 
-async fn scrape(client: &reqwest::Client, role: &Role) -> Result<Scrape, Failure> {
+async fn scrape(client: &reqwest::Client, role: &Proc) -> Result<Scrape, HarnessError> {
     let text = client
-        .get(format!("{}/metrics", role.addr))
+        .get(format!("{}/metrics", role.url()?))
         .send()
         .await
         .and_then(|r| r.error_for_status())
-        .map_err(|e| Failure::runtime(format!("{} /metrics: {e}", role.name)))?
+        .map_err(|e| HarnessError::bench(format!("{} /metrics: {e}", role.name)))?
         .text()
         .await
-        .map_err(|e| Failure::runtime(format!("{} /metrics: {e}", role.name)))?;
+        .map_err(|e| HarnessError::bench(format!("{} /metrics: {e}", role.name)))?;
     Ok(Scrape::new(text))
 }
 
@@ -492,17 +532,17 @@ fn ms(s: Option<f64>) -> Option<f64> {
 }
 
 /// Start the system for `spec`, wait for every record, measure, tear down.
-async fn run_system(b: &E2eBench, spec: &Spec) -> Result<RunResult, Failure> {
+async fn run_system(b: &E2eBench, exe: &Path, spec: &Spec) -> Result<RunResult, HarnessError> {
     let dir = tempfile::Builder::new()
         .prefix("tidemark-bench-")
         .tempdir()
-        .map_err(|e| Failure::runtime(e.to_string()))?;
+        .map_err(|e| HarnessError::bench(e.to_string()))?;
     let d = Deployment::new(b)?;
     eprintln!(
         "bench: {}: {} jobs, {} records expected, {} worker(s) x {} ...",
         spec.label, spec.jobs, spec.expected_records, spec.workers, spec.concurrency
     );
-    let result = run_in(b, spec, &d, dir.path()).await;
+    let result = run_in(b, exe, spec, &d, dir.path()).await;
     d.cleanup().await;
     if result.is_err() {
         // Keep the logs of a failed run.
@@ -514,11 +554,13 @@ async fn run_system(b: &E2eBench, spec: &Spec) -> Result<RunResult, Failure> {
 
 async fn run_in(
     b: &E2eBench,
+    exe: &Path,
     spec: &Spec,
     d: &Deployment,
     dir: &Path,
-) -> Result<RunResult, Failure> {
+) -> Result<RunResult, HarnessError> {
     let mut mock = start_mock(
+        exe,
         dir,
         spec.records,
         spec.page_size,
@@ -531,10 +573,11 @@ async fn run_in(
         &config,
         format!(
             "sources:\n  mock:\n    base_url: {}\n    timeout: 30s\n\nfeeds:\n{}",
-            mock.addr, spec.feeds_yaml
+            mock.url()?,
+            spec.feeds_yaml
         ),
     )
-    .map_err(|e| Failure::runtime(e.to_string()))?;
+    .map_err(|e| HarnessError::bench(e.to_string()))?;
     let sink = Sink::start(&d.amqp_url, d.tls_ca_pem.as_deref(), &d.exchange()).await?;
     let env = d.env();
     let mut workers = Vec::new();
@@ -553,19 +596,14 @@ async fn run_in(
                     .replace("{run}", &slug(&spec.label))
             })
             .collect();
-        workers.push(
-            Role::spawn_wrapped(
-                &format!("worker-{i}"),
-                &wrapper,
-                &args,
-                &env,
-                dir,
-                "metrics on",
-            )
-            .await?,
-        );
+        let worker = Spawn::new(exe, &format!("worker-{i}"), dir)
+            .wrapper(wrapper)
+            .args(&args)
+            .envs(&env)
+            .ready("metrics on");
+        workers.push(start(worker).await?);
     }
-    let worker_cpu_before: Option<Duration> = workers.iter().map(Role::cpu).sum();
+    let worker_cpu_before: Option<Duration> = workers.iter().map(Proc::cpu).sum();
     let coordinator_args = vec![
         "coordinator".to_string(),
         "--config".into(),
@@ -573,15 +611,18 @@ async fn run_in(
         "--id".into(),
         "bench-coordinator".into(),
     ];
-    let mut coordinator =
-        Role::spawn("coordinator", &coordinator_args, &env, dir, "metrics on").await?;
+    let coordinator = Spawn::new(exe, "coordinator", dir)
+        .args(&coordinator_args)
+        .envs(&env)
+        .ready("metrics on");
+    let mut coordinator = start(coordinator).await?;
     let coordinator_cpu_before = coordinator.cpu();
 
     let arrived = sink
         .wait_for(spec.expected_records, b.timeout.std(), || {
             mock.check_alive()?;
             coordinator.check_alive()?;
-            workers.iter_mut().try_for_each(Role::check_alive)
+            workers.iter_mut().try_for_each(Proc::check_alive)
         })
         .await;
     let arrived = match arrived {
@@ -593,10 +634,7 @@ async fn run_in(
                 .map(|r| format!("\n----- {} -----\n{}", r.name, tail(&r.log, 15)))
                 .collect();
             sink.close().await;
-            return Err(Failure::runtime(format!(
-                "{}: {}{logs}",
-                spec.label, e.message
-            )));
+            return Err(HarnessError::bench(format!("{}: {}{logs}", spec.label, e)));
         }
     };
     // Every record has arrived; the last commits follow within a moment.
@@ -613,7 +651,7 @@ async fn run_in(
     let passes = cs.buckets("tidemark_coordinator_pass_seconds");
     let worker_cpu = workers
         .iter()
-        .map(Role::cpu)
+        .map(Proc::cpu)
         .sum::<Option<Duration>>()
         .zip(worker_cpu_before)
         .map(|(after, before)| after.saturating_sub(before).as_secs_f64());
@@ -623,28 +661,27 @@ async fn run_in(
         .map(|(a, b)| a.saturating_sub(b).as_secs_f64());
     let worker_peak_rss_mib = workers
         .iter()
-        .filter_map(Role::peak_rss_bytes)
+        .filter_map(Proc::peak_rss_bytes)
         .map(|b| b as f64 / 1048576.0)
         .collect();
     let stats_body = client
-        .get(format!("{}/_stats", mock.addr))
+        .get(format!("{}/_stats", mock.url()?))
         .send()
         .await
-        .map_err(|e| Failure::runtime(format!("mock /_stats: {e}")))?
+        .map_err(|e| HarnessError::bench(format!("mock /_stats: {e}")))?
         .bytes()
         .await
-        .map_err(|e| Failure::runtime(format!("mock /_stats: {e}")))?;
+        .map_err(|e| HarnessError::bench(format!("mock /_stats: {e}")))?;
     let mock_stats: serde_json::Value = serde_json::from_slice(&stats_body)
-        .map_err(|e| Failure::runtime(format!("mock /_stats: {e}")))?;
+        .map_err(|e| HarnessError::bench(format!("mock /_stats: {e}")))?;
     let mock_cpu = mock.cpu().map(|c| c.as_secs_f64());
     let first_ms = mock_stats["first_request_ms"]
         .as_f64()
-        .ok_or_else(|| Failure::runtime("the mock saw no request"))?;
+        .ok_or_else(|| HarnessError::bench("the mock saw no request"))?;
     sink.close().await;
     let grace = Duration::from_secs(30);
-    futures::future::join_all(workers.into_iter().map(|w| w.stop(grace))).await;
-    coordinator.stop(grace).await;
-    mock.stop(grace).await;
+    stop(workers, grace).await;
+    stop(vec![coordinator, mock], grace).await;
 
     let seconds = ((arrived.last_ms - first_ms) / 1000.0).max(1e-3);
     let records = arrived.records;
@@ -675,7 +712,7 @@ async fn run_in(
 
 /// The broker's ceiling through the same sink: record-sized and page-sized
 /// messages from a minimal confirmed publisher.
-async fn measure_ceiling(b: &E2eBench) -> Result<Vec<Ceiling>, Failure> {
+async fn measure_ceiling(b: &E2eBench) -> Result<Vec<Ceiling>, HarnessError> {
     let d = Deployment::new(b)?;
     let sink = Sink::start(&d.amqp_url, d.tls_ca_pem.as_deref(), &d.exchange()).await?;
     eprintln!("bench: the broker ceiling ...");
@@ -720,9 +757,10 @@ async fn measure_ceiling(b: &E2eBench) -> Result<Vec<Ceiling>, Failure> {
 
 /// bench/compare.py over the throughput scenario's pages: the same mock, the
 /// same next-URL style and 1000-record pages.
-async fn compare(b: &E2eBench) -> Result<Vec<ToolResult>, Failure> {
-    let dir = tempfile::tempdir().map_err(|e| Failure::runtime(e.to_string()))?;
+async fn compare(b: &E2eBench, exe: &Path) -> Result<Vec<ToolResult>, HarnessError> {
+    let dir = tempfile::tempdir().map_err(|e| HarnessError::bench(e.to_string()))?;
     let mut mock = start_mock(
+        exe,
         dir.path(),
         b.compare_records,
         b.throughput_page_size,
@@ -732,7 +770,8 @@ async fn compare(b: &E2eBench) -> Result<Vec<ToolResult>, Failure> {
     .await?;
     let url = format!(
         "{}/jsonapi/records?limit={}",
-        mock.addr, b.throughput_page_size
+        mock.url()?,
+        b.throughput_page_size
     );
     let py = super::python(b.python.as_deref());
     let mut results = Vec::new();
@@ -744,23 +783,23 @@ async fn compare(b: &E2eBench) -> Result<Vec<ToolResult>, Failure> {
             .stderr(std::process::Stdio::inherit())
             .output()
             .await
-            .map_err(|e| Failure::runtime(format!("cannot run {}: {e}", py.display())))?;
+            .map_err(|e| HarnessError::bench(format!("cannot run {}: {e}", py.display())))?;
         mock.check_alive()?;
         if !output.status.success() {
-            return Err(Failure::runtime(format!(
+            return Err(HarnessError::bench(format!(
                 "{} --tool {tool} failed ({}); run bench/setup-python.sh first",
                 b.compare_script.display(),
                 output.status
             )));
         }
         let mut r: ToolResult = serde_json::from_slice(&output.stdout).map_err(|e| {
-            Failure::runtime(format!(
+            HarnessError::bench(format!(
                 "{} printed no JSON summary: {e}",
                 b.compare_script.display()
             ))
         })?;
         if r.records != b.compare_records as u64 {
-            return Err(Failure::runtime(format!(
+            return Err(HarnessError::bench(format!(
                 "{} walked {} records, expected {}",
                 r.tool, r.records, b.compare_records
             )));
@@ -768,7 +807,7 @@ async fn compare(b: &E2eBench) -> Result<Vec<ToolResult>, Failure> {
         r.records_per_sec = r.records as f64 / r.seconds.max(1e-6);
         results.push(r);
     }
-    mock.stop(Duration::from_secs(5)).await;
+    stop(vec![mock], Duration::from_secs(5)).await;
     Ok(results)
 }
 

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::exit::Failure;
+use crate::HarnessError;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct PullBench {
@@ -93,19 +93,23 @@ fn write_pages(dir: &Path, base: &str, b: &PullBench) -> std::io::Result<u64> {
     Ok(total)
 }
 
-pub async fn pull_bench(b: &PullBench, out: &mut dyn Write) -> Result<(), Failure> {
-    let dir = tempfile::tempdir().map_err(|e| Failure::runtime(e.to_string()))?;
+pub async fn pull_bench(
+    b: &PullBench,
+    exe: &Path,
+    out: &mut dyn Write,
+) -> Result<(), HarnessError> {
+    let dir = tempfile::tempdir().map_err(|e| HarnessError::bench(e.to_string()))?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .map_err(|e| Failure::runtime(format!("cannot bind: {e}")))?;
+        .map_err(|e| HarnessError::bench(format!("cannot bind: {e}")))?;
     let addr = listener
         .local_addr()
-        .map_err(|e| Failure::runtime(e.to_string()))?;
+        .map_err(|e| HarnessError::bench(e.to_string()))?;
     let base = format!("http://{addr}");
     let bytes = write_pages(dir.path(), &base, b)
-        .map_err(|e| Failure::runtime(format!("cannot write pages: {e}")))?;
+        .map_err(|e| HarnessError::bench(format!("cannot write pages: {e}")))?;
     let app = static_files(dir.path())
-        .map_err(|e| Failure::runtime(format!("cannot load pages: {e}")))?;
+        .map_err(|e| HarnessError::bench(format!("cannot load pages: {e}")))?;
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let config = dir.path().join("bench.yaml");
@@ -115,13 +119,12 @@ pub async fn pull_bench(b: &PullBench, out: &mut dyn Write) -> Result<(), Failur
             "sources:\n  static: {{ base_url: \"{base}\" }}\nfeeds:\n  - name: bench\n    source: static\n    path: /pages/1.json\n    records: /data\n    pagination: {{ next_url: /next }}\n    key: /id\n"
         ),
     )
-    .map_err(|e| Failure::runtime(e.to_string()))?;
-    let exe = std::env::current_exe().map_err(|e| Failure::runtime(e.to_string()))?;
+    .map_err(|e| HarnessError::bench(e.to_string()))?;
     let expected = (b.pages * b.page_size) as u64;
 
     let mut results: Vec<RunResult> = Vec::new();
     for _ in 0..b.runs {
-        results.push(run_tidemark(&exe, &config, dir.path()).await?);
+        results.push(run_tidemark(exe, &config, dir.path()).await?);
     }
     if b.dlt {
         for _ in 0..b.runs {
@@ -132,7 +135,7 @@ pub async fn pull_bench(b: &PullBench, out: &mut dyn Write) -> Result<(), Failur
     server.abort();
     for r in &results {
         if r.records != expected {
-            return Err(Failure::runtime(format!(
+            return Err(HarnessError::bench(format!(
                 "{} delivered {} records, expected {expected}",
                 r.tool, r.records
             )));
@@ -224,7 +227,7 @@ fn static_files(dir: &Path) -> std::io::Result<axum::Router> {
     }))
 }
 
-async fn run_tidemark(exe: &Path, config: &Path, dir: &Path) -> Result<RunResult, Failure> {
+async fn run_tidemark(exe: &Path, config: &Path, dir: &Path) -> Result<RunResult, HarnessError> {
     let stats = dir.join("stats.json");
     let started = Instant::now();
     let status = tokio::process::Command::new(exe)
@@ -236,15 +239,17 @@ async fn run_tidemark(exe: &Path, config: &Path, dir: &Path) -> Result<RunResult
         .stderr(Stdio::null())
         .status()
         .await
-        .map_err(|e| Failure::runtime(format!("cannot run tidemark pull: {e}")))?;
+        .map_err(|e| HarnessError::bench(format!("cannot run tidemark pull: {e}")))?;
     let wall_seconds = started.elapsed().as_secs_f64();
     if !status.success() {
-        return Err(Failure::runtime(format!("tidemark pull failed: {status}")));
+        return Err(HarnessError::bench(format!(
+            "tidemark pull failed: {status}"
+        )));
     }
     let s: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&stats).map_err(|e| Failure::runtime(e.to_string()))?,
+        &std::fs::read(&stats).map_err(|e| HarnessError::bench(e.to_string()))?,
     )
-    .map_err(|e| Failure::runtime(e.to_string()))?;
+    .map_err(|e| HarnessError::bench(e.to_string()))?;
     let records = s["records"].as_u64().unwrap_or(0);
     let seconds = s["elapsed_secs"].as_f64().unwrap_or(wall_seconds);
     Ok(RunResult {
@@ -257,7 +262,7 @@ async fn run_tidemark(exe: &Path, config: &Path, dir: &Path) -> Result<RunResult
     })
 }
 
-async fn run_dlt(b: &PullBench, url: &str, walk_only: bool) -> Result<RunResult, Failure> {
+async fn run_dlt(b: &PullBench, url: &str, walk_only: bool) -> Result<RunResult, HarnessError> {
     let started = Instant::now();
     let python = super::python(b.python.as_deref());
     let output = tokio::process::Command::new(&python)
@@ -267,17 +272,17 @@ async fn run_dlt(b: &PullBench, url: &str, walk_only: bool) -> Result<RunResult,
         .stderr(Stdio::inherit())
         .output()
         .await
-        .map_err(|e| Failure::runtime(format!("cannot run {}: {e}", python.display())))?;
+        .map_err(|e| HarnessError::bench(format!("cannot run {}: {e}", python.display())))?;
     let wall_seconds = started.elapsed().as_secs_f64();
     if !output.status.success() {
-        return Err(Failure::runtime(format!(
+        return Err(HarnessError::bench(format!(
             "{} failed ({}); run bench/setup-python.sh first",
             b.dlt_script.display(),
             output.status
         )));
     }
     let s: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .map_err(|e| Failure::runtime(format!("dlt script printed no JSON summary: {e}")))?;
+        .map_err(|e| HarnessError::bench(format!("dlt script printed no JSON summary: {e}")))?;
     let records = s["records"].as_u64().unwrap_or(0);
     let seconds = s["seconds"].as_f64().unwrap_or(wall_seconds);
     Ok(RunResult {

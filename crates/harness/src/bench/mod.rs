@@ -5,9 +5,11 @@
 //!   scenario, with the broker's ceiling and, with `--compare`, dlt and a
 //!   Singer SDK tap over the same pages;
 //! - `bench pull`: `tidemark pull` over static pages, optionally against dlt.
+//!
+//! Both start the `tidemark` binary they are given (the CLI passes itself)
+//! as separate processes, through [`crate::proc`].
 
 mod e2e;
-mod procs;
 mod prom;
 mod pull;
 mod sink;
@@ -16,10 +18,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub use e2e::{E2eBench, Report, RunResult, Scenario, ToolResult, render};
-pub use procs::peak_rss_bytes;
 pub use pull::{PullBench, RunResult as PullResult};
 
-use crate::exit::Failure;
+use crate::HarnessError;
 
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum BenchCommand {
@@ -29,10 +30,16 @@ pub enum BenchCommand {
     Pull(PullBench),
 }
 
-pub async fn run(cmd: BenchCommand, out: &mut dyn Write) -> Result<(), Failure> {
+/// Run the benchmark `cmd` with the `tidemark` binary at `tidemark`,
+/// printing its report on `out`.
+pub async fn run(
+    cmd: BenchCommand,
+    tidemark: &Path,
+    out: &mut dyn Write,
+) -> Result<(), HarnessError> {
     match cmd {
-        BenchCommand::E2e(b) => e2e::run(&b, out).await,
-        BenchCommand::Pull(b) => pull::pull_bench(&b, out).await,
+        BenchCommand::E2e(b) => e2e::run(&b, tidemark, out).await,
+        BenchCommand::Pull(b) => pull::pull_bench(&b, tidemark, out).await,
     }
 }
 

@@ -7,16 +7,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::StreamExt;
+use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::AMQPValue;
-use lapin::{BasicProperties, Connection};
 use serde::Serialize;
+use tidemark_bus::amqp::SubscribeOptions;
+use tidemark_bus::subscriber::Subscription;
 
-use crate::exit::Failure;
+use crate::HarnessError;
 
-fn amqp(what: &str) -> impl Fn(lapin::Error) -> Failure + '_ {
-    move |e| Failure::runtime(format!("{what}: {e}"))
+fn amqp(what: &str) -> impl Fn(lapin::Error) -> HarnessError + '_ {
+    move |e| HarnessError::bench(format!("{what}: {e}"))
 }
 
 /// Unix time in milliseconds, with sub-millisecond precision.
@@ -41,7 +41,7 @@ struct Counts {
 /// one record. Repeated message ids are counted as duplicates.
 pub struct Sink {
     counts: Arc<Counts>,
-    conn: Connection,
+    stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -54,48 +54,54 @@ pub struct Snapshot {
 }
 
 impl Sink {
-    pub async fn start(url: &str, ca_pem: Option<&str>, exchange: &str) -> Result<Sink, Failure> {
+    pub async fn start(
+        url: &str,
+        ca_pem: Option<&str>,
+        exchange: &str,
+    ) -> Result<Sink, HarnessError> {
         // No acks: the sink only counts, so that it costs the broker and the
         // two cores as little as possible (the ceiling goes through it too).
-        let (conn, mut consumer, _queue) = tidemark_bus::amqp::subscribe_with(
+        let mut sub = Subscription::start(
             url,
             exchange,
             "#",
             "tidemark-bench",
-            tidemark_bus::amqp::SubscribeOptions {
+            SubscribeOptions {
                 queue: None,
                 no_ack: true,
                 tls_ca_pem: ca_pem,
             },
         )
         .await
-        .map_err(|e| Failure::runtime(format!("cannot subscribe to {exchange}: {e}")))?;
+        .map_err(|e| HarnessError::bench(format!("cannot subscribe to {exchange}: {e}")))?;
         let counts = Arc::new(Counts::default());
         let c = counts.clone();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let hasher = RandomState::new();
             let mut seen: HashSet<u64> = HashSet::new();
-            while let Some(Ok(d)) = consumer.next().await {
-                let records = match d
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .and_then(|h| h.inner().get("x-record-count"))
-                {
-                    Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).unwrap_or(0),
-                    _ => 1,
+            loop {
+                let m = tokio::select! {
+                    _ = &mut stopped => break,
+                    m = sub.next() => match m {
+                        Some(Ok(m)) => m,
+                        _ => break,
+                    },
                 };
-                if let Some(id) = d.properties.message_id()
+                if let Some(id) = &m.message_id
                     && !seen.insert(hasher.hash_one(id.as_str()))
                 {
                     c.duplicates.fetch_add(1, Ordering::Relaxed);
                 }
                 c.messages.fetch_add(1, Ordering::Relaxed);
                 c.last_ms.store(unix_ms().to_bits(), Ordering::Relaxed);
-                c.records.fetch_add(records, Ordering::Release);
+                // A per-page message counts its records; any other, one.
+                c.records
+                    .fetch_add(m.record_count.unwrap_or(1), Ordering::Release);
             }
+            sub.close().await;
         });
-        Ok(Sink { counts, conn, task })
+        Ok(Sink { counts, stop, task })
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -115,8 +121,8 @@ impl Sink {
         &self,
         records: u64,
         timeout: Duration,
-        mut alive: impl FnMut() -> Result<(), Failure>,
-    ) -> Result<Snapshot, Failure> {
+        mut alive: impl FnMut() -> Result<(), HarnessError>,
+    ) -> Result<Snapshot, HarnessError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let s = self.snapshot();
@@ -125,7 +131,7 @@ impl Sink {
             }
             alive()?;
             if tokio::time::Instant::now() >= deadline {
-                return Err(Failure::runtime(format!(
+                return Err(HarnessError::bench(format!(
                     "only {} of {records} records arrived within {timeout:?}",
                     s.records
                 )));
@@ -134,9 +140,10 @@ impl Sink {
         }
     }
 
+    /// Stop counting and close the subscription.
     pub async fn close(self) {
-        let _ = self.conn.close(200, "bench done".into()).await;
-        self.task.abort();
+        let _ = self.stop.send(());
+        let _ = self.task.await;
     }
 }
 
@@ -162,10 +169,10 @@ pub async fn ceiling(
     size: usize,
     count: u64,
     batch: u64,
-) -> Result<Ceiling, Failure> {
+) -> Result<Ceiling, HarnessError> {
     let conn = tidemark_bus::amqp::open_connection(url, ca_pem)
         .await
-        .map_err(|e| Failure::runtime(format!("cannot connect to RabbitMQ: {e}")))?;
+        .map_err(|e| HarnessError::bench(format!("cannot connect to RabbitMQ: {e}")))?;
     let ch = conn.create_channel().await.map_err(amqp("channel"))?;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
@@ -202,7 +209,7 @@ pub async fn ceiling(
             break s.last_ms;
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(Failure::runtime(format!(
+            return Err(HarnessError::bench(format!(
                 "the ceiling's messages did not all arrive: {} of {count}",
                 s.messages - before
             )));

@@ -1,0 +1,183 @@
+//! The records' way out of an embedded run: JSON Lines, one file per feed
+//! (or stdout), each page written and fsynced before its cursor is
+//! committed. It is the run's [`Downstream`], as RabbitMQ is a worker's.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use tidemark_bus::{BusError, Downstream, OutPage};
+use tidemark_core::config::DeliveryPer;
+use tidemark_core::jsonbytes::compact_json;
+
+use crate::EmbeddedError;
+
+/// Where records go.
+#[derive(Debug, Clone)]
+pub enum Out {
+    /// One `<feed>.jsonl` file per feed in this directory.
+    Dir(PathBuf),
+    Stdout,
+}
+
+impl Out {
+    /// `-` is stdout; anything else a directory.
+    pub fn parse(s: &str) -> Out {
+        if s == "-" {
+            Out::Stdout
+        } else {
+            Out::Dir(PathBuf::from(s))
+        }
+    }
+}
+
+/// Writes confirmed pages as JSON Lines: one record per line (per-record
+/// delivery) or one `{"records": [...]}` line per page (per-page delivery).
+pub struct JsonlSink {
+    out: Out,
+    files: Mutex<HashMap<String, File>>,
+}
+
+impl JsonlSink {
+    pub fn new(out: Out) -> Result<Self, EmbeddedError> {
+        if let Out::Dir(d) = &out {
+            std::fs::create_dir_all(d).map_err(EmbeddedError::io("cannot create", d))?;
+        }
+        Ok(Self {
+            out,
+            files: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn path(&self, feed: &str) -> Option<PathBuf> {
+        match &self.out {
+            Out::Dir(d) => Some(d.join(format!("{feed}.jsonl"))),
+            Out::Stdout => None,
+        }
+    }
+
+    /// Write a page and make it durable before the caller commits its cursor.
+    pub fn write_page(&self, page: &OutPage) -> Result<(), EmbeddedError> {
+        let mut buf = Vec::with_capacity(page.records.iter().map(|r| r.body.len() + 1).sum());
+        match page.per {
+            DeliveryPer::Record => {
+                for r in &page.records {
+                    compact_json(&r.body, &mut buf);
+                    buf.push(b'\n');
+                }
+            }
+            DeliveryPer::Page => {
+                compact_json(&page.page_body(), &mut buf);
+                buf.push(b'\n');
+            }
+        }
+        match &self.out {
+            Out::Stdout => {
+                let mut o = std::io::stdout().lock();
+                o.write_all(&buf)
+                    .and_then(|_| o.flush())
+                    .map_err(EmbeddedError::io("cannot write", "stdout"))
+            }
+            Out::Dir(_) => {
+                let path = self.path(&page.feed).unwrap_or_default();
+                let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+                let f = match files.entry(page.feed.clone()) {
+                    std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => v.insert(
+                        open_repaired(&path).map_err(EmbeddedError::io("cannot open", &path))?,
+                    ),
+                };
+                let written = f.write_all(&buf).and_then(|_| f.sync_data());
+                if let Err(e) = written {
+                    // Part of the page may be in the file: reopen (and so
+                    // repair) it before the retry appends the page again.
+                    files.remove(&page.feed);
+                    return Err(EmbeddedError::io("cannot write", path)(e));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Downstream for JsonlSink {
+    /// The page is on disk (fsynced) when this returns, as a broker's
+    /// confirm says it is stored: only then does the worker commit.
+    async fn publish_page(&self, page: &OutPage) -> Result<(), BusError> {
+        self.write_page(page)
+            .map_err(|e| BusError::Encode(e.to_string()))
+    }
+}
+
+/// Open `path` for appending, first cutting off a last line that a crash
+/// left without its newline (its page was never committed).
+fn open_repaired(path: &Path) -> std::io::Result<File> {
+    let existed = path.exists();
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)?;
+    if !existed && let Some(dir) = path.parent() {
+        // A new file's name must survive a power loss as its lines do.
+        File::open(dir)?.sync_all()?;
+    }
+    let len = f.metadata()?.len();
+    if len > 0 {
+        // Find the last newline, reading backwards in blocks.
+        let mut end = len;
+        let mut keep = 0;
+        let mut block = vec![0u8; 64 * 1024];
+        'scan: while end > 0 {
+            let start = end.saturating_sub(block.len() as u64);
+            let n = (end - start) as usize;
+            f.seek(SeekFrom::Start(start))?;
+            f.read_exact(&mut block[..n])?;
+            for i in (0..n).rev() {
+                if block[i] == b'\n' {
+                    keep = start + i as u64 + 1;
+                    break 'scan;
+                }
+            }
+            end = start;
+        }
+        if keep < len {
+            tracing::warn!(file = %path.display(), bytes = len - keep, "removing a partial last line left by a crash");
+            f.set_len(keep)?;
+            f.sync_data()?;
+        }
+    }
+    f.seek(SeekFrom::End(0))?;
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_off_last_line_is_removed_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("f.jsonl");
+        std::fs::write(&p, b"{\"a\":1}\n{\"a\":2}\n{\"a\":").expect("write");
+        let mut f = open_repaired(&p).expect("open");
+        f.write_all(b"{\"a\":3}\n").expect("append");
+        drop(f);
+        assert_eq!(
+            std::fs::read_to_string(&p).expect("read"),
+            "{\"a\":1}\n{\"a\":2}\n{\"a\":3}\n"
+        );
+        // A file of one partial line is emptied; a whole file is kept.
+        std::fs::write(&p, b"{\"a\"").expect("write");
+        drop(open_repaired(&p).expect("open"));
+        assert_eq!(std::fs::read(&p).expect("read").len(), 0);
+        std::fs::write(&p, b"{}\n").expect("write");
+        drop(open_repaired(&p).expect("open"));
+        assert_eq!(std::fs::read_to_string(&p).expect("read"), "{}\n");
+    }
+}
