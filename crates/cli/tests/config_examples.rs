@@ -140,6 +140,23 @@ fn printed_schema() -> Value {
     schema
 }
 
+/// Validators of the schema under its own draft (2020-12) and under draft 7,
+/// the rules yaml-language-server (VS Code's YAML extension and others)
+/// validates with: the schema uses only keywords draft 7 knows, so an
+/// editor flags the same things.
+fn validators(schema: &Value) -> [(&'static str, jsonschema::Validator); 2] {
+    [
+        (
+            "the schema",
+            jsonschema::validator_for(schema).expect("the schema compiles"),
+        ),
+        (
+            "the schema under draft 7",
+            jsonschema::draft7::new(schema).expect("the schema compiles as draft 7"),
+        ),
+    ]
+}
+
 /// YAML as the loader reads it (serde_yaml_ng, the same YAML 1.2 reader),
 /// as JSON: what an editor's yaml-language-server checks too.
 fn to_json(text: &str) -> Result<Value, String> {
@@ -160,14 +177,15 @@ fn schema_errors(validator: &jsonschema::Validator, text: &str) -> String {
 
 #[test]
 fn every_example_config_fits_the_schema_and_validates() {
-    let schema = printed_schema();
-    let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
+    let validators = validators(&printed_schema());
     let dir = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
     for (i, ex) in examples().iter().enumerate() {
-        let errors = schema_errors(&validator, &ex.text);
-        if !errors.is_empty() {
-            failures.push(format!("{}: refused by the schema:\n{errors}", ex.place));
+        for (name, validator) in &validators {
+            let errors = schema_errors(validator, &ex.text);
+            if !errors.is_empty() {
+                failures.push(format!("{}: refused by {name}:\n{errors}", ex.place));
+            }
         }
         let file = dir.path().join(format!("example-{i}.yaml"));
         std::fs::write(&file, &ex.text).unwrap();
@@ -218,9 +236,11 @@ fn edited(from: &str, to: &str) -> String {
 
 #[test]
 fn the_schema_refuses_what_the_loader_refuses() {
-    let validator = jsonschema::validator_for(&printed_schema()).unwrap();
-    let base_errors = schema_errors(&validator, BASE);
-    assert!(base_errors.is_empty(), "BASE refused:\n{base_errors}");
+    let validators = validators(&printed_schema());
+    for (name, validator) in &validators {
+        let errors = schema_errors(validator, BASE);
+        assert!(errors.is_empty(), "BASE refused by {name}:\n{errors}");
+    }
     load_str("BASE", BASE).expect("the loader takes BASE");
 
     for (what, text) in [
@@ -268,10 +288,12 @@ fn the_schema_refuses_what_the_loader_refuses() {
         ),
         ("a missing key", edited("    key: /id\n", "")),
     ] {
-        assert!(
-            !schema_errors(&validator, &text).is_empty(),
-            "the schema takes {what}:\n{text}"
-        );
+        for (name, validator) in &validators {
+            assert!(
+                !schema_errors(validator, &text).is_empty(),
+                "{name} takes {what}:\n{text}"
+            );
+        }
         assert!(
             load_str("edited", &text).is_err(),
             "the loader takes {what}:\n{text}"

@@ -168,6 +168,37 @@ mod tests {
         jsonschema::meta::validate(&schema).expect("valid against its meta-schema");
     }
 
+    /// yaml-language-server validates with draft-7 rules, which ignore
+    /// whatever sits next to a `$ref`: only annotations may.
+    #[test]
+    fn nothing_but_annotations_sits_next_to_a_ref() {
+        fn walk(v: &Value, at: &str) {
+            match v {
+                Value::Object(map) => {
+                    if map.contains_key("$ref") {
+                        for key in map.keys() {
+                            assert!(
+                                ["$ref", "description", "default", "examples", "title"]
+                                    .contains(&key.as_str()),
+                                "{key} next to a $ref at {at}"
+                            );
+                        }
+                    }
+                    for (k, v) in map {
+                        walk(v, &format!("{at}/{k}"));
+                    }
+                }
+                Value::Array(items) => {
+                    for (i, v) in items.iter().enumerate() {
+                        walk(v, &format!("{at}/{i}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        walk(&json_schema(), "");
+    }
+
     #[test]
     fn unknown_fields_are_refused_everywhere() {
         let schema = json_schema();
