@@ -52,6 +52,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print the JSON Schema of the config file, for editors (yaml-language-server) and tools.
+    Schema,
     /// Walk one chain of one feed and print its records as JSON Lines on stdout. No state.
     Pull {
         #[arg(long, short)]
@@ -158,6 +160,16 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         Command::Rewind(args) => ctl::act(&args.act, &args.action(), &mut stdout).await?,
         Command::Validate { config } => {
             validate::run(&config, &mut stdout)?;
+        }
+        Command::Schema => {
+            let schema = tidemark_core::config::json_schema();
+            // A reader that stops early (`| head`) is no failure.
+            match std::io::Write::write_all(&mut stdout, format!("{schema:#}\n").as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    return Err(Failure::runtime(format!("cannot write the schema: {e}")));
+                }
+                _ => {}
+            }
         }
         Command::Pull {
             config,

@@ -1,8 +1,10 @@
 //! Durations as written in config files: `30s`, `5m`, `1h30m`, `250ms`, `30d`.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A duration parsed from a human string with [`humantime`]; serialises back
@@ -57,6 +59,39 @@ impl<'de> Deserialize<'de> for Duration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The units [`humantime::parse_duration`] knows (humantime 2.4; a test in
+/// `config::schema` parses every one, so a unit dropped upstream fails it).
+pub(crate) const UNITS: &str = "nanos|nsec|ns|usec|us|µs|millis|msec|ms|seconds|second|secs|sec|s\
+|minutes|minute|mins|min|m|hours|hour|hrs|hr|h|days|day|d|weeks|week|wks|wk|w\
+|months|month|M|years|year|yrs|yr|y";
+
+/// The text [`Duration::from_str`] accepts, as an ECMA-262 regex: after the
+/// trim, `0` alone, or spans of an integer (optionally with a fraction) and
+/// a unit. humantime skips whitespace inside a number and between a number
+/// and its unit; a unit ends at whitespace, at the next digit or at the end.
+pub(crate) fn pattern() -> String {
+    let number = r"[0-9][0-9\s]*(?:\.\s*[0-9][0-9\s]*)?";
+    format!(r"^\s*(?:0\s*|(?:{number}(?:{UNITS})\s*)+)$")
+}
+
+impl JsonSchema for Duration {
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A duration: a number and a unit, several in a row for a sum: 250ms, 30s, 5m, 1h30m, 7d, 1.5h. Units: ns, us, ms, s (sec), m (min), h (hr), d, w, M (months), y. 0 alone is zero. A fraction must come out in whole nanoseconds.",
+            "oneOf": [
+                { "type": "string", "pattern": pattern() },
+                // YAML reads a bare `0` as a number; the loader takes its text.
+                { "type": "integer", "const": 0 }
+            ],
+            "examples": ["30s", "5m", "1h30m", "250ms", "7d"]
+        })
     }
 }
 

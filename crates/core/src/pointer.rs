@@ -1,9 +1,11 @@
 //! JSON pointers (RFC 6901) as they appear in config: `/meta/nextStartAfter`,
 //! `/Cursors/Next`, `""` for the whole document.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A parsed, validated JSON pointer. Segments are unescaped (`~1` → `/`,
@@ -103,6 +105,25 @@ impl<'de> Deserialize<'de> for JsonPointer {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A non-empty pointer as an ECMA-262 regex (no anchors): `/` segments in
+/// which every `~` is followed by `0` or `1`.
+pub(crate) const NON_EMPTY_PATTERN: &str = "(?:/(?:[^~/]|~[01])*)+";
+
+impl JsonSchema for JsonPointer {
+    fn schema_name() -> Cow<'static, str> {
+        "JsonPointer".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A JSON pointer (RFC 6901): \"\" for the whole document, or /segments (/data, /meta/next); ~1 stands for / and ~0 for ~ inside a segment.",
+            "type": "string",
+            "pattern": format!("^(?:{NON_EMPTY_PATTERN})?$"),
+            "examples": ["/data", "/meta/next", ""]
+        })
     }
 }
 

@@ -10,8 +10,10 @@
 //! redacted. A literal secret in a config file is allowed (for the demo and
 //! tests) but its value is redacted in every `Debug` and error message.
 
+use std::borrow::Cow;
 use std::fmt;
 
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
 /// A secret as written in the config: `"${HELPDESK_TOKEN}"` or a literal.
@@ -164,6 +166,27 @@ impl Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Secret({})", self.display_safe())
+    }
+}
+
+/// The loader takes any text; `validate` then refuses a `${` with no `}`
+/// after it ([`Secret::variables`]). Every `${` before the last `}` is
+/// closed by it, so the rule is: no `${` after the last `}`. The pattern says
+/// so without look-ahead (which not every regex engine has).
+const SECRET_PATTERN: &str = r"^(?:[\s\S]*\})?(?:[^$}]|\$+[^${}])*\$*$";
+
+impl JsonSchema for Secret {
+    fn schema_name() -> Cow<'static, str> {
+        "Secret".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A secret: \"${VAR}\" (an environment variable of the process that sends the request), \"${file:/absolute/path}\" (a file's content, one trailing newline dropped), text around either, or a literal (stored with the config, so `validate` warns). Only the reference is stored and logged.",
+            "type": "string",
+            "pattern": SECRET_PATTERN,
+            "examples": ["${API_TOKEN}", "${file:/run/secrets/api-token}"]
+        })
     }
 }
 

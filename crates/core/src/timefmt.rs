@@ -2,10 +2,11 @@
 //! milliseconds.
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// How a timestamp is written into a request parameter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TimeFormat {
     /// `2024-01-01T00:00:00Z`

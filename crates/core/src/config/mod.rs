@@ -4,13 +4,16 @@
 //! ([`load`]) parses, then validates everything that serde cannot check
 //! (references between sections, pointers, presets, mixed pagination
 //! styles), and reports each problem as `file:line:col: field.path: reason`.
+//! [`json_schema`] describes the same contract for editors and other tools.
 
 mod feed;
 mod load;
 mod preset;
+mod schema;
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use url::Url;
 
@@ -22,6 +25,7 @@ use crate::timefmt::TimeFormat;
 pub use feed::{DEFAULT_PARTITION, MAX_PARTITIONS, Partition};
 pub use load::{ConfigError, ConfigErrors, load_file, load_str, validate};
 pub use preset::{CursorFrom, NextUrlFrom, PageStyle, PaginationSpec, Preset, Strategy};
+pub use schema::json_schema;
 
 /// Default maximum size of one response body.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
@@ -29,11 +33,13 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A whole config file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The API hosts, by name; a feed names its source.
     #[serde(default)]
     pub sources: BTreeMap<String, SourceConfig>,
+    /// The streams of records to sync.
     #[serde(default)]
     pub feeds: Vec<FeedConfig>,
 }
@@ -48,12 +54,14 @@ impl Config {
 }
 
 /// One API host.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
+    /// `http(s)://host[:port][/prefix]`; a feed's `path` is appended to the prefix.
     pub base_url: Url,
     #[serde(default)]
     pub auth: Option<AuthConfig>,
+    /// A limit on the requests to this source across every worker (`pull` does not apply it).
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
     /// Timeout of one request, connect to last body byte. Default 30s.
@@ -66,15 +74,19 @@ pub struct SourceConfig {
     pub retry: Option<RetryConfig>,
     /// Largest response body accepted, in bytes. Default 64 MiB.
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub max_body_bytes: Option<u64>,
     /// Most records one page may hold. Default 100,000.
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub max_records_per_page: Option<usize>,
     /// Longest cursor (or next URL) accepted, in bytes. Default 8 KiB.
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub max_cursor_bytes: Option<usize>,
     /// Largest total size of a response's headers, in bytes. Default 64 KiB.
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub max_header_bytes: Option<usize>,
     /// Origins (`https://cdn.example.com`) that a redirect may lead to. Such
     /// a redirect is followed without any credential or configured header;
@@ -121,7 +133,7 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// How requests authenticate: exactly one of `bearer`, `basic`, `api_key`, `oauth2_client_credentials`.
 /// Every secret may be a `${VAR}` reference.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// `Authorization: Bearer <token>`
@@ -139,13 +151,15 @@ pub struct AuthConfig {
     pub oauth2_client_credentials: Option<OAuth2Auth>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OAuth2Auth {
     /// The token endpoint (may be on another origin than the API: only the
     /// client credentials go there, and the token only to the API).
     pub token_url: Url,
+    /// The client id (`${VAR}` or `${file:/path}` allowed).
     pub client_id: Secret,
+    /// The client secret (`${VAR}` or `${file:/path}` allowed).
     pub client_secret: Secret,
     /// Sent space-separated as `scope`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -161,7 +175,7 @@ pub struct OAuth2Auth {
 /// `basic`: HTTP Basic with the client id and secret (RFC 6749 section
 /// 2.3.1, which every server must support); `body`: `client_id` and
 /// `client_secret` in the form body.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuth {
     #[default]
@@ -169,20 +183,26 @@ pub enum ClientAuth {
     Body,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BasicAuth {
+    /// The user name (`${VAR}` or `${file:/path}` allowed).
     pub username: Secret,
+    /// The password (`${VAR}` or `${file:/path}` allowed).
     pub password: Secret,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyAuth {
+    /// The header that carries the key (set this or `query`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header: Option<String>,
+    /// The query parameter that carries the key (set this or `header`); it is
+    /// never stored in a next URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
+    /// The key (`${VAR}` or `${file:/path}` allowed).
     pub value: Secret,
 }
 
@@ -208,19 +228,24 @@ impl AuthConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A rate limit shared by every worker that calls the source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
+    /// Requests per second, above 0.
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub per_second: f64,
+    /// Requests allowed at once after a quiet spell. Default: `per_second` rounded up.
     #[serde(default)]
     pub burst: Option<u32>,
 }
 
 /// Retries of one request inside the HTTP client (timeouts, 5xx, 429).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     /// Attempts in total, the first included. 1 disables retries.
+    #[schemars(range(min = 1))]
     pub max_attempts: u32,
     /// First backoff; doubles each attempt, with full jitter.
     pub base_delay: Duration,
@@ -242,21 +267,31 @@ impl Default for RetryConfig {
 }
 
 /// One stream of records from a source.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FeedConfig {
+    /// Unique; letters, digits, `_` and `-` (it becomes part of routing keys).
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_-]+$"))]
     pub name: String,
+    /// A key of `sources`.
     pub source: String,
+    /// Appended to the source's `base_url`; may carry a query string.
     pub path: String,
+    /// Fixed query parameters sent with every request (not added to followed
+    /// next URLs, which carry their own).
     #[serde(default, deserialize_with = "scalar_map")]
+    #[schemars(schema_with = "schema::scalar_map")]
     pub params: BTreeMap<String, String>,
     /// JSON pointer to the array of records; `""` means the body is the array.
     /// Presets supply one where their seed fixes it.
     #[serde(default)]
     pub records: Option<JsonPointer>,
+    /// How one page leads to the next: a preset, or the fields of one style.
     #[serde(default)]
     pub pagination: PaginationConfig,
+    /// JSON pointer to the record's identity (e.g. `/id`).
     pub key: JsonPointer,
+    /// JSON pointer to the record's version (e.g. `/updated_at`).
     #[serde(default)]
     pub version: Option<JsonPointer>,
     #[serde(default)]
@@ -265,8 +300,10 @@ pub struct FeedConfig {
     pub mode: Mode,
     #[serde(default)]
     pub incremental: Option<IncrementalConfig>,
+    /// Time between the end of one walk and the next poll. Default 5m.
     #[serde(default)]
     pub every: Option<Duration>,
+    /// How far behind the high-water mark (or T0) a restart begins. Default 0s.
     #[serde(default)]
     pub lag: Option<Duration>,
     #[serde(default)]
@@ -284,7 +321,7 @@ pub struct FeedConfig {
 pub const DEFAULT_EVERY: Duration = Duration::from_secs(300);
 
 /// Error responses that mean a cursor expired or was rejected.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct CursorExpiredConfig {
     /// HTTP statuses that may mean it.
@@ -319,73 +356,97 @@ impl CursorExpiredConfig {
 }
 
 /// The pagination block as written. A preset fills the fields left unset.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PaginationConfig {
+    /// A named API style that fills the fields it fixes; fields set by hand win.
     #[serde(default)]
+    #[schemars(with = "Option<Preset>")]
     pub preset: Option<String>,
+    /// The query parameter that carries the cursor.
     #[serde(default)]
     pub cursor_param: Option<String>,
     /// A body pointer, `link:next`, `header:NAME` or `last_record:/pointer`.
     #[serde(default)]
+    #[schemars(schema_with = "schema::next_cursor")]
     pub next_cursor: Option<String>,
     /// A body pointer to the full URL of the next page, or `link:next`.
     #[serde(default)]
+    #[schemars(schema_with = "schema::next_url")]
     pub next_url: Option<String>,
     /// Body pointer to the cursor of the page just read (seed 001's `Self`).
     #[serde(default)]
     pub self_cursor: Option<JsonPointer>,
+    /// Body pointer to a boolean; `false` ends the stream.
     #[serde(default)]
     pub has_more: Option<JsonPointer>,
+    /// Body pointer to a boolean; `true` ends the stream.
     #[serde(default)]
     pub end_of_stream: Option<JsonPointer>,
     /// End the stream at a page with no records even if more is claimed.
     #[serde(default)]
     pub stop_on_empty_page: Option<bool>,
+    /// Page numbers `first_page, first_page+1, …` in this parameter; an empty page ends.
     #[serde(default)]
     pub page_param: Option<String>,
+    /// The first page number of `page_param`. Default 1.
     #[serde(default)]
     pub first_page: Option<u64>,
+    /// Offsets `0, n, …` in this parameter, advancing by the records received.
     #[serde(default)]
     pub offset_param: Option<String>,
+    /// The parameter that carries `page_size` (presets name it).
     #[serde(default)]
     pub page_size_param: Option<String>,
+    /// Records per page to ask for, sent in `page_size_param`.
     #[serde(default)]
     pub page_size: Option<u64>,
+    /// Body pointer to the number of pages; the walk ends there.
     #[serde(default)]
     pub total_pages: Option<JsonPointer>,
+    /// Body pointer to the number of records; the walk ends there.
     #[serde(default)]
     pub total_count: Option<JsonPointer>,
 }
 
 /// Where a chain starts when it has no cursor.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartConfig {
+    /// The query parameter that carries the start time; sent on the first
+    /// request of a chain, never with a cursor.
     pub param: String,
     #[serde(default)]
     pub format: TimeFormat,
     /// The first start point (RFC 3339, a date, or unix seconds). Absent: the
     /// API's own beginning (the parameter is not sent).
     #[serde(default, deserialize_with = "opt_scalar")]
+    #[schemars(schema_with = "schema::opt_scalar")]
     pub from: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// How a feed walks its stream over time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
+    /// Walk to the end of the stream, keep the cursor, poll again `every`.
     #[default]
     Incremental,
+    /// Record T0, walk the bulk cursor to its end, then sync incrementally from
+    /// `T0 - lag` with the `incremental` block.
     BulkThenIncremental,
+    /// Walk from the start each time.
     Snapshot,
 }
 
 /// The incremental half of a `bulk_then_incremental` feed: replaces the feed's
 /// own params, start and pagination after the bulk walk.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IncrementalConfig {
+    /// Fixed query parameters of the incremental syncs (instead of the feed's).
     #[serde(default, deserialize_with = "scalar_map")]
+    #[schemars(schema_with = "schema::scalar_map")]
     pub params: BTreeMap<String, String>,
     #[serde(default)]
     pub start: Option<StartConfig>,
@@ -395,43 +456,55 @@ pub struct IncrementalConfig {
     pub records: Option<JsonPointer>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Independent chains (jobs) of one feed: `values` with `param`, or
+/// `windows`; at most 100,000 per feed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PartitionsConfig {
+    /// The query parameter that carries the partition value (with `values`).
     #[serde(default)]
     pub param: Option<String>,
+    /// One independent chain per value, sent in `param`.
     #[serde(default, deserialize_with = "opt_scalar_vec")]
+    #[schemars(schema_with = "schema::opt_scalar_vec")]
     pub values: Option<Vec<String>>,
     #[serde(default)]
     pub windows: Option<WindowsConfig>,
 }
 
 /// Time windows of a backfill: one job per window `[from + k*every, +every)`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WindowsConfig {
+    /// Start of the first window (RFC 3339, a date, or unix seconds).
     #[serde(deserialize_with = "scalar")]
+    #[schemars(schema_with = "schema::scalar")]
     pub from: String,
     /// End of the last window; default: now when the feed is split.
     #[serde(default, deserialize_with = "opt_scalar")]
+    #[schemars(schema_with = "schema::opt_scalar")]
     pub to: Option<String>,
+    /// The length of each window.
     pub every: Duration,
     /// The parameter that carries the window's end (the start goes in `start.param`).
     pub end_param: String,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// How a feed's records go downstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
     #[serde(default)]
     pub per: DeliveryPer,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryPer {
+    /// One message per record.
     #[default]
     Record,
+    /// One `{"records": [...]}` message per page.
     Page,
 }
 

@@ -8,6 +8,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use schemars::JsonSchema;
+
 use crate::pointer::JsonPointer;
 use crate::timefmt::TimeFormat;
 
@@ -15,7 +17,10 @@ use super::{PaginationConfig, StartConfig};
 pub use crate::pagination::spec::{CursorFrom, NextUrlFrom, PageStyle, PaginationSpec, Strategy};
 
 /// The named pagination styles, one per seed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// The schema names them by `rename_all`; a test in config::schema holds
+// those names equal to `NAMES`, which the loader parses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+#[schemars(rename_all = "snake_case")]
 pub enum Preset {
     /// Seed 003: `start_time`, then `cursor` = `/after_cursor` until `/end_of_stream`.
     ZendeskCursor,
