@@ -235,6 +235,22 @@ impl Cluster {
         std::fs::write(&self.config, text).expect("write config");
     }
 
+    /// Give every source of the config this `retry:` block (e.g.
+    /// `{ max_attempts: 2, base_delay: 100ms }`): the one retry policy of
+    /// every role. Call before the coordinator starts (it registers the config).
+    pub fn set_retry(&self, retry: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("config");
+        let mut out = String::new();
+        for line in text.lines() {
+            out.push_str(line);
+            out.push('\n');
+            if line.starts_with("    base_url:") {
+                out.push_str(&format!("    retry: {retry}\n"));
+            }
+        }
+        std::fs::write(&self.config, out).expect("write config");
+    }
+
     pub fn exchange(&self) -> String {
         exchange_of(&self.prefix)
     }

@@ -216,6 +216,7 @@ fn pages(state: &Path, feed: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_steer_an_embedded_run_while_it_runs_and_after_it_stopped() {
     let c = Cluster::start(STEERED_FEEDS, &["--records", "3000", "--latency-ms", "100"]);
+    c.set_retry("{ max_attempts: 1 }");
     let state = c.dir.path().join("state");
     let out = c.dir.path().join("out");
     let tick = "200ms";
@@ -227,8 +228,6 @@ async fn commands_steer_an_embedded_run_while_it_runs_and_after_it_stopped() {
         &s(&state),
         "--out",
         &s(&out),
-        "--max-attempts",
-        "1",
         "--tick",
         tick,
     ];

@@ -131,8 +131,9 @@ fn full_logs(c: &Cluster) -> Vec<(String, String)> {
 async fn bad_pages_fail_their_job_with_a_clear_error_and_keep_the_cursor() {
     let mut c = Cluster::start(&feeds_yaml(), &["--records", "500"]);
     let checker = Checker::start(&c.exchange()).await;
+    c.set_retry("{ max_attempts: 2, base_delay: 100ms }");
     c.coordinator("coord");
-    let w = c.worker("w1", &["--max-attempts", "2", "--retry-base", "100ms"]);
+    let w = c.worker("w1", &[]);
     let started = Instant::now();
 
     // Every hostile job fails, and the healthy feed delivers everything.
@@ -373,4 +374,69 @@ async fn malformed_page_tasks_are_dead_lettered_with_their_reason() {
     let log = std::fs::read_to_string(&c.procs[w].log).unwrap_or_default();
     assert!(!log.contains("panicked"), "{log}");
     let _ = conn.close(200, "bye".into()).await;
+}
+
+/// One feed of 300 records behind an API whose first answer is
+/// `429 Retry-After: 99999999999` (about 3,000 years), with the source's
+/// `retry.max_retry_after` at 2 s: the pause it sets is capped.
+fn absurd_retry_after() -> Cluster {
+    let c = Cluster::start(
+        "  - name: items\n    source: mock\n    path: /items\n    \
+         pagination: { preset: cursor, page_size: 100 }\n    key: /id\n    version: /updated_at\n    every: 1h\n",
+        &[
+            "--records",
+            "300",
+            "--fail-429-first",
+            "1",
+            "--retry-after-secs",
+            "99999999999",
+        ],
+    );
+    c.set_retry("{ max_retry_after: 2s }");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_of_three_thousand_years_waits_max_retry_after_distributed() {
+    let mut c = absurd_retry_after();
+    let checker = Checker::start(&c.exchange()).await;
+    let started = Instant::now();
+    c.coordinator("coord");
+    c.worker("w1", &[]);
+    assert!(
+        checker.wait_for(300, Duration::from_secs(30)).await,
+        "not every record arrived: {}",
+        c.logs()
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_of_three_thousand_years_waits_max_retry_after_embedded() {
+    let c = absurd_retry_after();
+    let config = c.config.display().to_string();
+    let state = c.dir.path().join("state").display().to_string();
+    let started = Instant::now();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        tidemark_tests::tidemark(
+            &[
+                "run",
+                "--once",
+                "--config",
+                &config,
+                "--state-dir",
+                &state,
+                "--out",
+                "-",
+            ],
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 300, "{err}");
+    assert!(took < Duration::from_secs(20), "took {took:?}: {err}");
 }

@@ -474,8 +474,9 @@ async fn a_feed_whose_api_keeps_failing_ends_failed_while_others_flow() {
             .unwrap();
         assert!(line.contains("bound"), "{line}");
     }
+    c.set_retry("{ max_attempts: 3, base_delay: 100ms }");
     c.coordinator("coord");
-    c.worker("w1", &["--max-attempts", "3", "--retry-base", "100ms"]);
+    c.worker("w1", &[]);
     let tailed = tokio::task::spawn_blocking(move || tail.wait_with_output().expect("tail output"))
         .await
         .unwrap();

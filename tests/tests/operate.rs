@@ -70,8 +70,9 @@ async fn commands_steer_a_distributed_deployment() {
     let tick_ms = 200;
     let mut c = Cluster::start(FEEDS, &["--records", "2000", "--latency-ms", "100"]);
     let checker = Checker::start(&c.exchange()).await;
+    c.set_retry("{ max_attempts: 1 }");
     c.coordinator_with("coord", &["--tick", "200ms"]);
-    let w = c.worker("w1", &["--max-attempts", "1"]);
+    let w = c.worker("w1", &[]);
     let worker_metrics = c.procs[w].addr.clone().expect("worker metrics address");
     assert!(
         eventually(Duration::from_secs(60), async || {
@@ -262,8 +263,9 @@ async fn the_admin_api_wants_its_token_and_the_status_page_lists_every_feed() {
     c.env
         .push(("TIDEMARK_ADMIN_TOKEN".to_string(), token.clone()));
     let _checker = Checker::start(&c.exchange()).await;
+    c.set_retry("{ max_attempts: 1 }");
     let coord = c.coordinator("coord");
-    c.worker("w1", &["--max-attempts", "1"]);
+    c.worker("w1", &[]);
     let admin = c.procs[coord]
         .announced("status page on")
         .expect("the coordinator announces its status page");

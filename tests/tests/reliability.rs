@@ -411,7 +411,8 @@ struct Rig {
     next_worker: usize,
 }
 
-const WORKER_ARGS: [&str; 4] = ["--max-attempts", "30", "--retry-base", "200ms"];
+/// Retries of the sources under test: enough to outlast every fault.
+const RETRY: &str = "{ max_attempts: 30, base_delay: 200ms }";
 
 impl Rig {
     fn links(&self) -> [&FaultProxy; 3] {
@@ -420,9 +421,7 @@ impl Rig {
 
     fn add_worker(&mut self) -> usize {
         self.next_worker += 1;
-        let i = self
-            .c
-            .worker(&format!("w{}", self.next_worker), &WORKER_ARGS);
+        let i = self.c.worker(&format!("w{}", self.next_worker), &[]);
         self.workers.push(i);
         i
     }
@@ -446,7 +445,7 @@ impl Rig {
             let name = format!("w{}-{point}", self.next_worker);
             let i = self
                 .c
-                .worker_with_env(&name, &WORKER_ARGS, &[("FAILPOINTS", spec.as_str())]);
+                .worker_with_env(&name, &[], &[("FAILPOINTS", spec.as_str())]);
             // Keep the API changing, so the armed worker meets pages with records.
             let mut status = None;
             let deadline = Instant::now() + Duration::from_secs(90);
@@ -579,6 +578,7 @@ async fn faults_while_syncing_lose_nothing() {
     let amqp_proxy = FaultProxy::start(host_port(&amqp_url())).await.unwrap();
     let api_proxy = FaultProxy::start(host_port(&c.mock_url)).await.unwrap();
     c.set_base_url(&api_proxy.url_for(&c.mock_url));
+    c.set_retry(RETRY);
     c.redis = redis.url();
     c.env.extend([
         ("REDIS_URL".into(), redis_proxy.url_for(&redis.url())),

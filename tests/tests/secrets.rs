@@ -174,8 +174,9 @@ feeds:
         }
     });
     let checker = Checker::start(&c.exchange()).await;
+    c.set_retry("{ max_attempts: 2, base_delay: 100ms }");
     let coord = c.coordinator("coord");
-    let worker = c.worker("w1", &["--max-attempts", "2", "--retry-base", "100ms"]);
+    let worker = c.worker("w1", &[]);
 
     assert!(
         checker.wait_for(1200, Duration::from_secs(60)).await,
