@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tidemark::exit::Failure;
-use tidemark::{ctl, demo, mockapi, pull, roles, run, tail, validate};
+use tidemark::{ctl, demo, mockapi, roles, run, tail, validate};
 use tidemark_coordinator::ops::Action;
+use tidemark_embedded::pull;
 
 #[derive(Parser)]
 #[command(

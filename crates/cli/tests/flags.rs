@@ -6,10 +6,10 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use tidemark::ctl::human_secs;
 use tidemark::exit::Failure;
 use tidemark::roles::Infra;
 use tidemark::tls::{TlsArgs, explain, read_ca_file};
+use tidemark_coordinator::ops::human_secs;
 
 #[derive(Parser)]
 struct Args {

@@ -262,6 +262,85 @@ pub async fn apply(
     Ok(report)
 }
 
+/// `3s`, `4m10s`, `2h5m`, `3d4h`.
+pub fn human_secs(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+fn cell(v: Option<String>) -> String {
+    v.unwrap_or_else(|| "-".into())
+}
+
+/// The status table: one line per job, columns aligned.
+pub fn table(jobs: &[JobStatus]) -> String {
+    let header = [
+        "FEED",
+        "PARTITION",
+        "PHASE",
+        "CURSOR AGE",
+        "HIGH-WATER",
+        "LAG",
+        "PAGES",
+        "RECORDS",
+        "LAST ERROR",
+    ];
+    let rows: Vec<[String; 9]> = jobs
+        .iter()
+        .map(|j| {
+            let phase = match (j.phase.as_str(), j.next_due_in_secs) {
+                ("idle", Some(d)) if d > 0.0 => format!("idle (next in {})", human_secs(d)),
+                (p, _) => p.to_string(),
+            };
+            let mut err = j.last_error.clone().unwrap_or_default().replace('\n', " ");
+            if err.chars().count() > 80 {
+                err = err.chars().take(79).collect::<String>() + "…";
+            }
+            [
+                j.feed.clone(),
+                j.partition.clone(),
+                phase,
+                cell(j.cursor_age_secs.map(human_secs)),
+                cell(j.high_water.clone()),
+                cell(j.lag_secs.map(human_secs)),
+                j.pages.to_string(),
+                j.records.to_string(),
+                err,
+            ]
+        })
+        .collect();
+    let mut width = header.map(|h| h.chars().count());
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(width).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in &rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    if rows.is_empty() {
+        out.push_str("(no jobs yet: has a coordinator or run registered the feeds?)\n");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

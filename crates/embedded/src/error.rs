@@ -47,13 +47,19 @@ pub enum EmbeddedError {
     Worker(#[from] tidemark_worker::WorkerError),
     #[error("{} job(s) failed:\n  {}", .0.len(), .0.join("\n  "))]
     JobsFailed(Vec<String>),
+    /// A wrong request: an unknown feed or partition, flags that exclude each other.
+    #[error("{0}")]
+    Usage(String),
+    /// A pull that failed while it ran.
+    #[error("{0}")]
+    Pull(String),
 }
 
 impl EmbeddedError {
     /// True when the request was wrong (exit 2), not the system.
     pub fn is_usage(&self) -> bool {
         match self {
-            Self::NoState { .. } | Self::Held(_) | Self::Refused(_) => true,
+            Self::NoState { .. } | Self::Held(_) | Self::Refused(_) | Self::Usage(_) => true,
             Self::Op(e) => e.is_usage(),
             _ => false,
         }

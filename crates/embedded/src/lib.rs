@@ -1,4 +1,4 @@
-//! Embedded mode (`tidemark run`, `tidemark demo`): the coordinator and
+//! Embedded mode (`tidemark run`, `tidemark demo`, `tidemark pull`): the coordinator and
 //! worker libraries of the distributed deployment, in one process, over the
 //! in-process task queue, the embedded state store (a JSON file in the state
 //! directory) and a JSON Lines sink.
@@ -19,12 +19,14 @@
 //!
 //! - [`StateDir`] / [`Owned`]: the directory, its lock and its requests;
 //! - [`JsonlSink`]: the records' way out, a [`tidemark_bus::Downstream`];
-//! - [`sync`]: the run itself; [`progress`]: what each feed has done.
+//! - [`sync`]: the run itself; [`progress`]: what each feed has done;
+//! - [`pull`]: one chain of one feed to a writer, no state (`tidemark pull`).
 
 mod dir;
 mod engine;
 mod error;
 pub mod progress;
+pub mod pull;
 mod sink;
 
 pub use dir::{Owned, StateDir};

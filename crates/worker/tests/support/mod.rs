@@ -244,7 +244,6 @@ impl World {
             lease: LEASE,
             grace: Duration::from_millis(200),
             registry_refresh: Duration::from_millis(10),
-            ..Default::default()
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let run = tidemark_worker::run(deps, opts, async {

@@ -21,7 +21,7 @@ use tidemark_core::pagination::{Next, Position, redact_query};
 use tidemark_core::walk::{Walk, WalkError};
 use tidemark_source::HttpSource;
 
-use crate::exit::Failure;
+use crate::EmbeddedError as Failure;
 
 /// Pages read ahead of the writer.
 pub const PIPELINE_PAGES: usize = 2;
@@ -79,10 +79,10 @@ pub async fn run(
     out: Box<dyn Write + Send>,
     err: &mut (dyn Write + Send),
 ) -> Result<PullSummary, Failure> {
-    let config = load_file(&opts.config).map_err(|e| Failure::usage(e.to_string()))?;
+    let config = load_file(&opts.config).map_err(|e| Failure::Usage(e.to_string()))?;
     let feed = config.feed(&opts.feed).ok_or_else(|| {
         let names: Vec<&str> = config.feeds.iter().map(|f| f.name.as_str()).collect();
-        Failure::usage(format!(
+        Failure::Usage(format!(
             "no feed named {:?} in {}; feeds: {}",
             opts.feed,
             opts.config.display(),
@@ -91,17 +91,19 @@ pub async fn run(
     })?;
     let source_cfg = config
         .source_of(feed)
-        .ok_or_else(|| Failure::usage(format!("feed {} names an unknown source", feed.name)))?;
+        .ok_or_else(|| Failure::Usage(format!("feed {} names an unknown source", feed.name)))?;
     let partition = choose_partition(feed, opts.partition.as_deref())?;
     let source =
-        HttpSource::new(&feed.source, source_cfg).map_err(|e| Failure::usage(e.to_string()))?;
+        HttpSource::new(&feed.source, source_cfg).map_err(|e| Failure::Usage(e.to_string()))?;
     if opts.cursor.is_some() && opts.from.is_some() {
-        return Err(Failure::usage("--cursor and --from exclude each other"));
+        return Err(Failure::Usage(
+            "--cursor and --from exclude each other".into(),
+        ));
     }
     let mut walk = Walk::new(feed, source_cfg, &partition, Stage::Bulk)
-        .map_err(Failure::usage)?
+        .map_err(Failure::Usage)?
         .starting_from(opts.from.as_deref())
-        .map_err(|e| Failure::usage(format!("--from: {e}")))?
+        .map_err(|e| Failure::Usage(format!("--from: {e}")))?
         .at(opts.cursor.clone());
 
     let (tx, rx) = mpsc::sync_channel::<Chunk>(PIPELINE_PAGES);
@@ -177,12 +179,12 @@ pub async fn run(
     drop(tx);
     let write_result = writer
         .join()
-        .map_err(|_| Failure::runtime("the output thread panicked"))?;
+        .map_err(|_| Failure::Pull("the output thread panicked".into()))?;
     if show_progress {
         let _ = write!(err, "\r\x1b[2K");
     }
     if let Err(e) = write_result {
-        return Err(Failure::runtime(format!("cannot write records: {e}")));
+        return Err(Failure::Pull(format!("cannot write records: {e}")));
     }
     let elapsed = started.elapsed().as_secs_f64();
     if let Some(message) = failure {
@@ -193,7 +195,7 @@ pub async fn run(
             partition.id,
             describe(walk.position())
         );
-        return Err(Failure::runtime(format!("feed {}: {message}", feed.name)));
+        return Err(Failure::Pull(format!("feed {}: {message}", feed.name)));
     }
     let summary = PullSummary {
         feed: feed.name.clone(),
@@ -209,10 +211,9 @@ pub async fn run(
     };
     let _ = writeln!(err, "{}", summary_line(&summary));
     if let Some(path) = &opts.stats_json {
-        let json =
-            serde_json::to_vec_pretty(&summary).map_err(|e| Failure::runtime(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(&summary).map_err(|e| Failure::Pull(e.to_string()))?;
         std::fs::write(path, json)
-            .map_err(|e| Failure::runtime(format!("cannot write {}: {e}", path.display())))?;
+            .map_err(|e| Failure::Pull(format!("cannot write {}: {e}", path.display())))?;
     }
     Ok(summary)
 }
@@ -220,7 +221,7 @@ pub async fn run(
 fn choose_partition(feed: &FeedConfig, wanted: Option<&str>) -> Result<Partition, Failure> {
     let all = feed
         .partitions(chrono::Utc::now())
-        .map_err(Failure::usage)?;
+        .map_err(Failure::Usage)?;
     let ids = || {
         all.iter()
             .map(|p| p.id.as_str())
@@ -229,14 +230,14 @@ fn choose_partition(feed: &FeedConfig, wanted: Option<&str>) -> Result<Partition
     };
     match wanted {
         Some(w) => all.iter().find(|p| p.id == w).cloned().ok_or_else(|| {
-            Failure::usage(format!(
+            Failure::Usage(format!(
                 "feed {} has no partition {w:?}; partitions: {}",
                 feed.name,
                 ids()
             ))
         }),
         None if all.len() == 1 => Ok(all[0].clone()),
-        None => Err(Failure::usage(format!(
+        None => Err(Failure::Usage(format!(
             "feed {} has {} partitions ({}); choose one with --partition",
             feed.name,
             all.len(),
@@ -320,5 +321,13 @@ fn write_records(out: Box<dyn Write + Send>, rx: mpsc::Receiver<Chunk>) -> std::
 
 /// Peak resident set size of this process (Linux; None elsewhere).
 pub fn peak_rss_bytes() -> Option<u64> {
-    crate::rss::peak_rss_bytes("/proc/self/status")
+    peak_rss_bytes_of("/proc/self/status")
+}
+
+/// `VmHWM` of a `/proc/<pid>/status` file (Linux; None elsewhere).
+fn peak_rss_bytes_of(status_file: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(status_file).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
