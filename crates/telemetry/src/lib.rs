@@ -250,6 +250,35 @@ impl Metrics {
         }
         out
     }
+
+    /// The value of the series `name{labels}` as `/metrics` shows it, 0 when
+    /// absent; labels match as a set, whatever their order. For tests and
+    /// checks that read a counter of a role running in process.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        want.sort();
+        for line in self.encode().lines() {
+            let Some((series, value)) = line.split_once(' ') else {
+                continue;
+            };
+            let (n, mut got) = match series.split_once('{') {
+                Some((n, rest)) => (
+                    n,
+                    rest.trim_end_matches('}')
+                        .split(',')
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_string)
+                        .collect::<Vec<_>>(),
+                ),
+                None => (series, Vec::new()),
+            };
+            got.sort();
+            if n == name && got == want {
+                return value.parse().unwrap_or(0.0);
+            }
+        }
+        0.0
+    }
 }
 
 /// Answers `/readyz`: `Err(reason)` while a dependency does not answer.

@@ -245,32 +245,9 @@ impl World {
     }
 }
 
-/// The value of `name{labels}` in the Prometheus text of `metrics`, 0 when
-/// absent. Labels match as a set, whatever their order.
+/// The value of `name{labels}` in `metrics`, 0 when absent.
 pub fn metric(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
-    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    want.sort();
-    for line in metrics.encode().lines() {
-        let Some((series, value)) = line.split_once(' ') else {
-            continue;
-        };
-        let (n, mut got) = match series.split_once('{') {
-            Some((n, rest)) => (
-                n,
-                rest.trim_end_matches('}')
-                    .split(',')
-                    .filter(|l| !l.is_empty())
-                    .map(str::to_string)
-                    .collect::<Vec<_>>(),
-            ),
-            None => (series, Vec::new()),
-        };
-        got.sort();
-        if n == name && got == want {
-            return value.parse::<f64>().map(|v| v as u64).unwrap_or(0);
-        }
-    }
-    0
+    metrics.value(name, labels) as u64
 }
 
 /// Wait until `cond` holds; panic, saying `what`, after a few seconds.
