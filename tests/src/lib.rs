@@ -11,14 +11,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is the failure report
 
 pub mod proxy;
-pub mod redis_server;
+pub use tidemark_harness::redis_server;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, QueueDeclareOptions};
@@ -566,15 +566,6 @@ pub async fn assert_epoch_fenced(store: &dyn StateStore, job: &JobId, epoch: u64
 }
 
 /// Poll `check` every 250 ms until it returns true or `timeout` passes.
-pub async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+pub async fn eventually(timeout: Duration, check: impl AsyncFnMut() -> bool) -> bool {
+    tidemark_harness::eventually(timeout, Duration::from_millis(250), check).await
 }

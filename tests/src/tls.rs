@@ -13,6 +13,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tempfile::TempDir;
+use tidemark_harness::redis_server::TlsFiles;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -82,6 +83,15 @@ impl TestCa {
     }
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
+    }
+
+    /// The files a TLS `RedisServer` serves with.
+    pub fn files(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.ca_file(),
+            cert: self.cert_file(),
+            key: self.key_file(),
+        }
     }
 
     /// A rustls server presenting the server certificate.
@@ -166,5 +176,46 @@ impl TlsFront {
 impl Drop for TlsFront {
     fn drop(&mut self) {
         self.accept.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use redis::Commands;
+
+    use super::*;
+    use crate::redis_server::RedisServer;
+
+    #[test]
+    fn a_tls_server_speaks_only_tls_and_keeps_its_certificate_across_restarts()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let ca = TestCa::new("tidemark redis_server test CA");
+        let ca_pem = ca.ca_pem().to_string();
+        let mut server = RedisServer::start_tls(&ca.files());
+        drop(ca); // its files were copied
+        assert!(server.url().starts_with("rediss://127.0.0.1:"));
+        let addr = SocketAddr::from(([127, 0, 0, 1], server.port()));
+        assert!(
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok_and(
+                |mut s| {
+                    use std::io::{Read, Write};
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                    let _ = s.write_all(b"*1\r\n$4\r\nPING\r\n");
+                    let mut buf = [0u8; 64];
+                    !matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+                }
+            ),
+            "plain text must not be answered"
+        );
+        let client = tidemark_state::redis_client(&server.url(), Some(&ca_pem))?;
+        let () = client.get_connection()?.set("tidemark:test:tls", "yes")?;
+        std::thread::sleep(Duration::from_millis(1200));
+        server.restart();
+        let got: Option<String> = client.get_connection()?.get("tidemark:test:tls")?;
+        assert_eq!(got.as_deref(), Some("yes"));
+        Ok(())
     }
 }

@@ -80,7 +80,7 @@ fn lines(path: &Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_distributed_sync_runs_over_rediss_and_amqps_with_the_ca_option() {
     let ca = TestCa::new("tidemark e2e test CA");
-    let redis = tokio::task::block_in_place(|| RedisServer::start_tls(&ca));
+    let redis = tokio::task::block_in_place(|| RedisServer::start_tls(&ca.files()));
     let front = TlsFront::start(host_port(&amqp_url()), &ca).await.unwrap();
     let ca_file = ca.ca_file().display().to_string();
 
@@ -149,7 +149,7 @@ async fn the_distributed_sync_runs_over_rediss_and_amqps_with_the_ca_option() {
 async fn an_untrusted_redis_certificate_is_a_clear_error_without_the_password() {
     let ca = TestCa::new("tidemark test CA");
     let other = TestCa::new("some other CA");
-    let redis = tokio::task::block_in_place(|| RedisServer::start_tls(&ca));
+    let redis = tokio::task::block_in_place(|| RedisServer::start_tls(&ca.files()));
     let url = with_password(&redis.url());
     let other_file = other.ca_file().display().to_string();
     let prefix = format!("tmtls{}:", &uuid::Uuid::new_v4().simple().to_string()[..8]);

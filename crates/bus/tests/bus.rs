@@ -29,42 +29,9 @@ async fn within(test: impl std::future::Future<Output = ()>) {
 }
 
 /// AMQP_URL (default the local broker) when it answers; else, when Docker is
-/// available, a RabbitMQ container started once for this test binary.
+/// available, a RabbitMQ container (tidemark-harness finds it for every suite).
 fn amqp_url() -> String {
-    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    URL.get_or_init(|| {
-        let url = std::env::var("AMQP_URL")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-        let hostport = url
-            .split('@')
-            .next_back()
-            .unwrap_or("127.0.0.1:5672")
-            .split('/')
-            .next()
-            .unwrap_or("127.0.0.1:5672");
-        if std::net::TcpStream::connect(hostport).is_ok() {
-            return url;
-        }
-        let docker = std::process::Command::new("docker")
-            .arg("info")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        assert!(
-            docker,
-            "no RabbitMQ at {url} and no Docker: ./scripts/test starts one, or set AMQP_URL"
-        );
-        use testcontainers_modules::testcontainers::runners::SyncRunner;
-        let container = testcontainers_modules::rabbitmq::RabbitMq::default()
-            .start()
-            .expect("start a RabbitMQ container");
-        let port = container.get_host_port_ipv4(5672).expect("container port");
-        // Statics are never dropped: the container outlives this test binary.
-        static CONTAINER: std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>> =
-            std::sync::OnceLock::new();
-        let _ = CONTAINER.set(Box::new(container));
-        format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
-    })
-    .clone()
+    tidemark_harness::services::amqp_url().unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn test_config(url: &str) -> BusConfig {

@@ -287,12 +287,12 @@ pub async fn worker(
         err,
     )
     .await?;
-    let deps = WorkerDeps {
-        store: w.store.clone() as Arc<dyn StateStore>,
-        tasks: Arc::new(w.bus.clone()),
-        downstream: Arc::new(w.bus.clone()),
-        metrics: w.metrics.clone(),
-    };
+    let deps = WorkerDeps::new(
+        w.store.clone(),
+        Arc::new(w.bus.clone()),
+        Arc::new(w.bus.clone()),
+        w.metrics.clone(),
+    );
     let result = tidemark_worker::run(deps, args.opts, shutdown).await;
     w.finish(result).await
 }

@@ -96,12 +96,7 @@ pub async fn sync(
         stopped(stop_rx.clone()),
     );
     let worker = tidemark_worker::run(
-        WorkerDeps {
-            store: store.clone(),
-            tasks: queue.clone(),
-            downstream: sink,
-            metrics,
-        },
+        WorkerDeps::new(owned.store.clone(), queue.clone(), sink, metrics),
         opts.worker.clone(),
         stopped(stop_rx.clone()),
     );

@@ -321,13 +321,5 @@ fn write_records(out: Box<dyn Write + Send>, rx: mpsc::Receiver<Chunk>) -> std::
 
 /// Peak resident set size of this process (Linux; None elsewhere).
 pub fn peak_rss_bytes() -> Option<u64> {
-    peak_rss_bytes_of("/proc/self/status")
-}
-
-/// `VmHWM` of a `/proc/<pid>/status` file (Linux; None elsewhere).
-fn peak_rss_bytes_of(status_file: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(status_file).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    tidemark_telemetry::peak_rss_bytes("/proc/self/status")
 }

@@ -16,6 +16,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::HarnessError;
+use tidemark_telemetry::peak_rss_bytes;
 
 /// How long a child may take to print its ready line.
 const READY_WITHIN: Duration = Duration::from_secs(60);
@@ -296,14 +297,6 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// `VmHWM` of a `/proc/<pid>/status` file (Linux; None elsewhere).
-pub fn peak_rss_bytes(status_file: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(status_file).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// User plus system CPU time of a process, all threads, from

@@ -5,77 +5,16 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
 use support::*;
 use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId};
+use tidemark_harness::redis_server::RedisServer;
 use tidemark_state::{
     Acquire, Control, EmbeddedStore, Jobs, LeaderGuard, Leadership, Leases, RedisStore, Rewind,
 };
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A private redis-server with AOF (appendfsync everysec) in `dir`.
-struct OwnRedis {
-    child: Child,
-    port: u16,
-}
-
-impl OwnRedis {
-    fn start(dir: &std::path::Path, port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (./scripts/test installs it)");
-        // Dropping OwnRedis kills and waits for the child on every path.
-        let server = OwnRedis { child, port };
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server did not start on {port}");
-    }
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-    fn kill9(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn commit(epoch: u64, seq: u64, cursor: &str) -> Commit {
     Commit {
@@ -94,9 +33,7 @@ fn commit(epoch: u64, seq: u64, cursor: &str) -> Commit {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sigkilled_aof_redis_comes_back_with_state_and_never_reuses_an_epoch() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut server = OwnRedis::start(dir.path(), port);
+    let mut server = tokio::task::block_in_place(RedisServer::start_aof);
     let store = RedisStore::connect(&server.url(), "tidemark:")
         .await
         .unwrap();
@@ -131,9 +68,9 @@ async fn a_sigkilled_aof_redis_comes_back_with_state_and_never_reuses_an_epoch()
     };
     epochs.push(last);
     server.kill9();
-    let _server = OwnRedis::start(dir.path(), port);
+    tokio::task::block_in_place(|| server.restart());
 
-    let fresh = RedisStore::connect(&format!("redis://127.0.0.1:{port}"), "tidemark:")
+    let fresh = RedisStore::connect(&server.url(), "tidemark:")
         .await
         .unwrap();
     let cp = fresh

@@ -281,6 +281,16 @@ impl Metrics {
     }
 }
 
+/// The peak resident set size (`VmHWM`) of a `/proc/<pid>/status` file, in
+/// bytes (Linux; None elsewhere): `pull --stats-json` reports its own, the
+/// benchmark its children's.
+pub fn peak_rss_bytes(status_file: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(status_file).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Answers `/readyz`: `Err(reason)` while a dependency does not answer.
 pub type ReadyCheck =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tidemark_core::Config;
 use tidemark_source::HttpSource;
-use tidemark_state::StateStore;
+use tidemark_state::FeedRegistry;
 use tidemark_state::registry::load_config;
 use tokio::sync::Mutex;
 
@@ -20,13 +20,13 @@ pub struct Snapshot {
 }
 
 pub struct Feeds {
-    store: Arc<dyn StateStore>,
+    store: Arc<dyn FeedRegistry>,
     refresh: Duration,
     state: Mutex<(Option<Arc<Snapshot>>, Option<Instant>)>,
 }
 
 impl Feeds {
-    pub fn new(store: Arc<dyn StateStore>, refresh: Duration) -> Self {
+    pub fn new(store: Arc<dyn FeedRegistry>, refresh: Duration) -> Self {
         Self {
             store,
             refresh,

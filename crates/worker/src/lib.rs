@@ -63,7 +63,7 @@ use clap::builder::TypedValueParser as _;
 use tidemark_bus::{BusError, Downstream, PageTask, TaskDelivery, TaskQueue};
 use tidemark_core::checkpoint::JobId;
 use tidemark_core::options::parse_duration;
-use tidemark_state::StateStore;
+use tidemark_state::{FeedRegistry, Leases, SourceLimits};
 use tidemark_telemetry::Metrics;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -98,17 +98,47 @@ impl Default for WorkerOptions {
     }
 }
 
-/// What a worker runs on.
+/// What a worker runs on: of the state store, only the capabilities a page
+/// uses (usually one store, handed over by [`WorkerDeps::new`]).
 #[derive(Clone)]
 pub struct WorkerDeps {
-    pub store: Arc<dyn StateStore>,
+    /// The job's checkpoint, lease and fenced commit (steps 1 and 6,
+    /// renewals, failures, cursor recovery).
+    pub leases: Arc<dyn Leases>,
+    /// The feed definitions the coordinator registered.
+    pub registry: Arc<dyn FeedRegistry>,
+    /// The source's shared rate limiter and pause (step 2).
+    pub limits: Arc<dyn SourceLimits>,
     pub tasks: Arc<dyn TaskQueue>,
     pub downstream: Arc<dyn Downstream>,
     pub metrics: Metrics,
 }
 
+impl WorkerDeps {
+    /// A worker's dependencies on one store that has every capability it needs.
+    pub fn new<S>(
+        store: Arc<S>,
+        tasks: Arc<dyn TaskQueue>,
+        downstream: Arc<dyn Downstream>,
+        metrics: Metrics,
+    ) -> Self
+    where
+        S: Leases + FeedRegistry + SourceLimits + 'static,
+    {
+        Self {
+            leases: store.clone(),
+            registry: store.clone(),
+            limits: store,
+            tasks,
+            downstream,
+            metrics,
+        }
+    }
+}
+
 pub struct Worker {
-    store: Arc<dyn StateStore>,
+    leases: Arc<dyn Leases>,
+    limits: Arc<dyn SourceLimits>,
     tasks: Arc<dyn TaskQueue>,
     downstream: Arc<dyn Downstream>,
     metrics: Metrics,
@@ -131,8 +161,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), WorkerError> {
     let worker = Arc::new(Worker {
-        feeds: feeds::Feeds::new(deps.store.clone(), opts.registry_refresh),
-        store: deps.store,
+        feeds: feeds::Feeds::new(deps.registry, opts.registry_refresh),
+        leases: deps.leases,
+        limits: deps.limits,
         tasks: deps.tasks,
         downstream: deps.downstream,
         metrics: deps.metrics,
@@ -194,7 +225,7 @@ pub async fn run(
             "grace period over: releasing unfinished pages"
         );
         for (job, epoch) in left {
-            if let Err(e) = worker.store.release(&job, epoch).await {
+            if let Err(e) = worker.leases.release(&job, epoch).await {
                 tracing::warn!(job = %job, error = %e, "cannot release the lease");
             }
         }
@@ -239,7 +270,7 @@ impl Worker {
                 // meanwhile; a refused renewal means a newer epoch owns the
                 // job, and this task has nothing more to do.
                 match self
-                    .store
+                    .leases
                     .renew(job, task.epoch, delay.saturating_add(self.opts.lease))
                     .await
                 {
@@ -306,7 +337,7 @@ impl Worker {
     async fn fail(&self, d: TaskDelivery, task: &PageTask, error: &str) {
         let job = &task.job;
         tracing::error!(job = %job, seq = task.seq, error = %error, "job failed");
-        match self.store.fail(job, task.epoch, error).await {
+        match self.leases.fail(job, task.epoch, error).await {
             Ok(true) => {
                 self.metrics
                     .jobs_failed

@@ -121,7 +121,7 @@ impl Worker {
     /// applied or a skipped seq, or a job that is not running: drop it.
     async fn check(&self, task: &PageTask) -> Result<Checkpoint, Outcome> {
         let job = &task.job;
-        let cp = match self.store.get(job).await {
+        let cp = match self.leases.get(job).await {
             Ok(Some(cp)) => cp,
             Ok(None) => {
                 return Err(Outcome::Rejected {
@@ -225,7 +225,7 @@ impl Worker {
         loop {
             tokio::time::sleep(every).await;
             match self
-                .store
+                .leases
                 .renew(&task.job, task.epoch, self.opts.lease)
                 .await
             {
@@ -252,7 +252,7 @@ impl Worker {
         let waited_enough = Instant::now() + r.max_pause();
         loop {
             let paused = self
-                .store
+                .limits
                 .source_paused_until(source)
                 .await
                 .map_err(requeue)?;
@@ -272,7 +272,7 @@ impl Worker {
                 return Ok(());
             };
             match self
-                .store
+                .limits
                 .rate_acquire(source, per_second, burst)
                 .await
                 .map_err(requeue)?
@@ -445,7 +445,7 @@ impl Worker {
             restart,
         };
         let outcome = self
-            .store
+            .leases
             .commit(job, &commit)
             .await
             .map_err(|e| Outcome::Requeue {
@@ -566,7 +566,7 @@ impl Worker {
             if retry_after.is_some() {
                 let until =
                     now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
-                if let Err(err) = self.store.pause_source(source, until).await {
+                if let Err(err) = self.limits.pause_source(source, until).await {
                     tracing::warn!(source, error = %err, "cannot set the source pause");
                 }
                 self.metrics
@@ -599,7 +599,7 @@ impl Worker {
         let from = restart_point(feed, cp.high_water.as_deref(), cp);
         tracing::warn!(job = %task.job, error = %e, from = ?from, "cursor expired or rejected; restarting from the high-water mark");
         match self
-            .store
+            .leases
             .recover(&task.job, task.epoch, from.as_deref())
             .await
         {

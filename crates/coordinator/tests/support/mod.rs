@@ -251,13 +251,9 @@ pub fn metric(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
 }
 
 /// Wait until `cond` holds; panic, saying `what`, after a few seconds.
-pub async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+pub async fn eventually(what: &str, cond: impl AsyncFnMut() -> bool) {
+    assert!(
+        tidemark_harness::eventually(PATIENCE, Duration::from_millis(2), cond).await,
+        "timed out waiting until {what}"
+    );
 }

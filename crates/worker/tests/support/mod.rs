@@ -233,12 +233,12 @@ impl World {
 
     pub fn start_worker(&mut self) {
         let received = self.received.clone();
-        let deps = WorkerDeps {
-            store: self.store.clone(),
-            tasks: self.tasks.clone(),
-            downstream: Arc::new(MemoryDownstream::new(move |p| received.take(p))),
-            metrics: self.metrics.clone(),
-        };
+        let deps = WorkerDeps::new(
+            self.store.clone(),
+            self.tasks.clone(),
+            Arc::new(MemoryDownstream::new(move |p| received.take(p))),
+            self.metrics.clone(),
+        );
         let opts = WorkerOptions {
             concurrency: 4,
             lease: LEASE,
@@ -432,15 +432,11 @@ pub fn metric(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
 }
 
 /// Wait until `cond` holds; panic, saying `what`, after a few seconds.
-pub async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+pub async fn eventually(what: &str, cond: impl AsyncFnMut() -> bool) {
+    assert!(
+        tidemark_harness::eventually(PATIENCE, Duration::from_millis(2), cond).await,
+        "timed out waiting until {what}"
+    );
 }
 
 /// Let the worker run on for a moment, before checking that something did

@@ -6,7 +6,11 @@
 //! [`RedisServer::restart`], as it would in production.
 //!
 //! [`RedisServer::start_tls`] starts one that speaks only TLS (`rediss://`),
-//! with a certificate from a [`TestCa`].
+//! with a CA and server certificate from files (tidemark-tests' `TestCa`
+//! makes them).
+//!
+//! The one private Redis of the workspace: the end-to-end suites and the
+//! state crate's crash tests start it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -17,10 +21,15 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::tls::TestCa;
-
 const READY_WITHIN: Duration = Duration::from_secs(15);
 const STOP_WITHIN: Duration = Duration::from_secs(10);
+
+/// The PEM files of a TLS server: the CA, and the server's certificate and key.
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
 
 /// A `redis-server` child process on 127.0.0.1. Dropping it SIGKILLs the
 /// server and removes its directory.
@@ -45,26 +54,28 @@ impl RedisServer {
     /// [`RedisServer::start_aof`], speaking only TLS on its port, with the
     /// server certificate of `ca` (copied, so `ca` may be dropped). It does
     /// not ask clients for certificates. [`RedisServer::url`] is `rediss://`.
-    pub fn start_tls(ca: &TestCa) -> RedisServer {
-        Self::start_in(Some(ca))
+    pub fn start_tls(tls: &TlsFiles) -> RedisServer {
+        Self::start_in(Some(tls))
     }
 
-    fn start_in(ca: Option<&TestCa>) -> RedisServer {
+    fn start_in(tls: Option<&TlsFiles>) -> RedisServer {
         let dir = tempfile::tempdir().expect("a temp dir for redis-server");
-        if let Some(ca) = ca {
+        let mut tls_ca = None;
+        if let Some(tls) = tls {
             for (from, to) in [
-                (ca.ca_file(), "tls-ca.pem"),
-                (ca.cert_file(), "tls-server.pem"),
-                (ca.key_file(), "tls-server.key"),
+                (&tls.ca, "tls-ca.pem"),
+                (&tls.cert, "tls-server.pem"),
+                (&tls.key, "tls-server.key"),
             ] {
                 std::fs::copy(from, dir.path().join(to)).expect("copy a TLS file");
             }
+            tls_ca = Some(std::fs::read_to_string(&tls.ca).expect("read the CA file"));
         }
         let mut server = RedisServer {
             port: 0,
             dir,
             child: None,
-            tls_ca: ca.map(|c| c.ca_pem().to_string()),
+            tls_ca,
         };
         // redis-server cannot be handed a listener or announce a port it
         // picked, so pick one; when it is taken, redis-server says so and
@@ -317,25 +328,6 @@ mod tests {
         let mut con = redis::Client::open(server.url())?.get_connection()?;
         let got: Option<String> = con.get("tidemark:test:key")?;
         assert_eq!(got.as_deref(), Some("survives"));
-        Ok(())
-    }
-
-    #[test]
-    fn a_tls_server_speaks_only_tls_and_keeps_its_certificate_across_restarts()
-    -> Result<(), Box<dyn std::error::Error>> {
-        let ca = TestCa::new("tidemark redis_server test CA");
-        let ca_pem = ca.ca_pem().to_string();
-        let mut server = RedisServer::start_tls(&ca);
-        drop(ca); // its files were copied
-        assert!(server.url().starts_with("rediss://127.0.0.1:"));
-        let addr = SocketAddr::from(([127, 0, 0, 1], server.port()));
-        assert!(!pong(addr), "plain text must not be answered");
-        let client = tidemark_state::redis_client(&server.url(), Some(&ca_pem))?;
-        let () = client.get_connection()?.set("tidemark:test:tls", "yes")?;
-        std::thread::sleep(Duration::from_millis(1200));
-        server.restart();
-        let got: Option<String> = client.get_connection()?.get("tidemark:test:tls")?;
-        assert_eq!(got.as_deref(), Some("yes"));
         Ok(())
     }
 }
