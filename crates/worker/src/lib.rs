@@ -371,3 +371,36 @@ async fn ack(d: TaskDelivery) {
         tracing::debug!(error = %e, "ack not delivered; the task will come back and be dropped");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::Parser;
+
+    use super::WorkerOptions;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        opts: WorkerOptions,
+    }
+
+    #[test]
+    fn the_library_default_is_the_flags_default() {
+        let d = WorkerOptions::default();
+        assert_eq!(d.concurrency, 8);
+        assert_eq!(d.lease, Duration::from_secs(60));
+        assert_eq!(d.grace, Duration::from_secs(25));
+        assert_eq!(d.registry_refresh, Duration::from_secs(2));
+        let flags = Cli::try_parse_from(["worker", "--concurrency", "3", "--grace", "500ms"])
+            .expect("flags parse")
+            .opts;
+        assert_eq!(
+            (flags.concurrency, flags.grace),
+            (3, Duration::from_millis(500))
+        );
+        assert!(Cli::try_parse_from(["worker", "--concurrency", "0"]).is_err());
+        assert!(Cli::try_parse_from(["worker", "--lease", "soon"]).is_err());
+    }
+}
