@@ -9,9 +9,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use support::{
-    World, commit, eventually, hostile, inspections, job, mock, now_ms, settle, take_over, tickets,
-};
+use support::{World, commit, hostile, inspections, job, mock, now_ms, settle, take_over, tickets};
 use tidemark_core::checkpoint::{CommitOutcome, Phase, Stage};
 use tidemark_mock::Faults;
 
@@ -200,11 +198,7 @@ async fn a_429_pauses_the_source_and_the_task_is_retried_after_it() {
     }));
     let t0 = now_ms();
     w.start_chain(&j).await;
-    eventually("the source is paused", async || {
-        w.source_paused_until("mock").await.is_some()
-    })
-    .await;
-    let until = w.source_paused_until("mock").await.expect("paused");
+    let until = w.paused_until("mock").await;
     // Retry-After: 1, within the source's max_retry_after of 300 ms.
     assert!(
         until > now_ms() && until <= t0 + 300 + 100,
@@ -271,11 +265,7 @@ async fn an_absurd_retry_after_is_capped_by_max_retry_after() {
     });
     let t0 = now_ms();
     w.start_chain(&j).await;
-    eventually("the source is paused", async || {
-        w.source_paused_until("mock").await.is_some()
-    })
-    .await;
-    let until = w.source_paused_until("mock").await.expect("paused");
+    let until = w.paused_until("mock").await;
     assert!(
         until <= now_ms() + 300,
         "pause until {until}, {} ms away: longer than max_retry_after",

@@ -150,15 +150,6 @@ impl FeedConfig {
         Ok(Position::Start { from })
     }
 
-    /// A paginator for `partition` of this feed on `source`.
-    pub fn paginator(
-        &self,
-        source: &SourceConfig,
-        partition: &Partition,
-    ) -> Result<Paginator, String> {
-        self.paginator_for(source, partition, Stage::Bulk)
-    }
-
     /// The pagination spec of the `incremental:` block. Its records pointer
     /// is its own, else the feed's, else the bulk preset's.
     pub fn incremental_spec(

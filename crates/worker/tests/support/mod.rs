@@ -361,6 +361,15 @@ impl World {
         self.checkpoint(job).await
     }
 
+    /// Wait until `source` is paused; the end of the pause (unix ms).
+    pub async fn paused_until(&self, source: &str) -> u64 {
+        eventually(&format!("the source {source} is paused"), async || {
+            self.source_paused_until(source).await.is_some()
+        })
+        .await;
+        self.source_paused_until(source).await.expect("paused")
+    }
+
     pub async fn source_paused_until(&self, source: &str) -> Option<u64> {
         self.store
             .source_paused_until(source)
