@@ -7,9 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId};
 
-use crate::{Acquire, Control, StateError};
+use crate::{Acquire, Control, FeedCensus, JobPage, JobQuery, StateError, WorkerSeen};
 
-/// The job table: create and list jobs, and hand out epochs.
+/// The job table: create, retire and read jobs, and hand out epochs.
 ///
 /// Each job's epoch only grows, across restarts of the store too
 /// ([`tidemark_core::checkpoint::next_epoch`]). [`Jobs::acquire`] and
@@ -18,12 +18,39 @@ use crate::{Acquire, Control, StateError};
 /// The coordinator starts chains with it, operators steer jobs with it.
 #[async_trait]
 pub trait Jobs: Send + Sync {
-    /// Every job and its checkpoint, sorted by job. One read of the whole
-    /// table, not a snapshot: a job may change while it is listed.
+    /// Every registered job and its checkpoint, sorted by job: a read of
+    /// the whole table, page by page, not a snapshot. For small stores,
+    /// tests and tools; the scheduler and status read [`Schedule`] and
+    /// [`Jobs::census`] instead.
     async fn list(&self) -> Result<Vec<(JobId, Checkpoint)>, StateError>;
-    /// Create the job with `init` unless it exists (never overwrites); true
-    /// when created.
-    async fn ensure(&self, job: &JobId, init: &Checkpoint) -> Result<bool, StateError>;
+    /// Create each job with `init` unless it exists (never overwrites) and
+    /// register it in the scheduler's indexes; a job that exists but is not
+    /// registered (retired, or stored by a version without indexes) joins
+    /// them with its state as it is. Returns how many were created or joined.
+    async fn ensure_many(&self, jobs: &[JobId], init: &Checkpoint) -> Result<usize, StateError>;
+    /// [`Jobs::ensure_many`] for one job; true when created or joined.
+    async fn ensure(&self, job: &JobId, init: &Checkpoint) -> Result<bool, StateError> {
+        Ok(self.ensure_many(std::slice::from_ref(job), init).await? == 1)
+    }
+    /// Take a job out of every index (its feed or partition left the
+    /// config): it is no longer listed, counted or scheduled, and a new
+    /// epoch fences its chain in flight. Its state stays; ensuring it again
+    /// brings it back where it was. False when it was not registered.
+    async fn retire(&self, job: &JobId) -> Result<bool, StateError>;
+    /// The feeds that have registered jobs, sorted.
+    async fn feeds(&self) -> Result<Vec<String>, StateError>;
+    /// One page of a feed's jobs in partition order (of the encoded
+    /// partitions: see [`crate::member`]).
+    async fn page(&self, query: &JobQuery) -> Result<JobPage, StateError>;
+    /// Per feed: jobs by phase, the oldest progress and high-water mark;
+    /// from counters and indexes the store keeps, never a scan of the jobs.
+    async fn census(&self) -> Result<Vec<FeedCensus>, StateError>;
+    /// Up to `limit` of a feed's failed jobs, those that failed first first.
+    async fn failures(
+        &self,
+        feed: &str,
+        limit: usize,
+    ) -> Result<Vec<(JobId, Checkpoint)>, StateError>;
     /// Take the job's lease for `lease` under a new epoch. Refused while
     /// another lease is live, the job is paused, or (unless `force`, an
     /// operator's retry) it failed.
@@ -50,6 +77,17 @@ pub trait Jobs: Send + Sync {
 pub trait Leases: Send + Sync {
     /// The job's checkpoint, if the job exists.
     async fn get(&self, job: &JobId) -> Result<Option<Checkpoint>, StateError>;
+    /// A worker takes a page task: when `epoch` and `seq` are the job's and
+    /// it runs, its lease becomes a processing lease of `lease` from now
+    /// (until then it was the task's wait in the queue). Returns the
+    /// checkpoint either way, for the caller's check; `None`: no such job.
+    async fn take(
+        &self,
+        job: &JobId,
+        epoch: u64,
+        seq: u64,
+        lease: Duration,
+    ) -> Result<Option<Checkpoint>, StateError>;
     /// Extend the lease by `lease` from now; false when fenced.
     async fn renew(&self, job: &JobId, epoch: u64, lease: Duration) -> Result<bool, StateError>;
     /// Give the lease up (the job stays running, so it is re-issued at once);
@@ -73,6 +111,43 @@ pub trait Leases: Send + Sync {
     /// Record T0 (RFC 3339) before a bulk walk, unless one is recorded
     /// already (the first T0 stays); false when fenced.
     async fn set_t0(&self, job: &JobId, epoch: u64, t0: &str) -> Result<bool, StateError>;
+}
+
+/// The scheduler's indexes: what is due, what ran out of lease, and how
+/// many chains run. Every script that changes a job keeps them, atomically
+/// with the change, so a pass reads what is due and never lists all jobs.
+#[async_trait]
+pub trait Schedule: Send + Sync {
+    /// Feeds with an idle job due at `now_ms`, those with the oldest due
+    /// job first, at most `limit`.
+    async fn due_feeds(&self, now_ms: u64, limit: usize) -> Result<Vec<String>, StateError>;
+    /// For each (feed, n): up to n of its idle jobs due at `now_ms`, oldest
+    /// first. One round trip for all of them.
+    async fn due_jobs(
+        &self,
+        wants: &[(String, usize)],
+        now_ms: u64,
+    ) -> Result<Vec<JobId>, StateError>;
+    /// Up to `limit` running chains whose lease deadline is past, oldest first.
+    async fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<JobId>, StateError>;
+    /// How many chains run (queued, in a worker, or waiting to retry).
+    async fn running(&self) -> Result<u64, StateError>;
+    /// Index the jobs of an earlier layout (without indexes), once; returns
+    /// how many joined. Idempotent, and a no-op on a current layout.
+    async fn migrate(&self) -> Result<u64, StateError>;
+}
+
+/// The workers the coordinator can see: each beats with its concurrency,
+/// and admission control sizes itself by them.
+#[async_trait]
+pub trait Fleet: Send + Sync {
+    /// Say that worker `id` is alive with `concurrency` slots, for `ttl`.
+    async fn heartbeat(&self, id: &str, concurrency: u32, ttl: Duration)
+    -> Result<(), StateError>;
+    /// Worker `id` stops: forget it now.
+    async fn leave(&self, id: &str, concurrency: u32) -> Result<(), StateError>;
+    /// The workers whose last heartbeat has not lapsed.
+    async fn fleet(&self) -> Result<Vec<WorkerSeen>, StateError>;
 }
 
 /// The feed registry: the config a coordinator registered, for workers that
@@ -131,6 +206,12 @@ pub trait SourceLimits: Send + Sync {
 
 /// Every capability of a store, for wiring code that builds one store and
 /// hands it to a role. Functions take the narrow traits they use.
-pub trait StateStore: Jobs + Leases + FeedRegistry + Leadership + SourceLimits {}
+pub trait StateStore:
+    Jobs + Schedule + Fleet + Leases + FeedRegistry + Leadership + SourceLimits
+{
+}
 
-impl<T> StateStore for T where T: Jobs + Leases + FeedRegistry + Leadership + SourceLimits + ?Sized {}
+impl<T> StateStore for T where
+    T: Jobs + Schedule + Fleet + Leases + FeedRegistry + Leadership + SourceLimits + ?Sized
+{
+}

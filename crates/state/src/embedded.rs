@@ -3,7 +3,7 @@
 //! fsync it, rename it over the old one), so a crash leaves either the old
 //! state or the new one. Same semantics as the Redis scripts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -17,12 +17,16 @@ use tidemark_core::checkpoint::{
 use tidemark_core::clock::now_ms;
 
 use crate::{
-    Acquire, Control, FeedRegistry, Jobs, Leadership, Leases, Rewind, SourceLimits, StateError,
+    Acquire, Control, FeedCensus, FeedRegistry, Fleet, JobPage, JobQuery, Jobs, Leadership,
+    Leases, Rewind, Schedule, SourceLimits, StateError, WorkerSeen, high_water_ms,
 };
 
 #[derive(Default, Serialize, Deserialize)]
 struct Persisted {
     jobs: BTreeMap<String, (JobId, Checkpoint)>,
+    /// Jobs taken out of the indexes (their feed or partition left the config).
+    #[serde(default)]
+    retired: BTreeSet<String>,
     source_pauses: BTreeMap<String, u64>,
     /// (version, digest, document)
     #[serde(default)]
@@ -32,8 +36,96 @@ struct Persisted {
 #[derive(Default)]
 struct Inner {
     data: Persisted,
+    index: Index,
     leader: Option<(String, u64)>,
     rate_tat_us: HashMap<String, u64>,
+    workers: HashMap<String, (u32, u64)>,
+}
+
+/// The scheduler's indexes over the registered jobs, as lua/index.lua keeps
+/// them in Redis: idle jobs by due time per feed, running chains by
+/// deadline, failed jobs per feed, jobs per feed and phase.
+#[derive(Default)]
+struct Index {
+    due: BTreeMap<String, BTreeSet<(u64, String)>>,
+    running: BTreeSet<(u64, String)>,
+    failed: BTreeMap<String, BTreeSet<(u64, String)>>,
+    counts: BTreeMap<String, [u64; 4]>,
+}
+
+fn phase_slot(p: Phase) -> usize {
+    match p {
+        Phase::Idle => 0,
+        Phase::Running => 1,
+        Phase::Paused => 2,
+        Phase::Failed => 3,
+    }
+}
+
+impl Index {
+    fn build(data: &Persisted) -> Index {
+        let mut index = Index::default();
+        for (k, (job, cp)) in &data.jobs {
+            if !data.retired.contains(k) {
+                index.enter(k, job, cp, 0);
+            }
+        }
+        index
+    }
+    fn enter(&mut self, key: &str, job: &JobId, cp: &Checkpoint, now: u64) {
+        self.counts.entry(job.feed.clone()).or_default()[phase_slot(cp.phase)] += 1;
+        let entry = |t: u64| (t, key.to_string());
+        match cp.phase {
+            Phase::Idle => {
+                self.due
+                    .entry(job.feed.clone())
+                    .or_default()
+                    .insert(entry(cp.next_due_ms));
+            }
+            Phase::Running => {
+                self.running.insert(entry(cp.lease_until_ms));
+            }
+            Phase::Failed => {
+                self.failed
+                    .entry(job.feed.clone())
+                    .or_default()
+                    .insert(entry(now));
+            }
+            Phase::Paused => {}
+        }
+    }
+    fn leave(&mut self, key: &str, job: &JobId, cp: &Checkpoint) {
+        if let Some(c) = self.counts.get_mut(&job.feed) {
+            let slot = &mut c[phase_slot(cp.phase)];
+            *slot = slot.saturating_sub(1);
+            if c.iter().all(|n| *n == 0) {
+                self.counts.remove(&job.feed);
+            }
+        }
+        let entry = |t: u64| (t, key.to_string());
+        match cp.phase {
+            Phase::Idle => {
+                if let Some(d) = self.due.get_mut(&job.feed) {
+                    d.remove(&entry(cp.next_due_ms));
+                    if d.is_empty() {
+                        self.due.remove(&job.feed);
+                    }
+                }
+            }
+            Phase::Running => {
+                self.running.remove(&entry(cp.lease_until_ms));
+            }
+            Phase::Failed => {
+                if let Some(f) = self.failed.get_mut(&job.feed) {
+                    f.retain(|(_, k)| k != key);
+                    if f.is_empty() {
+                        self.failed.remove(&job.feed);
+                    }
+                }
+            }
+            Phase::Paused => {}
+        }
+    }
 }
 
 /// Job state for one process, optionally kept in a file.
@@ -71,6 +163,7 @@ impl EmbeddedStore {
         Ok(Self {
             path: Some(path.to_path_buf()),
             inner: Mutex::new(Inner {
+                index: Index::build(&data),
                 data,
                 ..Inner::default()
             }),
@@ -100,22 +193,43 @@ impl EmbeddedStore {
         Ok(())
     }
 
-    /// Change one job under the lock and persist when `f` says it changed.
+    /// Change one job under the lock, keep the indexes, and persist when
+    /// `f` says it changed.
     fn with_job<T>(
         &self,
         job: &JobId,
         f: impl FnOnce(&mut Checkpoint, u64) -> (T, bool),
     ) -> Result<Option<T>, StateError> {
-        let mut inner = self.lock();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         let now = now_ms();
-        let Some((_, cp)) = inner.data.jobs.get_mut(&key(job)) else {
+        let k = key(job);
+        let Some((_, cp)) = inner.data.jobs.get_mut(&k) else {
             return Ok(None);
         };
+        let before = cp.clone();
         let (out, changed) = f(cp, now);
         if changed {
-            self.persist(&inner)?;
+            if !inner.data.retired.contains(&k) {
+                inner.index.leave(&k, job, &before);
+                inner.index.enter(&k, job, cp, now);
+            }
+            self.persist(inner)?;
         }
         Ok(Some(out))
+    }
+
+    fn jobs_of<'a>(
+        inner: &'a Inner,
+        feed: &'a str,
+    ) -> impl Iterator<Item = (&'a String, &'a (JobId, Checkpoint))> + 'a {
+        let from = format!("{feed}\u{1f}");
+        inner
+            .data
+            .jobs
+            .range(from.clone()..)
+            .take_while(move |(k, _)| k.starts_with(&from))
+            .filter(|(k, _)| !inner.data.retired.contains(*k))
     }
 }
 
@@ -143,22 +257,132 @@ impl EmbeddedStore {
 impl Jobs for EmbeddedStore {
     async fn list(&self) -> Result<Vec<(JobId, Checkpoint)>, StateError> {
         let inner = self.lock();
-        let mut v: Vec<(JobId, Checkpoint)> = inner.data.jobs.values().cloned().collect();
+        let mut v: Vec<(JobId, Checkpoint)> = inner
+            .data
+            .jobs
+            .iter()
+            .filter(|(k, _)| !inner.data.retired.contains(*k))
+            .map(|(_, v)| v.clone())
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(v)
     }
 
-    async fn ensure(&self, job: &JobId, init: &Checkpoint) -> Result<bool, StateError> {
-        let mut inner = self.lock();
-        if inner.data.jobs.contains_key(&key(job)) {
+    async fn ensure_many(&self, jobs: &[JobId], init: &Checkpoint) -> Result<usize, StateError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let now = now_ms();
+        let mut joined = 0;
+        for job in jobs {
+            let k = key(job);
+            match inner.data.jobs.get(&k) {
+                Some((_, cp)) => {
+                    if inner.data.retired.remove(&k) {
+                        inner.index.enter(&k, job, cp, now);
+                        joined += 1;
+                    }
+                }
+                None => {
+                    inner.index.enter(&k, job, init, now);
+                    inner.data.jobs.insert(k, (job.clone(), init.clone()));
+                    joined += 1;
+                }
+            }
+        }
+        if joined > 0 {
+            self.persist(inner)?;
+        }
+        Ok(joined)
+    }
+
+    async fn retire(&self, job: &JobId) -> Result<bool, StateError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let k = key(job);
+        let now = now_ms();
+        let Some((_, cp)) = inner.data.jobs.get_mut(&k) else {
+            return Ok(false);
+        };
+        if inner.data.retired.contains(&k) {
             return Ok(false);
         }
-        inner
-            .data
-            .jobs
-            .insert(key(job), (job.clone(), init.clone()));
-        self.persist(&inner)?;
+        inner.index.leave(&k, job, cp);
+        cp.epoch = next_epoch(cp.epoch, now);
+        cp.lease_until_ms = 0;
+        if cp.phase == Phase::Running {
+            cp.phase = Phase::Idle;
+            cp.next_due_ms = now;
+        }
+        inner.data.retired.insert(k);
+        self.persist(inner)?;
         Ok(true)
+    }
+
+    async fn feeds(&self) -> Result<Vec<String>, StateError> {
+        Ok(self.lock().index.counts.keys().cloned().collect())
+    }
+
+    async fn page(&self, q: &JobQuery) -> Result<JobPage, StateError> {
+        let inner = self.lock();
+        let limit = q.limit.max(1);
+        let prefix = q.prefix.as_deref().map(crate::member).unwrap_or_default();
+        let after = q.after.as_deref().map(crate::member);
+        let mut rows: Vec<(String, (JobId, Checkpoint))> = Self::jobs_of(&inner, &q.feed)
+            .map(|(_, v)| (crate::member(&v.0.partition), v.clone()))
+            .filter(|(m, _)| m.starts_with(&prefix) && after.as_ref().is_none_or(|a| m > a))
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let jobs: Vec<(JobId, Checkpoint)> = rows.into_iter().map(|(_, v)| v).collect();
+        Ok(JobPage {
+            next: more
+                .then(|| jobs.last().map(|(j, _)| j.partition.clone()))
+                .flatten(),
+            jobs,
+        })
+    }
+
+    async fn census(&self) -> Result<Vec<FeedCensus>, StateError> {
+        let inner = self.lock();
+        Ok(inner
+            .index
+            .counts
+            .iter()
+            .map(|(feed, c)| {
+                let jobs: Vec<&Checkpoint> =
+                    Self::jobs_of(&inner, feed).map(|(_, (_, cp))| cp).collect();
+                FeedCensus {
+                    feed: feed.clone(),
+                    idle: c[0],
+                    running: c[1],
+                    paused: c[2],
+                    failed: c[3],
+                    oldest_progress_ms: jobs.iter().filter_map(|cp| cp.last_commit_ms).min(),
+                    oldest_high_water_ms: jobs
+                        .iter()
+                        .filter_map(|cp| cp.high_water.as_deref().and_then(high_water_ms))
+                        .min(),
+                }
+            })
+            .collect())
+    }
+
+    async fn failures(
+        &self,
+        feed: &str,
+        limit: usize,
+    ) -> Result<Vec<(JobId, Checkpoint)>, StateError> {
+        let inner = self.lock();
+        Ok(inner
+            .index
+            .failed
+            .get(feed)
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, k)| inner.data.jobs.get(k).cloned())
+            .take(limit)
+            .collect())
     }
 
     async fn acquire(
@@ -234,6 +458,101 @@ impl Jobs for EmbeddedStore {
 }
 
 #[async_trait]
+impl Schedule for EmbeddedStore {
+    async fn due_feeds(&self, now_ms: u64, limit: usize) -> Result<Vec<String>, StateError> {
+        let inner = self.lock();
+        let mut feeds: Vec<(u64, &String)> = inner
+            .index
+            .due
+            .iter()
+            .filter_map(|(feed, d)| d.first().map(|(t, _)| (*t, feed)))
+            .filter(|(t, _)| *t <= now_ms)
+            .collect();
+        feeds.sort();
+        Ok(feeds.into_iter().take(limit).map(|(_, f)| f.clone()).collect())
+    }
+
+    async fn due_jobs(
+        &self,
+        wants: &[(String, usize)],
+        now_ms: u64,
+    ) -> Result<Vec<JobId>, StateError> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for (feed, n) in wants {
+            let Some(d) = inner.index.due.get(feed) else {
+                continue;
+            };
+            out.extend(
+                d.iter()
+                    .take_while(|(t, _)| *t <= now_ms)
+                    .take(*n)
+                    .filter_map(|(_, k)| inner.data.jobs.get(k).map(|(j, _)| j.clone())),
+            );
+        }
+        Ok(out)
+    }
+
+    async fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<JobId>, StateError> {
+        let inner = self.lock();
+        Ok(inner
+            .index
+            .running
+            .iter()
+            .take_while(|(t, _)| *t <= now_ms)
+            .take(limit)
+            .filter_map(|(_, k)| inner.data.jobs.get(k).map(|(j, _)| j.clone()))
+            .collect())
+    }
+
+    async fn running(&self) -> Result<u64, StateError> {
+        Ok(self.lock().index.running.len() as u64)
+    }
+
+    async fn migrate(&self) -> Result<u64, StateError> {
+        // The file has always held every job; the indexes are built on open.
+        Ok(0)
+    }
+}
+
+#[async_trait]
+impl Fleet for EmbeddedStore {
+    async fn heartbeat(
+        &self,
+        id: &str,
+        concurrency: u32,
+        ttl: Duration,
+    ) -> Result<(), StateError> {
+        let until = now_ms() + ttl.as_millis() as u64;
+        self.lock()
+            .workers
+            .insert(id.to_string(), (concurrency, until));
+        Ok(())
+    }
+
+    async fn leave(&self, id: &str, _concurrency: u32) -> Result<(), StateError> {
+        self.lock().workers.remove(id);
+        Ok(())
+    }
+
+    async fn fleet(&self) -> Result<Vec<WorkerSeen>, StateError> {
+        let now = now_ms();
+        let mut inner = self.lock();
+        inner.workers.retain(|_, (_, until)| *until > now);
+        let mut v: Vec<WorkerSeen> = inner
+            .workers
+            .iter()
+            .map(|(id, (c, _))| WorkerSeen {
+                id: id.clone(),
+                concurrency: *c,
+            })
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(v)
+    }
+}
+
+#[async_trait]
 impl Leases for EmbeddedStore {
     async fn get(&self, job: &JobId) -> Result<Option<Checkpoint>, StateError> {
         Ok(self
@@ -242,6 +561,32 @@ impl Leases for EmbeddedStore {
             .jobs
             .get(&key(job))
             .map(|(_, cp)| cp.clone()))
+    }
+
+    async fn take(
+        &self,
+        job: &JobId,
+        epoch: u64,
+        seq: u64,
+        lease: Duration,
+    ) -> Result<Option<Checkpoint>, StateError> {
+        // A lease deadline is not worth a write of the file: after a crash
+        // every running chain is re-issued anyway (tidemark-embedded's engine).
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let k = key(job);
+        let Some((_, cp)) = inner.data.jobs.get_mut(&k) else {
+            return Ok(None);
+        };
+        if cp.epoch == epoch && cp.seq == seq && cp.phase == Phase::Running {
+            let before = cp.clone();
+            cp.lease_until_ms = now_ms() + lease.as_millis() as u64;
+            if !inner.data.retired.contains(&k) {
+                inner.index.leave(&k, job, &before);
+                inner.index.enter(&k, job, cp, 0);
+            }
+        }
+        Ok(Some(cp.clone()))
     }
 
     async fn renew(&self, job: &JobId, epoch: u64, lease: Duration) -> Result<bool, StateError> {

@@ -31,9 +31,12 @@ mod leader;
 mod redis_store;
 pub mod registry;
 
-use tidemark_core::checkpoint::JobId;
+use tidemark_core::checkpoint::{Checkpoint, JobId, Phase};
 
-pub use capabilities::{FeedRegistry, Jobs, Leadership, Leases, SourceLimits, StateStore};
+pub use capabilities::{
+    FeedRegistry, Fleet, Jobs, Leadership, Leases, Schedule, SourceLimits, StateStore,
+};
+pub use keys::{member, partition};
 pub use client::{is_tls, redis_client};
 pub use embedded::EmbeddedStore;
 pub use leader::LeaderGuard;
@@ -84,6 +87,79 @@ pub enum Control {
     /// Also how a failed job is retried.
     Resume,
     Rewind(Rewind),
+}
+
+/// A page of one feed's jobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobQuery {
+    pub feed: String,
+    /// Only partitions that start with this.
+    pub prefix: Option<String>,
+    /// Continue after this partition (the `next` of the page before).
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
+/// The jobs of a [`JobQuery`], and where the next page starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobPage {
+    pub jobs: Vec<(JobId, Checkpoint)>,
+    /// The partition to pass as `after` for the next page; `None`: the last page.
+    pub next: Option<String>,
+}
+
+/// One feed's summary, from the store's counters and indexes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FeedCensus {
+    pub feed: String,
+    pub idle: u64,
+    pub running: u64,
+    pub paused: u64,
+    pub failed: u64,
+    /// The oldest time a job's cursor last moved (or the job was created), unix ms.
+    pub oldest_progress_ms: Option<u64>,
+    /// The lowest high-water mark among jobs whose mark is a time, unix ms.
+    pub oldest_high_water_ms: Option<u64>,
+}
+
+impl FeedCensus {
+    pub fn jobs(&self) -> u64 {
+        self.idle + self.running + self.paused + self.failed
+    }
+    /// The count of one phase.
+    pub fn phase(&self, phase: Phase) -> u64 {
+        match phase {
+            Phase::Idle => self.idle,
+            Phase::Running => self.running,
+            Phase::Paused => self.paused,
+            Phase::Failed => self.failed,
+        }
+    }
+    fn phase_mut(&mut self, phase: Phase) -> &mut u64 {
+        match phase {
+            Phase::Idle => &mut self.idle,
+            Phase::Running => &mut self.running,
+            Phase::Paused => &mut self.paused,
+            Phase::Failed => &mut self.failed,
+        }
+    }
+}
+
+/// A worker seen by its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSeen {
+    pub id: String,
+    pub concurrency: u32,
+}
+
+/// The high-water mark as unix ms, when it is a time (a number is a version).
+pub fn high_water_ms(high_water: &str) -> Option<u64> {
+    if high_water.parse::<f64>().is_ok() {
+        return None;
+    }
+    tidemark_core::timefmt::parse_timestamp(high_water)
+        .ok()
+        .map(|t| t.timestamp_millis().max(0) as u64)
 }
 
 /// The GCRA emission interval of a limit, in microseconds (at least 1).

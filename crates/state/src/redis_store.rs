@@ -1,6 +1,8 @@
 //! The Redis implementation: one hash per job, every state change a
 //! server-side Lua script that checks before it writes (loaded with EVALSHA,
 //! reloaded on NOSCRIPT by `redis::Script`), times from the server's clock.
+//! The scripts that change a job also keep the scheduler's indexes
+//! (lua/index.lua describes them) in the same atomic step.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -13,10 +15,16 @@ use tidemark_core::checkpoint::{
 };
 use tidemark_core::clock::now_ms;
 
-use crate::keys::Keys;
+use crate::keys::{Keys, member, running_job};
 use crate::{
-    Acquire, Control, FeedRegistry, Jobs, Leadership, Leases, Rewind, SourceLimits, StateError,
+    Acquire, Control, FeedCensus, FeedRegistry, Fleet, JobPage, JobQuery, Jobs, Leadership,
+    Leases, Rewind, Schedule, SourceLimits, StateError, WorkerSeen, high_water_ms,
 };
+
+/// The layout of the keys this version writes: 2 has the scheduler's indexes.
+const LAYOUT: u64 = 2;
+/// Jobs per script call or pipeline when many are read or written.
+const BATCH: usize = 500;
 
 pub const DEFAULT_PREFIX: &str = "tidemark:";
 
@@ -29,7 +37,14 @@ struct Scripts {
     ratelimit: Script,
     source_pause: Script,
     ensure: Script,
+    retire: Script,
+    fleet: Script,
     registry: Script,
+}
+
+/// A script that changes jobs: the index prelude, then its own text.
+fn job_script(body: &str) -> Script {
+    Script::new(&format!("{}\n{body}", include_str!("lua/index.lua")))
 }
 
 /// Job state in Redis. Cheap to clone; the connection reconnects by itself.
@@ -84,14 +99,16 @@ impl RedisStore {
             conn,
             keys: Keys::new(prefix),
             scripts: std::sync::Arc::new(Scripts {
-                commit: Script::new(include_str!("lua/commit.lua")),
-                acquire: Script::new(include_str!("lua/acquire.lua")),
-                lease: Script::new(include_str!("lua/lease.lua")),
-                control: Script::new(include_str!("lua/control.lua")),
+                commit: job_script(include_str!("lua/commit.lua")),
+                acquire: job_script(include_str!("lua/acquire.lua")),
+                lease: job_script(include_str!("lua/lease.lua")),
+                control: job_script(include_str!("lua/control.lua")),
+                ensure: job_script(include_str!("lua/ensure.lua")),
+                retire: job_script(include_str!("lua/retire.lua")),
+                fleet: Script::new(include_str!("lua/fleet.lua")),
                 leader: Script::new(include_str!("lua/leader.lua")),
                 ratelimit: Script::new(include_str!("lua/ratelimit.lua")),
                 source_pause: Script::new(include_str!("lua/source_pause.lua")),
-                ensure: Script::new(include_str!("lua/ensure.lua")),
                 registry: Script::new(include_str!("lua/registry.lua")),
             }),
         })
@@ -238,31 +255,59 @@ fn from_fields(key: &str, h: &HashMap<String, String>) -> Result<(JobId, Checkpo
 #[async_trait]
 impl Jobs for RedisStore {
     async fn list(&self) -> Result<Vec<(JobId, Checkpoint)>, StateError> {
-        let mut c = self.conn.clone();
-        let mut keys: Vec<String> = c.smembers(self.keys.jobs()).await?;
-        keys.sort();
-        let mut pipe = redis::pipe();
-        for k in &keys {
-            pipe.hgetall(k);
-        }
-        let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut c).await?;
-        let mut out = Vec::with_capacity(keys.len());
-        for (k, h) in keys.iter().zip(hashes) {
-            if !h.is_empty() {
-                out.push(from_fields(k, &h)?);
+        let mut out = Vec::new();
+        for feed in self.feeds().await? {
+            let mut after = None;
+            loop {
+                let page = self
+                    .page(&JobQuery {
+                        feed: feed.clone(),
+                        prefix: None,
+                        after,
+                        limit: BATCH,
+                    })
+                    .await?;
+                out.extend(page.jobs);
+                match page.next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
             }
         }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 
-    async fn ensure(&self, job: &JobId, init: &Checkpoint) -> Result<bool, StateError> {
-        let mut inv = self.scripts.ensure.key(self.keys.job(job));
-        inv.key(self.keys.jobs());
-        for (k, v) in to_fields(job, init) {
-            inv.arg(k).arg(v);
+    async fn ensure_many(&self, jobs: &[JobId], init: &Checkpoint) -> Result<usize, StateError> {
+        let common: Vec<(&'static str, String)> = to_fields(&JobId::new("", ""), init)
+            .into_iter()
+            .filter(|(k, _)| !matches!(*k, "feed" | "partition"))
+            .collect();
+        let mut joined = 0;
+        for chunk in jobs.chunks(BATCH) {
+            let mut inv = self.scripts.ensure.prepare_invoke();
+            inv.arg(self.keys.prefix()).arg(common.len());
+            for (k, v) in &common {
+                inv.arg(*k).arg(v);
+            }
+            for job in chunk {
+                inv.key(self.keys.job(job));
+                inv.arg(&job.feed)
+                    .arg(member(&job.partition))
+                    .arg(&job.partition);
+            }
+            let n: usize = inv.invoke_async(&mut self.conn.clone()).await?;
+            joined += n;
         }
-        let created: i64 = inv.invoke_async(&mut self.conn.clone()).await?;
-        Ok(created == 1)
+        Ok(joined)
+    }
+
+    async fn retire(&self, job: &JobId) -> Result<bool, StateError> {
+        let r: i64 = self
+            .job_call(&self.scripts.retire, job)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(r == 1)
     }
 
     async fn acquire(
@@ -272,9 +317,7 @@ impl Jobs for RedisStore {
         force: bool,
     ) -> Result<Acquire, StateError> {
         let (status, value): (String, String) = self
-            .scripts
-            .acquire
-            .key(self.keys.job(job))
+            .job_call(&self.scripts.acquire, job)
             .arg(lease.as_millis() as u64)
             .arg(if force { "1" } else { "0" })
             .invoke_async(&mut self.conn.clone())
@@ -307,9 +350,7 @@ impl Jobs for RedisStore {
             Control::Rewind(Rewind::Time(t)) => ("rewind", "time", t.clone()),
         };
         let e: String = self
-            .scripts
-            .control
-            .key(self.keys.job(job))
+            .job_call(&self.scripts.control, job)
             .arg(op)
             .arg(target)
             .arg(value)
@@ -322,6 +363,245 @@ impl Jobs for RedisStore {
             job: job.to_string(),
             reason: format!("epoch {e:?}"),
         })
+    }
+
+    async fn feeds(&self) -> Result<Vec<String>, StateError> {
+        let mut feeds: Vec<String> = self.conn.clone().smembers(self.keys.feeds()).await?;
+        feeds.sort();
+        Ok(feeds)
+    }
+
+    async fn page(&self, q: &JobQuery) -> Result<JobPage, StateError> {
+        let prefix = q.prefix.as_deref().map(member);
+        let after = q.after.as_deref().map(member);
+        let min = match (&after, &prefix) {
+            (Some(a), Some(p)) if a < p => format!("[{p}"),
+            (Some(a), _) => format!("({a}"),
+            (None, Some(p)) => format!("[{p}"),
+            (None, None) => "-".to_string(),
+        };
+        // Members are percent-encoded ASCII: 0x7f sorts after all of them.
+        let max = match &prefix {
+            Some(p) => format!("[{p}\u{7f}"),
+            None => "+".to_string(),
+        };
+        let limit = q.limit.max(1);
+        let mut c = self.conn.clone();
+        let members: Vec<String> = redis::cmd("ZRANGEBYLEX")
+            .arg(self.keys.feed_index(&q.feed, "jobs"))
+            .arg(&min)
+            .arg(&max)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit + 1)
+            .query_async(&mut c)
+            .await?;
+        let more = members.len() > limit;
+        let members = &members[..members.len().min(limit)];
+        let jobs = self.read_jobs(&q.feed, members).await?;
+        Ok(JobPage {
+            next: more
+                .then(|| jobs.last().map(|(j, _)| j.partition.clone()))
+                .flatten(),
+            jobs,
+        })
+    }
+
+    async fn census(&self) -> Result<Vec<FeedCensus>, StateError> {
+        let feeds = self.feeds().await?;
+        let mut out = Vec::with_capacity(feeds.len());
+        let mut c = self.conn.clone();
+        for chunk in feeds.chunks(BATCH) {
+            let mut pipe = redis::pipe();
+            for f in chunk {
+                let fields: Vec<String> = [Phase::Idle, Phase::Running, Phase::Paused, Phase::Failed]
+                    .iter()
+                    .map(|p| format!("{f}|{}", p.as_str()))
+                    .collect();
+                pipe.hget(self.keys.counts(), fields);
+                for index in ["progress", "hw"] {
+                    pipe.zrange_withscores(self.keys.feed_index(f, index), 0, 0);
+                }
+            }
+            type Row = (Vec<Option<u64>>, Vec<(String, f64)>, Vec<(String, f64)>);
+            let rows: Vec<Row> = {
+                let flat: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+                let mut rows = Vec::with_capacity(chunk.len());
+                let mut it = flat.into_iter();
+                while let (Some(a), Some(b), Some(d)) = (it.next(), it.next(), it.next()) {
+                    rows.push((
+                        redis::from_redis_value(&a)?,
+                        redis::from_redis_value(&b)?,
+                        redis::from_redis_value(&d)?,
+                    ));
+                }
+                rows
+            };
+            for (feed, (counts, progress, hw)) in chunk.iter().zip(rows) {
+                let mut census = FeedCensus {
+                    feed: feed.clone(),
+                    oldest_progress_ms: progress.first().map(|(_, s)| *s as u64),
+                    oldest_high_water_ms: hw.first().map(|(_, s)| *s as u64),
+                    ..FeedCensus::default()
+                };
+                for (phase, n) in [Phase::Idle, Phase::Running, Phase::Paused, Phase::Failed]
+                    .into_iter()
+                    .zip(counts)
+                {
+                    *census.phase_mut(phase) = n.unwrap_or(0);
+                }
+                out.push(census);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn failures(
+        &self,
+        feed: &str,
+        limit: usize,
+    ) -> Result<Vec<(JobId, Checkpoint)>, StateError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let members: Vec<String> = self
+            .conn
+            .clone()
+            .zrange(self.keys.feed_index(feed, "failed"), 0, limit as isize - 1)
+            .await?;
+        self.read_jobs(feed, &members).await
+    }
+}
+
+#[async_trait]
+impl Schedule for RedisStore {
+    async fn due_feeds(&self, now_ms: u64, limit: usize) -> Result<Vec<String>, StateError> {
+        Ok(self
+            .conn
+            .clone()
+            .zrangebyscore_limit(self.keys.due_feeds(), "-inf", now_ms, 0, limit as isize)
+            .await?)
+    }
+
+    async fn due_jobs(
+        &self,
+        wants: &[(String, usize)],
+        now_ms: u64,
+    ) -> Result<Vec<JobId>, StateError> {
+        let mut pipe = redis::pipe();
+        for (feed, n) in wants {
+            pipe.zrangebyscore_limit(
+                self.keys.feed_index(feed, "due"),
+                "-inf",
+                now_ms,
+                0,
+                *n as isize,
+            );
+        }
+        let found: Vec<Vec<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(wants
+            .iter()
+            .zip(found)
+            .flat_map(|((feed, _), members)| {
+                members
+                    .into_iter()
+                    .map(move |m| JobId::new(feed.clone(), crate::partition(&m)))
+            })
+            .collect())
+    }
+
+    async fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<JobId>, StateError> {
+        let entries: Vec<String> = self
+            .conn
+            .clone()
+            .zrangebyscore_limit(self.keys.running(), "-inf", now_ms, 0, limit as isize)
+            .await?;
+        Ok(entries.iter().filter_map(|e| running_job(e)).collect())
+    }
+
+    async fn running(&self) -> Result<u64, StateError> {
+        Ok(self.conn.clone().zcard(self.keys.running()).await?)
+    }
+
+    async fn migrate(&self) -> Result<u64, StateError> {
+        let mut c = self.conn.clone();
+        let layout: Option<u64> = c.get(self.keys.layout()).await?;
+        if layout.is_some_and(|l| l >= LAYOUT) {
+            return Ok(0);
+        }
+        // Layout 1 kept a set of every job hash key; each job joins the
+        // indexes by what its hash says (ensure's join path), in batches.
+        let legacy = self.keys.legacy_jobs();
+        let mut joined = 0u64;
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SSCAN")
+                .arg(&legacy)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(BATCH)
+                .query_async(&mut c)
+                .await?;
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                pipe.hget(k, &["feed", "partition"]);
+            }
+            let names: Vec<(Option<String>, Option<String>)> = pipe.query_async(&mut c).await?;
+            let jobs: Vec<JobId> = names
+                .into_iter()
+                .filter_map(|(f, p)| Some(JobId::new(f?, p?)))
+                .collect();
+            joined += self.ensure_many(&jobs, &Checkpoint::default()).await? as u64;
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let _: () = redis::pipe()
+            .atomic()
+            .del(&legacy)
+            .set(self.keys.layout(), LAYOUT)
+            .query_async(&mut c)
+            .await?;
+        if joined > 0 {
+            tracing::info!(jobs = joined, "state migrated to the indexed layout");
+        }
+        Ok(joined)
+    }
+}
+
+#[async_trait]
+impl Fleet for RedisStore {
+    async fn heartbeat(
+        &self,
+        id: &str,
+        concurrency: u32,
+        ttl: Duration,
+    ) -> Result<(), StateError> {
+        self.fleet_op("beat", &format!("{id}|{concurrency}"), ttl)
+            .await
+            .map(drop)
+    }
+
+    async fn leave(&self, id: &str, concurrency: u32) -> Result<(), StateError> {
+        self.fleet_op("leave", &format!("{id}|{concurrency}"), Duration::ZERO)
+            .await
+            .map(drop)
+    }
+
+    async fn fleet(&self) -> Result<Vec<WorkerSeen>, StateError> {
+        let v = self.fleet_op("list", "", Duration::ZERO).await?;
+        let members: Vec<String> = redis::from_redis_value(&v)?;
+        Ok(members
+            .iter()
+            .filter_map(|m| {
+                let (id, c) = m.rsplit_once('|')?;
+                Some(WorkerSeen {
+                    id: id.to_string(),
+                    concurrency: c.parse().ok()?,
+                })
+            })
+            .collect())
     }
 }
 
@@ -336,6 +616,27 @@ impl Leases for RedisStore {
         from_fields(&key, &h).map(|(_, cp)| Some(cp))
     }
 
+    async fn take(
+        &self,
+        job: &JobId,
+        epoch: u64,
+        seq: u64,
+        lease: Duration,
+    ) -> Result<Option<Checkpoint>, StateError> {
+        let h: HashMap<String, String> = self
+            .job_call(&self.scripts.lease, job)
+            .arg("take")
+            .arg(epoch)
+            .arg(lease.as_millis() as u64)
+            .arg(seq)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        from_fields(&self.keys.job(job), &h).map(|(_, cp)| Some(cp))
+    }
+
     async fn renew(&self, job: &JobId, epoch: u64, lease: Duration) -> Result<bool, StateError> {
         self.lease_op(job, "renew", epoch, (lease.as_millis() as u64).to_string())
             .await
@@ -347,10 +648,9 @@ impl Leases for RedisStore {
 
     async fn commit(&self, job: &JobId, c: &Commit) -> Result<CommitOutcome, StateError> {
         let hw = c.high_water.as_deref().map(normalize_version);
+        let hw_ms = hw.as_deref().and_then(high_water_ms);
         let out: String = self
-            .scripts
-            .commit
-            .key(self.keys.job(job))
+            .job_call(&self.scripts.commit, job)
             .arg(c.epoch)
             .arg(c.expected_seq)
             .arg(if c.new_cursor.is_some() { "1" } else { "0" })
@@ -379,6 +679,7 @@ impl Leases for RedisStore {
                     .and_then(|r| r.start_from.clone())
                     .unwrap_or_default(),
             )
+            .arg(hw_ms.map(|t| t.to_string()).unwrap_or_default())
             .invoke_async(&mut self.conn.clone())
             .await?;
         CommitOutcome::parse(&out).ok_or_else(|| StateError::Corrupt {
@@ -509,6 +810,17 @@ impl SourceLimits for RedisStore {
 }
 
 impl RedisStore {
+    /// An invocation of a job script: the prefix, the job's feed and
+    /// member first (lua/index.lua), its hash as the declared key.
+    fn job_call<'a>(&self, script: &'a Script, job: &JobId) -> redis::ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        inv.key(self.keys.job(job))
+            .arg(self.keys.prefix())
+            .arg(&job.feed)
+            .arg(member(&job.partition));
+        inv
+    }
+
     async fn lease_op(
         &self,
         job: &JobId,
@@ -517,14 +829,54 @@ impl RedisStore {
         arg: String,
     ) -> Result<bool, StateError> {
         let r: i64 = self
-            .scripts
-            .lease
-            .key(self.keys.job(job))
+            .job_call(&self.scripts.lease, job)
             .arg(op)
             .arg(epoch)
             .arg(arg)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(r == 1)
+    }
+
+    async fn fleet_op(
+        &self,
+        op: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> Result<redis::Value, StateError> {
+        Ok(self
+            .scripts
+            .fleet
+            .key(self.keys.workers())
+            .arg(op)
+            .arg(member)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await?)
+    }
+
+    /// The checkpoints of a feed's jobs named by member, in that order;
+    /// a member whose hash is gone is left out.
+    async fn read_jobs(
+        &self,
+        feed: &str,
+        members: &[String],
+    ) -> Result<Vec<(JobId, Checkpoint)>, StateError> {
+        let mut out = Vec::with_capacity(members.len());
+        let mut c = self.conn.clone();
+        for chunk in members.chunks(BATCH) {
+            let keys: Vec<String> = chunk.iter().map(|m| self.keys.job_member(feed, m)).collect();
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                pipe.hgetall(k);
+            }
+            let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut c).await?;
+            for (k, h) in keys.iter().zip(hashes) {
+                if !h.is_empty() {
+                    out.push(from_fields(k, &h)?);
+                }
+            }
+        }
+        Ok(out)
     }
 }

@@ -11,7 +11,8 @@ use support::*;
 use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId, Phase, Restart, Stage};
 use tidemark_core::clock::now_ms;
 use tidemark_state::{
-    Acquire, Control, FeedRegistry, Jobs, Leadership, Leases, Rewind, SourceLimits,
+    Acquire, Control, FeedRegistry, Fleet, JobQuery, Jobs, Leadership, Leases, Rewind, Schedule,
+    SourceLimits,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -437,7 +438,118 @@ async fn restarts_recovery_t0_and_registry<S: Jobs + Leases + FeedRegistry>(s: A
     );
 }
 
+/// The scheduler's reads: due jobs oldest first per feed, running chains by
+/// deadline, a processing lease from the take, counts, failures, pages
+/// through a feed, retiring and rejoining, and the fleet.
+async fn scheduling_indexes<S: Jobs + Leases + Schedule + Fleet>(s: Arc<S>) {
+    let now = now_ms();
+    let a: Vec<JobId> = (0..5).map(|i| JobId::new("a", format!("p{i}"))).collect();
+    let b = JobId::new("b", "only");
+    let due_at = |t: u64| Checkpoint {
+        next_due_ms: t,
+        ..Checkpoint::default()
+    };
+    assert_eq!(s.ensure_many(&a[..3], &due_at(now - 3_000)).await.unwrap(), 3);
+    assert_eq!(s.ensure_many(&a[3..], &due_at(now + 3_600_000)).await.unwrap(), 2);
+    assert_eq!(s.ensure_many(&a, &due_at(0)).await.unwrap(), 0, "never overwrites");
+    assert!(s.ensure(&b, &due_at(now - 1_000)).await.unwrap());
+    assert_eq!(s.feeds().await.unwrap(), vec!["a".to_string(), "b".to_string()]);
+    assert_eq!(s.due_feeds(now, 10).await.unwrap(), vec!["a", "b"], "the oldest due first");
+    let due = s
+        .due_jobs(&[("a".into(), 2), ("b".into(), 5)], now)
+        .await
+        .unwrap();
+    assert_eq!(due, vec![a[0].clone(), a[1].clone(), b.clone()]);
+
+    // A chain runs: out of the due index, into the running one.
+    let e = granted(&*s, &b, false).await;
+    assert_eq!(s.running().await.unwrap(), 1);
+    assert_eq!(s.due_feeds(now, 10).await.unwrap(), vec!["a"]);
+    assert!(s.expired(now_ms(), 10).await.unwrap().is_empty());
+    // Its task is taken: the deadline is the processing lease from now.
+    let cp = s.take(&b, e, 0, Duration::from_millis(1)).await.unwrap().unwrap();
+    assert_eq!((cp.epoch, cp.phase), (e, Phase::Running));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(s.expired(now_ms(), 10).await.unwrap(), vec![b.clone()]);
+    // A stale take changes nothing.
+    s.take(&b, e - 1, 0, LEASE).await.unwrap().unwrap();
+    assert_eq!(s.expired(now_ms(), 10).await.unwrap(), vec![b.clone()]);
+    assert!(s.renew(&b, e, LEASE).await.unwrap());
+    assert!(s.expired(now_ms(), 10).await.unwrap().is_empty());
+    assert!(s.fail(&b, e, "HTTP 401").await.unwrap());
+    assert_eq!(s.running().await.unwrap(), 0);
+    let failed = s.failures("b", 10).await.unwrap();
+    assert_eq!((failed.len(), failed[0].0.clone()), (1, b.clone()));
+
+    let census = s.census().await.unwrap();
+    let count = |feed: &str| {
+        let c = census.iter().find(|c| c.feed == feed).unwrap();
+        (c.idle, c.running, c.paused, c.failed)
+    };
+    assert_eq!((count("a"), count("b")), ((5, 0, 0, 0), (0, 0, 0, 1)));
+
+    // Pages through a feed, with a prefix.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s
+            .page(&JobQuery {
+                feed: "a".into(),
+                prefix: Some("p".into()),
+                after,
+                limit: 2,
+            })
+            .await
+            .unwrap();
+        seen.extend(page.jobs.into_iter().map(|(j, _)| j));
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(seen, a);
+    let one = s
+        .page(&JobQuery {
+            feed: "a".into(),
+            prefix: Some("p3".into()),
+            after: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!((one.jobs.len(), one.next), (1, None));
+
+    // Retired: in no index, not listed; ensured again: back as it was.
+    let e = granted(&*s, &a[0], false).await;
+    assert!(s.retire(&a[0]).await.unwrap());
+    assert!(!s.retire(&a[0]).await.unwrap());
+    assert_eq!(
+        s.commit(&a[0], &commit(e, 0, "late")).await.unwrap(),
+        CommitOutcome::Fenced,
+        "retiring fences the chain in flight"
+    );
+    assert_eq!(s.running().await.unwrap(), 0);
+    assert_eq!(s.list().await.unwrap().len(), 5);
+    assert_eq!(
+        s.census().await.unwrap().iter().find(|c| c.feed == "a").unwrap().jobs(),
+        4
+    );
+    assert!(s.ensure(&a[0], &Checkpoint::default()).await.unwrap());
+    assert!(s.due_jobs(&[("a".into(), 10)], now_ms()).await.unwrap().contains(&a[0]));
+
+    // The fleet: live heartbeats only.
+    s.heartbeat("w1", 8, Duration::from_secs(30)).await.unwrap();
+    s.heartbeat("w2", 4, Duration::from_millis(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let fleet = s.fleet().await.unwrap();
+    assert_eq!(fleet.len(), 1);
+    assert_eq!((fleet[0].id.as_str(), fleet[0].concurrency), ("w1", 8));
+    s.leave("w1", 8).await.unwrap();
+    assert!(s.fleet().await.unwrap().is_empty());
+}
+
 both!(
+    scheduling_indexes,
     restarts_recovery_t0_and_registry,
     lifecycle,
     concurrent_commits,

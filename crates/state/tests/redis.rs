@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use support::*;
-use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId};
+use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId, Phase};
+use tidemark_core::clock::now_ms;
 use tidemark_harness::redis_server::RedisServer;
 use tidemark_state::{
     Acquire, Control, EmbeddedStore, Jobs, LeaderGuard, Leadership, Leases, RedisStore, Rewind,
+    Schedule,
 };
 
 fn commit(epoch: u64, seq: u64, cursor: &str) -> Commit {
@@ -162,6 +164,11 @@ enum Op {
     Resume,
     RewindCursor,
     RewindStart,
+    Take {
+        stale: bool,
+    },
+    Retire,
+    Ensure,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -188,11 +195,14 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Op::Resume),
         Just(Op::RewindCursor),
         Just(Op::RewindStart),
+        any::<bool>().prop_map(|stale| Op::Take { stale }),
+        Just(Op::Retire),
+        Just(Op::Ensure),
     ]
 }
 
 /// Apply `op` to `s`, tracking its current and previous epochs; return a comparable answer.
-async fn run<S: Jobs + Leases + ?Sized>(
+async fn run<S: Jobs + Leases + Schedule + ?Sized>(
     s: &S,
     job: &JobId,
     epochs: &mut (u64, u64),
@@ -258,7 +268,51 @@ async fn run<S: Jobs + Leases + ?Sized>(
             *epochs = (e, epochs.0);
             "controlled".into()
         }
+        Op::Take { stale } => {
+            let seq = s.get(job).await.unwrap().unwrap().seq;
+            let cp = s
+                .take(job, pick(*stale, epochs), seq, lease)
+                .await
+                .unwrap()
+                .unwrap();
+            cp.phase.as_str().into()
+        }
+        Op::Retire => {
+            let retired = s.retire(job).await.unwrap();
+            if retired {
+                // The retirement took a new epoch: nobody holds it.
+                *epochs = (s.get(job).await.unwrap().unwrap().epoch, epochs.0);
+            }
+            retired.to_string()
+        }
+        Op::Ensure => s
+            .ensure(job, &Checkpoint::default())
+            .await
+            .unwrap()
+            .to_string(),
     }
+}
+
+/// Where the job is in the store's indexes: (registered, phase counts,
+/// in the due index, in the running index, in the failed list).
+async fn indexed<S: Jobs + Schedule + ?Sized>(s: &S, job: &JobId) -> (bool, [u64; 4], bool, bool, bool) {
+    let census = s.census().await.unwrap();
+    let c = census.iter().find(|c| c.feed == job.feed);
+    let counts = c.map_or([0; 4], |c| [c.idle, c.running, c.paused, c.failed]);
+    let registered = s.feeds().await.unwrap().contains(&job.feed);
+    let due = s
+        .due_jobs(&[(job.feed.clone(), 10)], u64::MAX)
+        .await
+        .unwrap()
+        .contains(job);
+    let running = s.expired(u64::MAX, 10).await.unwrap().contains(job);
+    let failed = s
+        .failures(&job.feed, 10)
+        .await
+        .unwrap()
+        .iter()
+        .any(|(j, _)| j == job);
+    (registered, counts, due, running, failed)
 }
 
 fn comparable(
@@ -301,8 +355,70 @@ proptest! {
                 assert_eq!(a, b, "step {i} {op:?}");
                 let (x, y) = (redis.get(&job).await.unwrap().unwrap(), embedded.get(&job).await.unwrap().unwrap());
                 assert_eq!(comparable(&x), comparable(&y), "state after step {i} {op:?}");
+                // The indexes say what the checkpoint says, in both stores.
+                let (ix, iy) = (indexed(&*redis, &job).await, indexed(&embedded, &job).await);
+                assert_eq!(ix, iy, "indexes after step {i} {op:?}");
+                let (registered, counts, due, running, failed) = ix;
+                if registered {
+                    let mut want = [0; 4];
+                    want[[Phase::Idle, Phase::Running, Phase::Paused, Phase::Failed].iter().position(|p| *p == x.phase).unwrap()] = 1;
+                    assert_eq!(counts, want, "counts after step {i} {op:?}");
+                    assert_eq!((due, running, failed), (x.phase == Phase::Idle, x.phase == Phase::Running, x.phase == Phase::Failed), "after step {i} {op:?}");
+                } else {
+                    assert_eq!((counts, due, running, failed), ([0; 4], false, false, false), "a retired job is in no index (step {i} {op:?})");
+                }
             }
             redis.delete_all().await.unwrap();
         });
     }
+}
+
+/// State written by a version without indexes (one hash per job and a set
+/// of every job key) joins the indexes, once, with each job where it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn state_of_the_layout_without_indexes_is_migrated_once() {
+    let store = redis_store().await;
+    let prefix = store.prefix().to_string();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    // Exactly what layout 1's ensure and scripts wrote.
+    let old: [(&str, &str, &[(&str, &str)]); 4] = [
+        ("orders", "p/1 ü", &[("phase", "idle"), ("next_due_ms", "0"), ("seq", "3"), ("cursor", "c3")]),
+        ("orders", "p2", &[("phase", "running"), ("lease_until_ms", "1"), ("epoch", "7"), ("seq", "1")]),
+        ("orders", "p3", &[("phase", "failed"), ("last_error", "HTTP 401")]),
+        ("users", "all", &[("phase", "paused"), ("next_due_ms", "0")]),
+    ];
+    for (feed, part, fields) in old {
+        let key = format!("{prefix}job:{feed}:{}", tidemark_state::member(part));
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(&key).arg("feed").arg(feed).arg("partition").arg(part).arg("stage").arg("bulk");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(*v);
+        }
+        let _: i64 = cmd.query_async(&mut c).await.unwrap();
+        let _: i64 = redis::cmd("SADD").arg(format!("{prefix}jobs")).arg(&key).query_async(&mut c).await.unwrap();
+    }
+    assert!(store.census().await.unwrap().is_empty(), "nothing is indexed before the migration");
+
+    assert_eq!(store.migrate().await.unwrap(), 4);
+    assert_eq!(store.migrate().await.unwrap(), 0, "the migration runs once");
+    let legacy: bool = redis::cmd("EXISTS").arg(format!("{prefix}jobs")).query_async(&mut c).await.unwrap();
+    assert!(!legacy, "the old set of job keys is gone");
+
+    let census = store.census().await.unwrap();
+    let orders = census.iter().find(|c| c.feed == "orders").unwrap();
+    assert_eq!((orders.idle, orders.running, orders.failed), (1, 1, 1));
+    assert_eq!(census.iter().find(|c| c.feed == "users").unwrap().paused, 1);
+    let due = store.due_jobs(&[("orders".into(), 10), ("users".into(), 10)], now_ms()).await.unwrap();
+    assert_eq!(due, vec![JobId::new("orders", "p/1 ü")]);
+    assert_eq!(store.expired(now_ms(), 10).await.unwrap(), vec![JobId::new("orders", "p2")]);
+    let failed = store.failures("orders", 10).await.unwrap();
+    assert_eq!(failed[0].1.last_error.as_deref(), Some("HTTP 401"));
+    // The checkpoints are untouched: the chain of p2 is re-issued from seq 1.
+    match store.acquire(&JobId::new("orders", "p2"), Duration::from_secs(5), false).await.unwrap() {
+        Acquire::Granted { epoch } => assert!(epoch > 7),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.get(&JobId::new("orders", "p/1 ü")).await.unwrap().unwrap().cursor.as_deref(), Some("c3"));
+    store.delete_all().await.unwrap();
 }

@@ -1,30 +1,47 @@
--- lease: renew, release or fail a job's lease, recover it from a lost cursor,
--- or stamp its T0, only under its current epoch.
--- KEYS[1] the job's hash
--- ARGV[1] op: renew | release | fail | recover | t0   ARGV[2] epoch
--- ARGV[3] lease_ms (renew), error text (fail), start_from or '' (recover), T0 (t0)
--- Returns 1 when applied, 0 when the epoch is not current (fenced) or the job is not running.
-local h = KEYS[1]
-local f = redis.call('HMGET', h, 'epoch', 'phase')
-if f[1] ~= ARGV[2] or f[2] ~= 'running' then return 0 end
-if ARGV[1] == 'renew' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('HSET', h, 'lease_until_ms', string.format('%.0f', now + tonumber(ARGV[3])))
-elseif ARGV[1] == 'release' then
+-- lease: take, renew, release or fail a job's lease, recover it from a lost
+-- cursor, or stamp its T0, only under its current epoch while it runs.
+-- ARGV[2] feed   ARGV[3] member
+-- ARGV[4] op: take | renew | release | fail | recover | t0   ARGV[5] epoch
+-- ARGV[6] lease_ms (take, renew), error text (fail), start_from or '' (recover), T0 (t0)
+-- ARGV[7] the task's seq (take)
+-- Returns, for take: the job's hash as field, value, ... (empty when it does
+-- not exist), the lease taken only when the epoch and seq are the task's and
+-- the job runs. For the others: 1 when applied, 0 when fenced or not running.
+local J = ctx(ARGV[2], ARGV[3])
+local h = J.hash
+local op = ARGV[4]
+local f = redis.call('HMGET', h, 'epoch', 'phase', 'seq')
+local current = f[1] == ARGV[5] and f[2] == 'running'
+if op == 'take' then
+  if current and f[3] == ARGV[7] then
+    local deadline = now_ms() + tonumber(ARGV[6])
+    redis.call('HSET', h, 'lease_until_ms', fmt(deadline))
+    extend(J, deadline)
+  end
+  return redis.call('HGETALL', h)
+end
+if not current then return 0 end
+if op == 'renew' then
+  local deadline = now_ms() + tonumber(ARGV[6])
+  redis.call('HSET', h, 'lease_until_ms', fmt(deadline))
+  extend(J, deadline)
+elseif op == 'release' then
   redis.call('HSET', h, 'lease_until_ms', '0')
-elseif ARGV[1] == 'fail' then
-  redis.call('HSET', h, 'phase', 'failed', 'lease_until_ms', '0', 'last_error', ARGV[3])
-elseif ARGV[1] == 'recover' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  extend(J, 0)
+elseif op == 'fail' then
+  local now = now_ms()
+  redis.call('HSET', h, 'phase', 'failed', 'lease_until_ms', '0', 'last_error', ARGV[6])
+  move(J, 'running', 'failed', 0, 0, now)
+elseif op == 'recover' then
+  local now = now_ms()
   redis.call('HDEL', h, 'cursor')
-  if ARGV[3] == '' then redis.call('HDEL', h, 'start_from') else redis.call('HSET', h, 'start_from', ARGV[3]) end
-  redis.call('HSET', h, 'phase', 'idle', 'lease_until_ms', '0', 'next_due_ms', string.format('%.0f', now))
+  if ARGV[6] == '' then redis.call('HDEL', h, 'start_from') else redis.call('HSET', h, 'start_from', ARGV[6]) end
+  redis.call('HSET', h, 'phase', 'idle', 'lease_until_ms', '0', 'next_due_ms', fmt(now))
   redis.call('HINCRBY', h, 'recoveries', 1)
-elseif ARGV[1] == 't0' then
-  if redis.call('HEXISTS', h, 't0') == 0 then redis.call('HSET', h, 't0', ARGV[3]) end
+  move(J, 'running', 'idle', now, 0, now)
+elseif op == 't0' then
+  if redis.call('HEXISTS', h, 't0') == 0 then redis.call('HSET', h, 't0', ARGV[6]) end
 else
-  return redis.error_reply('unknown lease op ' .. ARGV[1])
+  return redis.error_reply('unknown lease op ' .. op)
 end
 return 1

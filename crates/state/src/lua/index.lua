@@ -1,0 +1,92 @@
+-- index: the scheduler's indexes, kept by every script that changes a job
+-- (DESIGN.md, "Scheduling"). This text is put in front of those scripts.
+-- ARGV[1] is always the key prefix; a script's job is ARGV[2] (feed) and
+-- ARGV[3] (the partition as it appears in keys: percent-encoded).
+--
+-- For every registered job of feed F, member M (the encoded partition):
+--   <P>feed:F:jobs      zset, score 0          every registered job (lexicographic pages)
+--   <P>feed:F:due       zset, next_due_ms      the idle jobs
+--   <P>running          zset, deadline ms      every running chain, member 'F:M'
+--   <P>feed:F:failed    zset, failed at ms     the failed jobs
+--   <P>feed:F:progress  zset, ms               when the cursor last moved (or the job was made)
+--   <P>feed:F:hw        zset, ms               the high-water mark, when it is a time
+--   <P>counts           hash 'F|phase' -> n    jobs per feed and phase
+--   <P>due_feeds        zset, ms               feeds with an idle job: the earliest next_due_ms
+--   <P>feeds            set                    feeds with registered jobs
+-- A paused job is in no phase index. A retired job (its feed or partition
+-- left the config) keeps its hash and is in no index at all.
+local P = ARGV[1]
+local RUNNING, COUNTS, DUE_FEEDS, FEEDS = P .. 'running', P .. 'counts', P .. 'due_feeds', P .. 'feeds'
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function fmt(n) return string.format('%.0f', n) end
+
+local function ctx(feed, member)
+  local f = P .. 'feed:' .. feed .. ':'
+  return { feed = feed, member = member, global = feed .. ':' .. member,
+    hash = P .. 'job:' .. feed .. ':' .. member, jobs = f .. 'jobs', due = f .. 'due',
+    failed = f .. 'failed', progress = f .. 'progress', hw = f .. 'hw' }
+end
+
+local function registered(j) return redis.call('ZSCORE', j.jobs, j.member) ~= false end
+
+local function count(j, phase, by)
+  local field = j.feed .. '|' .. phase
+  if redis.call('HINCRBY', COUNTS, field, by) <= 0 then redis.call('HDEL', COUNTS, field) end
+end
+
+-- due_feeds holds the feed's earliest due time, or not the feed at all.
+local function refresh_due_feed(j)
+  local first = redis.call('ZRANGE', j.due, 0, 0, 'WITHSCORES')
+  if #first == 0 then redis.call('ZREM', DUE_FEEDS, j.feed)
+  else redis.call('ZADD', DUE_FEEDS, first[2], j.feed) end
+end
+
+local function leave(j, phase)
+  count(j, phase, -1)
+  redis.call('ZREM', RUNNING, j.global)
+  redis.call('ZREM', j.failed, j.member)
+  if redis.call('ZREM', j.due, j.member) == 1 then refresh_due_feed(j) end
+end
+
+-- due: an idle job's next_due_ms; deadline: a running chain's lease deadline.
+local function enter(j, phase, due, deadline, now)
+  count(j, phase, 1)
+  if phase == 'idle' then
+    redis.call('ZADD', j.due, fmt(due), j.member)
+    refresh_due_feed(j)
+  elseif phase == 'running' then
+    redis.call('ZADD', RUNNING, fmt(deadline), j.global)
+  elseif phase == 'failed' then
+    redis.call('ZADD', j.failed, fmt(now), j.member)
+  end
+end
+
+-- A registered job changes phase (the caller writes the hash).
+local function move(j, from, to, due, deadline, now)
+  if not registered(j) then return end
+  leave(j, from or 'idle')
+  enter(j, to, due, deadline, now)
+end
+
+-- A running chain's new deadline.
+local function extend(j, deadline)
+  if registered(j) then redis.call('ZADD', RUNNING, fmt(deadline), j.global) end
+end
+
+-- Register a job whose hash exists, by what the hash says: 1 when it joined,
+-- 0 when it was registered already.
+local function join(j, now)
+  if registered(j) then return 0 end
+  local f = redis.call('HMGET', j.hash, 'phase', 'next_due_ms', 'lease_until_ms', 'last_commit_ms')
+  redis.call('ZADD', j.jobs, 0, j.member)
+  redis.call('SADD', FEEDS, j.feed)
+  enter(j, f[1] or 'idle', tonumber(f[2]) or 0, tonumber(f[3]) or 0, now)
+  redis.call('ZADD', j.progress, fmt(tonumber(f[4]) or now), j.member)
+  return 1
+end
+
