@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
+use clap::builder::TypedValueParser as _;
 use tidemark_coordinator::ops::{self, Action, ActionReport, RewindTo};
 use tidemark_embedded::StateDir;
 use tidemark_state::StateStore;
@@ -63,9 +64,20 @@ impl Target {
 pub struct StatusArgs {
     #[command(flatten)]
     pub target: Target,
-    /// Only this feed.
+    /// Only this feed, and list its jobs (a page at a time).
     #[arg(long)]
     pub feed: Option<String>,
+    /// With --feed: only partitions that start with this.
+    #[arg(long, requires = "feed")]
+    pub partition_prefix: Option<String>,
+    /// With --feed: the page after this partition (printed as "more: …").
+    #[arg(long, requires = "feed")]
+    pub after: Option<String>,
+    /// Jobs per page (without --feed, jobs are listed only when there are
+    /// at most this many in all).
+    #[arg(long, default_value_t = tidemark_coordinator::ops::STATUS_LIMIT,
+          value_parser = clap::value_parser!(u32).range(1..=100_000).map(|n| n as usize))]
+    pub limit: usize,
     /// Print JSON (the admin API's `/api/status` document) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -110,9 +122,15 @@ impl RewindArgs {
 
 pub async fn status(args: &StatusArgs, out: &mut dyn Write) -> Result<(), Failure> {
     let store = args.target.reader().await?;
-    let report = ops::status(&*store, args.feed.as_deref()).await?;
+    let q = ops::StatusQuery {
+        feed: args.feed.clone(),
+        partition_prefix: args.partition_prefix.clone(),
+        after: args.after.clone(),
+        limit: args.limit,
+    };
+    let report = ops::status(&*store, &q).await?;
     if let Some(f) = &args.feed
-        && report.jobs.is_empty()
+        && report.feeds.is_empty()
     {
         return Err(Failure::usage(format!("no feed named {f:?} has jobs")));
     }
@@ -121,7 +139,7 @@ pub async fn status(args: &StatusArgs, out: &mut dyn Write) -> Result<(), Failur
             .map_err(std::io::Error::other)
             .and_then(|_| writeln!(out))
     } else {
-        out.write_all(ops::table(&report.jobs).as_bytes())
+        out.write_all(ops::render(&report, &q).as_bytes())
     };
     written.map_err(|e| Failure::runtime(format!("cannot write: {e}")))
 }

@@ -2,7 +2,8 @@
 //!
 //! - `GET /` the status page (plain HTML and a little JavaScript; it holds
 //!   no data, it fetches `api/status` with the token).
-//! - `GET /api/status[?feed=F]` the status table as JSON ([`ops::StatusReport`]).
+//! - `GET /api/status[?feed=F&partition_prefix=P&after=A&limit=N]` every
+//!   feed's summary and a page of jobs as JSON ([`ops::StatusReport`]).
 //! - `POST /api/feeds/{feed}/pause|resume|retry[?partition=P]`
 //! - `POST /api/feeds/{feed}/rewind[?partition=P]` with a JSON body
 //!   `{"start": true}`, `{"cursor": "C"}` or `{"time": "2024-01-01T00:00:00Z"}`.
@@ -111,12 +112,21 @@ async fn authorize(State(s): State<AdminState>, req: Request, next: Next) -> Res
 }
 
 #[derive(Deserialize)]
-struct FeedFilter {
+struct StatusFilter {
     feed: Option<String>,
+    partition_prefix: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
 }
 
-async fn status(State(s): State<AdminState>, Query(q): Query<FeedFilter>) -> Response {
-    match ops::status(&*s.store, q.feed.as_deref()).await {
+async fn status(State(s): State<AdminState>, Query(q): Query<StatusFilter>) -> Response {
+    let q = ops::StatusQuery {
+        feed: q.feed,
+        partition_prefix: q.partition_prefix,
+        after: q.after,
+        limit: q.limit.unwrap_or(ops::STATUS_LIMIT).clamp(1, 10_000),
+    };
+    match ops::status(&*s.store, &q).await {
         Ok(report) => axum::Json(report).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }

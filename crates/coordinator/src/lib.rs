@@ -3,19 +3,24 @@
 //! One coordinator leads at a time (a lease in the state store, renewed every
 //! tick; standbys wait and take over when it lapses). The leader registers
 //! the feeds (the config, secrets still as `${VAR}` references) with a
-//! version, creates a job for every partition, and on every tick:
+//! version, creates a job for every partition (and retires the jobs of feeds
+//! and partitions the config no longer has), and on every pass:
 //!
-//! - starts a chain for every idle job that is due: a new epoch, T0 stamped
-//!   before the bulk walk of a `bulk_then_incremental` feed, and the first
-//!   page task from the stored cursor (or start point);
-//! - re-issues, under a new epoch, every running chain whose lease expired
-//!   (its worker died, or its next task was lost): the stored cursor is the
-//!   truth, so nothing is skipped;
-//! - leaves paused and failed jobs alone, and reports phases and lag.
+//! - re-issues, under a new epoch, every running chain whose deadline passed
+//!   (its worker went silent past the processing lease, or its next task was
+//!   lost past the queue lease): the stored cursor is the truth, so nothing
+//!   is skipped;
+//! - admits due jobs while fewer chains run than the admission bound (from
+//!   the workers it sees, or configured), fairly across feeds and oldest
+//!   first within a feed: a new epoch, T0 stamped before the bulk walk of a
+//!   `bulk_then_incremental` feed, and the first page task;
+//! - keeps the per-feed gauges from the store's counters.
 //!
-//! The bulk→incremental handoff, snapshot restarts and cursor recovery are
-//! written by workers in their last commit (or recovery step) and picked up
-//! here as an idle job that is due.
+//! A pass reads the store's indexes (what is due, what ran out of lease),
+//! never the whole job table, so an idle pass costs the same at ten jobs
+//! and at a hundred thousand. The bulk→incremental handoff, snapshot
+//! restarts and cursor recovery are written by workers in their last commit
+//! (or recovery step) and picked up here as an idle job that is due.
 
 pub mod admin;
 pub mod ops;
@@ -33,7 +38,6 @@ use tidemark_core::checkpoint::{Checkpoint, JobId, Phase, Stage};
 use tidemark_core::clock::now_ms;
 use tidemark_core::config::Mode;
 use tidemark_core::options::parse_duration;
-use tidemark_core::timefmt::parse_timestamp;
 use tidemark_state::registry::publish_config;
 use tidemark_state::{Acquire, LeaderGuard, StateError, StateStore};
 use tidemark_telemetry::Metrics;
@@ -48,13 +52,20 @@ pub struct CoordinatorOptions {
     /// Time between two passes over the jobs.
     #[arg(long, env = "TIDEMARK_TICK", default_value = "1s", value_parser = parse_duration)]
     pub tick: Duration,
-    /// The lease of a chain: a chain silent this long is re-issued.
-    #[arg(long, env = "TIDEMARK_LEASE", default_value = "60s", value_parser = parse_duration)]
-    pub lease: Duration,
+    /// How long a chain's first page task may wait for a worker before the
+    /// chain is taken for lost and re-issued (workers apply the same bound
+    /// to the tasks they publish: set both roles alike).
+    #[arg(long, env = "TIDEMARK_QUEUE_LEASE", default_value = "5m", value_parser = parse_duration)]
+    pub queue_lease: Duration,
+    /// Chains that may run at once (admission control); 0: four per worker
+    /// slot seen in the workers' heartbeats, at least 64.
+    #[arg(long, env = "TIDEMARK_MAX_RUNNING", default_value_t = 0)]
+    pub max_running: u64,
     /// The leadership lease: how soon a standby takes over from a dead leader.
     #[arg(long, env = "TIDEMARK_LEADER_TTL", default_value = "10s", value_parser = parse_duration)]
     pub leader_ttl: Duration,
-    /// How often the registry and the job list are written again (time windows grow).
+    /// How often the registry is written again and new partitions (time
+    /// windows grow) get their jobs.
     #[arg(long, env = "TIDEMARK_REGISTER_EVERY", default_value = "60s", value_parser = parse_duration)]
     pub register_every: Duration,
 }
@@ -92,16 +103,23 @@ pub async fn run(
         config,
         opts,
         registered: None,
+        known: HashSet::new(),
+        rotation: None,
+        fleet: None,
+        gauges: None,
+        gauged_feeds: Vec::new(),
     };
     tokio::pin!(shutdown);
-    let mut ticker = tokio::time::interval(c.opts.tick.min(c.opts.leader_ttl / 3));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let tick = c.opts.tick.min(c.opts.leader_ttl / 3);
+    let busy_tick = tick.min(BUSY_TICK);
     let mut was_leader = false;
+    let mut next = tick;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            _ = ticker.tick() => {}
+            () = tokio::time::sleep(next) => {}
         }
+        next = tick;
         let leads = match leader.tick().await {
             Ok(l) => l,
             Err(e) => {
@@ -119,8 +137,10 @@ pub async fn run(
             continue;
         }
         let started = Instant::now();
-        if let Err(e) = c.pass(&leader).await {
-            tracing::warn!(error = %e, "coordinator pass failed; trying again next tick");
+        match c.pass(&leader).await {
+            Ok(Pass::Busy) => next = busy_tick,
+            Ok(Pass::Done) => {}
+            Err(e) => tracing::warn!(error = %e, "coordinator pass failed; trying again next tick"),
         }
         c.deps
             .metrics
@@ -137,14 +157,39 @@ pub async fn run(
 
 /// Chains a pass starts concurrently.
 const CHAIN_STARTS_AT_ONCE: usize = 32;
+/// Expired chains one pass re-issues at most (the next pass takes the rest).
+const REISSUE_BATCH: usize = 1000;
+/// Feeds with due jobs one pass considers at most.
+const DUE_FEEDS: usize = 10_000;
+/// The next pass comes this soon when the last one left work it could not
+/// start (admission full, or more due than it took).
+const BUSY_TICK: Duration = Duration::from_millis(50);
+/// The derived admission bound: chains per worker slot, and its floor
+/// (also the bound while no worker has been seen).
+const CHAINS_PER_SLOT: u64 = 4;
+const MIN_ADMISSION: u64 = 64;
+/// How often the fleet is read and the per-feed gauges are refreshed.
+const FLEET_EVERY: Duration = Duration::from_secs(5);
+const GAUGES_EVERY: Duration = Duration::from_secs(10);
+/// Jobs registered per store call.
+const REGISTER_BATCH: usize = 5_000;
 
 /// Why a chain is started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Why {
     /// An idle job reached its next due time.
     Due,
-    /// A running chain's lease expired: re-issue it under a new epoch.
+    /// A running chain's deadline passed: re-issue it under a new epoch.
     LeaseExpired,
+}
+
+/// What a pass left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Nothing it could do now: the next pass comes at the tick.
+    Done,
+    /// Work it could not start yet: come back soon.
+    Busy,
 }
 
 struct Coordinator {
@@ -152,14 +197,33 @@ struct Coordinator {
     config: Config,
     opts: CoordinatorOptions,
     registered: Option<Instant>,
+    /// The jobs this leader has registered: only new partitions are
+    /// written on the periodic registration.
+    known: HashSet<JobId>,
+    /// The feed after which the next pass starts sharing out admission.
+    rotation: Option<String>,
+    /// The admission bound, and when it was read from the fleet.
+    fleet: Option<(Instant, u64)>,
+    gauges: Option<Instant>,
+    gauged_feeds: Vec<String>,
 }
 
 impl Coordinator {
-    /// Register the feeds and create their jobs.
+    /// Register the feeds and the jobs of their partitions. The first time
+    /// (on taking the leadership) every job is ensured, state of an older
+    /// layout is migrated, and the jobs of feeds and partitions no longer
+    /// configured are retired; after that only new partitions are written.
     async fn register(&mut self) -> Result<(), StateError> {
         let store = &*self.deps.store;
+        let first = self.known.is_empty();
         let version = publish_config(store, &self.config).await?;
-        let mut created = 0;
+        if first {
+            let migrated = store.migrate().await?;
+            if migrated > 0 {
+                tracing::info!(jobs = migrated, "jobs of the earlier state layout indexed");
+            }
+        }
+        let mut wanted: HashMap<String, Vec<JobId>> = HashMap::new();
         for feed in &self.config.feeds {
             let parts = match feed.partitions(Utc::now()) {
                 Ok(p) => p,
@@ -168,85 +232,236 @@ impl Coordinator {
                     continue;
                 }
             };
-            for p in parts {
-                let job = JobId::new(&feed.name, &p.id);
-                let init = Checkpoint {
-                    phase: Phase::Idle,
-                    stage: Stage::Bulk,
-                    next_due_ms: 0,
-                    ..Checkpoint::default()
-                };
-                if store.ensure(&job, &init).await? {
-                    created += 1;
-                }
-            }
+            wanted.insert(
+                feed.name.clone(),
+                parts
+                    .iter()
+                    .map(|p| JobId::new(&feed.name, &p.id))
+                    .collect(),
+            );
         }
-        tracing::info!(version, created, "feeds registered");
+        let fresh: Vec<JobId> = wanted
+            .values()
+            .flatten()
+            .filter(|j| !self.known.contains(*j))
+            .cloned()
+            .collect();
+        let init = Checkpoint {
+            phase: Phase::Idle,
+            stage: Stage::Bulk,
+            next_due_ms: 0,
+            ..Checkpoint::default()
+        };
+        let mut created = 0;
+        for chunk in fresh.chunks(REGISTER_BATCH) {
+            created += store.ensure_many(chunk, &init).await?;
+        }
+        self.known.extend(fresh);
+        let retired = if first {
+            self.retire_unwanted(&wanted).await?
+        } else {
+            0
+        };
+        tracing::info!(version, created, retired, jobs = self.known.len(), "feeds registered");
         self.registered = Some(Instant::now());
         Ok(())
     }
 
-    async fn pass(&mut self, leader: &LeaderGuard) -> Result<(), StateError> {
+    /// Retire the jobs the config no longer has: every job of a feed that
+    /// is gone, and a feed's jobs beyond its partitions (read only for a
+    /// feed that has more jobs than partitions).
+    async fn retire_unwanted(
+        &self,
+        wanted: &HashMap<String, Vec<JobId>>,
+    ) -> Result<usize, StateError> {
+        let store = &*self.deps.store;
+        let census = store.census().await?;
+        let mut retired = 0;
+        for c in census {
+            let keep: HashSet<&JobId> = match wanted.get(&c.feed) {
+                Some(jobs) if jobs.len() as u64 >= c.jobs() => continue,
+                Some(jobs) => jobs.iter().collect(),
+                None => HashSet::new(),
+            };
+            let mut after = None;
+            loop {
+                let page = store
+                    .page(&tidemark_state::JobQuery {
+                        feed: c.feed.clone(),
+                        prefix: None,
+                        after: after.clone(),
+                        limit: 1000,
+                    })
+                    .await?;
+                for (job, _) in &page.jobs {
+                    if !keep.contains(job) && store.retire(job).await? {
+                        tracing::info!(job = %job, "job retired: its feed or partition left the config");
+                        retired += 1;
+                    }
+                }
+                match page.next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+        }
+        Ok(retired)
+    }
+
+    async fn pass(&mut self, leader: &LeaderGuard) -> Result<Pass, StateError> {
         if self
             .registered
             .is_none_or(|t| t.elapsed() >= self.opts.register_every)
         {
             self.register().await?;
         }
-        let feeds: HashSet<&str> = self.config.feeds.iter().map(|f| f.name.as_str()).collect();
-        let jobs = self.deps.store.list().await?;
-        let now = now_ms();
-        let m = &self.deps.metrics;
-        let mut phases: HashMap<&'static str, i64> = HashMap::new();
-        let mut due: Vec<(JobId, Why)> = Vec::new();
-        for (job, cp) in jobs {
-            if !feeds.contains(job.feed.as_str()) {
-                continue;
-            }
-            *phases.entry(cp.phase.as_str()).or_default() += 1;
-            if let Some(lag) = cp
-                .high_water
-                .as_deref()
-                .and_then(|h| parse_timestamp(h).ok())
-                .map(|t| (Utc::now() - t).num_milliseconds() as f64 / 1000.0)
-            {
-                m.job_lag_seconds
-                    .get_or_create(&Metrics::job(&job.feed, &job.partition))
-                    .set(lag);
-            }
-            if !leader.is_leader() {
-                continue;
-            }
-            let why = match cp.phase {
-                Phase::Idle if cp.next_due_ms <= now => Why::Due,
-                Phase::Running if cp.lease_until_ms <= now => Why::LeaseExpired,
-                _ => continue,
-            };
-            due.push((job, why));
+        let pass = self.schedule(leader).await?;
+        if self.gauges.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {
+            self.refresh_gauges().await?;
         }
+        Ok(pass)
+    }
+
+    /// Re-issue what expired, then admit what is due while there is room.
+    async fn schedule(&mut self, leader: &LeaderGuard) -> Result<Pass, StateError> {
+        let store = self.deps.store.clone();
+        let now = now_ms();
+        let mut pass = Pass::Done;
+
+        let expired = store.expired(now, REISSUE_BATCH).await?;
+        if expired.len() == REISSUE_BATCH {
+            pass = Pass::Busy;
+        }
+        if !leader.is_leader() {
+            return Ok(Pass::Done);
+        }
+        self.start_all(expired, Why::LeaseExpired).await;
+
+        let bound = self.admission_bound().await;
+        let running = store.running().await?;
+        self.deps.metrics.chains_running.set(running as i64);
+        let free = bound.saturating_sub(running) as usize;
+        if free == 0 {
+            // Due jobs wait in the due index until a chain ends.
+            return Ok(Pass::Busy);
+        }
+        let mut feeds = store.due_feeds(now, DUE_FEEDS).await?;
+        if feeds.is_empty() {
+            return Ok(pass);
+        }
+        feeds.sort();
+        let wants = shares(&feeds, free, self.rotation.as_deref());
+        if let Some((last, _)) = wants.last() {
+            self.rotation = Some(last.clone());
+        }
+        let due = store.due_jobs(&wants, now).await?;
+        // A feed that filled its share may have more due: come back soon.
+        let mut per_feed: HashMap<&str, usize> = HashMap::new();
+        for j in &due {
+            *per_feed.entry(j.feed.as_str()).or_default() += 1;
+        }
+        if feeds.len() > wants.len()
+            || wants
+                .iter()
+                .any(|(f, n)| per_feed.get(f.as_str()).copied().unwrap_or(0) >= *n)
+        {
+            pass = Pass::Busy;
+        }
+        if leader.is_leader() {
+            self.start_all(due, Why::Due).await;
+        }
+        Ok(pass)
+    }
+
+    /// Start (or re-issue) these chains, a few at a time.
+    async fn start_all(&self, jobs: Vec<JobId>, why: Why) {
         // Each start is a few round trips (lease, checkpoint, confirmed
-        // publish); running them side by side keeps a pass over thousands
-        // of due jobs well inside a tick and the leader's lease.
-        let this = &*self;
-        futures::stream::iter(due)
-            .for_each_concurrent(CHAIN_STARTS_AT_ONCE, |(job, why)| async move {
-                if let Err(e) = this.start_chain(&job, why).await {
-                    tracing::warn!(job = %job, error = %e, "cannot start the chain; trying again next tick");
+        // publish); running them side by side keeps a pass short.
+        futures::stream::iter(jobs)
+            .for_each_concurrent(CHAIN_STARTS_AT_ONCE, |job| async move {
+                if let Err(e) = self.start_chain(&job, why).await {
+                    tracing::warn!(job = %job, error = %e, "cannot start the chain; trying again next pass");
                 }
             })
             .await;
-        for phase in [Phase::Idle, Phase::Running, Phase::Paused, Phase::Failed] {
-            m.jobs
-                .get_or_create(&Metrics::phase(phase.as_str()))
-                .set(phases.get(phase.as_str()).copied().unwrap_or(0));
+    }
+
+    /// How many chains may run: configured, or four per worker slot seen
+    /// (at least [`MIN_ADMISSION`]).
+    async fn admission_bound(&mut self) -> u64 {
+        if self.opts.max_running > 0 {
+            self.deps
+                .metrics
+                .admission_limit
+                .set(self.opts.max_running as i64);
+            return self.opts.max_running;
         }
+        if let Some((at, bound)) = self.fleet
+            && at.elapsed() < FLEET_EVERY
+        {
+            return bound;
+        }
+        let bound = match self.deps.store.fleet().await {
+            Ok(workers) => {
+                self.deps.metrics.workers_seen.set(workers.len() as i64);
+                let slots: u64 = workers.iter().map(|w| u64::from(w.concurrency)).sum();
+                (slots * CHAINS_PER_SLOT).max(MIN_ADMISSION)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the workers' heartbeats");
+                self.fleet.map_or(MIN_ADMISSION, |(_, b)| b)
+            }
+        };
+        self.deps.metrics.admission_limit.set(bound as i64);
+        self.fleet = Some((Instant::now(), bound));
+        bound
+    }
+
+    /// The per-feed gauges, from the store's counters and indexes.
+    async fn refresh_gauges(&mut self) -> Result<(), StateError> {
+        let census = self.deps.store.census().await?;
+        let m = &self.deps.metrics;
+        let now = now_ms();
+        let feeds: Vec<String> = census.iter().map(|c| c.feed.clone()).collect();
+        for gone in self.gauged_feeds.iter().filter(|f| !feeds.contains(f)) {
+            for phase in PHASES {
+                m.jobs.remove(&Metrics::feed_phase(gone, phase.as_str()));
+            }
+            m.feed_lag_seconds.remove(&Metrics::feed(gone));
+            m.feed_cursor_age_seconds.remove(&Metrics::feed(gone));
+        }
+        for c in &census {
+            for phase in PHASES {
+                m.jobs
+                    .get_or_create(&Metrics::feed_phase(&c.feed, phase.as_str()))
+                    .set(c.phase(phase) as i64);
+            }
+            let age = |t: Option<u64>| t.map(|t| now.saturating_sub(t) as f64 / 1000.0);
+            match age(c.oldest_high_water_ms) {
+                Some(lag) => {
+                    m.feed_lag_seconds
+                        .get_or_create(&Metrics::feed(&c.feed))
+                        .set(lag);
+                }
+                None => {
+                    m.feed_lag_seconds.remove(&Metrics::feed(&c.feed));
+                }
+            }
+            if let Some(a) = age(c.oldest_progress_ms) {
+                m.feed_cursor_age_seconds
+                    .get_or_create(&Metrics::feed(&c.feed))
+                    .set(a);
+            }
+        }
+        self.gauged_feeds = feeds;
+        self.gauges = Some(Instant::now());
         Ok(())
     }
 
     /// Take a new epoch and publish the chain's first task.
     async fn start_chain(&self, job: &JobId, why: Why) -> Result<(), StateError> {
         let store = &*self.deps.store;
-        let epoch = match store.acquire(job, self.opts.lease, false).await? {
+        let epoch = match store.acquire(job, self.opts.queue_lease, false).await? {
             Acquire::Granted { epoch } => epoch,
             _ => return Ok(()),
         };
@@ -299,5 +514,64 @@ impl Coordinator {
             tracing::info!(job = %job, epoch, seq = cp.seq, stage = ?cp.stage, "chain started");
         }
         Ok(())
+    }
+}
+
+const PHASES: [Phase; 4] = [Phase::Idle, Phase::Running, Phase::Paused, Phase::Failed];
+
+/// Share `free` admissions among `feeds` (sorted) fairly: each feed gets as
+/// many as the others, give or take one, taking turns from the feed after
+/// `after` (the last one served by the pass before); when there are more
+/// feeds than admissions, the next pass serves the feeds this one did not.
+fn shares(feeds: &[String], free: usize, after: Option<&str>) -> Vec<(String, usize)> {
+    if feeds.is_empty() || free == 0 {
+        return Vec::new();
+    }
+    let start = after.map_or(0, |a| feeds.partition_point(|f| f.as_str() <= a)) % feeds.len();
+    let n = feeds.len().min(free);
+    let (each, extra) = (free / n, free % n);
+    (0..n)
+        .map(|i| {
+            let feed = feeds[(start + i) % feeds.len()].clone();
+            (feed, each + usize::from(i < extra))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shares;
+
+    fn feeds(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("f{i:03}")).collect()
+    }
+
+    #[test]
+    fn admissions_are_shared_evenly_and_every_feed_takes_its_turn() {
+        let three = feeds(3);
+        let s = shares(&three, 10, None);
+        assert_eq!(
+            s.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
+            vec![4, 3, 3]
+        );
+        // More feeds than admissions: turns rotate, so all are served.
+        let many = feeds(10);
+        let mut served = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..5 {
+            let s = shares(&many, 3, after.as_deref());
+            assert_eq!(s.len(), 3);
+            assert!(s.iter().all(|(_, n)| *n == 1));
+            after = s.last().map(|(f, _)| f.clone());
+            served.extend(s.into_iter().map(|(f, _)| f));
+        }
+        let mut distinct = served.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 10, "{served:?}");
+        // A feed that vanished from the due list does not break the turn.
+        let s = shares(&many, 2, Some("f0045"));
+        assert_eq!(s[0].0, "f005");
+        assert!(shares(&many, 0, None).is_empty());
     }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tidemark_core::checkpoint::{Checkpoint, JobId, Phase, Stage};
 use tidemark_core::clock::now_ms;
 use tidemark_core::timefmt::parse_timestamp;
-use tidemark_state::{Control, Jobs, Rewind, StateError};
+use tidemark_state::{Control, FeedCensus, JobQuery, Jobs, Rewind, StateError, high_water_ms};
 
 /// One row of the status table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,12 +38,82 @@ pub struct JobStatus {
     pub recoveries: u64,
 }
 
-/// The status of every job, as `tidemark status --json` prints it and the
-/// admin API serves it.
+/// One feed at a glance, from the store's counters and indexes (never a
+/// scan of its jobs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedSummary {
+    pub feed: String,
+    pub jobs: u64,
+    pub idle: u64,
+    pub running: u64,
+    pub paused: u64,
+    pub failed: u64,
+    /// Records committed by the feed's jobs.
+    pub records: u64,
+    /// Seconds since the least recently advanced cursor of the feed moved.
+    pub oldest_cursor_age_secs: Option<f64>,
+    /// Now minus the lowest high-water mark, when the feed's versions are times.
+    pub worst_lag_secs: Option<f64>,
+    /// The first failed jobs (at most [`FAILURES_SHOWN`]) with their errors.
+    pub failures: Vec<Failure>,
+}
+
+/// A failed job and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub partition: String,
+    pub error: Option<String>,
+}
+
+/// Failed jobs listed per feed in a status report.
+pub const FAILURES_SHOWN: usize = 3;
+
+/// What `tidemark status` and `/api/status` show: every feed's summary,
+/// and one page of jobs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub now_ms: u64,
+    pub feeds: Vec<FeedSummary>,
+    /// With a feed: a page of its jobs. Without: every job when there are
+    /// at most `limit` of them in all, else none (summaries only).
     pub jobs: Vec<JobStatus>,
+    /// More jobs match: pass this partition as `after` for the next page.
+    pub next: Option<String>,
+}
+
+/// Which jobs a status report lists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusQuery {
+    pub feed: Option<String>,
+    /// Only partitions that start with this (with a feed).
+    pub partition_prefix: Option<String>,
+    /// The page after this partition (the `next` of the page before).
+    pub after: Option<String>,
+    /// Jobs per page.
+    pub limit: usize,
+}
+
+/// Jobs a status page lists unless asked otherwise.
+pub const STATUS_LIMIT: usize = 100;
+
+impl Default for StatusQuery {
+    fn default() -> Self {
+        StatusQuery {
+            feed: None,
+            partition_prefix: None,
+            after: None,
+            limit: STATUS_LIMIT,
+        }
+    }
+}
+
+impl StatusQuery {
+    pub fn feed(feed: &str) -> Self {
+        StatusQuery {
+            feed: Some(feed.to_string()),
+            ..StatusQuery::default()
+        }
+    }
 }
 
 fn secs_between(later_ms: u64, earlier_ms: u64) -> f64 {
@@ -61,13 +131,6 @@ fn display_cursor(c: &str) -> String {
 
 impl JobStatus {
     pub fn new(job: &JobId, cp: &Checkpoint, now: u64) -> Self {
-        // A number is a version, not a time (parse_timestamp would read it as unix seconds).
-        let lag_secs = cp
-            .high_water
-            .as_deref()
-            .filter(|h| h.parse::<f64>().is_err())
-            .and_then(|h| parse_timestamp(h).ok())
-            .map(|t| secs_between(now, t.timestamp_millis().max(0) as u64));
         JobStatus {
             feed: job.feed.clone(),
             partition: job.partition.clone(),
@@ -79,7 +142,11 @@ impl JobStatus {
             cursor: cp.cursor.as_deref().map(display_cursor),
             cursor_age_secs: cp.last_commit_ms.map(|t| secs_between(now, t)),
             high_water: cp.high_water.clone(),
-            lag_secs,
+            lag_secs: cp
+                .high_water
+                .as_deref()
+                .and_then(high_water_ms)
+                .map(|t| secs_between(now, t)),
             pages: cp.pages,
             records: cp.records,
             last_error: cp.last_error.clone(),
@@ -90,18 +157,93 @@ impl JobStatus {
     }
 }
 
-/// The status of every job (optionally of one feed), sorted by feed and partition.
-pub async fn status(store: &dyn Jobs, feed: Option<&str>) -> Result<StatusReport, StateError> {
+/// Every feed's summary (or one feed's) and the page of jobs `q` asks for.
+pub async fn status(store: &dyn Jobs, q: &StatusQuery) -> Result<StatusReport, StateError> {
     let now = now_ms();
-    let mut jobs: Vec<JobStatus> = store
-        .list()
+    let census: Vec<FeedCensus> = store
+        .census()
         .await?
-        .iter()
-        .filter(|(j, _)| feed.is_none_or(|f| j.feed == f))
-        .map(|(j, cp)| JobStatus::new(j, cp, now))
+        .into_iter()
+        .filter(|c| q.feed.as_ref().is_none_or(|f| *f == c.feed))
         .collect();
-    jobs.sort_by(|a, b| (&a.feed, &a.partition).cmp(&(&b.feed, &b.partition)));
-    Ok(StatusReport { now_ms: now, jobs })
+    let mut feeds = Vec::with_capacity(census.len());
+    for c in &census {
+        let failures = if c.failed > 0 {
+            store
+                .failures(&c.feed, FAILURES_SHOWN)
+                .await?
+                .into_iter()
+                .map(|(j, cp)| Failure {
+                    partition: j.partition,
+                    error: cp.last_error,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        feeds.push(FeedSummary {
+            feed: c.feed.clone(),
+            jobs: c.jobs(),
+            idle: c.idle,
+            running: c.running,
+            paused: c.paused,
+            failed: c.failed,
+            records: c.records,
+            oldest_cursor_age_secs: c.oldest_progress_ms.map(|t| secs_between(now, t)),
+            worst_lag_secs: c.oldest_high_water_ms.map(|t| secs_between(now, t)),
+            failures,
+        });
+    }
+    let limit = q.limit.max(1);
+    let (jobs, next) = match &q.feed {
+        Some(feed) if !census.is_empty() => {
+            let page = store
+                .page(&JobQuery {
+                    feed: feed.clone(),
+                    prefix: q.partition_prefix.clone(),
+                    after: q.after.clone(),
+                    limit,
+                })
+                .await?;
+            (page.jobs, page.next)
+        }
+        Some(_) => (Vec::new(), None),
+        None if census.iter().map(FeedCensus::jobs).sum::<u64>() <= limit as u64 => {
+            let mut all = Vec::new();
+            for c in &census {
+                all.extend(all_jobs(store, &c.feed).await?);
+            }
+            (all, None)
+        }
+        None => (Vec::new(), None),
+    };
+    Ok(StatusReport {
+        now_ms: now,
+        feeds,
+        jobs: jobs.iter().map(|(j, cp)| JobStatus::new(j, cp, now)).collect(),
+        next,
+    })
+}
+
+/// Every registered job of `feed`, page by page.
+async fn all_jobs(store: &dyn Jobs, feed: &str) -> Result<Vec<(JobId, Checkpoint)>, StateError> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .page(&JobQuery {
+                feed: feed.to_string(),
+                prefix: None,
+                after,
+                limit: 1000,
+            })
+            .await?;
+        out.extend(page.jobs);
+        match page.next {
+            Some(n) => after = Some(n),
+            None => return Ok(out),
+        }
+    }
 }
 
 /// What an operator asks of a feed.
@@ -212,12 +354,7 @@ pub async fn apply(
     action: &Action,
 ) -> Result<ActionReport, OpError> {
     let control = action.control()?;
-    let jobs: Vec<(JobId, Checkpoint)> = store
-        .list()
-        .await?
-        .into_iter()
-        .filter(|(j, _)| j.feed == feed)
-        .collect();
+    let jobs = all_jobs(store, feed).await?;
     if jobs.is_empty() {
         return Err(OpError::UnknownFeed { feed: feed.into() });
     }
@@ -277,6 +414,41 @@ fn cell(v: Option<String>) -> String {
     v.unwrap_or_else(|| "-".into())
 }
 
+/// Columns aligned under their headers (the last one ragged).
+fn aligned(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&width).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = *w));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn clipped(text: &str, max: usize) -> String {
+    let one_line = text.replace('\n', " ");
+    if one_line.chars().count() > max {
+        one_line.chars().take(max - 1).collect::<String>() + "…"
+    } else {
+        one_line
+    }
+}
+
 /// The status table: one line per job, columns aligned.
 pub fn table(jobs: &[JobStatus]) -> String {
     let header = [
@@ -290,18 +462,14 @@ pub fn table(jobs: &[JobStatus]) -> String {
         "RECORDS",
         "LAST ERROR",
     ];
-    let rows: Vec<[String; 9]> = jobs
+    let rows: Vec<Vec<String>> = jobs
         .iter()
         .map(|j| {
             let phase = match (j.phase.as_str(), j.next_due_in_secs) {
                 ("idle", Some(d)) if d > 0.0 => format!("idle (next in {})", human_secs(d)),
                 (p, _) => p.to_string(),
             };
-            let mut err = j.last_error.clone().unwrap_or_default().replace('\n', " ");
-            if err.chars().count() > 80 {
-                err = err.chars().take(79).collect::<String>() + "…";
-            }
-            [
+            vec![
                 j.feed.clone(),
                 j.partition.clone(),
                 phase,
@@ -310,33 +478,89 @@ pub fn table(jobs: &[JobStatus]) -> String {
                 cell(j.lag_secs.map(human_secs)),
                 j.pages.to_string(),
                 j.records.to_string(),
-                err,
+                clipped(j.last_error.as_deref().unwrap_or_default(), 80),
             ]
         })
         .collect();
-    let mut width = header.map(|h| h.chars().count());
-    for r in &rows {
-        for (w, c) in width.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
+    aligned(&header, &rows)
+}
+
+/// The feed summaries: one line per feed, then the failures they list.
+pub fn feeds_table(feeds: &[FeedSummary]) -> String {
+    let header = [
+        "FEED",
+        "JOBS",
+        "IDLE",
+        "RUNNING",
+        "PAUSED",
+        "FAILED",
+        "RECORDS",
+        "OLDEST CURSOR",
+        "WORST LAG",
+    ];
+    let rows: Vec<Vec<String>> = feeds
+        .iter()
+        .map(|f| {
+            vec![
+                f.feed.clone(),
+                f.jobs.to_string(),
+                f.idle.to_string(),
+                f.running.to_string(),
+                f.paused.to_string(),
+                f.failed.to_string(),
+                f.records.to_string(),
+                cell(f.oldest_cursor_age_secs.map(human_secs)),
+                cell(f.worst_lag_secs.map(human_secs)),
+            ]
+        })
+        .collect();
+    let mut out = aligned(&header, &rows);
+    for f in feeds {
+        for x in &f.failures {
+            out.push_str(&format!(
+                "failed {}/{}: {}\n",
+                f.feed,
+                x.partition,
+                clipped(x.error.as_deref().unwrap_or("(no error recorded)"), 100)
+            ));
+        }
+        if f.failed > f.failures.len() as u64 {
+            out.push_str(&format!(
+                "failed {}: {} more (tidemark status --feed {} lists its jobs)\n",
+                f.feed,
+                f.failed - f.failures.len() as u64,
+                f.feed
+            ));
         }
     }
-    let line = |cells: Vec<&str>| {
-        let mut s = String::new();
-        for (i, (c, w)) in cells.iter().zip(width).enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(c);
-            } else {
-                s.push_str(&format!("{c:<w$}  "));
-            }
-        }
-        s.trim_end().to_string() + "\n"
-    };
-    let mut out = line(header.to_vec());
-    for r in &rows {
-        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    out
+}
+
+/// A status report as `tidemark status` prints it: the feeds, then the
+/// page of jobs and how to get the next one.
+pub fn render(report: &StatusReport, q: &StatusQuery) -> String {
+    if report.feeds.is_empty() {
+        return "(no jobs yet: has a coordinator or run registered the feeds?)\n".into();
     }
-    if rows.is_empty() {
-        out.push_str("(no jobs yet: has a coordinator or run registered the feeds?)\n");
+    let mut out = feeds_table(&report.feeds);
+    let total: u64 = report.feeds.iter().map(|f| f.jobs).sum();
+    if !report.jobs.is_empty() {
+        out.push('\n');
+        out.push_str(&table(&report.jobs));
+    } else if q.feed.is_none() {
+        out.push_str(&format!(
+            "\n{total} jobs: tidemark status --feed FEED [--partition-prefix P] lists a feed's jobs, {} at a time\n",
+            q.limit
+        ));
+    }
+    if let (Some(next), Some(feed)) = (&report.next, &q.feed) {
+        out.push_str(&format!(
+            "more: tidemark status --feed {feed} --after {next:?}{}\n",
+            q.partition_prefix
+                .as_ref()
+                .map(|p| format!(" --partition-prefix {p:?}"))
+                .unwrap_or_default()
+        ));
     }
     out
 }
@@ -406,9 +630,69 @@ mod tests {
             .expect("get")
             .expect("job");
         assert_eq!(cp.start_from.as_deref(), Some("2024-03-01T00:00:00Z"));
-        let st = status(&s, None).await.expect("status");
+        let st = status(&s, &StatusQuery::default()).await.expect("status");
         assert_eq!(st.jobs.len(), 1);
         assert_eq!(st.jobs[0].phase, "idle");
+    }
+
+    /// Many jobs: the report summarises each feed (counts, failures with
+    /// their errors) and lists jobs only a page at a time.
+    #[tokio::test]
+    async fn status_summarises_feeds_and_pages_through_jobs() {
+        let s = EmbeddedStore::in_memory();
+        let big: Vec<JobId> = (0..250).map(|i| JobId::new("big", format!("p{i:03}"))).collect();
+        s.ensure_many(&big, &Checkpoint::default()).await.expect("ensure");
+        let small = JobId::new("small", "only");
+        s.ensure(&small, &Checkpoint::default()).await.expect("ensure");
+        let e = match tidemark_state::Jobs::acquire(&s, &small, std::time::Duration::from_secs(9), false)
+            .await
+            .expect("acquire")
+        {
+            tidemark_state::Acquire::Granted { epoch } => epoch,
+            other => panic!("{other:?}"),
+        };
+        assert!(s.fail(&small, e, "HTTP 401: token revoked").await.expect("fail"));
+
+        let all = status(&s, &StatusQuery::default()).await.expect("status");
+        assert!(all.jobs.is_empty(), "251 jobs are more than a page");
+        let sum: Vec<(&str, u64, u64, u64)> = all
+            .feeds
+            .iter()
+            .map(|f| (f.feed.as_str(), f.jobs, f.idle, f.failed))
+            .collect();
+        assert_eq!(sum, vec![("big", 250, 250, 0), ("small", 1, 0, 1)]);
+        let failure = &all.feeds[1].failures[0];
+        assert_eq!(
+            (failure.partition.as_str(), failure.error.as_deref()),
+            ("only", Some("HTTP 401: token revoked"))
+        );
+        let text = render(&all, &StatusQuery::default());
+        assert!(text.contains("failed small/only: HTTP 401: token revoked"), "{text}");
+        assert!(text.contains("251 jobs: tidemark status --feed FEED"), "{text}");
+
+        // A feed, page by page, and a prefix.
+        let mut q = StatusQuery::feed("big");
+        let mut seen = 0;
+        loop {
+            let page = status(&s, &q).await.expect("page");
+            assert!(page.jobs.len() <= STATUS_LIMIT);
+            seen += page.jobs.len();
+            match page.next.clone() {
+                Some(n) => {
+                    assert!(render(&page, &q).contains(&format!("--after {n:?}")));
+                    q.after = Some(n);
+                }
+                None => break,
+            }
+        }
+        assert_eq!(seen, 250);
+        let q = StatusQuery {
+            partition_prefix: Some("p20".into()),
+            ..StatusQuery::feed("big")
+        };
+        let page = status(&s, &q).await.expect("prefix");
+        assert_eq!(page.jobs.len(), 10);
+        assert!(page.jobs.iter().all(|j| j.partition.starts_with("p20")));
     }
 
     #[test]

@@ -56,8 +56,8 @@ async fn a_due_job_gets_one_chain_with_a_new_epoch_and_its_first_task() {
     );
     c.metric_is("tidemark_chains_started_total", &[("feed", "tickets")], 1)
         .await;
-    assert_eq!(c.metric("tidemark_jobs", &[("phase", "running")]), 1);
-    assert_eq!(c.metric("tidemark_jobs", &[("phase", "idle")]), 1);
+    let jobs = |phase| c.metric("tidemark_jobs", &[("feed", "tickets"), ("phase", phase)]);
+    assert_eq!((jobs("running"), jobs("idle")), (1, 1));
     let (_, registered) = w
         .registry()
         .await

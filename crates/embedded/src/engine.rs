@@ -89,7 +89,7 @@ pub async fn sync(
         CoordinatorOptions {
             id: format!("embedded-{}", std::process::id()),
             tick: opts.tick,
-            lease: opts.worker.lease,
+            queue_lease: opts.worker.queue_lease,
             leader_ttl: Duration::from_secs(3600),
             ..CoordinatorOptions::default()
         },

@@ -358,6 +358,7 @@ impl Jobs for EmbeddedStore {
                     running: c[1],
                     paused: c[2],
                     failed: c[3],
+                    records: jobs.iter().map(|cp| cp.records).sum(),
                     oldest_progress_ms: jobs.iter().filter_map(|cp| cp.last_commit_ms).min(),
                     oldest_high_water_ms: jobs
                         .iter()

@@ -116,6 +116,8 @@ pub struct FeedCensus {
     pub running: u64,
     pub paused: u64,
     pub failed: u64,
+    /// Records committed by the feed's jobs.
+    pub records: u64,
     /// The oldest time a job's cursor last moved (or the job was created), unix ms.
     pub oldest_progress_ms: Option<u64>,
     /// The lowest high-water mark among jobs whose mark is a time, unix ms.

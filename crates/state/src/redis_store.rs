@@ -414,9 +414,9 @@ impl Jobs for RedisStore {
         for chunk in feeds.chunks(BATCH) {
             let mut pipe = redis::pipe();
             for f in chunk {
-                let fields: Vec<String> = [Phase::Idle, Phase::Running, Phase::Paused, Phase::Failed]
+                let fields: Vec<String> = ["idle", "running", "paused", "failed", "records"]
                     .iter()
-                    .map(|p| format!("{f}|{}", p.as_str()))
+                    .map(|p| format!("{f}|{p}"))
                     .collect();
                 pipe.hget(self.keys.counts(), fields);
                 for index in ["progress", "hw"] {
@@ -446,10 +446,11 @@ impl Jobs for RedisStore {
                 };
                 for (phase, n) in [Phase::Idle, Phase::Running, Phase::Paused, Phase::Failed]
                     .into_iter()
-                    .zip(counts)
+                    .zip(&counts)
                 {
                     *census.phase_mut(phase) = n.unwrap_or(0);
                 }
+                census.records = counts.get(4).copied().flatten().unwrap_or(0);
                 out.push(census);
             }
         }

@@ -69,8 +69,12 @@ pub struct Metrics {
     pub tasks_in_flight: Gauge,
     pub chains_started: Family<Labels, Counter>,
     pub chains_reissued: Family<Labels, Counter>,
-    pub job_lag_seconds: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub feed_lag_seconds: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub feed_cursor_age_seconds: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub jobs: Family<Labels, Gauge>,
+    pub chains_running: Gauge,
+    pub admission_limit: Gauge,
+    pub workers_seen: Gauge,
     pub leader: Gauge,
     pub coordinator_pass_seconds: Histogram,
 }
@@ -180,15 +184,35 @@ impl Metrics {
                 "chains_reissued",
                 "Chains re-issued under a new epoch after their lease expired, by feed",
             ),
-            job_lag_seconds: reg(
+            feed_lag_seconds: reg(
                 &mut r,
-                "job_lag_seconds",
-                "Now minus the job's high-water mark, by feed and partition (jobs with versioned records)",
+                "feed_lag_seconds",
+                "Now minus the lowest high-water mark among the feed's jobs (feeds whose versions are times), by feed",
+            ),
+            feed_cursor_age_seconds: reg(
+                &mut r,
+                "feed_cursor_age_seconds",
+                "Time since the feed's least recently advanced cursor last moved (or its job was created), by feed",
             ),
             jobs: reg(
                 &mut r,
                 "jobs",
-                "Jobs by phase (idle, running, paused, failed)",
+                "Jobs by feed and phase (idle, running, paused, failed), from the store's counters",
+            ),
+            chains_running: reg(
+                &mut r,
+                "chains_running",
+                "Chains running now (queued, in a worker, or waiting to retry)",
+            ),
+            admission_limit: reg(
+                &mut r,
+                "admission_limit",
+                "Chains that may run at once: --max-running, or four per worker slot seen (at least 64)",
+            ),
+            workers_seen: reg(
+                &mut r,
+                "workers_seen",
+                "Workers whose heartbeat the coordinator sees",
             ),
             leader: reg(
                 &mut r,
@@ -198,7 +222,7 @@ impl Metrics {
             coordinator_pass_seconds: register(
                 &mut r,
                 "coordinator_pass_seconds",
-                "Time of one leader pass over all jobs: listing them and starting the chains that are due",
+                "Time of one leader pass: reading what is due or expired and starting those chains",
                 Histogram::new([
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                     30.0,
@@ -234,11 +258,8 @@ impl Metrics {
     pub fn feed_kind(feed: &str, kind: &str) -> Labels {
         vec![("feed", feed.to_string()), ("kind", kind.to_string())]
     }
-    pub fn job(feed: &str, partition: &str) -> Labels {
-        vec![
-            ("feed", feed.to_string()),
-            ("partition", partition.to_string()),
-        ]
+    pub fn feed_phase(feed: &str, phase: &str) -> Labels {
+        vec![("feed", feed.to_string()), ("phase", phase.to_string())]
     }
 
     /// The Prometheus text exposition of every metric.

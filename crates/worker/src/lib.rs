@@ -63,7 +63,7 @@ use clap::builder::TypedValueParser as _;
 use tidemark_bus::{BusError, Downstream, PageTask, TaskDelivery, TaskQueue};
 use tidemark_core::checkpoint::JobId;
 use tidemark_core::options::parse_duration;
-use tidemark_state::{FeedRegistry, Leases, SourceLimits};
+use tidemark_state::{FeedRegistry, Fleet, Leases, SourceLimits};
 use tidemark_telemetry::Metrics;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -79,10 +79,17 @@ pub struct WorkerOptions {
     #[arg(long, env = "TIDEMARK_CONCURRENCY", default_value = "8",
           value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
     pub concurrency: usize,
-    /// The lease of a chain: a chain silent this long is re-issued. A page
-    /// renews it every third of it while it works.
+    /// The processing lease: from when a worker takes a page task, a chain
+    /// silent this long is re-issued. A page renews it every third of it
+    /// while it works.
     #[arg(long, env = "TIDEMARK_LEASE", default_value = "60s", value_parser = parse_duration)]
     pub lease: Duration,
+    /// How long a published page task may wait for a worker before its
+    /// chain is taken for lost (the broker lost it, or a worker died
+    /// between a commit and the next task) and re-issued. A slow queue is
+    /// not a lost task: keep this well above the queue's wait.
+    #[arg(long, env = "TIDEMARK_QUEUE_LEASE", default_value = "5m", value_parser = parse_duration)]
+    pub queue_lease: Duration,
     /// After SIGTERM, how long in-flight pages may take to finish before
     /// they are handed back.
     #[arg(long, env = "TIDEMARK_GRACE", default_value = "25s", value_parser = parse_duration)]
@@ -109,6 +116,8 @@ pub struct WorkerDeps {
     pub registry: Arc<dyn FeedRegistry>,
     /// The source's shared rate limiter and pause (step 2).
     pub limits: Arc<dyn SourceLimits>,
+    /// Where the worker's heartbeat tells the coordinator its concurrency.
+    pub fleet: Arc<dyn Fleet>,
     pub tasks: Arc<dyn TaskQueue>,
     pub downstream: Arc<dyn Downstream>,
     pub metrics: Metrics,
@@ -123,12 +132,13 @@ impl WorkerDeps {
         metrics: Metrics,
     ) -> Self
     where
-        S: Leases + FeedRegistry + SourceLimits + 'static,
+        S: Leases + FeedRegistry + SourceLimits + Fleet + 'static,
     {
         Self {
             leases: store.clone(),
             registry: store.clone(),
-            limits: store,
+            limits: store.clone(),
+            fleet: store,
             tasks,
             downstream,
             metrics,
@@ -176,7 +186,10 @@ pub async fn run(
     let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let mut running = JoinSet::new();
     tokio::pin!(shutdown);
-    tracing::info!(concurrency = opts.concurrency, "worker started");
+    let id = format!("worker-{}", uuid::Uuid::new_v4().simple());
+    let concurrency = u32::try_from(opts.concurrency).unwrap_or(u32::MAX);
+    let beating = tokio::spawn(heartbeat(deps.fleet.clone(), id.clone(), concurrency));
+    tracing::info!(concurrency = opts.concurrency, id = %id, "worker started");
     let result = loop {
         while running.try_join_next().is_some() {}
         let permit = tokio::select! {
@@ -206,6 +219,10 @@ pub async fn run(
         }
     };
     tracing::info!(in_flight = running.len(), "worker stopping: no new tasks");
+    beating.abort();
+    if let Err(e) = deps.fleet.leave(&id, concurrency).await {
+        tracing::debug!(error = %e, "cannot leave the fleet; the heartbeat lapses by itself");
+    }
     let drained = tokio::time::timeout(opts.grace, async {
         while running.join_next().await.is_some() {}
     })
@@ -231,6 +248,22 @@ pub async fn run(
         }
     }
     result
+}
+
+/// How often a worker says it is alive, and how long one heartbeat lasts.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+const HEARTBEAT_TTL: Duration = Duration::from_secs(15);
+
+/// Tell the coordinator, every few seconds, that this worker is alive with
+/// `concurrency` slots (its admission control sizes itself by the fleet).
+async fn heartbeat(fleet: Arc<dyn Fleet>, id: String, concurrency: u32) {
+    let mut every = tokio::time::interval(HEARTBEAT_EVERY);
+    loop {
+        every.tick().await;
+        if let Err(e) = fleet.heartbeat(&id, concurrency, HEARTBEAT_TTL).await {
+            tracing::warn!(error = %e, "cannot send the worker heartbeat");
+        }
+    }
 }
 
 impl Worker {
@@ -271,7 +304,7 @@ impl Worker {
                 // job, and this task has nothing more to do.
                 match self
                     .leases
-                    .renew(job, task.epoch, delay.saturating_add(self.opts.lease))
+                    .renew(job, task.epoch, delay.saturating_add(self.opts.queue_lease))
                     .await
                 {
                     Ok(true) => {}
@@ -391,6 +424,7 @@ mod tests {
         let d = WorkerOptions::default();
         assert_eq!(d.concurrency, 8);
         assert_eq!(d.lease, Duration::from_secs(60));
+        assert_eq!(d.queue_lease, Duration::from_secs(300));
         assert_eq!(d.grace, Duration::from_secs(25));
         assert_eq!(d.registry_refresh, Duration::from_secs(2));
         let flags = Cli::try_parse_from(["worker", "--concurrency", "3", "--grace", "500ms"])

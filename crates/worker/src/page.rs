@@ -117,11 +117,17 @@ impl Worker {
         self.hand_on(task, cp, page).await
     }
 
-    /// Step 1: the task against the job's checkpoint. A stale epoch, an
-    /// applied or a skipped seq, or a job that is not running: drop it.
+    /// Step 1: take the task: the job's checkpoint, and (when the task is
+    /// current) its processing lease, which starts now, not when the task
+    /// was published. A stale epoch, an applied or a skipped seq, or a job
+    /// that is not running: drop it.
     async fn check(&self, task: &PageTask) -> Result<Checkpoint, Outcome> {
         let job = &task.job;
-        let cp = match self.leases.get(job).await {
+        let cp = match self
+            .leases
+            .take(job, task.epoch, task.seq, self.opts.lease)
+            .await
+        {
             Ok(Some(cp)) => cp,
             Ok(None) => {
                 return Err(Outcome::Rejected {
@@ -441,7 +447,8 @@ impl Worker {
             } else {
                 now.saturating_add(every)
             },
-            lease_ms: self.opts.lease.as_millis() as u64,
+            // The next task waits in the queue until a worker takes it.
+            lease_ms: self.opts.queue_lease.as_millis() as u64,
             restart,
         };
         let outcome = self

@@ -131,7 +131,7 @@ impl World {
         }
     }
 
-    /// Start a coordinator named `id` whose chains hold leases of `lease`
+    /// Start a coordinator named `id` whose chains' first tasks may wait `lease`
     /// and whose leadership lapses `leader_ttl` after its last renewal.
     pub fn coordinator(&self, id: &str, lease: Duration, leader_ttl: Duration) -> Running {
         let metrics = Metrics::new();
@@ -143,7 +143,7 @@ impl World {
         let opts = CoordinatorOptions {
             id: id.to_string(),
             tick: TICK,
-            lease,
+            queue_lease: lease,
             leader_ttl,
             ..Default::default()
         };

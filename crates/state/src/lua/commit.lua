@@ -44,6 +44,7 @@ redis.call('HINCRBY', h, 'records', tonumber(ARGV[11]))
 redis.call('HDEL', h, 'last_error')
 redis.call('HSET', h, 'last_commit_ms', fmt(now))
 if registered(J) then
+  add_records(J, tonumber(ARGV[11]))
   redis.call('ZADD', J.progress, fmt(now), J.member)
   if ARGV[19] ~= '' then redis.call('ZADD', J.hw, 'GT', ARGV[19], J.member) end
 end

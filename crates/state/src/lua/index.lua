@@ -10,7 +10,7 @@
 --   <P>feed:F:failed    zset, failed at ms     the failed jobs
 --   <P>feed:F:progress  zset, ms               when the cursor last moved (or the job was made)
 --   <P>feed:F:hw        zset, ms               the high-water mark, when it is a time
---   <P>counts           hash 'F|phase' -> n    jobs per feed and phase
+--   <P>counts           hash 'F|phase' -> n    jobs per feed and phase; 'F|records': records committed
 --   <P>due_feeds        zset, ms               feeds with an idle job: the earliest next_due_ms
 --   <P>feeds            set                    feeds with registered jobs
 -- A paused job is in no phase index. A retired job (its feed or partition
@@ -37,6 +37,10 @@ local function registered(j) return redis.call('ZSCORE', j.jobs, j.member) ~= fa
 local function count(j, phase, by)
   local field = j.feed .. '|' .. phase
   if redis.call('HINCRBY', COUNTS, field, by) <= 0 then redis.call('HDEL', COUNTS, field) end
+end
+
+local function add_records(j, n)
+  if n ~= 0 then redis.call('HINCRBY', COUNTS, j.feed .. '|records', n) end
 end
 
 -- due_feeds holds the feed's earliest due time, or not the feed at all.
@@ -82,8 +86,9 @@ end
 -- 0 when it was registered already.
 local function join(j, now)
   if registered(j) then return 0 end
-  local f = redis.call('HMGET', j.hash, 'phase', 'next_due_ms', 'lease_until_ms', 'last_commit_ms')
+  local f = redis.call('HMGET', j.hash, 'phase', 'next_due_ms', 'lease_until_ms', 'last_commit_ms', 'records')
   redis.call('ZADD', j.jobs, 0, j.member)
+  add_records(j, tonumber(f[5]) or 0)
   redis.call('SADD', FEEDS, j.feed)
   enter(j, f[1] or 'idle', tonumber(f[2]) or 0, tonumber(f[3]) or 0, now)
   redis.call('ZADD', j.progress, fmt(tonumber(f[4]) or now), j.member)

@@ -5,9 +5,10 @@
 -- Returns 1 when retired, 0 when it was not registered.
 local J = ctx(ARGV[2], ARGV[3])
 if not registered(J) then return 0 end
-local f = redis.call('HMGET', J.hash, 'epoch', 'phase')
+local f = redis.call('HMGET', J.hash, 'epoch', 'phase', 'records')
 local now = now_ms()
 leave(J, f[2] or 'idle')
+add_records(J, -(tonumber(f[3]) or 0))
 redis.call('ZREM', J.jobs, J.member)
 redis.call('ZREM', J.progress, J.member)
 redis.call('ZREM', J.hw, J.member)

@@ -242,6 +242,7 @@ impl World {
         let opts = WorkerOptions {
             concurrency: 4,
             lease: LEASE,
+            queue_lease: LEASE,
             grace: Duration::from_millis(200),
             registry_refresh: Duration::from_millis(10),
         };
