@@ -176,6 +176,7 @@ async fn bulk_then_incremental_delivers_changes_during_and_after_the_bulk_walk_a
     );
     let mut c = Cluster::start(&yaml, &["--records", "4000", "--latency-ms", "40"]);
     c.env.push(("TIDEMARK_LEASE".into(), "3s".into()));
+    c.env.push(("TIDEMARK_QUEUE_LEASE".into(), "6s".into()));
     let checker = Checker::start(&c.exchange()).await;
     let coord = c.coordinator_with("coord", &["--leader-ttl", "2s"]);
     let w1 = c.worker("w1", &[]);
@@ -337,6 +338,7 @@ async fn a_killed_worker_and_a_killed_leader_lose_nothing() {
     let yaml = partitioned_feeds();
     let mut c = Cluster::start(&yaml, &["--records", "6000", "--latency-ms", "15"]);
     c.env.push(("TIDEMARK_LEASE".into(), "4s".into()));
+    c.env.push(("TIDEMARK_QUEUE_LEASE".into(), "8s".into()));
     let checker = Checker::start(&c.exchange()).await;
     let a = c.coordinator_with("coord-a", &["--leader-ttl", "3s"]);
     assert!(

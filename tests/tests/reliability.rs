@@ -584,6 +584,7 @@ async fn faults_while_syncing_lose_nothing() {
         ("REDIS_URL".into(), redis_proxy.url_for(&redis.url())),
         ("AMQP_URL".into(), amqp_proxy.url_for(&amqp_url())),
         ("TIDEMARK_LEASE".into(), "4s".into()),
+        ("TIDEMARK_QUEUE_LEASE".into(), "8s".into()),
         ("TIDEMARK_LOG_FORMAT".into(), "json".into()),
         (
             "TIDEMARK_LOG".into(),
@@ -872,4 +873,114 @@ fn render(s: &Summary) -> String {
          (including the changes made just before it) had arrived on every routing key.\n",
     );
     out
+}
+
+/// A backlog deeper than the admission bound, and a worker SIGKILLed in the
+/// middle of it. Admission holds the running chains at `--max-running`
+/// while due jobs wait in the due index; the feed of one job is served
+/// beside the feed of hundreds (fair across feeds); the killed worker's
+/// chains are re-issued and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_beyond_the_admission_bound_survives_a_killed_worker() {
+    let soak = std::env::var_os("TIDEMARK_SOAK").is_some();
+    let big: usize = if soak { 2_000 } else { 240 };
+    const BOUND: u64 = 8;
+    const RECORDS: usize = 30;
+    let values: Vec<String> = (0..big).map(|i| format!("\"{i}\"")).collect();
+    let feed = |name: &str, values: &str| {
+        format!(
+            "  - name: {name}\n    source: mock\n    path: /jsonapi/records\n    \
+             pagination: {{ preset: next_url, page_size: 10 }}\n    key: /id\n    version: /updated_at\n    \
+             mode: snapshot\n    every: 24h\n    partitions: {{ param: shard, values: [{values}] }}\n"
+        )
+    };
+    let yaml = format!("{}{}", feed("big", &values.join(", ")), feed("small", "\"only\""));
+    let mut c = Cluster::start(
+        &yaml,
+        &["--records", &RECORDS.to_string(), "--latency-ms", "20"],
+    );
+    c.env.extend([
+        ("TIDEMARK_LEASE".into(), "4s".into()),
+        ("TIDEMARK_QUEUE_LEASE".into(), "8s".into()),
+    ]);
+    let checker = Checker::start(&c.exchange()).await;
+    c.coordinator_with(
+        "coord",
+        &["--tick", "250ms", "--max-running", &BOUND.to_string()],
+    );
+    let victim = c.worker("w1", &["--concurrency", "4"]);
+    c.worker("w2", &["--concurrency", "4"]);
+
+    // Sample the running index the whole time: it never exceeds the bound.
+    let store = c.store().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (store, stop, peak) = (store.clone(), stop.clone(), peak.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(n) = tidemark_state::Schedule::running(&*store).await {
+                    peak.fetch_max(n, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let total = (big + 1) * RECORDS;
+    let distinct = |checker: &Checker| {
+        checker
+            .arrived()
+            .iter()
+            .map(|a| a.message_id.clone())
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    assert!(
+        eventually(Duration::from_secs(120), async || distinct(&checker) >= total / 4).await,
+        "a quarter of the records did not arrive{}",
+        c.logs()
+    );
+    // The backlog: more jobs are due than may run.
+    let waiting = tidemark_state::Schedule::due_jobs(
+        &*store,
+        &[("big".into(), big)],
+        tidemark_core::clock::now_ms(),
+    )
+    .await
+    .unwrap()
+    .len();
+    assert!(
+        waiting as u64 > BOUND,
+        "only {waiting} jobs wait: the backlog is not deeper than the bound"
+    );
+    let small_done = checker
+        .arrived()
+        .iter()
+        .filter(|a| a.routing_key.starts_with("small."))
+        .map(|a| a.message_id.clone())
+        .collect::<HashSet<_>>()
+        .len();
+    c.procs[victim].kill9();
+    c.worker("w3", &["--concurrency", "4"]);
+    eprintln!("backlog: {waiting} jobs due beyond {BOUND} running; w1 SIGKILLed, w3 started");
+
+    assert!(
+        eventually(Duration::from_secs(240), async || distinct(&checker) >= total).await,
+        "{} of {total} records arrived after the kill{}",
+        distinct(&checker),
+        c.logs()
+    );
+    stop.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(peak <= BOUND, "{peak} chains ran at once, beyond --max-running {BOUND}");
+    assert!(peak >= BOUND / 2, "only {peak} chains ever ran: admission was not the limit");
+    assert_eq!(
+        small_done, RECORDS,
+        "the one-job feed waited behind the {big}-job feed (fairness across feeds)"
+    );
+    eprintln!(
+        "backlog: all {total} records arrived, peak {peak} running, {} duplicates after the kill",
+        checker.duplicate_messages()
+    );
 }

@@ -55,7 +55,7 @@ pub struct CoordinatorOptions {
     /// How long a chain's first page task may wait for a worker before the
     /// chain is taken for lost and re-issued (workers apply the same bound
     /// to the tasks they publish: set both roles alike).
-    #[arg(long, env = "TIDEMARK_QUEUE_LEASE", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "TIDEMARK_QUEUE_LEASE", default_value = "2m", value_parser = parse_duration)]
     pub queue_lease: Duration,
     /// Chains that may run at once (admission control); 0: four per worker
     /// slot seen in the workers' heartbeats, at least 64.

@@ -88,7 +88,7 @@ pub struct WorkerOptions {
     /// chain is taken for lost (the broker lost it, or a worker died
     /// between a commit and the next task) and re-issued. A slow queue is
     /// not a lost task: keep this well above the queue's wait.
-    #[arg(long, env = "TIDEMARK_QUEUE_LEASE", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "TIDEMARK_QUEUE_LEASE", default_value = "2m", value_parser = parse_duration)]
     pub queue_lease: Duration,
     /// After SIGTERM, how long in-flight pages may take to finish before
     /// they are handed back.
@@ -424,7 +424,7 @@ mod tests {
         let d = WorkerOptions::default();
         assert_eq!(d.concurrency, 8);
         assert_eq!(d.lease, Duration::from_secs(60));
-        assert_eq!(d.queue_lease, Duration::from_secs(300));
+        assert_eq!(d.queue_lease, Duration::from_secs(120));
         assert_eq!(d.grace, Duration::from_secs(25));
         assert_eq!(d.registry_refresh, Duration::from_secs(2));
         let flags = Cli::try_parse_from(["worker", "--concurrency", "3", "--grace", "500ms"])

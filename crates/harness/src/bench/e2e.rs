@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::prom::{Buckets, Scrape};
+use super::scale;
 use super::sink::{self, Ceiling, Sink};
 use crate::HarnessError;
 use crate::proc::{Proc, Spawn, tail};
@@ -29,11 +30,15 @@ pub enum Scenario {
     ScaleOut,
     /// 2,000 small jobs: the coordinator's scheduling cost.
     ManyJobs,
+    /// 2,000, 20,000 and 100,000 small jobs over many feeds: the scheduler
+    /// at scale, Redis memory per job and the cost of an idle pass.
+    Scale,
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct E2eBench {
-    /// Scenarios to run, comma-separated (default: all three).
+    /// Scenarios to run, comma-separated (default: throughput, scale-out
+    /// and many-jobs; `scale` runs only when named).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub scenario: Vec<Scenario>,
     /// Redis URL (default: REDIS_URL, else the local server).
@@ -98,6 +103,22 @@ pub struct E2eBench {
     #[arg(long, default_value_t = 32)]
     pub many_concurrency: usize,
 
+    /// Scale: job counts, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "2000,20000,100000")]
+    pub jobs: Vec<usize>,
+    /// Scale: partitions per feed (the jobs are spread over as many feeds as it takes).
+    #[arg(long, default_value_t = 100)]
+    pub jobs_per_feed: usize,
+    /// Scale: records per job.
+    #[arg(long, default_value_t = 15)]
+    pub jobs_records: usize,
+    #[arg(long, default_value_t = 10)]
+    pub jobs_page_size: usize,
+    #[arg(long, default_value_t = 2)]
+    pub jobs_workers: usize,
+    #[arg(long, default_value_t = 32)]
+    pub jobs_concurrency: usize,
+
     /// Also run bench/compare.py (dlt's RESTClient, a Singer SDK tap) over
     /// the throughput scenario's pages; needs bench/setup-python.sh.
     #[arg(long)]
@@ -127,16 +148,19 @@ pub struct E2eBench {
 }
 
 /// What one run of the system is.
-struct Spec {
-    label: String,
-    feeds_yaml: String,
-    records: usize,
-    page_size: usize,
-    latency_ms: u64,
-    workers: usize,
-    concurrency: usize,
-    jobs: usize,
-    expected_records: u64,
+pub(super) struct Spec {
+    pub label: String,
+    pub feeds_yaml: String,
+    pub records: usize,
+    pub page_size: usize,
+    pub latency_ms: u64,
+    pub workers: usize,
+    pub concurrency: usize,
+    pub jobs: usize,
+    pub expected_records: u64,
+    pub feeds: usize,
+    /// Measure Redis memory per job, then watch the idle coordinator this long.
+    pub idle_window: Option<Duration>,
 }
 
 /// What one run measured.
@@ -169,6 +193,13 @@ pub struct RunResult {
     pub coordinator_pass_p50_ms: Option<f64>,
     pub coordinator_pass_p99_ms: Option<f64>,
     pub mock_cpu_seconds: Option<f64>,
+    pub feeds: usize,
+    /// Redis `used_memory` the run added, per job (scale runs).
+    pub redis_bytes_per_job: Option<f64>,
+    /// Coordinator CPU per pass, and the pass p50, once every job is idle
+    /// and none is due (scale runs).
+    pub idle_pass_cpu_ms: Option<f64>,
+    pub idle_pass_p50_ms: Option<f64>,
 }
 
 /// A comparison tool's walk over the same pages (bench/compare.py).
@@ -192,6 +223,7 @@ pub struct Report {
     pub throughput: Vec<RunResult>,
     pub scale_out: Vec<RunResult>,
     pub many_jobs: Vec<RunResult>,
+    pub scale: Vec<RunResult>,
     pub compare: Vec<ToolResult>,
 }
 
@@ -225,9 +257,14 @@ pub async fn run(
     exe: &Path,
     out: &mut dyn std::io::Write,
 ) -> Result<(), HarnessError> {
-    let all = [Scenario::Throughput, Scenario::ScaleOut, Scenario::ManyJobs];
+    let all = [
+        Scenario::Throughput,
+        Scenario::ScaleOut,
+        Scenario::ManyJobs,
+        Scenario::Scale,
+    ];
     let scenarios: Vec<Scenario> = if b.scenario.is_empty() {
-        all.to_vec()
+        all[..3].to_vec()
     } else {
         all.into_iter().filter(|s| b.scenario.contains(s)).collect()
     };
@@ -251,6 +288,13 @@ pub async fn run(
             Scenario::ManyJobs => report
                 .many_jobs
                 .push(run_system(b, exe, &many_jobs_spec(b)).await?),
+            Scenario::Scale => {
+                for &jobs in &b.jobs {
+                    report
+                        .scale
+                        .push(run_system(b, exe, &super::scale::spec(b, jobs)).await?);
+                }
+            }
         }
     }
     if b.json {
@@ -307,6 +351,8 @@ fn throughput_spec(b: &E2eBench, per: &str) -> Spec {
         concurrency: b.throughput_concurrency,
         jobs: b.throughput_jobs,
         expected_records: (records * b.throughput_jobs) as u64,
+        feeds: 1,
+        idle_window: None,
     }
 }
 
@@ -358,6 +404,8 @@ fn scale_out_spec(b: &E2eBench, workers: usize) -> Spec {
         concurrency: b.scale_concurrency,
         jobs: b.scale_feeds,
         expected_records: (b.scale_records * b.scale_feeds) as u64,
+        feeds: b.scale_feeds,
+        idle_window: None,
     }
 }
 
@@ -379,6 +427,8 @@ fn many_jobs_spec(b: &E2eBench) -> Spec {
         concurrency: b.many_concurrency,
         jobs: b.many_jobs,
         expected_records: (b.many_records * b.many_jobs) as u64,
+        feeds: 1,
+        idle_window: None,
     }
 }
 
@@ -604,6 +654,10 @@ async fn run_in(
         workers.push(start(worker).await?);
     }
     let worker_cpu_before: Option<Duration> = workers.iter().map(Proc::cpu).sum();
+    let memory_before = match spec.idle_window {
+        Some(_) => Some(scale::redis_used_memory(&d.redis_url, d.tls_ca_pem.as_deref()).await?),
+        None => None,
+    };
     let coordinator_args = vec![
         "coordinator".to_string(),
         "--config".into(),
@@ -641,6 +695,10 @@ async fn run_in(
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let client = reqwest::Client::new();
+    let idle = match spec.idle_window {
+        Some(window) => Some(idle_costs(&client, &coordinator, window, spec, d, memory_before).await?),
+        None => None,
+    };
     let (mut latency, mut pages) = (Buckets::default(), 0.0);
     for w in &workers {
         let s = scrape(&client, w).await?;
@@ -707,6 +765,59 @@ async fn run_in(
         coordinator_pass_p50_ms: ms(passes.quantile(0.5)),
         coordinator_pass_p99_ms: ms(passes.quantile(0.99)),
         mock_cpu_seconds: mock_cpu,
+        feeds: spec.feeds,
+        redis_bytes_per_job: idle.as_ref().and_then(|i| i.redis_bytes_per_job),
+        idle_pass_cpu_ms: idle.as_ref().and_then(|i| i.pass_cpu_ms),
+        idle_pass_p50_ms: idle.as_ref().and_then(|i| i.pass_p50_ms),
+    })
+}
+
+/// What the jobs cost at rest: Redis memory, and coordinator passes.
+struct IdleCosts {
+    redis_bytes_per_job: Option<f64>,
+    pass_cpu_ms: Option<f64>,
+    pass_p50_ms: Option<f64>,
+}
+
+/// Once the last chains have ended (every job idle, none due for a day):
+/// the Redis memory the run added per job, then the coordinator's CPU per
+/// pass and its pass p50 over `window`.
+async fn idle_costs(
+    client: &reqwest::Client,
+    coordinator: &Proc,
+    window: Duration,
+    spec: &Spec,
+    d: &Deployment,
+    memory_before: Option<u64>,
+) -> Result<IdleCosts, HarnessError> {
+    let settled = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = scrape(client, coordinator).await?;
+        if s.sum("tidemark_chains_running") == 0.0 || std::time::Instant::now() > settled {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = scale::redis_used_memory(&d.redis_url, d.tls_ca_pem.as_deref()).await?;
+    let redis_bytes_per_job =
+        memory_before.map(|b| after.saturating_sub(b) as f64 / spec.jobs.max(1) as f64);
+    let before = scrape(client, coordinator).await?.buckets("tidemark_coordinator_pass_seconds");
+    let cpu_before = coordinator.cpu();
+    tokio::time::sleep(window).await;
+    let cpu_after = coordinator.cpu();
+    let passes = scrape(client, coordinator)
+        .await?
+        .buckets("tidemark_coordinator_pass_seconds")
+        .minus(&before);
+    let cpu = cpu_after
+        .zip(cpu_before)
+        .map(|(a, b)| a.saturating_sub(b).as_secs_f64());
+    Ok(IdleCosts {
+        redis_bytes_per_job,
+        pass_cpu_ms: cpu
+            .filter(|_| passes.count() > 0.0)
+            .map(|c| c * 1000.0 / passes.count()),
+        pass_p50_ms: ms(passes.quantile(0.5)),
     })
 }
 
@@ -811,7 +922,7 @@ async fn compare(b: &E2eBench, exe: &Path) -> Result<Vec<ToolResult>, HarnessErr
     Ok(results)
 }
 
-fn opt(v: Option<f64>, digits: usize) -> String {
+pub(super) fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
 }
 
@@ -871,6 +982,7 @@ pub fn render(r: &Report) -> String {
             ));
         }
     }
+    s.push_str(&scale::render(&r.scale));
     s.push_str(&targets(r));
     for x in &r.many_jobs {
         s.push_str(&format!(
@@ -939,6 +1051,7 @@ fn targets(r: &Report) -> String {
             Some(peak * 1.048576 < 100.0),
         ));
     }
+    rows.extend(scale::targets(&r.scale));
     if rows.is_empty() {
         return String::new();
     }
@@ -981,7 +1094,56 @@ mod tests {
             coordinator_pass_p50_ms: Some(1.0),
             coordinator_pass_p99_ms: Some(2.0),
             mock_cpu_seconds: None,
+            feeds: 1,
+            redis_bytes_per_job: None,
+            idle_pass_cpu_ms: None,
+            idle_pass_p50_ms: None,
         }
+    }
+
+    /// A scale run of `jobs` jobs: `jps` jobs/s, `cpu_us` coordinator µs per job.
+    fn scale_run(jobs: usize, jps: f64, cpu_us: f64, duplicates: u64) -> RunResult {
+        RunResult {
+            label: format!("scale, {jobs} jobs"),
+            jobs,
+            duplicates,
+            seconds: jobs as f64 / jps,
+            coordinator_cpu_seconds: Some(cpu_us * jobs as f64 / 1e6),
+            feeds: jobs / 100,
+            redis_bytes_per_job: Some(700.0),
+            idle_pass_cpu_ms: Some(0.4),
+            idle_pass_p50_ms: Some(0.3),
+            ..run("scale", 2, 32, 1.0, 30.0)
+        }
+    }
+
+    #[test]
+    fn the_scale_targets_are_checked_against_the_smallest_and_the_largest_run() {
+        let mut r = Report {
+            scale: vec![
+                scale_run(2_000, 400.0, 300.0, 0),
+                scale_run(20_000, 420.0, 320.0, 0),
+                scale_run(100_000, 390.0, 700.0, 3),
+            ],
+            ..Report::default()
+        };
+        let text = render(&r);
+        assert!(text.contains("| 100000 jobs | 1000 |"), "{text}");
+        assert!(
+            row(&text, "scale: 0 duplicates without faults, 100000 jobs").ends_with("| 3 | **no** |"),
+            "{text}"
+        );
+        assert!(row(&text, "scale: 0 duplicates without faults, 2000 jobs").ends_with("| yes |"));
+        assert!(
+            row(&text, "scale: coordinator CPU per job at 100000 jobs").ends_with("| 2.33x | **no** |"),
+            "{text}"
+        );
+        assert!(row(&text, "scale: 100000 jobs finish").contains("**no**"), "{text}");
+        assert!(row(&text, "scale: an idle pass at 100000").ends_with("| 0.40 ms | yes |"));
+        assert!(row(&text, "scale: Redis memory per job").ends_with("| 700 B | yes |"));
+        r.scale[2] = scale_run(100_000, 500.0, 400.0, 0);
+        let text = render(&r);
+        assert!(!text.contains("**no**"), "{text}");
     }
 
     fn report() -> Report {

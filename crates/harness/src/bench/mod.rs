@@ -12,6 +12,7 @@
 mod e2e;
 mod prom;
 mod pull;
+mod scale;
 mod sink;
 
 use std::io::Write;

@@ -84,6 +84,23 @@ impl Buckets {
         self.0.last().map(|b| b.1).unwrap_or(0.0)
     }
 
+    /// What was observed since `earlier` (a scrape of the same histogram).
+    pub fn minus(&self, earlier: &Buckets) -> Buckets {
+        Buckets(
+            self.0
+                .iter()
+                .map(|&(le, c)| {
+                    let before = earlier
+                        .0
+                        .iter()
+                        .find(|(b, _)| *b == le)
+                        .map_or(0.0, |x| x.1);
+                    (le, (c - before).max(0.0))
+                })
+                .collect(),
+        )
+    }
+
     /// The q-quantile, interpolated linearly inside its bucket (Prometheus's
     /// `histogram_quantile`): exact only to the bucket bounds. A quantile in
     /// the `+Inf` bucket answers the highest finite bound.
