@@ -147,3 +147,141 @@ async fn twelve_feeds_every_preset_two_partitions_200k_records() {
         );
     }
 }
+
+/// An upgrade: the state an earlier version left in Redis (one hash per job
+/// and a set of every job key, no indexes), mid-sync. The new coordinator
+/// indexes it once and carries on from it: the idle job runs, the chain
+/// left running with an expired lease is re-issued from its stored cursor,
+/// the paused job stays paused, the job of a feed the config no longer has
+/// is retired, and the old set is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_takes_over_state_of_the_layout_without_indexes() {
+    const RECORDS: usize = 120;
+    let feed = "  - name: docs\n    source: mock\n    path: /jsonapi/records\n    \
+                pagination: { preset: next_url, page_size: 20 }\n    key: /id\n    version: /updated_at\n    \
+                every: 1h\n    partitions: { param: shard, values: [\"idle\", \"mid\", \"held\"] }\n";
+    let mut c = Cluster::start(feed, &["--records", &RECORDS.to_string()]);
+    let prefix = c.redis_prefix();
+    let client = redis::Client::open(c.redis.as_str()).unwrap();
+    let mut r = client.get_multiplexed_async_connection().await.unwrap();
+    // "mid" is two pages in: its cursor is the third page's URL, as the
+    // API gave it.
+    let mut third = format!("{}/jsonapi/records?limit=20&shard=mid", c.mock_url);
+    for _ in 0..2 {
+        let page: serde_json::Value = reqwest::get(&third).await.unwrap().json().await.unwrap();
+        third = page["links"]["next"]
+            .as_str()
+            .expect("a next link")
+            .to_string();
+    }
+    let old: [(&str, &str, Vec<(&str, String)>); 4] = [
+        (
+            "docs",
+            "idle",
+            vec![("phase", "idle".into()), ("next_due_ms", "0".into())],
+        ),
+        (
+            "docs",
+            "mid",
+            vec![
+                ("phase", "running".into()),
+                ("epoch", "5".into()),
+                ("seq", "2".into()),
+                ("lease_until_ms", "1".into()),
+                ("cursor", third),
+                ("pages", "2".into()),
+                ("records", "40".into()),
+            ],
+        ),
+        ("docs", "held", vec![("phase", "paused".into())]),
+        (
+            "gone",
+            "all",
+            vec![("phase", "idle".into()), ("next_due_ms", "0".into())],
+        ),
+    ];
+    for (feed, part, fields) in &old {
+        let key = format!("{prefix}job:{feed}:{}", tidemark_state::member(part));
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(&key)
+            .arg("feed")
+            .arg(feed)
+            .arg("partition")
+            .arg(part)
+            .arg("stage")
+            .arg("bulk");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(v);
+        }
+        let _: i64 = cmd.query_async(&mut r).await.unwrap();
+        let _: i64 = redis::cmd("SADD")
+            .arg(format!("{prefix}jobs"))
+            .arg(&key)
+            .query_async(&mut r)
+            .await
+            .unwrap();
+    }
+
+    let checker = Checker::start(&c.exchange()).await;
+    c.coordinator("coord");
+    c.worker("w1", &[]);
+    // idle: every record; mid: the records from its cursor on.
+    let want = RECORDS + (RECORDS - 40);
+    assert!(
+        checker.wait_for(want, Duration::from_secs(60)).await,
+        "{} of {want} records arrived{}",
+        checker.count(),
+        c.logs()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let parts = checker.by_partition();
+    assert_eq!(parts.get("docs.idle").map(Vec::len), Some(RECORDS));
+    let mid = &parts["docs.mid"];
+    assert_eq!(
+        mid.len(),
+        RECORDS - 40,
+        "mid carried on from its stored cursor"
+    );
+    assert!(
+        !parts.contains_key("docs.held"),
+        "a paused job stays paused"
+    );
+    assert!(
+        !parts.contains_key("gone.all"),
+        "a job of a removed feed is not run"
+    );
+
+    let store = c.store().await;
+    let jobs = c.jobs().await;
+    let names: Vec<String> = jobs.iter().map(|(j, _)| j.to_string()).collect();
+    assert_eq!(
+        names,
+        vec!["docs/held", "docs/idle", "docs/mid"],
+        "the removed feed's job is retired"
+    );
+    let mid_cp = jobs
+        .iter()
+        .find(|(j, _)| j.partition == "mid")
+        .unwrap()
+        .1
+        .clone();
+    assert!(
+        mid_cp.epoch > 5 && mid_cp.records == RECORDS as u64,
+        "{mid_cp:?}"
+    );
+    let legacy: bool = redis::cmd("EXISTS")
+        .arg(format!("{prefix}jobs"))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(!legacy, "the old set of job keys is gone");
+    let layout: Option<u64> = redis::cmd("GET")
+        .arg(format!("{prefix}layout"))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(layout, Some(2));
+    let census = tidemark_state::Jobs::census(&*store).await.unwrap();
+    assert_eq!(census.len(), 1);
+    assert_eq!((census[0].idle, census[0].paused), (2, 1));
+}

@@ -894,7 +894,11 @@ async fn a_backlog_beyond_the_admission_bound_survives_a_killed_worker() {
              mode: snapshot\n    every: 24h\n    partitions: {{ param: shard, values: [{values}] }}\n"
         )
     };
-    let yaml = format!("{}{}", feed("big", &values.join(", ")), feed("small", "\"only\""));
+    let yaml = format!(
+        "{}{}",
+        feed("big", &values.join(", ")),
+        feed("small", "\"only\"")
+    );
     let mut c = Cluster::start(
         &yaml,
         &["--records", &RECORDS.to_string(), "--latency-ms", "20"],
@@ -936,7 +940,9 @@ async fn a_backlog_beyond_the_admission_bound_survives_a_killed_worker() {
             .len()
     };
     assert!(
-        eventually(Duration::from_secs(120), async || distinct(&checker) >= total / 4).await,
+        eventually(Duration::from_secs(120), async || distinct(&checker)
+            >= total / 4)
+        .await,
         "a quarter of the records did not arrive{}",
         c.logs()
     );
@@ -965,7 +971,9 @@ async fn a_backlog_beyond_the_admission_bound_survives_a_killed_worker() {
     eprintln!("backlog: {waiting} jobs due beyond {BOUND} running; w1 SIGKILLed, w3 started");
 
     assert!(
-        eventually(Duration::from_secs(240), async || distinct(&checker) >= total).await,
+        eventually(Duration::from_secs(240), async || distinct(&checker)
+            >= total)
+        .await,
         "{} of {total} records arrived after the kill{}",
         distinct(&checker),
         c.logs()
@@ -973,8 +981,14 @@ async fn a_backlog_beyond_the_admission_bound_survives_a_killed_worker() {
     stop.store(true, Ordering::Relaxed);
     sampler.await.unwrap();
     let peak = peak.load(Ordering::Relaxed);
-    assert!(peak <= BOUND, "{peak} chains ran at once, beyond --max-running {BOUND}");
-    assert!(peak >= BOUND / 2, "only {peak} chains ever ran: admission was not the limit");
+    assert!(
+        peak <= BOUND,
+        "{peak} chains ran at once, beyond --max-running {BOUND}"
+    );
+    assert!(
+        peak >= BOUND / 2,
+        "only {peak} chains ever ran: admission was not the limit"
+    );
     assert_eq!(
         small_done, RECORDS,
         "the one-job feed waited behind the {big}-job feed (fairness across feeds)"

@@ -262,7 +262,13 @@ impl Coordinator {
         } else {
             0
         };
-        tracing::info!(version, created, retired, jobs = self.known.len(), "feeds registered");
+        tracing::info!(
+            version,
+            created,
+            retired,
+            jobs = self.known.len(),
+            "feeds registered"
+        );
         self.registered = Some(Instant::now());
         Ok(())
     }
@@ -550,10 +556,7 @@ mod tests {
     fn admissions_are_shared_evenly_and_every_feed_takes_its_turn() {
         let three = feeds(3);
         let s = shares(&three, 10, None);
-        assert_eq!(
-            s.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
-            vec![4, 3, 3]
-        );
+        assert_eq!(s.iter().map(|(_, n)| *n).collect::<Vec<_>>(), vec![4, 3, 3]);
         // More feeds than admissions: turns rotate, so all are served.
         let many = feeds(10);
         let mut served = Vec::new();

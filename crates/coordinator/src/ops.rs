@@ -220,7 +220,10 @@ pub async fn status(store: &dyn Jobs, q: &StatusQuery) -> Result<StatusReport, S
     Ok(StatusReport {
         now_ms: now,
         feeds,
-        jobs: jobs.iter().map(|(j, cp)| JobStatus::new(j, cp, now)).collect(),
+        jobs: jobs
+            .iter()
+            .map(|(j, cp)| JobStatus::new(j, cp, now))
+            .collect(),
         next,
     })
 }
@@ -640,18 +643,33 @@ mod tests {
     #[tokio::test]
     async fn status_summarises_feeds_and_pages_through_jobs() {
         let s = EmbeddedStore::in_memory();
-        let big: Vec<JobId> = (0..250).map(|i| JobId::new("big", format!("p{i:03}"))).collect();
-        s.ensure_many(&big, &Checkpoint::default()).await.expect("ensure");
-        let small = JobId::new("small", "only");
-        s.ensure(&small, &Checkpoint::default()).await.expect("ensure");
-        let e = match tidemark_state::Jobs::acquire(&s, &small, std::time::Duration::from_secs(9), false)
+        let big: Vec<JobId> = (0..250)
+            .map(|i| JobId::new("big", format!("p{i:03}")))
+            .collect();
+        s.ensure_many(&big, &Checkpoint::default())
             .await
-            .expect("acquire")
+            .expect("ensure");
+        let small = JobId::new("small", "only");
+        s.ensure(&small, &Checkpoint::default())
+            .await
+            .expect("ensure");
+        let e = match tidemark_state::Jobs::acquire(
+            &s,
+            &small,
+            std::time::Duration::from_secs(9),
+            false,
+        )
+        .await
+        .expect("acquire")
         {
             tidemark_state::Acquire::Granted { epoch } => epoch,
             other => panic!("{other:?}"),
         };
-        assert!(s.fail(&small, e, "HTTP 401: token revoked").await.expect("fail"));
+        assert!(
+            s.fail(&small, e, "HTTP 401: token revoked")
+                .await
+                .expect("fail")
+        );
 
         let all = status(&s, &StatusQuery::default()).await.expect("status");
         assert!(all.jobs.is_empty(), "251 jobs are more than a page");
@@ -667,8 +685,14 @@ mod tests {
             ("only", Some("HTTP 401: token revoked"))
         );
         let text = render(&all, &StatusQuery::default());
-        assert!(text.contains("failed small/only: HTTP 401: token revoked"), "{text}");
-        assert!(text.contains("251 jobs: tidemark status --feed FEED"), "{text}");
+        assert!(
+            text.contains("failed small/only: HTTP 401: token revoked"),
+            "{text}"
+        );
+        assert!(
+            text.contains("251 jobs: tidemark status --feed FEED"),
+            "{text}"
+        );
 
         // A feed, page by page, and a prefix.
         let mut q = StatusQuery::feed("big");

@@ -8,9 +8,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{World, eventually, inspections, now_ms, tickets};
+use support::{TICK, World, eventually, inspections, now_ms, partitioned, tickets};
+use tidemark_coordinator::CoordinatorOptions;
 use tidemark_coordinator::ops::{Action, RewindTo};
-use tidemark_core::checkpoint::{Checkpoint, CommitOutcome, JobId, Phase, Stage};
+use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId, Phase, Stage};
 
 /// A chain lease no test outlives.
 const LONG: Duration = Duration::from_secs(30);
@@ -315,4 +316,63 @@ async fn a_standby_takes_over_once_a_dead_leaders_ttl_lapses() {
         )
         .await;
     standby.stop().await;
+}
+
+/// Admission control: no more chains run than `--max-running`, due jobs
+/// wait in the store instead of the queue, the feed of one job is served
+/// beside the feed of forty, and a chain that ends lets the next one in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_holds_the_bound_and_serves_every_feed() {
+    let w = World::new(&[partitioned("big", 40), partitioned("small", 1)]);
+    let c = w.coordinator_with(CoordinatorOptions {
+        id: "c1".into(),
+        tick: TICK,
+        queue_lease: LONG,
+        leader_ttl: LEADER_TTL,
+        max_running: 4,
+        ..CoordinatorOptions::default()
+    });
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(w.next_task().await);
+    }
+    w.no_task("four chains run: the bound").await;
+    assert!(
+        tasks.iter().any(|t| t.job.feed == "small"),
+        "the one-job feed waited behind the big one: {:?}",
+        tasks.iter().map(|t| t.job.to_string()).collect::<Vec<_>>()
+    );
+    let running = tidemark_state::Schedule::running(&*w.store).await.unwrap();
+    assert_eq!(running, 4);
+    let due = tidemark_state::Schedule::due_jobs(&*w.store, &[("big".into(), 100)], now_ms())
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 37, "the rest wait, due, in the store");
+    assert_eq!(c.metric("tidemark_admission_limit", &[]), 4);
+
+    // One chain reaches its end of stream: one more is admitted, no more.
+    let done = &tasks[0];
+    let end = Commit {
+        epoch: done.epoch,
+        expected_seq: 0,
+        new_cursor: Some("end".into()),
+        new_seq: 1,
+        high_water: None,
+        count: 1,
+        end_of_stream: true,
+        next_due_ms: now_ms() + 3_600_000,
+        lease_ms: 0,
+        restart: None,
+    };
+    assert_eq!(
+        tidemark_state::Leases::commit(&*w.store, &done.job, &end)
+            .await
+            .unwrap(),
+        CommitOutcome::Ok
+    );
+    let next = w.next_task().await;
+    assert_eq!(next.job.feed, "big");
+    assert!(!tasks.iter().any(|t| t.job == next.job));
+    w.no_task("still four running").await;
+    c.stop().await;
 }

@@ -142,8 +142,7 @@ pub trait Schedule: Send + Sync {
 #[async_trait]
 pub trait Fleet: Send + Sync {
     /// Say that worker `id` is alive with `concurrency` slots, for `ttl`.
-    async fn heartbeat(&self, id: &str, concurrency: u32, ttl: Duration)
-    -> Result<(), StateError>;
+    async fn heartbeat(&self, id: &str, concurrency: u32, ttl: Duration) -> Result<(), StateError>;
     /// Worker `id` stops: forget it now.
     async fn leave(&self, id: &str, concurrency: u32) -> Result<(), StateError>;
     /// The workers whose last heartbeat has not lapsed.

@@ -17,8 +17,8 @@ use tidemark_core::checkpoint::{
 use tidemark_core::clock::now_ms;
 
 use crate::{
-    Acquire, Control, FeedCensus, FeedRegistry, Fleet, JobPage, JobQuery, Jobs, Leadership,
-    Leases, Rewind, Schedule, SourceLimits, StateError, WorkerSeen, high_water_ms,
+    Acquire, Control, FeedCensus, FeedRegistry, Fleet, JobPage, JobQuery, Jobs, Leadership, Leases,
+    Rewind, Schedule, SourceLimits, StateError, WorkerSeen, high_water_ms,
 };
 
 #[derive(Default, Serialize, Deserialize)]
@@ -470,7 +470,11 @@ impl Schedule for EmbeddedStore {
             .filter(|(t, _)| *t <= now_ms)
             .collect();
         feeds.sort();
-        Ok(feeds.into_iter().take(limit).map(|(_, f)| f.clone()).collect())
+        Ok(feeds
+            .into_iter()
+            .take(limit)
+            .map(|(_, f)| f.clone())
+            .collect())
     }
 
     async fn due_jobs(
@@ -518,12 +522,7 @@ impl Schedule for EmbeddedStore {
 
 #[async_trait]
 impl Fleet for EmbeddedStore {
-    async fn heartbeat(
-        &self,
-        id: &str,
-        concurrency: u32,
-        ttl: Duration,
-    ) -> Result<(), StateError> {
+    async fn heartbeat(&self, id: &str, concurrency: u32, ttl: Duration) -> Result<(), StateError> {
         let until = now_ms() + ttl.as_millis() as u64;
         self.lock()
             .workers

@@ -36,9 +36,9 @@ use tidemark_core::checkpoint::{Checkpoint, JobId, Phase};
 pub use capabilities::{
     FeedRegistry, Fleet, Jobs, Leadership, Leases, Schedule, SourceLimits, StateStore,
 };
-pub use keys::{member, partition};
 pub use client::{is_tls, redis_client};
 pub use embedded::EmbeddedStore;
+pub use keys::{member, partition};
 pub use leader::LeaderGuard;
 pub use redis_store::{DEFAULT_PREFIX, RedisStore};
 

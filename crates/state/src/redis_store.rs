@@ -17,8 +17,8 @@ use tidemark_core::clock::now_ms;
 
 use crate::keys::{Keys, member, running_job};
 use crate::{
-    Acquire, Control, FeedCensus, FeedRegistry, Fleet, JobPage, JobQuery, Jobs, Leadership,
-    Leases, Rewind, Schedule, SourceLimits, StateError, WorkerSeen, high_water_ms,
+    Acquire, Control, FeedCensus, FeedRegistry, Fleet, JobPage, JobQuery, Jobs, Leadership, Leases,
+    Rewind, Schedule, SourceLimits, StateError, WorkerSeen, high_water_ms,
 };
 
 /// The layout of the keys this version writes: 2 has the scheduler's indexes.
@@ -573,12 +573,7 @@ impl Schedule for RedisStore {
 
 #[async_trait]
 impl Fleet for RedisStore {
-    async fn heartbeat(
-        &self,
-        id: &str,
-        concurrency: u32,
-        ttl: Duration,
-    ) -> Result<(), StateError> {
+    async fn heartbeat(&self, id: &str, concurrency: u32, ttl: Duration) -> Result<(), StateError> {
         self.fleet_op("beat", &format!("{id}|{concurrency}"), ttl)
             .await
             .map(drop)
@@ -866,7 +861,10 @@ impl RedisStore {
         let mut out = Vec::with_capacity(members.len());
         let mut c = self.conn.clone();
         for chunk in members.chunks(BATCH) {
-            let keys: Vec<String> = chunk.iter().map(|m| self.keys.job_member(feed, m)).collect();
+            let keys: Vec<String> = chunk
+                .iter()
+                .map(|m| self.keys.job_member(feed, m))
+                .collect();
             let mut pipe = redis::pipe();
             for k in &keys {
                 pipe.hgetall(k);

@@ -449,12 +449,31 @@ async fn scheduling_indexes<S: Jobs + Leases + Schedule + Fleet>(s: Arc<S>) {
         next_due_ms: t,
         ..Checkpoint::default()
     };
-    assert_eq!(s.ensure_many(&a[..3], &due_at(now - 3_000)).await.unwrap(), 3);
-    assert_eq!(s.ensure_many(&a[3..], &due_at(now + 3_600_000)).await.unwrap(), 2);
-    assert_eq!(s.ensure_many(&a, &due_at(0)).await.unwrap(), 0, "never overwrites");
+    assert_eq!(
+        s.ensure_many(&a[..3], &due_at(now - 3_000)).await.unwrap(),
+        3
+    );
+    assert_eq!(
+        s.ensure_many(&a[3..], &due_at(now + 3_600_000))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        s.ensure_many(&a, &due_at(0)).await.unwrap(),
+        0,
+        "never overwrites"
+    );
     assert!(s.ensure(&b, &due_at(now - 1_000)).await.unwrap());
-    assert_eq!(s.feeds().await.unwrap(), vec!["a".to_string(), "b".to_string()]);
-    assert_eq!(s.due_feeds(now, 10).await.unwrap(), vec!["a", "b"], "the oldest due first");
+    assert_eq!(
+        s.feeds().await.unwrap(),
+        vec!["a".to_string(), "b".to_string()]
+    );
+    assert_eq!(
+        s.due_feeds(now, 10).await.unwrap(),
+        vec!["a", "b"],
+        "the oldest due first"
+    );
     let due = s
         .due_jobs(&[("a".into(), 2), ("b".into(), 5)], now)
         .await
@@ -467,7 +486,11 @@ async fn scheduling_indexes<S: Jobs + Leases + Schedule + Fleet>(s: Arc<S>) {
     assert_eq!(s.due_feeds(now, 10).await.unwrap(), vec!["a"]);
     assert!(s.expired(now_ms(), 10).await.unwrap().is_empty());
     // Its task is taken: the deadline is the processing lease from now.
-    let cp = s.take(&b, e, 0, Duration::from_millis(1)).await.unwrap().unwrap();
+    let cp = s
+        .take(&b, e, 0, Duration::from_millis(1))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((cp.epoch, cp.phase), (e, Phase::Running));
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(s.expired(now_ms(), 10).await.unwrap(), vec![b.clone()]);
@@ -531,15 +554,28 @@ async fn scheduling_indexes<S: Jobs + Leases + Schedule + Fleet>(s: Arc<S>) {
     assert_eq!(s.running().await.unwrap(), 0);
     assert_eq!(s.list().await.unwrap().len(), 5);
     assert_eq!(
-        s.census().await.unwrap().iter().find(|c| c.feed == "a").unwrap().jobs(),
+        s.census()
+            .await
+            .unwrap()
+            .iter()
+            .find(|c| c.feed == "a")
+            .unwrap()
+            .jobs(),
         4
     );
     assert!(s.ensure(&a[0], &Checkpoint::default()).await.unwrap());
-    assert!(s.due_jobs(&[("a".into(), 10)], now_ms()).await.unwrap().contains(&a[0]));
+    assert!(
+        s.due_jobs(&[("a".into(), 10)], now_ms())
+            .await
+            .unwrap()
+            .contains(&a[0])
+    );
 
     // The fleet: live heartbeats only.
     s.heartbeat("w1", 8, Duration::from_secs(30)).await.unwrap();
-    s.heartbeat("w2", 4, Duration::from_millis(1)).await.unwrap();
+    s.heartbeat("w2", 4, Duration::from_millis(1))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     let fleet = s.fleet().await.unwrap();
     assert_eq!(fleet.len(), 1);

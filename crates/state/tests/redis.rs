@@ -295,7 +295,10 @@ async fn run<S: Jobs + Leases + Schedule + ?Sized>(
 
 /// Where the job is in the store's indexes: (registered, phase counts,
 /// in the due index, in the running index, in the failed list).
-async fn indexed<S: Jobs + Schedule + ?Sized>(s: &S, job: &JobId) -> (bool, [u64; 4], bool, bool, bool) {
+async fn indexed<S: Jobs + Schedule + ?Sized>(
+    s: &S,
+    job: &JobId,
+) -> (bool, [u64; 4], bool, bool, bool) {
     let census = s.census().await.unwrap();
     let c = census.iter().find(|c| c.feed == job.feed);
     let counts = c.map_or([0; 4], |c| [c.idle, c.running, c.paused, c.failed]);
@@ -383,42 +386,101 @@ async fn state_of_the_layout_without_indexes_is_migrated_once() {
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     // Exactly what layout 1's ensure and scripts wrote.
     let old: [(&str, &str, &[(&str, &str)]); 4] = [
-        ("orders", "p/1 ü", &[("phase", "idle"), ("next_due_ms", "0"), ("seq", "3"), ("cursor", "c3")]),
-        ("orders", "p2", &[("phase", "running"), ("lease_until_ms", "1"), ("epoch", "7"), ("seq", "1")]),
-        ("orders", "p3", &[("phase", "failed"), ("last_error", "HTTP 401")]),
+        (
+            "orders",
+            "p/1 ü",
+            &[
+                ("phase", "idle"),
+                ("next_due_ms", "0"),
+                ("seq", "3"),
+                ("cursor", "c3"),
+            ],
+        ),
+        (
+            "orders",
+            "p2",
+            &[
+                ("phase", "running"),
+                ("lease_until_ms", "1"),
+                ("epoch", "7"),
+                ("seq", "1"),
+            ],
+        ),
+        (
+            "orders",
+            "p3",
+            &[("phase", "failed"), ("last_error", "HTTP 401")],
+        ),
         ("users", "all", &[("phase", "paused"), ("next_due_ms", "0")]),
     ];
     for (feed, part, fields) in old {
         let key = format!("{prefix}job:{feed}:{}", tidemark_state::member(part));
         let mut cmd = redis::cmd("HSET");
-        cmd.arg(&key).arg("feed").arg(feed).arg("partition").arg(part).arg("stage").arg("bulk");
+        cmd.arg(&key)
+            .arg("feed")
+            .arg(feed)
+            .arg("partition")
+            .arg(part)
+            .arg("stage")
+            .arg("bulk");
         for (k, v) in fields {
             cmd.arg(*k).arg(*v);
         }
         let _: i64 = cmd.query_async(&mut c).await.unwrap();
-        let _: i64 = redis::cmd("SADD").arg(format!("{prefix}jobs")).arg(&key).query_async(&mut c).await.unwrap();
+        let _: i64 = redis::cmd("SADD")
+            .arg(format!("{prefix}jobs"))
+            .arg(&key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
     }
-    assert!(store.census().await.unwrap().is_empty(), "nothing is indexed before the migration");
+    assert!(
+        store.census().await.unwrap().is_empty(),
+        "nothing is indexed before the migration"
+    );
 
     assert_eq!(store.migrate().await.unwrap(), 4);
     assert_eq!(store.migrate().await.unwrap(), 0, "the migration runs once");
-    let legacy: bool = redis::cmd("EXISTS").arg(format!("{prefix}jobs")).query_async(&mut c).await.unwrap();
+    let legacy: bool = redis::cmd("EXISTS")
+        .arg(format!("{prefix}jobs"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
     assert!(!legacy, "the old set of job keys is gone");
 
     let census = store.census().await.unwrap();
     let orders = census.iter().find(|c| c.feed == "orders").unwrap();
     assert_eq!((orders.idle, orders.running, orders.failed), (1, 1, 1));
     assert_eq!(census.iter().find(|c| c.feed == "users").unwrap().paused, 1);
-    let due = store.due_jobs(&[("orders".into(), 10), ("users".into(), 10)], now_ms()).await.unwrap();
+    let due = store
+        .due_jobs(&[("orders".into(), 10), ("users".into(), 10)], now_ms())
+        .await
+        .unwrap();
     assert_eq!(due, vec![JobId::new("orders", "p/1 ü")]);
-    assert_eq!(store.expired(now_ms(), 10).await.unwrap(), vec![JobId::new("orders", "p2")]);
+    assert_eq!(
+        store.expired(now_ms(), 10).await.unwrap(),
+        vec![JobId::new("orders", "p2")]
+    );
     let failed = store.failures("orders", 10).await.unwrap();
     assert_eq!(failed[0].1.last_error.as_deref(), Some("HTTP 401"));
     // The checkpoints are untouched: the chain of p2 is re-issued from seq 1.
-    match store.acquire(&JobId::new("orders", "p2"), Duration::from_secs(5), false).await.unwrap() {
+    match store
+        .acquire(&JobId::new("orders", "p2"), Duration::from_secs(5), false)
+        .await
+        .unwrap()
+    {
         Acquire::Granted { epoch } => assert!(epoch > 7),
         other => panic!("{other:?}"),
     }
-    assert_eq!(store.get(&JobId::new("orders", "p/1 ü")).await.unwrap().unwrap().cursor.as_deref(), Some("c3"));
+    assert_eq!(
+        store
+            .get(&JobId::new("orders", "p/1 ü"))
+            .await
+            .unwrap()
+            .unwrap()
+            .cursor
+            .as_deref(),
+        Some("c3")
+    );
     store.delete_all().await.unwrap();
 }

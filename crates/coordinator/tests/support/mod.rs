@@ -47,6 +47,15 @@ pub fn tickets(name: &str) -> String {
     )
 }
 
+/// A feed like [`tickets`] with `n` partitions, `p0` to `p{n-1}`.
+pub fn partitioned(name: &str, n: usize) -> String {
+    let values: Vec<String> = (0..n).map(|i| format!("\"p{i}\"")).collect();
+    tickets(name).replace(
+        "values: [\"a\", \"b\"]",
+        &format!("values: [{}]", values.join(", ")),
+    )
+}
+
 /// A feed of seed 002's style: a bulk walk, then incremental syncs.
 pub fn inspections(name: &str) -> String {
     format!(
@@ -134,18 +143,22 @@ impl World {
     /// Start a coordinator named `id` whose chains' first tasks may wait `lease`
     /// and whose leadership lapses `leader_ttl` after its last renewal.
     pub fn coordinator(&self, id: &str, lease: Duration, leader_ttl: Duration) -> Running {
-        let metrics = Metrics::new();
-        let deps = CoordinatorDeps {
-            store: self.store.clone(),
-            tasks: self.tasks.clone(),
-            metrics: metrics.clone(),
-        };
-        let opts = CoordinatorOptions {
+        self.coordinator_with(CoordinatorOptions {
             id: id.to_string(),
             tick: TICK,
             queue_lease: lease,
             leader_ttl,
             ..Default::default()
+        })
+    }
+
+    /// Start a coordinator with these options.
+    pub fn coordinator_with(&self, opts: CoordinatorOptions) -> Running {
+        let metrics = Metrics::new();
+        let deps = CoordinatorDeps {
+            store: self.store.clone(),
+            tasks: self.tasks.clone(),
+            metrics: metrics.clone(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let run = tidemark_coordinator::run(deps, self.config.clone(), opts, async {

@@ -696,7 +696,9 @@ async fn run_in(
 
     let client = reqwest::Client::new();
     let idle = match spec.idle_window {
-        Some(window) => Some(idle_costs(&client, &coordinator, window, spec, d, memory_before).await?),
+        Some(window) => {
+            Some(idle_costs(&client, &coordinator, window, spec, d, memory_before).await?)
+        }
         None => None,
     };
     let (mut latency, mut pages) = (Buckets::default(), 0.0);
@@ -801,7 +803,9 @@ async fn idle_costs(
     let after = scale::redis_used_memory(&d.redis_url, d.tls_ca_pem.as_deref()).await?;
     let redis_bytes_per_job =
         memory_before.map(|b| after.saturating_sub(b) as f64 / spec.jobs.max(1) as f64);
-    let before = scrape(client, coordinator).await?.buckets("tidemark_coordinator_pass_seconds");
+    let before = scrape(client, coordinator)
+        .await?
+        .buckets("tidemark_coordinator_pass_seconds");
     let cpu_before = coordinator.cpu();
     tokio::time::sleep(window).await;
     let cpu_after = coordinator.cpu();
@@ -1130,15 +1134,20 @@ mod tests {
         let text = render(&r);
         assert!(text.contains("| 100000 jobs | 1000 |"), "{text}");
         assert!(
-            row(&text, "scale: 0 duplicates without faults, 100000 jobs").ends_with("| 3 | **no** |"),
+            row(&text, "scale: 0 duplicates without faults, 100000 jobs")
+                .ends_with("| 3 | **no** |"),
             "{text}"
         );
         assert!(row(&text, "scale: 0 duplicates without faults, 2000 jobs").ends_with("| yes |"));
         assert!(
-            row(&text, "scale: coordinator CPU per job at 100000 jobs").ends_with("| 2.33x | **no** |"),
+            row(&text, "scale: coordinator CPU per job at 100000 jobs")
+                .ends_with("| 2.33x | **no** |"),
             "{text}"
         );
-        assert!(row(&text, "scale: 100000 jobs finish").contains("**no**"), "{text}");
+        assert!(
+            row(&text, "scale: 100000 jobs finish").contains("**no**"),
+            "{text}"
+        );
         assert!(row(&text, "scale: an idle pass at 100000").ends_with("| 0.40 ms | yes |"));
         assert!(row(&text, "scale: Redis memory per job").ends_with("| 700 B | yes |"));
         r.scale[2] = scale_run(100_000, 500.0, 400.0, 0);

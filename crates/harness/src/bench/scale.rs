@@ -44,7 +44,10 @@ pub(super) fn spec(b: &E2eBench, jobs: usize) -> Spec {
 }
 
 /// Redis's `used_memory`, in bytes.
-pub(super) async fn redis_used_memory(url: &str, ca_pem: Option<&str>) -> Result<u64, HarnessError> {
+pub(super) async fn redis_used_memory(
+    url: &str,
+    ca_pem: Option<&str>,
+) -> Result<u64, HarnessError> {
     let client = tidemark_state::redis_client(url, ca_pem)
         .map_err(|e| HarnessError::bench(format!("redis: {e}")))?;
     let mut c = client
@@ -77,7 +80,10 @@ pub(super) fn render(runs: &[RunResult]) -> String {
             x.feeds,
             x.seconds,
             x.jobs as f64 / x.seconds,
-            opt(x.coordinator_cpu_seconds.map(|c| c * 1e6 / x.jobs as f64), 0),
+            opt(
+                x.coordinator_cpu_seconds.map(|c| c * 1e6 / x.jobs as f64),
+                0
+            ),
             opt(x.coordinator_pass_p50_ms, 1),
             opt(x.coordinator_pass_p99_ms, 1),
             opt(x.page_latency_p50_ms, 0),
