@@ -174,7 +174,8 @@ async fn a_coordinator_takes_over_state_of_the_layout_without_indexes() {
             .expect("a next link")
             .to_string();
     }
-    let old: [(&str, &str, Vec<(&str, String)>); 4] = [
+    type OldJob<'a> = (&'a str, &'a str, Vec<(&'a str, String)>);
+    let old: [OldJob; 4] = [
         (
             "docs",
             "idle",

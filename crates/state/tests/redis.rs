@@ -385,7 +385,8 @@ async fn state_of_the_layout_without_indexes_is_migrated_once() {
     let client = redis::Client::open(redis_url()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     // Exactly what layout 1's ensure and scripts wrote.
-    let old: [(&str, &str, &[(&str, &str)]); 4] = [
+    type OldJob<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+    let old: [OldJob; 4] = [
         (
             "orders",
             "p/1 ü",
