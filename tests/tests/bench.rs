@@ -116,6 +116,64 @@ async fn every_scenario_counts_every_record_and_cleans_up() {
     assert_eq!(bench_keys().await, Vec::<String>::new(), "keys left behind");
 }
 
+/// The `scale` scenario, small: many feeds of many small jobs, with the
+/// Redis memory per job and the cost of an idle pass filled in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scale_scenario_measures_memory_and_idle_passes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = vec![
+        ("REDIS_URL".to_string(), redis_url()),
+        ("AMQP_URL".to_string(), amqp_url()),
+    ];
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        tidemark(
+            &[
+                "bench",
+                "e2e",
+                "--json",
+                "--scenario",
+                "scale",
+                "--jobs",
+                "60,150",
+                "--jobs-per-feed",
+                "20",
+                "--jobs-idle-window",
+                "2s",
+                "--timeout",
+                "120s",
+            ],
+            &env,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "bench failed:\n{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    let runs = r["scale"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for (run, (jobs, feeds)) in runs.iter().zip([(60, 3), (150, 8)]) {
+        let label = run["label"].as_str().unwrap();
+        assert_eq!(
+            (run["jobs"].as_u64(), run["feeds"].as_u64()),
+            (Some(jobs), Some(feeds)),
+            "{label}"
+        );
+        assert_eq!(run["records"], jobs * 15, "{label}");
+        assert_eq!(run["duplicates"], 0, "{label}");
+        assert!(
+            run["redis_bytes_per_job"].as_f64().is_some(),
+            "{label}: {run}"
+        );
+        let idle = run["idle_pass_cpu_ms"].as_f64().expect("idle pass CPU");
+        assert!(
+            idle > 0.0 && idle < 1000.0,
+            "{label}: {idle} ms per idle pass"
+        );
+        assert!(run["coordinator_cpu_seconds"].as_f64().is_some(), "{label}");
+    }
+    assert_eq!(bench_keys().await, Vec::<String>::new(), "keys left behind");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scenario_that_cannot_finish_fails_with_the_logs() {
     let _turn = ONE_AT_A_TIME.lock().await;

@@ -118,6 +118,9 @@ pub struct E2eBench {
     pub jobs_workers: usize,
     #[arg(long, default_value_t = 32)]
     pub jobs_concurrency: usize,
+    /// Scale: how long the coordinator is watched once every job is idle.
+    #[arg(long, default_value = "15s")]
+    pub jobs_idle_window: tidemark_core::Duration,
 
     /// Also run bench/compare.py (dlt's RESTClient, a Singer SDK tap) over
     /// the throughput scenario's pages; needs bench/setup-python.sh.

@@ -4,13 +4,8 @@
 //! what only this scenario needs: the Redis memory the jobs take, and what
 //! a coordinator pass costs once every job is idle and none is due.
 
-use std::time::Duration;
-
 use super::e2e::{E2eBench, RunResult, Spec, opt};
 use crate::HarnessError;
-
-/// How long the idle coordinator is watched after a run.
-pub(super) const IDLE_WINDOW: Duration = Duration::from_secs(15);
 
 /// One run of `jobs` jobs, `per_feed` partitions to a feed.
 pub(super) fn spec(b: &E2eBench, jobs: usize) -> Spec {
@@ -39,7 +34,7 @@ pub(super) fn spec(b: &E2eBench, jobs: usize) -> Spec {
         jobs,
         expected_records: (b.jobs_records * jobs) as u64,
         feeds,
-        idle_window: Some(IDLE_WINDOW),
+        idle_window: Some(b.jobs_idle_window.std()),
     }
 }
 
