@@ -38,6 +38,7 @@ struct Scripts {
     source_pause: Script,
     ensure: Script,
     retire: Script,
+    read: Script,
     fleet: Script,
     registry: Script,
 }
@@ -105,6 +106,7 @@ impl RedisStore {
                 control: job_script(include_str!("lua/control.lua")),
                 ensure: job_script(include_str!("lua/ensure.lua")),
                 retire: job_script(include_str!("lua/retire.lua")),
+                read: job_script(include_str!("lua/read.lua")),
                 fleet: Script::new(include_str!("lua/fleet.lua")),
                 leader: Script::new(include_str!("lua/leader.lua")),
                 ratelimit: Script::new(include_str!("lua/ratelimit.lua")),
@@ -604,12 +606,10 @@ impl Fleet for RedisStore {
 #[async_trait]
 impl Leases for RedisStore {
     async fn get(&self, job: &JobId) -> Result<Option<Checkpoint>, StateError> {
-        let key = self.keys.job(job);
-        let h: HashMap<String, String> = self.conn.clone().hgetall(&key).await?;
-        if h.is_empty() {
-            return Ok(None);
-        }
-        from_fields(&key, &h).map(|(_, cp)| Some(cp))
+        let found = self
+            .read_jobs(&job.feed, std::slice::from_ref(&member(&job.partition)))
+            .await?;
+        Ok(found.into_iter().next().map(|(_, cp)| cp))
     }
 
     async fn take(
@@ -851,8 +851,9 @@ impl RedisStore {
             .await?)
     }
 
-    /// The checkpoints of a feed's jobs named by member, in that order;
-    /// a member whose hash is gone is left out.
+    /// The checkpoints of a feed's jobs named by member, in that order
+    /// (each its hash and the long values beside it: lua/index.lua); a
+    /// member whose hash is gone is left out.
     async fn read_jobs(
         &self,
         feed: &str,
@@ -861,18 +862,15 @@ impl RedisStore {
         let mut out = Vec::with_capacity(members.len());
         let mut c = self.conn.clone();
         for chunk in members.chunks(BATCH) {
-            let keys: Vec<String> = chunk
-                .iter()
-                .map(|m| self.keys.job_member(feed, m))
-                .collect();
-            let mut pipe = redis::pipe();
-            for k in &keys {
-                pipe.hgetall(k);
+            let mut inv = self.scripts.read.prepare_invoke();
+            inv.arg(self.keys.prefix());
+            for m in chunk {
+                inv.key(self.keys.job_member(feed, m)).arg(feed).arg(m);
             }
-            let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut c).await?;
-            for (k, h) in keys.iter().zip(hashes) {
+            let jobs: Vec<HashMap<String, String>> = inv.invoke_async(&mut c).await?;
+            for (m, h) in chunk.iter().zip(jobs) {
                 if !h.is_empty() {
-                    out.push(from_fields(k, &h)?);
+                    out.push(from_fields(&self.keys.job_member(feed, m), &h)?);
                 }
             }
         }

@@ -156,6 +156,8 @@ enum Op {
         same_cursor: bool,
         eos: bool,
         hw: u8,
+        /// A cursor too long for Redis's compact hash encoding.
+        long: bool,
     },
     Fail {
         stale: bool,
@@ -181,15 +183,19 @@ fn op() -> impl Strategy<Value = Op> {
             -1i8..=1,
             prop::bool::weighted(0.8),
             prop::bool::weighted(0.2),
-            0u8..20
+            0u8..20,
+            any::<bool>()
         )
-            .prop_map(|(stale, seq_offset, same_cursor, eos, hw)| Op::Commit {
-                stale,
-                seq_offset,
-                same_cursor,
-                eos,
-                hw
-            }),
+            .prop_map(
+                |(stale, seq_offset, same_cursor, eos, hw, long)| Op::Commit {
+                    stale,
+                    seq_offset,
+                    same_cursor,
+                    eos,
+                    hw,
+                    long
+                }
+            ),
         any::<bool>().prop_map(|stale| Op::Fail { stale }),
         Just(Op::Pause),
         Just(Op::Resume),
@@ -235,6 +241,7 @@ async fn run<S: Jobs + Leases + Schedule + ?Sized>(
             same_cursor,
             eos,
             hw,
+            long,
         } => {
             let seq = s.get(job).await.unwrap().unwrap().seq;
             let expected = (seq as i64 + i64::from(*seq_offset)).max(0) as u64;
@@ -244,16 +251,25 @@ async fn run<S: Jobs + Leases + Schedule + ?Sized>(
                 if *same_cursor { "c" } else { "d" },
             );
             c.new_cursor = Some(format!(
-                "{}{}",
+                "{}{}{}",
                 c.new_cursor.unwrap_or_default(),
-                expected + 1
+                expected + 1,
+                if *long {
+                    "/".repeat(100)
+                } else {
+                    String::new()
+                }
             ));
             c.end_of_stream = *eos;
             c.high_water = Some(hw.to_string());
             format!("{:?}", s.commit(job, &c).await.unwrap())
         }
         Op::Fail { stale } => s
-            .fail(job, pick(*stale, epochs), "boom")
+            .fail(
+                job,
+                pick(*stale, epochs),
+                &format!("boom: {}", "e".repeat(80)),
+            )
             .await
             .unwrap()
             .to_string(),
@@ -261,7 +277,9 @@ async fn run<S: Jobs + Leases + Schedule + ?Sized>(
             let control = match op {
                 Op::Pause => Control::Pause,
                 Op::Resume => Control::Resume,
-                Op::RewindCursor => Control::Rewind(Rewind::Cursor("rewound".into())),
+                Op::RewindCursor => {
+                    Control::Rewind(Rewind::Cursor(format!("rewound{}", "~".repeat(70))))
+                }
                 _ => Control::Rewind(Rewind::Start),
             };
             let e = s.control(job, &control).await.unwrap();
@@ -384,7 +402,9 @@ async fn state_of_the_layout_without_indexes_is_migrated_once() {
     let prefix = store.prefix().to_string();
     let client = redis::Client::open(redis_url()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    // Exactly what layout 1's ensure and scripts wrote.
+    // Exactly what layout 1's ensure and scripts wrote: a next URL as the
+    // cursor, in the hash (which that turned into a hashtable).
+    let url = format!("https://api.example.com/records?after={}", "c".repeat(80));
     type OldJob<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
     let old: [OldJob; 4] = [
         (
@@ -394,7 +414,7 @@ async fn state_of_the_layout_without_indexes_is_migrated_once() {
                 ("phase", "idle"),
                 ("next_due_ms", "0"),
                 ("seq", "3"),
-                ("cursor", "c3"),
+                ("cursor", url.as_str()),
             ],
         ),
         (
@@ -481,7 +501,105 @@ async fn state_of_the_layout_without_indexes_is_migrated_once() {
             .unwrap()
             .cursor
             .as_deref(),
-        Some("c3")
+        Some(url.as_str())
     );
+    // Indexing rewrote that hash compactly, the URL beside it.
+    let key = format!("{prefix}job:orders:{}", tidemark_state::member("p/1 ü"));
+    let encoding: String = redis::cmd("OBJECT")
+        .arg("ENCODING")
+        .arg(&key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(encoding, "listpack");
+    store.delete_all().await.unwrap();
+}
+
+/// A long cursor or error (a next URL, an API's error text) is kept beside
+/// the job's hash, so the hash keeps Redis's compact encoding: a few hundred
+/// bytes a job instead of about a thousand (docs/BENCHMARKS.md).
+#[tokio::test(flavor = "multi_thread")]
+async fn long_values_keep_the_job_hash_compact() {
+    let store = redis_store().await;
+    let prefix = store.prefix().to_string();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let job = JobId::new("urls", "p1");
+    let key = format!("{prefix}job:urls:p1");
+    store.ensure(&job, &Checkpoint::default()).await.unwrap();
+    let epoch = match store
+        .acquire(&job, Duration::from_secs(60), false)
+        .await
+        .unwrap()
+    {
+        Acquire::Granted { epoch } => epoch,
+        other => panic!("{other:?}"),
+    };
+    let url = format!(
+        "https://api.example.com/v1/records?after={}&limit=100",
+        "x".repeat(120)
+    );
+    assert_eq!(
+        store.commit(&job, &commit(epoch, 0, &url)).await.unwrap(),
+        CommitOutcome::Ok
+    );
+    let encoding = |c: &mut redis::aio::MultiplexedConnection| {
+        let key = key.clone();
+        let mut c = c.clone();
+        async move {
+            let e: String = redis::cmd("OBJECT")
+                .arg("ENCODING")
+                .arg(&key)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            e
+        }
+    };
+    assert_eq!(encoding(&mut c).await, "listpack");
+    // Read back whole, through every path: the checkpoint, a take, a page.
+    assert_eq!(
+        store.get(&job).await.unwrap().unwrap().cursor.as_deref(),
+        Some(url.as_str())
+    );
+    let taken = store
+        .take(&job, epoch, 1, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.cursor.as_deref(), Some(url.as_str()));
+    assert_eq!(
+        store.list().await.unwrap()[0].1.cursor.as_deref(),
+        Some(url.as_str())
+    );
+    // The same commit again is recognised (the stored cursor is compared whole).
+    assert_eq!(
+        store.commit(&job, &commit(epoch, 0, &url)).await.unwrap(),
+        CommitOutcome::AlreadyApplied
+    );
+    let error = format!("HTTP 401: {}", "token revoked ".repeat(20));
+    assert!(store.fail(&job, epoch, &error).await.unwrap());
+    assert_eq!(encoding(&mut c).await, "listpack");
+    assert_eq!(
+        store.failures("urls", 1).await.unwrap()[0]
+            .1
+            .last_error
+            .as_deref(),
+        Some(error.as_str())
+    );
+    // Retried and rewound to a short cursor: the long values are gone.
+    store
+        .control(&job, &Control::Rewind(Rewind::Cursor("short".into())))
+        .await
+        .unwrap();
+    store.control(&job, &Control::Resume).await.unwrap();
+    let cp = store.get(&job).await.unwrap().unwrap();
+    assert_eq!((cp.cursor.as_deref(), cp.last_error), (Some("short"), None));
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{key}:*"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
     store.delete_all().await.unwrap();
 }

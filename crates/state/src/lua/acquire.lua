@@ -17,6 +17,6 @@ if f[2] == 'running' and lease > now and not force then return {'BUSY', fmt(leas
 local e = fmt(math.max((tonumber(f[1]) or 0) + 1, now * 1024))
 local deadline = now + tonumber(ARGV[4])
 redis.call('HSET', J.hash, 'epoch', e, 'phase', 'running', 'lease_until_ms', fmt(deadline))
-redis.call('HDEL', J.hash, 'last_error')
+drop(J, 'last_error')
 move(J, f[2], 'running', 0, deadline, now)
 return {'GRANTED', e}

@@ -13,6 +13,7 @@ local J = ctx(ARGV[2], ARGV[3])
 local h = J.hash
 if redis.call('EXISTS', h) == 0 then return 'FENCED' end
 local f = redis.call('HMGET', h, 'epoch', 'seq', 'cursor', 'phase', 'high_water')
+f[3] = value(J, 'cursor')
 local seq = tonumber(f[2]) or 0
 local expected = tonumber(ARGV[5])
 local new_seq = tonumber(ARGV[8])
@@ -28,7 +29,7 @@ if seq ~= expected or new_seq ~= expected + 1 then return 'CONFLICT' end
 
 -- Checked; now write.
 local now = now_ms()
-if new_cursor then redis.call('HSET', h, 'cursor', new_cursor) else redis.call('HDEL', h, 'cursor') end
+if new_cursor then put(J, 'cursor', new_cursor) else drop(J, 'cursor') end
 redis.call('HSET', h, 'seq', ARGV[8])
 if ARGV[9] == '1' then
   local old = f[5]
@@ -41,7 +42,7 @@ if ARGV[9] == '1' then
 end
 redis.call('HINCRBY', h, 'pages', 1)
 redis.call('HINCRBY', h, 'records', tonumber(ARGV[11]))
-redis.call('HDEL', h, 'last_error')
+drop(J, 'last_error')
 redis.call('HSET', h, 'last_commit_ms', fmt(now))
 if registered(J) then
   add_records(J, tonumber(ARGV[11]))

@@ -19,23 +19,24 @@ if op == 'pause' then
 elseif op == 'resume' then
   to = 'idle'
   redis.call('HSET', h, 'next_due_ms', n)
-  redis.call('HDEL', h, 'last_error')
+  drop(J, 'last_error')
 elseif op == 'rewind' then
   if ARGV[5] == 'cursor' then
-    redis.call('HSET', h, 'cursor', ARGV[6])
+    put(J, 'cursor', ARGV[6])
     redis.call('HDEL', h, 'start_from')
   elseif ARGV[5] == 'time' then
     redis.call('HSET', h, 'start_from', ARGV[6])
-    redis.call('HDEL', h, 'cursor')
+    drop(J, 'cursor')
   else
-    redis.call('HDEL', h, 'cursor', 'start_from', 'high_water', 't0', 'last_eos_ms')
+    drop(J, 'cursor')
+    redis.call('HDEL', h, 'start_from', 'high_water', 't0', 'last_eos_ms')
     redis.call('HSET', h, 'stage', 'bulk')
     redis.call('ZREM', J.hw, J.member)
   end
   to = 'idle'
   if f[2] == 'paused' then to = 'paused' end
   redis.call('HSET', h, 'next_due_ms', n)
-  redis.call('HDEL', h, 'last_error')
+  drop(J, 'last_error')
 else
   return redis.error_reply('unknown control op ' .. op)
 end

@@ -15,6 +15,12 @@
 --   <P>feeds            set                    feeds with registered jobs
 -- A paused job is in no phase index. A retired job (its feed or partition
 -- left the config) keeps its hash and is in no index at all.
+--
+-- A cursor or an error text longer than LONG bytes is kept beside the hash
+-- in '<hash>:<field>', never in it: one long value would turn the hash from
+-- Redis's compact listpack (about 300 bytes a job) into a hashtable (about
+-- 1,000) for good, even after the value is gone. put/drop/value know this;
+-- nothing else writes or reads those two fields.
 local P = ARGV[1]
 local RUNNING, COUNTS, DUE_FEEDS, FEEDS = P .. 'running', P .. 'counts', P .. 'due_feeds', P .. 'feeds'
 
@@ -24,6 +30,62 @@ local function now_ms()
 end
 
 local function fmt(n) return string.format('%.0f', n) end
+
+local LONG = 64
+
+local function side(j, field) return j.hash .. ':' .. field end
+
+local function put(j, field, v)
+  if #v > LONG then
+    redis.call('SET', side(j, field), v)
+    redis.call('HDEL', j.hash, field)
+  else
+    redis.call('HSET', j.hash, field, v)
+    redis.call('DEL', side(j, field))
+  end
+end
+
+local function drop(j, field)
+  redis.call('HDEL', j.hash, field)
+  redis.call('DEL', side(j, field))
+end
+
+local function value(j, field)
+  local v = redis.call('HGET', j.hash, field)
+  if v then return v end
+  return redis.call('GET', side(j, field))
+end
+
+-- The whole job as field, value, ...: the hash and the values beside it.
+local function whole(j)
+  local h = redis.call('HGETALL', j.hash)
+  if #h == 0 then return h end
+  for _, field in ipairs({'cursor', 'last_error'}) do
+    local v = redis.call('GET', side(j, field))
+    if v then h[#h + 1] = field; h[#h + 1] = v end
+  end
+  return h
+end
+
+-- Rewrite a hash that a long value turned into a hashtable (a job of an
+-- earlier layout, or one created with a long cursor), its long values set
+-- aside: the new hash is compact again.
+local function compact(j)
+  if redis.call('OBJECT', 'ENCODING', j.hash) ~= 'hashtable' then return end
+  local h = redis.call('HGETALL', j.hash)
+  local keep = {}
+  for i = 1, #h, 2 do
+    local f, v = h[i], h[i + 1]
+    if (f == 'cursor' or f == 'last_error') and #v > LONG then
+      redis.call('SET', side(j, f), v)
+    else
+      keep[#keep + 1] = f
+      keep[#keep + 1] = v
+    end
+  end
+  redis.call('DEL', j.hash)
+  if #keep > 0 then redis.call('HSET', j.hash, unpack(keep)) end
+end
 
 local function ctx(feed, member)
   local f = P .. 'feed:' .. feed .. ':'
@@ -86,6 +148,7 @@ end
 -- 0 when it was registered already.
 local function join(j, now)
   if registered(j) then return 0 end
+  compact(j)
   local f = redis.call('HMGET', j.hash, 'phase', 'next_due_ms', 'lease_until_ms', 'last_commit_ms', 'records')
   redis.call('ZADD', j.jobs, 0, j.member)
   add_records(j, tonumber(f[5]) or 0)

@@ -18,7 +18,7 @@ if op == 'take' then
     redis.call('HSET', h, 'lease_until_ms', fmt(deadline))
     extend(J, deadline)
   end
-  return redis.call('HGETALL', h)
+  return whole(J)
 end
 if not current then return 0 end
 if op == 'renew' then
@@ -30,11 +30,12 @@ elseif op == 'release' then
   extend(J, 0)
 elseif op == 'fail' then
   local now = now_ms()
-  redis.call('HSET', h, 'phase', 'failed', 'lease_until_ms', '0', 'last_error', ARGV[6])
+  redis.call('HSET', h, 'phase', 'failed', 'lease_until_ms', '0')
+  put(J, 'last_error', ARGV[6])
   move(J, 'running', 'failed', 0, 0, now)
 elseif op == 'recover' then
   local now = now_ms()
-  redis.call('HDEL', h, 'cursor')
+  drop(J, 'cursor')
   if ARGV[6] == '' then redis.call('HDEL', h, 'start_from') else redis.call('HSET', h, 'start_from', ARGV[6]) end
   redis.call('HSET', h, 'phase', 'idle', 'lease_until_ms', '0', 'next_due_ms', fmt(now))
   redis.call('HINCRBY', h, 'recoveries', 1)
