@@ -419,3 +419,65 @@ fn too_many_time_windows_are_refused() {
         vec![("end_time".to_string(), "1704153600".to_string())]
     );
 }
+
+/// A worker finds a page's partition by its id without listing the feed's
+/// partitions: the same answer as the list, for values, windows and the
+/// one default partition, and `None` for an id the feed does not have.
+#[test]
+fn a_partition_is_found_by_id_as_the_list_has_it() {
+    let yaml = r#"sources:
+  api: { base_url: "https://api.example.com" }
+feeds:
+  - name: accounts
+    source: api
+    path: /records
+    key: /id
+    pagination: { preset: next_url }
+    partitions: { param: account, values: ["a", "b/c", "ü"] }
+  - name: history
+    source: api
+    path: /records
+    key: /id
+    pagination: { preset: next_url }
+    start: { param: since, format: unix }
+    partitions: { windows: { from: "2024-01-01", to: "2024-01-03T12:00:00Z", every: 1d, end_param: until } }
+  - name: plain
+    source: api
+    path: /records
+    key: /id
+    pagination: { preset: next_url }
+"#;
+    let config = tidemark_core::config::load_str("feeds.yaml", yaml).expect("valid");
+    let now = chrono::Utc::now();
+    for feed in &config.feeds {
+        let all = feed.partitions(now).expect("partitions");
+        assert!(!all.is_empty());
+        for p in &all {
+            assert_eq!(
+                feed.partition(&p.id, now).expect("lookup").as_ref(),
+                Some(p),
+                "{}",
+                feed.name
+            );
+        }
+        for missing in [
+            "zz",
+            "2024-01-01T06:00:00Z",
+            "2024-01-04T00:00:00Z",
+            "2024-01-01T00:00:00+00:00",
+        ] {
+            assert_eq!(
+                feed.partition(missing, now).expect("lookup"),
+                None,
+                "{} {missing}",
+                feed.name
+            );
+        }
+    }
+    let windows = config
+        .feed("history")
+        .expect("feed")
+        .partitions(now)
+        .expect("windows");
+    assert_eq!(windows.len(), 3, "the last window is cut at `to`");
+}

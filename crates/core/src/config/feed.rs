@@ -223,8 +223,57 @@ impl FeedConfig {
     }
 
     /// The partition with this id, if the feed has it (time windows as of `now`).
+    ///
+    /// Found without listing the partitions (a worker asks this once per
+    /// page): a value is looked up in a set, a window computed from its start.
     pub fn partition(&self, id: &str, now: DateTime<Utc>) -> Result<Option<Partition>, String> {
-        Ok(self.partitions(now)?.into_iter().find(|p| p.id == id))
+        let Some(p) = &self.partitions else {
+            return Ok((id == DEFAULT_PARTITION).then(|| Partition {
+                id: DEFAULT_PARTITION.into(),
+                params: vec![],
+                from: None,
+            }));
+        };
+        if let (Some(param), Some(values)) = (&p.param, &p.values) {
+            values_within_limit(values.len()).map_err(|why| format!("partitions.values {why}"))?;
+            return Ok(p.value_set.contains(values, id).then(|| Partition {
+                id: id.to_string(),
+                params: vec![(param.clone(), id.to_string())],
+                from: None,
+            }));
+        }
+        let Some(w) = &p.windows else {
+            return Err("partitions: set values (with param) or windows".into());
+        };
+        let Ok(t) = parse_timestamp(id) else {
+            return Ok(None);
+        };
+        let from = parse_timestamp(&w.from)?;
+        let to = match &w.to {
+            Some(t) => parse_timestamp(t)?,
+            None => now,
+        };
+        let step = chrono::Duration::from_std(w.every.std()).map_err(|e| e.to_string())?;
+        if step <= chrono::Duration::zero() {
+            return Err("partitions.windows.every must be above 0".into());
+        }
+        let offset = t - from;
+        let aligned = offset >= chrono::Duration::zero()
+            && offset.num_milliseconds() % step.num_milliseconds().max(1) == 0;
+        let canonical = t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true) == id;
+        if !aligned || !canonical || t >= to {
+            return Ok(None);
+        }
+        let fmt = self
+            .effective_start()
+            .map(|s| s.format)
+            .unwrap_or(TimeFormat::Iso8601);
+        let end = (t + step).min(to);
+        Ok(Some(Partition {
+            id: id.to_string(),
+            params: vec![(w.end_param.clone(), fmt.format(end))],
+            from: Some(t),
+        }))
     }
 }
 

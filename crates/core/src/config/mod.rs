@@ -470,6 +470,30 @@ pub struct PartitionsConfig {
     pub values: Option<Vec<String>>,
     #[serde(default)]
     pub windows: Option<WindowsConfig>,
+    /// `values` as a set, built on first use: a worker finds a page's
+    /// partition among 100,000 values without walking them.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub(crate) value_set: ValueSet,
+}
+
+/// A lazily built set of a feed's partition values (not part of the config:
+/// equal whatever it holds).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ValueSet(std::sync::OnceLock<std::collections::HashSet<String>>);
+
+impl ValueSet {
+    pub(crate) fn contains(&self, values: &[String], v: &str) -> bool {
+        self.0
+            .get_or_init(|| values.iter().cloned().collect())
+            .contains(v)
+    }
+}
+
+impl PartialEq for ValueSet {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// Time windows of a backfill: one job per window `[from + k*every, +every)`.
