@@ -289,25 +289,10 @@ impl Coordinator {
                 Some(jobs) => jobs.iter().collect(),
                 None => HashSet::new(),
             };
-            let mut after = None;
-            loop {
-                let page = store
-                    .page(&tidemark_state::JobQuery {
-                        feed: c.feed.clone(),
-                        prefix: None,
-                        after: after.clone(),
-                        limit: 1000,
-                    })
-                    .await?;
-                for (job, _) in &page.jobs {
-                    if !keep.contains(job) && store.retire(job).await? {
-                        tracing::info!(job = %job, "job retired: its feed or partition left the config");
-                        retired += 1;
-                    }
-                }
-                match page.next {
-                    Some(n) => after = Some(n),
-                    None => break,
+            for (job, _) in tidemark_state::feed_jobs(store, &c.feed).await? {
+                if !keep.contains(&job) && store.retire(&job).await? {
+                    tracing::info!(job = %job, "job retired: its feed or partition left the config");
+                    retired += 1;
                 }
             }
         }

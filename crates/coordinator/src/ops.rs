@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use tidemark_core::checkpoint::{Checkpoint, JobId, Phase, Stage};
 use tidemark_core::clock::now_ms;
 use tidemark_core::timefmt::parse_timestamp;
-use tidemark_state::{Control, FeedCensus, JobQuery, Jobs, Rewind, StateError, high_water_ms};
+use tidemark_state::{
+    Control, FeedCensus, JobQuery, Jobs, Rewind, StateError, feed_jobs, high_water_ms,
+};
 
 /// One row of the status table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,7 +213,7 @@ pub async fn status(store: &dyn Jobs, q: &StatusQuery) -> Result<StatusReport, S
         None if census.iter().map(FeedCensus::jobs).sum::<u64>() <= limit as u64 => {
             let mut all = Vec::new();
             for c in &census {
-                all.extend(all_jobs(store, &c.feed).await?);
+                all.extend(feed_jobs(store, &c.feed).await?);
             }
             (all, None)
         }
@@ -226,27 +228,6 @@ pub async fn status(store: &dyn Jobs, q: &StatusQuery) -> Result<StatusReport, S
             .collect(),
         next,
     })
-}
-
-/// Every registered job of `feed`, page by page.
-async fn all_jobs(store: &dyn Jobs, feed: &str) -> Result<Vec<(JobId, Checkpoint)>, StateError> {
-    let mut out = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store
-            .page(&JobQuery {
-                feed: feed.to_string(),
-                prefix: None,
-                after,
-                limit: 1000,
-            })
-            .await?;
-        out.extend(page.jobs);
-        match page.next {
-            Some(n) => after = Some(n),
-            None => return Ok(out),
-        }
-    }
 }
 
 /// What an operator asks of a feed.
@@ -357,7 +338,7 @@ pub async fn apply(
     action: &Action,
 ) -> Result<ActionReport, OpError> {
     let control = action.control()?;
-    let jobs = all_jobs(store, feed).await?;
+    let jobs = feed_jobs(store, feed).await?;
     if jobs.is_empty() {
         return Err(OpError::UnknownFeed { feed: feed.into() });
     }

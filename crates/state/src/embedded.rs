@@ -335,12 +335,7 @@ impl Jobs for EmbeddedStore {
         let more = rows.len() > limit;
         rows.truncate(limit);
         let jobs: Vec<(JobId, Checkpoint)> = rows.into_iter().map(|(_, v)| v).collect();
-        Ok(JobPage {
-            next: more
-                .then(|| jobs.last().map(|(j, _)| j.partition.clone()))
-                .flatten(),
-            jobs,
-        })
+        Ok(JobPage::new(jobs, more))
     }
 
     async fn census(&self) -> Result<Vec<FeedCensus>, StateError> {

@@ -108,6 +108,42 @@ pub struct JobPage {
     pub next: Option<String>,
 }
 
+impl JobPage {
+    /// A page of `jobs`; `more`: jobs follow the last one.
+    pub fn new(jobs: Vec<(JobId, Checkpoint)>, more: bool) -> Self {
+        JobPage {
+            next: more
+                .then(|| jobs.last().map(|(j, _)| j.partition.clone()))
+                .flatten(),
+            jobs,
+        }
+    }
+}
+
+/// Every registered job of `feed`, in partition order, read a page at a time.
+pub async fn feed_jobs(
+    store: &(impl Jobs + ?Sized),
+    feed: &str,
+) -> Result<Vec<(JobId, Checkpoint)>, StateError> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .page(&JobQuery {
+                feed: feed.to_string(),
+                prefix: None,
+                after,
+                limit: 1000,
+            })
+            .await?;
+        out.extend(page.jobs);
+        match page.next {
+            Some(n) => after = Some(n),
+            None => return Ok(out),
+        }
+    }
+}
+
 /// One feed's summary, from the store's counters and indexes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FeedCensus {

@@ -259,22 +259,7 @@ impl Jobs for RedisStore {
     async fn list(&self) -> Result<Vec<(JobId, Checkpoint)>, StateError> {
         let mut out = Vec::new();
         for feed in self.feeds().await? {
-            let mut after = None;
-            loop {
-                let page = self
-                    .page(&JobQuery {
-                        feed: feed.clone(),
-                        prefix: None,
-                        after,
-                        limit: BATCH,
-                    })
-                    .await?;
-                out.extend(page.jobs);
-                match page.next {
-                    Some(n) => after = Some(n),
-                    None => break,
-                }
-            }
+            out.extend(crate::feed_jobs(self, &feed).await?);
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
@@ -401,12 +386,7 @@ impl Jobs for RedisStore {
         let more = members.len() > limit;
         let members = &members[..members.len().min(limit)];
         let jobs = self.read_jobs(&q.feed, members).await?;
-        Ok(JobPage {
-            next: more
-                .then(|| jobs.last().map(|(j, _)| j.partition.clone()))
-                .flatten(),
-            jobs,
-        })
+        Ok(JobPage::new(jobs, more))
     }
 
     async fn census(&self) -> Result<Vec<FeedCensus>, StateError> {

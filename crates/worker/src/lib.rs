@@ -86,8 +86,9 @@ pub struct WorkerOptions {
     pub lease: Duration,
     /// How long a published page task may wait for a worker before its
     /// chain is taken for lost (the broker lost it, or a worker died
-    /// between a commit and the next task) and re-issued. A slow queue is
-    /// not a lost task: keep this well above the queue's wait.
+    /// between a commit and the next task) and re-issued. A task that only
+    /// waited longer is refused when it is finally taken (the re-issue took
+    /// a new epoch): a spare task, not a second delivery.
     #[arg(long, env = "TIDEMARK_QUEUE_LEASE", default_value = "2m", value_parser = parse_duration)]
     pub queue_lease: Duration,
     /// After SIGTERM, how long in-flight pages may take to finish before

@@ -109,19 +109,8 @@ impl FeedConfig {
         let Some(w) = &p.windows else {
             return Err("partitions: set values (with param) or windows".into());
         };
-        let fmt = self
-            .effective_start()
-            .map(|s| s.format)
-            .unwrap_or(TimeFormat::Iso8601);
-        let from = parse_timestamp(&w.from)?;
-        let to = match &w.to {
-            Some(t) => parse_timestamp(t)?,
-            None => now,
-        };
-        let step = chrono::Duration::from_std(w.every.std()).map_err(|e| e.to_string())?;
-        if step <= chrono::Duration::zero() {
-            return Err("partitions.windows.every must be above 0".into());
-        }
+        let fmt = self.window_format();
+        let (from, to, step) = window_bounds(w, now)?;
         let count = windows_within_limit(w, from, to)
             .map_err(|why| format!("partitions.windows: {why}"))?;
         let mut out = Vec::with_capacity(count);
@@ -222,6 +211,13 @@ impl FeedConfig {
         self.lag.map(|d| d.std()).unwrap_or_default()
     }
 
+    /// How a window's end is written in its query parameter: the start's format.
+    fn window_format(&self) -> TimeFormat {
+        self.effective_start()
+            .map(|s| s.format)
+            .unwrap_or(TimeFormat::Iso8601)
+    }
+
     /// The partition with this id, if the feed has it (time windows as of `now`).
     ///
     /// Found without listing the partitions (a worker asks this once per
@@ -248,15 +244,7 @@ impl FeedConfig {
         let Ok(t) = parse_timestamp(id) else {
             return Ok(None);
         };
-        let from = parse_timestamp(&w.from)?;
-        let to = match &w.to {
-            Some(t) => parse_timestamp(t)?,
-            None => now,
-        };
-        let step = chrono::Duration::from_std(w.every.std()).map_err(|e| e.to_string())?;
-        if step <= chrono::Duration::zero() {
-            return Err("partitions.windows.every must be above 0".into());
-        }
+        let (from, to, step) = window_bounds(w, now)?;
         let offset = t - from;
         let aligned = offset >= chrono::Duration::zero()
             && offset.num_milliseconds() % step.num_milliseconds().max(1) == 0;
@@ -264,10 +252,7 @@ impl FeedConfig {
         if !aligned || !canonical || t >= to {
             return Ok(None);
         }
-        let fmt = self
-            .effective_start()
-            .map(|s| s.format)
-            .unwrap_or(TimeFormat::Iso8601);
+        let fmt = self.window_format();
         let end = (t + step).min(to);
         Ok(Some(Partition {
             id: id.to_string(),
@@ -275,6 +260,23 @@ impl FeedConfig {
             from: Some(t),
         }))
     }
+}
+
+/// A feed's time windows: the first start, the end (`now` unless set) and the length.
+fn window_bounds(
+    w: &WindowsConfig,
+    now: DateTime<Utc>,
+) -> Result<(DateTime<Utc>, DateTime<Utc>, chrono::Duration), String> {
+    let from = parse_timestamp(&w.from)?;
+    let to = match &w.to {
+        Some(t) => parse_timestamp(t)?,
+        None => now,
+    };
+    let step = chrono::Duration::from_std(w.every.std()).map_err(|e| e.to_string())?;
+    if step <= chrono::Duration::zero() {
+        return Err("partitions.windows.every must be above 0".into());
+    }
+    Ok((from, to, step))
 }
 
 fn join(problems: Vec<(String, String)>) -> String {
