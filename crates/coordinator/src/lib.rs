@@ -104,6 +104,7 @@ pub async fn run(
         opts,
         registered: None,
         known: HashSet::new(),
+        registry_version: None,
         rotation: None,
         fleet: None,
         gauges: None,
@@ -129,7 +130,11 @@ pub async fn run(
         };
         if leads != was_leader {
             tracing::info!(id = %c.opts.id, leader = leads, "leadership changed");
+            // A new term registers everything again: another leader may
+            // have run another config meanwhile.
             c.registered = None;
+            c.known.clear();
+            c.registry_version = None;
             was_leader = leads;
         }
         c.deps.metrics.leader.set(i64::from(leads));
@@ -200,6 +205,9 @@ struct Coordinator {
     /// The jobs this leader has registered: only new partitions are
     /// written on the periodic registration.
     known: HashSet<JobId>,
+    /// The registry version this leader stored: written again only when
+    /// the store holds another (or none).
+    registry_version: Option<u64>,
     /// The feed after which the next pass starts sharing out admission.
     rotation: Option<String>,
     /// The admission bound, and when it was read from the fleet.
@@ -216,7 +224,12 @@ impl Coordinator {
     async fn register(&mut self) -> Result<(), StateError> {
         let store = &*self.deps.store;
         let first = self.known.is_empty();
-        let version = publish_config(store, &self.config).await?;
+        let stored = store.registry_version().await?;
+        let version = match (stored, self.registry_version) {
+            (Some(s), Some(ours)) if s == ours && !first => s,
+            _ => publish_config(store, &self.config).await?,
+        };
+        self.registry_version = Some(version);
         if first {
             let migrated = store.migrate().await?;
             if migrated > 0 {
@@ -224,7 +237,14 @@ impl Coordinator {
             }
         }
         let mut wanted: HashMap<String, Vec<JobId>> = HashMap::new();
-        for feed in &self.config.feeds {
+        // After the first registration only growing feeds (time windows
+        // without an end) can have new partitions.
+        for feed in self
+            .config
+            .feeds
+            .iter()
+            .filter(|f| first || f.partitions_grow())
+        {
             let parts = match feed.partitions(Utc::now()) {
                 Ok(p) => p,
                 Err(e) => {
@@ -262,13 +282,15 @@ impl Coordinator {
         } else {
             0
         };
-        tracing::info!(
-            version,
-            created,
-            retired,
-            jobs = self.known.len(),
-            "feeds registered"
-        );
+        if first || created > 0 {
+            tracing::info!(
+                version,
+                created,
+                retired,
+                jobs = self.known.len(),
+                "feeds registered"
+            );
+        }
         self.registered = Some(Instant::now());
         Ok(())
     }

@@ -211,6 +211,14 @@ impl FeedConfig {
         self.lag.map(|d| d.std()).unwrap_or_default()
     }
 
+    /// True when the feed's partitions grow with time: windows without a `to`.
+    pub fn partitions_grow(&self) -> bool {
+        self.partitions
+            .as_ref()
+            .and_then(|p| p.windows.as_ref())
+            .is_some_and(|w| w.to.is_none())
+    }
+
     /// How a window's end is written in its query parameter: the start's format.
     fn window_format(&self) -> TimeFormat {
         self.effective_start()
