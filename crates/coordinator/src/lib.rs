@@ -40,7 +40,7 @@ use tidemark_core::config::Mode;
 use tidemark_core::options::parse_duration;
 use tidemark_state::registry::publish_config;
 use tidemark_state::{Acquire, LeaderGuard, StateError, StateStore};
-use tidemark_telemetry::Metrics;
+use tidemark_telemetry::{FloatGauge, IntGauge, Metrics};
 
 /// How a coordinator behaves: the flags of `tidemark coordinator`;
 /// `Default` is the flags' defaults.
@@ -108,25 +108,35 @@ pub async fn run(
         rotation: None,
         fleet: None,
         gauges: None,
-        gauged_feeds: Vec::new(),
+        gauged: HashMap::new(),
     };
     tokio::pin!(shutdown);
     let tick = c.opts.tick.min(c.opts.leader_ttl / 3);
     let busy_tick = tick.min(BUSY_TICK);
     let mut was_leader = false;
     let mut next = tick;
+    let renew_every = c.opts.leader_ttl / 3;
+    let mut renewed: Option<Instant> = None;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             () = tokio::time::sleep(next) => {}
         }
         next = tick;
-        let leads = match leader.tick().await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot reach the state store for the leadership");
-                false
+        // The leadership is renewed every third of its TTL, not every
+        // pass: busy passes come every 50 ms.
+        let renew = !was_leader || renewed.is_none_or(|t: Instant| t.elapsed() >= renew_every);
+        let leads = if renew {
+            renewed = Some(Instant::now());
+            match leader.tick().await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach the state store for the leadership");
+                    false
+                }
             }
+        } else {
+            leader.is_leader()
         };
         if leads != was_leader {
             tracing::info!(id = %c.opts.id, leader = leads, "leadership changed");
@@ -213,7 +223,8 @@ struct Coordinator {
     /// The admission bound, and when it was read from the fleet.
     fleet: Option<(Instant, u64)>,
     gauges: Option<Instant>,
-    gauged_feeds: Vec<String>,
+    /// The per-feed gauges, by feed.
+    gauged: HashMap<String, FeedGauges>,
 }
 
 impl Coordinator {
@@ -340,27 +351,27 @@ impl Coordinator {
         let store = self.deps.store.clone();
         let now = now_ms();
         let mut pass = Pass::Done;
-
-        let expired = store.expired(now, REISSUE_BATCH).await?;
-        if expired.len() == REISSUE_BATCH {
+        // One round trip: all an idle pass reads.
+        let survey = store.survey(now, REISSUE_BATCH, DUE_FEEDS).await?;
+        if survey.expired.len() == REISSUE_BATCH {
             pass = Pass::Busy;
         }
         if !leader.is_leader() {
             return Ok(Pass::Done);
         }
-        self.start_all(expired, Why::LeaseExpired).await;
-
-        let bound = self.admission_bound().await;
-        let running = store.running().await?;
+        self.start_all(survey.expired, Why::LeaseExpired).await;
+        // Re-issued chains were running already: the count holds.
+        let running = survey.running;
         self.deps.metrics.chains_running.set(running as i64);
+        let mut feeds = survey.due_feeds;
+        if feeds.is_empty() {
+            return Ok(pass);
+        }
+        let bound = self.admission_bound().await;
         let free = bound.saturating_sub(running) as usize;
         if free == 0 {
             // Due jobs wait in the due index until a chain ends.
             return Ok(Pass::Busy);
-        }
-        let mut feeds = store.due_feeds(now, DUE_FEEDS).await?;
-        if feeds.is_empty() {
-            return Ok(pass);
         }
         feeds.sort();
         let wants = shares(&feeds, free, self.rotation.as_deref());
@@ -435,38 +446,60 @@ impl Coordinator {
         let census = self.deps.store.census().await?;
         let m = &self.deps.metrics;
         let now = now_ms();
-        let feeds: Vec<String> = census.iter().map(|c| c.feed.clone()).collect();
-        for gone in self.gauged_feeds.iter().filter(|f| !feeds.contains(f)) {
-            for phase in PHASES {
-                m.jobs.remove(&Metrics::feed_phase(gone, phase.as_str()));
+        let present: HashSet<&str> = census.iter().map(|c| c.feed.as_str()).collect();
+        self.gauged.retain(|feed, _| {
+            let keep = present.contains(feed.as_str());
+            if !keep {
+                for phase in PHASES {
+                    m.jobs.remove(&Metrics::feed_phase(feed, phase.as_str()));
+                }
+                m.feed_lag_seconds.remove(&Metrics::feed(feed));
+                m.feed_cursor_age_seconds.remove(&Metrics::feed(feed));
             }
-            m.feed_lag_seconds.remove(&Metrics::feed(gone));
-            m.feed_cursor_age_seconds.remove(&Metrics::feed(gone));
-        }
+            keep
+        });
+        let age = |t: Option<u64>| t.map(|t| now.saturating_sub(t) as f64 / 1000.0);
         for c in &census {
-            for phase in PHASES {
-                m.jobs
-                    .get_or_create(&Metrics::feed_phase(&c.feed, phase.as_str()))
-                    .set(c.phase(phase) as i64);
-            }
-            let age = |t: Option<u64>| t.map(|t| now.saturating_sub(t) as f64 / 1000.0);
-            match age(c.oldest_high_water_ms) {
-                Some(lag) => {
-                    m.feed_lag_seconds
+            // The series of a feed are looked up once and kept: a refresh
+            // of a thousand feeds is then a few thousand atomic stores.
+            let g = self
+                .gauged
+                .entry(c.feed.clone())
+                .or_insert_with(|| FeedGauges {
+                    phases: PHASES.map(|p| {
+                        m.jobs
+                            .get_or_create(&Metrics::feed_phase(&c.feed, p.as_str()))
+                            .clone()
+                    }),
+                    lag: None,
+                    age: m
+                        .feed_cursor_age_seconds
                         .get_or_create(&Metrics::feed(&c.feed))
-                        .set(lag);
-                }
-                None => {
-                    m.feed_lag_seconds.remove(&Metrics::feed(&c.feed));
-                }
+                        .clone(),
+                });
+            for (gauge, phase) in g.phases.iter().zip(PHASES) {
+                gauge.set(c.phase(phase) as i64);
             }
+            match age(c.oldest_high_water_ms) {
+                Some(lag) => g
+                    .lag
+                    .get_or_insert_with(|| {
+                        m.feed_lag_seconds
+                            .get_or_create(&Metrics::feed(&c.feed))
+                            .clone()
+                    })
+                    .set(lag),
+                None => {
+                    if g.lag.take().is_some() {
+                        m.feed_lag_seconds.remove(&Metrics::feed(&c.feed));
+                    }
+                    0.0
+                }
+            };
             if let Some(a) = age(c.oldest_progress_ms) {
-                m.feed_cursor_age_seconds
-                    .get_or_create(&Metrics::feed(&c.feed))
-                    .set(a);
+                g.age.set(a);
             }
         }
-        self.gauged_feeds = feeds;
         self.gauges = Some(Instant::now());
         Ok(())
     }
@@ -531,6 +564,13 @@ impl Coordinator {
 }
 
 const PHASES: [Phase; 4] = [Phase::Idle, Phase::Running, Phase::Paused, Phase::Failed];
+
+/// A feed's series (handles onto the same values the registry exports).
+struct FeedGauges {
+    phases: [IntGauge; 4],
+    lag: Option<FloatGauge>,
+    age: FloatGauge,
+}
 
 /// Share `free` admissions among `feeds` (sorted) fairly: each feed gets as
 /// many as the others, give or take one, taking turns from the feed after

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId};
 
-use crate::{Acquire, Control, FeedCensus, JobPage, JobQuery, StateError, WorkerSeen};
+use crate::{Acquire, Control, FeedCensus, JobPage, JobQuery, StateError, Survey, WorkerSeen};
 
 /// The job table: create, retire and read jobs, and hand out epochs.
 ///
@@ -132,6 +132,15 @@ pub trait Schedule: Send + Sync {
     async fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<JobId>, StateError>;
     /// How many chains run (queued, in a worker, or waiting to retry).
     async fn running(&self) -> Result<u64, StateError>;
+    /// [`Schedule::expired`], [`Schedule::running`] and
+    /// [`Schedule::due_feeds`] at once, in one round trip: all an idle
+    /// pass reads.
+    async fn survey(
+        &self,
+        now_ms: u64,
+        expired_limit: usize,
+        feeds_limit: usize,
+    ) -> Result<Survey, StateError>;
     /// Index the jobs of an earlier layout (without indexes), once; returns
     /// how many joined. Idempotent, and a no-op on a current layout.
     async fn migrate(&self) -> Result<u64, StateError>;

@@ -18,7 +18,7 @@ use tidemark_core::clock::now_ms;
 
 use crate::{
     Acquire, Control, FeedCensus, FeedRegistry, Fleet, JobPage, JobQuery, Jobs, Leadership, Leases,
-    Rewind, Schedule, SourceLimits, StateError, WorkerSeen, high_water_ms,
+    Rewind, Schedule, SourceLimits, StateError, Survey, WorkerSeen, high_water_ms,
 };
 
 #[derive(Default, Serialize, Deserialize)]
@@ -507,6 +507,19 @@ impl Schedule for EmbeddedStore {
 
     async fn running(&self) -> Result<u64, StateError> {
         Ok(self.lock().index.running.len() as u64)
+    }
+
+    async fn survey(
+        &self,
+        now_ms: u64,
+        expired_limit: usize,
+        feeds_limit: usize,
+    ) -> Result<Survey, StateError> {
+        Ok(Survey {
+            expired: self.expired(now_ms, expired_limit).await?,
+            running: self.running().await?,
+            due_feeds: self.due_feeds(now_ms, feeds_limit).await?,
+        })
     }
 
     async fn migrate(&self) -> Result<u64, StateError> {

@@ -62,9 +62,6 @@ impl Keys {
     pub fn running(&self) -> String {
         format!("{}running", self.prefix)
     }
-    pub fn counts(&self) -> String {
-        format!("{}counts", self.prefix)
-    }
     pub fn due_feeds(&self) -> String {
         format!("{}due_feeds", self.prefix)
     }

@@ -173,14 +173,15 @@ impl FeedCensus {
             Phase::Failed => self.failed,
         }
     }
-    fn phase_mut(&mut self, phase: Phase) -> &mut u64 {
-        match phase {
-            Phase::Idle => &mut self.idle,
-            Phase::Running => &mut self.running,
-            Phase::Paused => &mut self.paused,
-            Phase::Failed => &mut self.failed,
-        }
-    }
+}
+
+/// What a scheduling pass reads, in one round trip: the running chains
+/// whose deadline passed, how many chains run, and the feeds with due jobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Survey {
+    pub expired: Vec<JobId>,
+    pub running: u64,
+    pub due_feeds: Vec<String>,
 }
 
 /// A worker seen by its heartbeat.

@@ -18,7 +18,7 @@ use tidemark_core::clock::now_ms;
 use crate::keys::{Keys, member, running_job};
 use crate::{
     Acquire, Control, FeedCensus, FeedRegistry, Fleet, JobPage, JobQuery, Jobs, Leadership, Leases,
-    Rewind, Schedule, SourceLimits, StateError, WorkerSeen, high_water_ms,
+    Rewind, Schedule, SourceLimits, StateError, Survey, WorkerSeen, high_water_ms,
 };
 
 /// The layout of the keys this version writes: 2 has the scheduler's indexes.
@@ -39,6 +39,7 @@ struct Scripts {
     ensure: Script,
     retire: Script,
     read: Script,
+    census: Script,
     fleet: Script,
     registry: Script,
 }
@@ -107,6 +108,7 @@ impl RedisStore {
                 ensure: job_script(include_str!("lua/ensure.lua")),
                 retire: job_script(include_str!("lua/retire.lua")),
                 read: job_script(include_str!("lua/read.lua")),
+                census: job_script(include_str!("lua/census.lua")),
                 fleet: Script::new(include_str!("lua/fleet.lua")),
                 leader: Script::new(include_str!("lua/leader.lua")),
                 ratelimit: Script::new(include_str!("lua/ratelimit.lua")),
@@ -390,52 +392,30 @@ impl Jobs for RedisStore {
     }
 
     async fn census(&self) -> Result<Vec<FeedCensus>, StateError> {
-        let feeds = self.feeds().await?;
-        let mut out = Vec::with_capacity(feeds.len());
-        let mut c = self.conn.clone();
-        for chunk in feeds.chunks(BATCH) {
-            let mut pipe = redis::pipe();
-            for f in chunk {
-                let fields: Vec<String> = ["idle", "running", "paused", "failed", "records"]
-                    .iter()
-                    .map(|p| format!("{f}|{p}"))
-                    .collect();
-                pipe.hget(self.keys.counts(), fields);
-                for index in ["progress", "hw"] {
-                    pipe.zrange_withscores(self.keys.feed_index(f, index), 0, 0);
-                }
-            }
-            type Row = (Vec<Option<u64>>, Vec<(String, f64)>, Vec<(String, f64)>);
-            let rows: Vec<Row> = {
-                let flat: Vec<redis::Value> = pipe.query_async(&mut c).await?;
-                let mut rows = Vec::with_capacity(chunk.len());
-                let mut it = flat.into_iter();
-                while let (Some(a), Some(b), Some(d)) = (it.next(), it.next(), it.next()) {
-                    rows.push((
-                        redis::from_redis_value(&a)?,
-                        redis::from_redis_value(&b)?,
-                        redis::from_redis_value(&d)?,
-                    ));
-                }
-                rows
-            };
-            for (feed, (counts, progress, hw)) in chunk.iter().zip(rows) {
-                let mut census = FeedCensus {
-                    feed: feed.clone(),
-                    oldest_progress_ms: progress.first().map(|(_, s)| *s as u64),
-                    oldest_high_water_ms: hw.first().map(|(_, s)| *s as u64),
-                    ..FeedCensus::default()
-                };
-                for (phase, n) in [Phase::Idle, Phase::Running, Phase::Paused, Phase::Failed]
-                    .into_iter()
-                    .zip(&counts)
-                {
-                    *census.phase_mut(phase) = n.unwrap_or(0);
-                }
-                census.records = counts.get(4).copied().flatten().unwrap_or(0);
-                out.push(census);
-            }
-        }
+        type Rows = (HashMap<String, u64>, Vec<(String, String, String)>);
+        let (counts, feeds): Rows = self
+            .scripts
+            .census
+            .arg(self.keys.prefix())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let count =
+            |feed: &str, what: &str| counts.get(&format!("{feed}|{what}")).copied().unwrap_or(0);
+        let ms = |score: &str| score.parse::<f64>().ok().map(|s| s as u64);
+        let mut out: Vec<FeedCensus> = feeds
+            .into_iter()
+            .map(|(feed, progress, hw)| FeedCensus {
+                idle: count(&feed, "idle"),
+                running: count(&feed, "running"),
+                paused: count(&feed, "paused"),
+                failed: count(&feed, "failed"),
+                records: count(&feed, "records"),
+                oldest_progress_ms: ms(&progress),
+                oldest_high_water_ms: ms(&hw),
+                feed,
+            })
+            .collect();
+        out.sort_by(|a, b| a.feed.cmp(&b.feed));
         Ok(out)
     }
 
@@ -504,6 +484,37 @@ impl Schedule for RedisStore {
 
     async fn running(&self) -> Result<u64, StateError> {
         Ok(self.conn.clone().zcard(self.keys.running()).await?)
+    }
+
+    async fn survey(
+        &self,
+        now_ms: u64,
+        expired_limit: usize,
+        feeds_limit: usize,
+    ) -> Result<Survey, StateError> {
+        let (expired, running, due_feeds): (Vec<String>, u64, Vec<String>) = redis::pipe()
+            .zrangebyscore_limit(
+                self.keys.running(),
+                "-inf",
+                now_ms,
+                0,
+                expired_limit as isize,
+            )
+            .zcard(self.keys.running())
+            .zrangebyscore_limit(
+                self.keys.due_feeds(),
+                "-inf",
+                now_ms,
+                0,
+                feeds_limit as isize,
+            )
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(Survey {
+            expired: expired.iter().filter_map(|e| running_job(e)).collect(),
+            running,
+            due_feeds,
+        })
     }
 
     async fn migrate(&self) -> Result<u64, StateError> {

@@ -18,6 +18,12 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+
+/// A gauge of whole numbers, as the families hand them out (a handle: clones
+/// share the value the registry exports).
+pub type IntGauge = Gauge;
+/// A gauge of seconds and other fractions.
+pub type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 use prometheus_client::registry::{Metric, Registry};
 
 type Labels = Vec<(&'static str, String)>;
@@ -69,8 +75,8 @@ pub struct Metrics {
     pub tasks_in_flight: Gauge,
     pub chains_started: Family<Labels, Counter>,
     pub chains_reissued: Family<Labels, Counter>,
-    pub feed_lag_seconds: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    pub feed_cursor_age_seconds: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub feed_lag_seconds: Family<Labels, FloatGauge>,
+    pub feed_cursor_age_seconds: Family<Labels, FloatGauge>,
     pub jobs: Family<Labels, Gauge>,
     pub chains_running: Gauge,
     pub admission_limit: Gauge,

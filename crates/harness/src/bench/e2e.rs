@@ -697,6 +697,9 @@ async fn run_in(
     // Every record has arrived; the last commits follow within a moment.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    // The run's CPU ends here: what the idle window costs is measured apart.
+    let coordinator_cpu_after = coordinator.cpu();
+    let worker_cpu_after: Option<Duration> = workers.iter().map(Proc::cpu).sum();
     let client = reqwest::Client::new();
     let idle = match spec.idle_window {
         Some(window) => {
@@ -712,14 +715,10 @@ async fn run_in(
     }
     let cs = scrape(&client, &coordinator).await?;
     let passes = cs.buckets("tidemark_coordinator_pass_seconds");
-    let worker_cpu = workers
-        .iter()
-        .map(Proc::cpu)
-        .sum::<Option<Duration>>()
+    let worker_cpu = worker_cpu_after
         .zip(worker_cpu_before)
         .map(|(after, before)| after.saturating_sub(before).as_secs_f64());
-    let coordinator_cpu = coordinator
-        .cpu()
+    let coordinator_cpu = coordinator_cpu_after
         .zip(coordinator_cpu_before)
         .map(|(a, b)| a.saturating_sub(b).as_secs_f64());
     let worker_peak_rss_mib = workers
