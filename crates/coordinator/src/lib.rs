@@ -185,7 +185,7 @@ const CHAINS_PER_SLOT: u64 = 4;
 const MIN_ADMISSION: u64 = 64;
 /// How often the fleet is read and the per-feed gauges are refreshed.
 const FLEET_EVERY: Duration = Duration::from_secs(5);
-const GAUGES_EVERY: Duration = Duration::from_secs(10);
+const GAUGES_EVERY: Duration = Duration::from_secs(30);
 /// Jobs registered per store call.
 const REGISTER_BATCH: usize = 5_000;
 
