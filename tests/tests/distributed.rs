@@ -202,23 +202,8 @@ async fn a_coordinator_takes_over_state_of_the_layout_without_indexes() {
         ),
     ];
     for (feed, part, fields) in &old {
-        let key = format!("{prefix}job:{feed}:{}", tidemark_state::member(part));
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(&key)
-            .arg("feed")
-            .arg(feed)
-            .arg("partition")
-            .arg(part)
-            .arg("stage")
-            .arg("bulk");
-        for (k, v) in fields {
-            cmd.arg(*k).arg(v);
-        }
-        let _: i64 = cmd.query_async(&mut r).await.unwrap();
-        let _: i64 = redis::cmd("SADD")
-            .arg(format!("{prefix}jobs"))
-            .arg(&key)
-            .query_async(&mut r)
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        tidemark_harness::legacy::write_job(&mut r, &prefix, feed, part, &fields)
             .await
             .unwrap();
     }

@@ -186,8 +186,6 @@ const MIN_ADMISSION: u64 = 64;
 /// How often the fleet is read and the per-feed gauges are refreshed.
 const FLEET_EVERY: Duration = Duration::from_secs(5);
 const GAUGES_EVERY: Duration = Duration::from_secs(30);
-/// Jobs registered per store call.
-const REGISTER_BATCH: usize = 5_000;
 
 /// Why a chain is started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,10 +281,8 @@ impl Coordinator {
             next_due_ms: 0,
             ..Checkpoint::default()
         };
-        let mut created = 0;
-        for chunk in fresh.chunks(REGISTER_BATCH) {
-            created += store.ensure_many(chunk, &init).await?;
-        }
+        // The store writes them in batches of its own.
+        let created = store.ensure_many(&fresh, &init).await?;
         self.known.extend(fresh);
         let retired = if first {
             self.retire_unwanted(&wanted).await?

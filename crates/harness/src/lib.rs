@@ -7,6 +7,7 @@
 
 pub mod bench;
 mod error;
+pub mod legacy;
 pub mod proc;
 pub mod redis_server;
 pub mod services;

@@ -118,9 +118,6 @@ pub trait Leases: Send + Sync {
 /// with the change, so a pass reads what is due and never lists all jobs.
 #[async_trait]
 pub trait Schedule: Send + Sync {
-    /// Feeds with an idle job due at `now_ms`, those with the oldest due
-    /// job first, at most `limit`.
-    async fn due_feeds(&self, now_ms: u64, limit: usize) -> Result<Vec<String>, StateError>;
     /// For each (feed, n): up to n of its idle jobs due at `now_ms`, oldest
     /// first. One round trip for all of them.
     async fn due_jobs(
@@ -128,19 +125,30 @@ pub trait Schedule: Send + Sync {
         wants: &[(String, usize)],
         now_ms: u64,
     ) -> Result<Vec<JobId>, StateError>;
-    /// Up to `limit` running chains whose lease deadline is past, oldest first.
-    async fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<JobId>, StateError>;
-    /// How many chains run (queued, in a worker, or waiting to retry).
-    async fn running(&self) -> Result<u64, StateError>;
-    /// [`Schedule::expired`], [`Schedule::running`] and
-    /// [`Schedule::due_feeds`] at once, in one round trip: all an idle
-    /// pass reads.
+    /// The running chains whose deadline passed (up to `expired_limit`,
+    /// oldest first), how many chains run (queued, in a worker, or waiting
+    /// to retry), and the feeds with an idle job due at `now_ms` (up to
+    /// `feeds_limit`, those with the oldest due job first): all an idle pass
+    /// reads, in one round trip.
     async fn survey(
         &self,
         now_ms: u64,
         expired_limit: usize,
         feeds_limit: usize,
     ) -> Result<Survey, StateError>;
+    /// Up to `limit` running chains whose lease deadline is past, oldest first.
+    async fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<JobId>, StateError> {
+        Ok(self.survey(now_ms, limit, 0).await?.expired)
+    }
+    /// How many chains run.
+    async fn running(&self) -> Result<u64, StateError> {
+        Ok(self.survey(0, 0, 0).await?.running)
+    }
+    /// Feeds with an idle job due at `now_ms`, those with the oldest due
+    /// job first, at most `limit`.
+    async fn due_feeds(&self, now_ms: u64, limit: usize) -> Result<Vec<String>, StateError> {
+        Ok(self.survey(now_ms, 0, limit).await?.due_feeds)
+    }
     /// Index the jobs of an earlier layout (without indexes), once; returns
     /// how many joined. Idempotent, and a no-op on a current layout.
     async fn migrate(&self) -> Result<u64, StateError>;

@@ -455,23 +455,6 @@ impl Jobs for EmbeddedStore {
 
 #[async_trait]
 impl Schedule for EmbeddedStore {
-    async fn due_feeds(&self, now_ms: u64, limit: usize) -> Result<Vec<String>, StateError> {
-        let inner = self.lock();
-        let mut feeds: Vec<(u64, &String)> = inner
-            .index
-            .due
-            .iter()
-            .filter_map(|(feed, d)| d.first().map(|(t, _)| (*t, feed)))
-            .filter(|(t, _)| *t <= now_ms)
-            .collect();
-        feeds.sort();
-        Ok(feeds
-            .into_iter()
-            .take(limit)
-            .map(|(_, f)| f.clone())
-            .collect())
-    }
-
     async fn due_jobs(
         &self,
         wants: &[(String, usize)],
@@ -493,32 +476,36 @@ impl Schedule for EmbeddedStore {
         Ok(out)
     }
 
-    async fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<JobId>, StateError> {
-        let inner = self.lock();
-        Ok(inner
-            .index
-            .running
-            .iter()
-            .take_while(|(t, _)| *t <= now_ms)
-            .take(limit)
-            .filter_map(|(_, k)| inner.data.jobs.get(k).map(|(j, _)| j.clone()))
-            .collect())
-    }
-
-    async fn running(&self) -> Result<u64, StateError> {
-        Ok(self.lock().index.running.len() as u64)
-    }
-
     async fn survey(
         &self,
         now_ms: u64,
         expired_limit: usize,
         feeds_limit: usize,
     ) -> Result<Survey, StateError> {
+        let inner = self.lock();
+        let index = &inner.index;
+        let job = |k: &String| inner.data.jobs.get(k).map(|(j, _)| j.clone());
+        let mut feeds: Vec<(u64, &String)> = index
+            .due
+            .iter()
+            .filter_map(|(feed, d)| d.first().map(|(t, _)| (*t, feed)))
+            .filter(|(t, _)| *t <= now_ms)
+            .collect();
+        feeds.sort();
         Ok(Survey {
-            expired: self.expired(now_ms, expired_limit).await?,
-            running: self.running().await?,
-            due_feeds: self.due_feeds(now_ms, feeds_limit).await?,
+            expired: index
+                .running
+                .iter()
+                .take_while(|(t, _)| *t <= now_ms)
+                .take(expired_limit)
+                .filter_map(|(_, k)| job(k))
+                .collect(),
+            running: index.running.len() as u64,
+            due_feeds: feeds
+                .into_iter()
+                .take(feeds_limit)
+                .map(|(_, f)| f.clone())
+                .collect(),
         })
     }
 

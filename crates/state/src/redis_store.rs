@@ -438,14 +438,6 @@ impl Jobs for RedisStore {
 
 #[async_trait]
 impl Schedule for RedisStore {
-    async fn due_feeds(&self, now_ms: u64, limit: usize) -> Result<Vec<String>, StateError> {
-        Ok(self
-            .conn
-            .clone()
-            .zrangebyscore_limit(self.keys.due_feeds(), "-inf", now_ms, 0, limit as isize)
-            .await?)
-    }
-
     async fn due_jobs(
         &self,
         wants: &[(String, usize)],
@@ -471,19 +463,6 @@ impl Schedule for RedisStore {
                     .map(move |m| JobId::new(feed.clone(), crate::partition(&m)))
             })
             .collect())
-    }
-
-    async fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<JobId>, StateError> {
-        let entries: Vec<String> = self
-            .conn
-            .clone()
-            .zrangebyscore_limit(self.keys.running(), "-inf", now_ms, 0, limit as isize)
-            .await?;
-        Ok(entries.iter().filter_map(|e| running_job(e)).collect())
-    }
-
-    async fn running(&self) -> Result<u64, StateError> {
-        Ok(self.conn.clone().zcard(self.keys.running()).await?)
     }
 
     async fn survey(

@@ -435,23 +435,7 @@ async fn state_of_the_layout_without_indexes_is_migrated_once() {
         ("users", "all", &[("phase", "paused"), ("next_due_ms", "0")]),
     ];
     for (feed, part, fields) in old {
-        let key = format!("{prefix}job:{feed}:{}", tidemark_state::member(part));
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(&key)
-            .arg("feed")
-            .arg(feed)
-            .arg("partition")
-            .arg(part)
-            .arg("stage")
-            .arg("bulk");
-        for (k, v) in fields {
-            cmd.arg(*k).arg(*v);
-        }
-        let _: i64 = cmd.query_async(&mut c).await.unwrap();
-        let _: i64 = redis::cmd("SADD")
-            .arg(format!("{prefix}jobs"))
-            .arg(&key)
-            .query_async(&mut c)
+        tidemark_harness::legacy::write_job(&mut c, &prefix, feed, part, fields)
             .await
             .unwrap();
     }

@@ -323,7 +323,8 @@ async fn throughput(b: &E2eBench, exe: &Path, report: &mut Report) -> Result<(),
     Ok(())
 }
 
-fn partitions(n: usize) -> String {
+/// A `partitions:` line of `n` values, `"0"` to `"n-1"`, in param `shard`.
+pub(super) fn partitions(n: usize) -> String {
     let values: Vec<String> = (0..n).map(|i| format!("\"{i}\"")).collect();
     format!(
         "partitions: {{ param: shard, values: [{}] }}",

@@ -14,13 +14,12 @@ pub(super) fn spec(b: &E2eBench, jobs: usize) -> Spec {
     let mut yaml = String::with_capacity(jobs * 8 + feeds * 300);
     for f in 0..feeds {
         let n = per_feed.min(jobs - f * per_feed);
-        let values: Vec<String> = (0..n).map(|i| i.to_string()).collect();
         yaml.push_str(&format!(
             "  - name: s{f:04}\n    source: mock\n    path: /jsonapi/records\n    \
              pagination: {{ preset: next_url, page_size: {} }}\n    key: /id\n    version: /updated_at\n    \
-             mode: snapshot\n    every: 24h\n    partitions: {{ param: shard, values: [{}] }}\n",
+             mode: snapshot\n    every: 24h\n    {}\n",
             b.jobs_page_size,
-            values.join(", ")
+            super::e2e::partitions(n)
         ));
     }
     Spec {
