@@ -274,6 +274,13 @@ impl Proc {
         cpu_time(self.pid())
     }
 
+    /// CPU time its live threads have used, to the nanosecond (see
+    /// [`thread_cpu_time`]): for short windows, where [`Proc::cpu`]'s
+    /// 10 ms ticks round a quiet process down to nothing.
+    pub fn thread_cpu(&self) -> Option<Duration> {
+        thread_cpu_time(self.pid())
+    }
+
     /// The process's peak resident set size so far.
     pub fn peak_rss_bytes(&self) -> Option<u64> {
         peak_rss_bytes(&format!("/proc/{}/status", self.pid()))
@@ -304,6 +311,22 @@ pub fn tail(path: &Path, lines: usize) -> String {
 pub fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_cpu_ticks(&stat).map(|t| Duration::from_millis(t * 10))
+}
+
+/// CPU time of a process's live threads, summed from
+/// `/proc/<pid>/task/*/schedstat` (its first field: nanoseconds on a CPU).
+/// Threads that have exited are not counted, so over a window use it only
+/// where threads live on (a role at rest).
+pub fn thread_cpu_time(pid: u32) -> Option<Duration> {
+    let mut ns: u64 = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(ns))
 }
 
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {

@@ -809,9 +809,11 @@ async fn idle_costs(
     let before = scrape(client, coordinator)
         .await?
         .buckets("tidemark_coordinator_pass_seconds");
-    let cpu_before = coordinator.cpu();
+    // A quiet coordinator uses less than /proc/<pid>/stat's 10 ms tick in
+    // a short window: read its threads' CPU to the nanosecond.
+    let cpu_before = coordinator.thread_cpu();
     tokio::time::sleep(window).await;
-    let cpu_after = coordinator.cpu();
+    let cpu_after = coordinator.thread_cpu();
     let passes = scrape(client, coordinator)
         .await?
         .buckets("tidemark_coordinator_pass_seconds")
