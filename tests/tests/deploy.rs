@@ -1025,7 +1025,11 @@ fn k8s_manifests_agree_with_the_binary() {
                 for (name, s) in &config.sources {
                     needed.push((
                         format!("source {name}"),
-                        s.base_url.port_or_known_default().expect("port"),
+                        s.base_url
+                            .url()
+                            .expect("a URL")
+                            .port_or_known_default()
+                            .expect("port"),
                     ));
                 }
             }

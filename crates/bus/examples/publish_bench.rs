@@ -109,6 +109,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Built once, like the ceiling's body, so the bench does not compete with the broker for CPU.
     let template = std::sync::Arc::new(OutPage {
         feed: "bench".into(),
+        tenant: None,
         partition: "a".into(),
         seq: 0,
         per: DeliveryPer::Record,

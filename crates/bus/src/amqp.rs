@@ -332,9 +332,12 @@ impl Downstream for AmqpBus {
             .map(|r| r.body.len() + MESSAGE_OVERHEAD)
             .sum();
         let _bytes = self.shared.window_bytes.acquire(bytes).await?;
-        let rk = routing_key(&page.feed, &page.partition);
+        let rk = routing_key(&page.feed, page.tenant.as_deref(), &page.partition);
         let base_headers = |h: &mut FieldTable| {
             h.insert(s("x-feed"), long(&page.feed));
+            if let Some(t) = &page.tenant {
+                h.insert(s("x-tenant"), long(t));
+            }
             h.insert(s("x-partition"), long(&page.partition));
             h.insert(s("x-page-seq"), AMQPValue::LongLongInt(page.seq as i64));
         };

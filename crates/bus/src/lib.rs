@@ -43,6 +43,10 @@ pub struct PageTask {
     /// it), for the page latency metric. 0: unknown.
     #[serde(default)]
     pub published_ms: u64,
+    /// The `{vars.NAME}` values of the job's tenant (a tenanted feed), as
+    /// the coordinator knew them when it started the chain.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub vars: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -18,6 +18,9 @@ pub struct OutRecord {
 #[derive(Debug, Clone)]
 pub struct OutPage {
     pub feed: String,
+    /// The tenant of a tenanted feed's page.
+    pub tenant: Option<String>,
+    /// The partition within the feed (and tenant).
     pub partition: String,
     pub seq: u64,
     pub per: DeliveryPer,
@@ -43,9 +46,12 @@ impl OutPage {
     }
 }
 
-/// `<feed>.<partition>`.
-pub fn routing_key(feed: &str, partition: &str) -> String {
-    format!("{feed}.{partition}")
+/// `<feed>.<partition>`, or `<feed>.<tenant>.<partition>` for a tenanted feed.
+pub fn routing_key(feed: &str, tenant: Option<&str>, partition: &str) -> String {
+    match tenant {
+        Some(t) => format!("{feed}.{t}.{partition}"),
+        None => format!("{feed}.{partition}"),
+    }
 }
 
 pub(crate) enum Acker {

@@ -65,6 +65,7 @@ async fn cleanup(cfg: &BusConfig) {
 fn page(feed: &str, partition: &str, seq: u64, n: usize, per: DeliveryPer) -> OutPage {
     OutPage {
         feed: feed.into(),
+        tenant: None,
         partition: partition.into(),
         seq,
         per,
@@ -92,6 +93,7 @@ fn task(seq: u64) -> PageTask {
         attempt: 0,
         empty_run: 0,
         published_ms: 0,
+        vars: Default::default(),
     }
 }
 
@@ -480,7 +482,7 @@ async fn the_in_process_downstream_hands_pages_to_its_sink_or_fails() {
     let s2 = seen.clone();
     let ds = MemoryDownstream::new(move |p: &OutPage| {
         s2.lock().unwrap().push((
-            tidemark_bus::routing_key(&p.feed, &p.partition),
+            tidemark_bus::routing_key(&p.feed, p.tenant.as_deref(), &p.partition),
             p.records.len(),
         ));
         Ok(())

@@ -48,6 +48,9 @@ enum Command {
     Rewind(ctl::RewindArgs),
     /// Run the failed jobs of a feed again, from their stored cursors.
     Retry(ctl::ActArgs),
+    /// Add, remove and list the tenants of a source with tenants, while it runs.
+    #[command(subcommand)]
+    Tenants(ctl::TenantsCommand),
     /// Check a config file: exit 0, or exit 2 printing file:line:col: field: reason.
     Validate {
         #[arg(long, short)]
@@ -61,6 +64,9 @@ enum Command {
         config: PathBuf,
         #[arg(long)]
         feed: String,
+        /// The tenant, for a feed of a source with tenants (its vars come from the tenants file or list).
+        #[arg(long)]
+        tenant: Option<String>,
         /// Partition id (a partition value, or a window start); needed when the feed has several.
         #[arg(long)]
         partition: Option<String>,
@@ -159,6 +165,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         Command::Resume(args) => ctl::act(&args, &Action::Resume, &mut stdout).await?,
         Command::Retry(args) => ctl::act(&args, &Action::Retry, &mut stdout).await?,
         Command::Rewind(args) => ctl::act(&args.act, &args.action(), &mut stdout).await?,
+        Command::Tenants(cmd) => ctl::tenants(&cmd, &mut stdout).await?,
         Command::Validate { config } => {
             validate::run(&config, &mut stdout)?;
         }
@@ -175,6 +182,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         Command::Pull {
             config,
             feed,
+            tenant,
             partition,
             max_pages,
             from,
@@ -185,6 +193,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             let opts = pull::PullOptions {
                 config,
                 feed,
+                tenant,
                 partition,
                 max_pages,
                 from,

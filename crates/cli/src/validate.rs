@@ -3,7 +3,10 @@
 use std::io::Write;
 use std::path::Path;
 
-use tidemark_core::config::{Config, load_file};
+use std::collections::BTreeMap;
+
+use tidemark_core::config::{Config, load_file, load_tenants};
+use tidemark_core::tenant::Tenant;
 
 use crate::exit::Failure;
 
@@ -11,13 +14,14 @@ use crate::exit::Failure;
 /// `${VAR}` references unset in this environment, by name only).
 pub fn run(path: &Path, out: &mut dyn Write) -> Result<Config, Failure> {
     let config = load_file(path).map_err(|e| Failure::usage(e.to_string()))?;
+    let tenants = load_tenants(&config).map_err(|e| Failure::usage(e.to_string()))?;
     let now = chrono::Utc::now();
     let mut jobs = 0usize;
     for f in &config.feeds {
         let parts = f
             .partitions(now)
             .map_err(|e| Failure::usage(format!("{}: feed {}: {e}", path.display(), f.name)))?;
-        jobs += parts.len();
+        jobs += parts.len() * tenants.get(&f.source).map_or(1, Vec::len);
     }
     let _ = writeln!(
         out,
@@ -27,6 +31,14 @@ pub fn run(path: &Path, out: &mut dyn Write) -> Result<Config, Failure> {
         config.feeds.len(),
         jobs
     );
+    for (name, list) in &tenants {
+        let feeds = config.feeds.iter().filter(|f| &f.source == name).count();
+        let _ = writeln!(
+            out,
+            "source {name}: {} tenant(s) from its file and list, {feeds} feed(s) each (tenants added with `tidemark tenants add` come on top)",
+            list.len()
+        );
+    }
     for (name, source) in &config.sources {
         let literal = source
             .auth
@@ -40,7 +52,7 @@ pub fn run(path: &Path, out: &mut dyn Write) -> Result<Config, Failure> {
             );
         }
     }
-    for var in unset_variables(&config) {
+    for var in unset_variables(&config, &tenants) {
         let _ = writeln!(
             out,
             "warning: ${{{var}}} is not {} in this environment; processes that send requests need it",
@@ -56,14 +68,25 @@ pub fn run(path: &Path, out: &mut dyn Write) -> Result<Config, Failure> {
 
 /// Names of the `${VAR}` references of every source that are unset here,
 /// and of the `${file:/path}` references whose file cannot be read here.
-pub fn unset_variables(config: &Config) -> Vec<String> {
+/// A tenanted source's references are checked for each of its tenants.
+pub fn unset_variables(config: &Config, tenants: &BTreeMap<String, Vec<Tenant>>) -> Vec<String> {
     let mut vars: Vec<String> = Vec::new();
-    for source in config.sources.values() {
-        let mut secrets: Vec<&tidemark_core::Secret> = source.headers.values().collect();
-        if let Some(auth) = &source.auth {
-            secrets.extend(auth.secrets());
+    for (name, source) in &config.sources {
+        let views: Vec<tidemark_core::SourceConfig> = match tenants.get(name) {
+            Some(list) => list
+                .iter()
+                .filter_map(|t| source.for_tenant(t).ok())
+                .collect(),
+            None => vec![source.clone()],
+        };
+        let mut secrets: Vec<tidemark_core::Secret> = Vec::new();
+        for v in &views {
+            secrets.extend(v.headers.values().cloned());
+            if let Some(auth) = &v.auth {
+                secrets.extend(auth.secrets().into_iter().cloned());
+            }
         }
-        for s in secrets {
+        for s in &secrets {
             for v in s.variables().unwrap_or_default() {
                 let missing = match v.strip_prefix(tidemark_core::secret::FILE_PREFIX) {
                     Some(path) => std::fs::File::open(path).is_err(),

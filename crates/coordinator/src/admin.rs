@@ -4,9 +4,16 @@
 //!   no data, it fetches `api/status` with the token).
 //! - `GET /api/status[?feed=F&partition_prefix=P&after=A&limit=N]` every
 //!   feed's summary and a page of jobs as JSON ([`ops::StatusReport`]).
-//! - `POST /api/feeds/{feed}/pause|resume|retry[?partition=P]`
-//! - `POST /api/feeds/{feed}/rewind[?partition=P]` with a JSON body
+//!   With `tenant=T`: that tenant's summary and jobs; `tenants=true`: every
+//!   tenant's summary.
+//! - `POST /api/feeds/{feed}/pause|resume|retry[?tenant=T&partition=P]`
+//! - `POST /api/feeds/{feed}/rewind[?tenant=T&partition=P]` with a JSON body
 //!   `{"start": true}`, `{"cursor": "C"}` or `{"time": "2024-01-01T00:00:00Z"}`.
+//! - `POST /api/tenants/{tenant}/pause|resume|retry|rewind`: the same on a
+//!   tenant's jobs of every feed.
+//! - `GET /api/sources/{source}/tenants`, `POST /api/sources/{source}/tenants`
+//!   with `{"name": "acme", "vars": {...}}`, and
+//!   `DELETE /api/sources/{source}/tenants/{name}[?purge=true]`.
 //!
 //! Every `/api` request needs `Authorization: Bearer <token>`, the token
 //! taken from the environment of the serving process. Tokens are compared
@@ -21,13 +28,14 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tidemark_state::Jobs;
+use tidemark_core::tenant::Tenant;
+use tidemark_state::Operate;
 
-use crate::ops::{self, Action, OpError, RewindTo};
+use crate::ops::{self, Action, OpError, RewindTo, Selection};
 
 /// The environment variable that holds the admin token.
 pub const TOKEN_ENV: &str = "TIDEMARK_ADMIN_TOKEN";
@@ -76,16 +84,25 @@ impl AdminToken {
 
 #[derive(Clone)]
 struct AdminState {
-    store: Arc<dyn Jobs>,
+    store: Arc<dyn Operate>,
     token: AdminToken,
 }
 
 /// The admin router: the status page and the API over `store`.
-pub fn router(store: Arc<dyn Jobs>, token: AdminToken) -> Router {
+pub fn router(store: Arc<dyn Operate>, token: AdminToken) -> Router {
     let state = AdminState { store, token };
     let api = Router::new()
         .route("/api/status", get(status))
         .route("/api/feeds/{feed}/{action}", post(act))
+        .route("/api/tenants/{tenant}/{action}", post(act_tenant))
+        .route(
+            "/api/sources/{source}/tenants",
+            get(list_tenants).post(add_tenant),
+        )
+        .route(
+            "/api/sources/{source}/tenants/{name}",
+            delete(remove_tenant),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/", get(|| async { Html(STATUS_PAGE) }))
@@ -114,6 +131,9 @@ async fn authorize(State(s): State<AdminState>, req: Request, next: Next) -> Res
 #[derive(Deserialize)]
 struct StatusFilter {
     feed: Option<String>,
+    tenant: Option<String>,
+    #[serde(default)]
+    tenants: bool,
     partition_prefix: Option<String>,
     after: Option<String>,
     limit: Option<usize>,
@@ -122,6 +142,8 @@ struct StatusFilter {
 async fn status(State(s): State<AdminState>, Query(q): Query<StatusFilter>) -> Response {
     let q = ops::StatusQuery {
         feed: q.feed,
+        tenant: q.tenant,
+        tenants: q.tenants,
         partition_prefix: q.partition_prefix,
         after: q.after,
         limit: q.limit.unwrap_or(ops::STATUS_LIMIT).clamp(1, 10_000),
@@ -134,6 +156,7 @@ async fn status(State(s): State<AdminState>, Query(q): Query<StatusFilter>) -> R
 
 #[derive(Deserialize)]
 struct PartitionFilter {
+    tenant: Option<String>,
     partition: Option<String>,
 }
 
@@ -167,7 +190,29 @@ async fn act(
     Query(q): Query<PartitionFilter>,
     body: axum::body::Bytes,
 ) -> Response {
-    let action = match action.as_str() {
+    let sel = Selection {
+        feed: Some(feed),
+        tenant: q.tenant,
+        partition: q.partition,
+    };
+    act_on(&s, &sel, &action, &body).await
+}
+
+async fn act_tenant(
+    State(s): State<AdminState>,
+    Path((tenant, action)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let sel = Selection {
+        feed: None,
+        tenant: Some(tenant),
+        partition: None,
+    };
+    act_on(&s, &sel, &action, &body).await
+}
+
+async fn act_on(s: &AdminState, sel: &Selection, action: &str, body: &[u8]) -> Response {
+    let action = match action {
         "pause" => Action::Pause,
         "resume" => Action::Resume,
         "retry" => Action::Retry,
@@ -175,7 +220,7 @@ async fn act(
             let parsed: Result<RewindBody, String> = if body.is_empty() {
                 Ok(RewindBody::default())
             } else {
-                serde_json::from_slice(&body).map_err(|e| format!("the body is not valid: {e}"))
+                serde_json::from_slice(body).map_err(|e| format!("the body is not valid: {e}"))
             };
             match parsed.and_then(RewindBody::target) {
                 Ok(to) => Action::Rewind { to },
@@ -189,13 +234,67 @@ async fn act(
             );
         }
     };
-    match ops::apply(&*s.store, &feed, q.partition.as_deref(), &action).await {
+    match ops::apply(&*s.store, sel, &action).await {
         Ok(report) => axum::Json(report).into_response(),
-        Err(e @ (OpError::UnknownFeed { .. } | OpError::UnknownPartition { .. })) => {
-            error(StatusCode::NOT_FOUND, e.to_string())
+        Err(e) => op_error(e),
+    }
+}
+
+/// An operation's error as an HTTP answer.
+fn op_error(e: OpError) -> Response {
+    match e {
+        e @ (OpError::UnknownFeed { .. }
+        | OpError::UnknownPartition { .. }
+        | OpError::UnknownTenant { .. }) => error(StatusCode::NOT_FOUND, e.to_string()),
+        e @ OpError::Invalid(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        e @ OpError::State(_) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn list_tenants(State(s): State<AdminState>, Path(source): Path<String>) -> Response {
+    match ops::tenants(&*s.store, &source).await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(e) => op_error(e),
+    }
+}
+
+async fn add_tenant(
+    State(s): State<AdminState>,
+    Path(source): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let tenant: Tenant = match serde_json::from_slice(&body) {
+        Ok(t) => t,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(r#"the body must be {{"name": "...", "vars": {{...}}}}: {e}"#),
+            );
         }
-        Err(e @ OpError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(e @ OpError::State(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    match ops::add_tenant(&*s.store, &source, &tenant).await {
+        Ok(new) => {
+            axum::Json(serde_json::json!({ "source": source, "tenant": tenant.name, "new": new }))
+                .into_response()
+        }
+        Err(e) => op_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct PurgeFilter {
+    #[serde(default)]
+    purge: bool,
+}
+
+async fn remove_tenant(
+    State(s): State<AdminState>,
+    Path((source, name)): Path<(String, String)>,
+    Query(q): Query<PurgeFilter>,
+) -> Response {
+    match ops::remove_tenant(&*s.store, &source, &name, q.purge).await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(e) => op_error(e),
     }
 }
 
@@ -207,7 +306,7 @@ fn error(code: StatusCode, message: String) -> Response {
 mod tests {
     use super::*;
     use tidemark_core::checkpoint::{Checkpoint, JobId, Phase};
-    use tidemark_state::{EmbeddedStore, Leases};
+    use tidemark_state::{EmbeddedStore, Jobs, Leases};
 
     async fn serve(token: Option<&str>) -> (String, Arc<EmbeddedStore>) {
         let store = Arc::new(EmbeddedStore::in_memory());

@@ -24,6 +24,7 @@
 
 pub mod admin;
 pub mod ops;
+mod tenants;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -38,8 +39,9 @@ use tidemark_core::checkpoint::{Checkpoint, JobId, Phase, Stage};
 use tidemark_core::clock::now_ms;
 use tidemark_core::config::Mode;
 use tidemark_core::options::parse_duration;
+use tidemark_core::tenant::{job_partition, split_job_partition};
 use tidemark_state::registry::publish_config;
-use tidemark_state::{Acquire, LeaderGuard, StateError, StateStore};
+use tidemark_state::{Acquire, LeaderGuard, StateError, StateStore, Survey, feed_jobs_with_prefix};
 use tidemark_telemetry::{FloatGauge, IntGauge, Metrics};
 
 /// How a coordinator behaves: the flags of `tidemark coordinator`;
@@ -100,6 +102,7 @@ pub async fn run(
     let leader = LeaderGuard::new(deps.store.clone(), opts.id.clone(), opts.leader_ttl);
     let mut c = Coordinator {
         deps,
+        tenants: tenants::Tenants::new(&config),
         config,
         opts,
         registered: None,
@@ -145,6 +148,7 @@ pub async fn run(
             c.registered = None;
             c.known.clear();
             c.registry_version = None;
+            c.tenants.reset();
             was_leader = leads;
         }
         c.deps.metrics.leader.set(i64::from(leads));
@@ -208,6 +212,8 @@ enum Pass {
 struct Coordinator {
     deps: CoordinatorDeps,
     config: Config,
+    /// The tenants of each tenanted source.
+    tenants: tenants::Tenants,
     opts: CoordinatorOptions,
     registered: Option<Instant>,
     /// The jobs this leader has registered: only new partitions are
@@ -261,13 +267,7 @@ impl Coordinator {
                     continue;
                 }
             };
-            wanted.insert(
-                feed.name.clone(),
-                parts
-                    .iter()
-                    .map(|p| JobId::new(&feed.name, &p.id))
-                    .collect(),
-            );
+            wanted.insert(feed.name.clone(), self.jobs_of(feed, &parts, None));
         }
         let fresh: Vec<JobId> = wanted
             .values()
@@ -275,14 +275,8 @@ impl Coordinator {
             .filter(|j| !self.known.contains(*j))
             .cloned()
             .collect();
-        let init = Checkpoint {
-            phase: Phase::Idle,
-            stage: Stage::Bulk,
-            next_due_ms: 0,
-            ..Checkpoint::default()
-        };
         // The store writes them in batches of its own.
-        let created = store.ensure_many(&fresh, &init).await?;
+        let created = store.ensure_many(&fresh, &fresh_checkpoint()).await?;
         self.known.extend(fresh);
         let retired = if first {
             self.retire_unwanted(&wanted).await?
@@ -300,6 +294,81 @@ impl Coordinator {
         }
         self.registered = Some(Instant::now());
         Ok(())
+    }
+
+    /// The jobs of `feed` for its `parts`: one per partition, or for a
+    /// tenanted feed one per tenant (only `tenant`, when given) and partition.
+    fn jobs_of(
+        &self,
+        feed: &tidemark_core::FeedConfig,
+        parts: &[tidemark_core::config::Partition],
+        tenant: Option<&str>,
+    ) -> Vec<JobId> {
+        if !self.tenants.is_tenanted(&feed.source) {
+            return parts
+                .iter()
+                .map(|p| JobId::new(&feed.name, &p.id))
+                .collect();
+        }
+        let tenants: Vec<&str> = match tenant {
+            Some(t) => vec![t],
+            None => self.tenants.active(&feed.source).collect(),
+        };
+        tenants
+            .iter()
+            .flat_map(|t| {
+                parts
+                    .iter()
+                    .map(move |p| JobId::new(&feed.name, job_partition(t, &p.id)))
+            })
+            .collect()
+    }
+
+    /// Create the jobs of the tenants that came and retire those of the
+    /// tenants that went (a page in flight is fenced; their state stays).
+    async fn apply_tenant_changes(
+        &mut self,
+        changes: Vec<tenants::Change>,
+    ) -> Result<usize, StateError> {
+        let store = self.deps.store.clone();
+        let mut created = 0;
+        for change in changes {
+            for feed in self
+                .config
+                .feeds
+                .iter()
+                .filter(|f| f.source == change.source)
+            {
+                if !change.came.is_empty() {
+                    let parts = match feed.partitions(Utc::now()) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::error!(feed = %feed.name, error = %e, "cannot split the feed into jobs");
+                            continue;
+                        }
+                    };
+                    let fresh: Vec<JobId> = change
+                        .came
+                        .iter()
+                        .flat_map(|t| self.jobs_of(feed, &parts, Some(t)))
+                        .collect();
+                    created += store.ensure_many(&fresh, &fresh_checkpoint()).await?;
+                    self.known.extend(fresh);
+                }
+                for t in &change.went {
+                    let prefix = job_partition(t, "");
+                    for (job, _) in
+                        feed_jobs_with_prefix(&*store, &feed.name, Some(&prefix)).await?
+                    {
+                        if store.retire(&job).await? {
+                            tracing::info!(job = %job, "job retired: its tenant was removed");
+                        }
+                        self.known.remove(&job);
+                    }
+                }
+            }
+        }
+        Ok(created)
     }
 
     /// Retire the jobs the config no longer has: every job of a feed that
@@ -329,13 +398,37 @@ impl Coordinator {
     }
 
     async fn pass(&mut self, leader: &LeaderGuard) -> Result<Pass, StateError> {
+        let store = self.deps.store.clone();
+        // One round trip: all an idle pass reads.
+        let mut survey = store.survey(now_ms(), REISSUE_BATCH, DUE_FEEDS).await?;
+        if self.tenants.any() {
+            let changes = self
+                .tenants
+                .refresh(&*store, survey.tenants_version, &self.deps.metrics)
+                .await?;
+            // Before the first registration, that registration makes every job.
+            if !self.known.is_empty()
+                && changes
+                    .iter()
+                    .any(|c| !c.came.is_empty() || !c.went.is_empty())
+            {
+                let created = self.apply_tenant_changes(changes).await?;
+                if created > 0 {
+                    // Their jobs are due now: start them in this pass.
+                    survey = store.survey(now_ms(), REISSUE_BATCH, DUE_FEEDS).await?;
+                }
+            }
+        }
         if self
             .registered
             .is_none_or(|t| t.elapsed() >= self.opts.register_every)
         {
             self.register().await?;
+            if self.registered.is_some() {
+                survey = store.survey(now_ms(), REISSUE_BATCH, DUE_FEEDS).await?;
+            }
         }
-        let pass = self.schedule(leader).await?;
+        let pass = self.schedule(leader, survey).await?;
         if self.gauges.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {
             self.refresh_gauges().await?;
         }
@@ -343,12 +436,10 @@ impl Coordinator {
     }
 
     /// Re-issue what expired, then admit what is due while there is room.
-    async fn schedule(&mut self, leader: &LeaderGuard) -> Result<Pass, StateError> {
+    async fn schedule(&mut self, leader: &LeaderGuard, survey: Survey) -> Result<Pass, StateError> {
         let store = self.deps.store.clone();
         let now = now_ms();
         let mut pass = Pass::Done;
-        // One round trip: all an idle pass reads.
-        let survey = store.survey(now, REISSUE_BATCH, DUE_FEEDS).await?;
         if survey.expired.len() == REISSUE_BATCH {
             pass = Pass::Busy;
         }
@@ -503,6 +594,25 @@ impl Coordinator {
     /// Take a new epoch and publish the chain's first task.
     async fn start_chain(&self, job: &JobId, why: Why) -> Result<(), StateError> {
         let store = &*self.deps.store;
+        // A tenanted job carries its tenant's vars; a job of a tenant no
+        // longer running is retired, not started.
+        let source = self.config.feed(&job.feed).map(|f| f.source.as_str());
+        let vars = match source.filter(|s| self.tenants.is_tenanted(s)) {
+            None => None,
+            Some(source) => {
+                let tenant = split_job_partition(&job.partition)
+                    .and_then(|(t, _)| self.tenants.get(source, t));
+                match tenant {
+                    Some(t) => Some(t.vars.clone()),
+                    None => {
+                        if store.retire(job).await? {
+                            tracing::info!(job = %job, "job retired: its tenant is not running");
+                        }
+                        return Ok(());
+                    }
+                }
+            }
+        };
         let epoch = match store.acquire(job, self.opts.queue_lease, false).await? {
             Acquire::Granted { epoch } => epoch,
             _ => return Ok(()),
@@ -533,6 +643,7 @@ impl Coordinator {
             attempt: 0,
             empty_run: 0,
             published_ms: now_ms(),
+            vars: vars.unwrap_or_default(),
         };
         if let Err(e) = self.deps.tasks.publish_task(&task, None).await {
             let _ = store.release(job, epoch).await;
@@ -556,6 +667,16 @@ impl Coordinator {
             tracing::info!(job = %job, epoch, seq = cp.seq, stage = ?cp.stage, "chain started");
         }
         Ok(())
+    }
+}
+
+/// A job as it is first created: idle, due at once.
+fn fresh_checkpoint() -> Checkpoint {
+    Checkpoint {
+        phase: Phase::Idle,
+        stage: Stage::Bulk,
+        next_due_ms: 0,
+        ..Checkpoint::default()
     }
 }
 

@@ -12,9 +12,13 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use tidemark_core::checkpoint::{Checkpoint, JobId, Phase, Stage};
 use tidemark_core::clock::now_ms;
+use tidemark_core::tenant::{self, Tenant, split_job_partition};
 use tidemark_core::timefmt::parse_timestamp;
+use tidemark_core::{Config, config::tenant_vars_used};
+use tidemark_state::registry::load_config;
 use tidemark_state::{
-    Control, FeedCensus, JobQuery, Jobs, Rewind, StateError, feed_jobs, high_water_ms,
+    ActiveTenant, Control, FeedCensus, JobQuery, Jobs, Operate, Rewind, StateError, TenantOrigin,
+    feed_jobs, feed_jobs_with_prefix, high_water_ms,
 };
 
 /// One row of the status table.
@@ -81,12 +85,72 @@ pub struct StatusReport {
     pub jobs: Vec<JobStatus>,
     /// More jobs match: pass this partition as `after` for the next page.
     pub next: Option<String>,
+    /// Per tenant (with `tenant`, or every tenant with `tenants`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<TenantSummary>,
+}
+
+/// One tenant at a glance, over every feed of its source.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TenantSummary {
+    pub tenant: String,
+    pub jobs: u64,
+    pub idle: u64,
+    pub running: u64,
+    pub paused: u64,
+    pub failed: u64,
+    pub records: u64,
+    /// Now minus the lowest high-water mark of its jobs, when they are times.
+    pub worst_lag_secs: Option<f64>,
+    /// The failed jobs (at most [`FAILURES_SHOWN`]) with their errors.
+    pub failures: Vec<TenantFailure>,
+}
+
+/// A tenant's failed job and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantFailure {
+    pub feed: String,
+    pub partition: String,
+    pub error: Option<String>,
+}
+
+impl TenantSummary {
+    fn add(&mut self, job: &JobId, partition: &str, cp: &Checkpoint, now: u64) {
+        self.jobs += 1;
+        match cp.phase {
+            Phase::Idle => self.idle += 1,
+            Phase::Running => self.running += 1,
+            Phase::Paused => self.paused += 1,
+            Phase::Failed => {
+                self.failed += 1;
+                if self.failures.len() < FAILURES_SHOWN {
+                    self.failures.push(TenantFailure {
+                        feed: job.feed.clone(),
+                        partition: partition.to_string(),
+                        error: cp.last_error.clone(),
+                    });
+                }
+            }
+        }
+        self.records += cp.records;
+        if let Some(t) = cp.high_water.as_deref().and_then(high_water_ms) {
+            let lag = secs_between(now, t);
+            self.worst_lag_secs = Some(self.worst_lag_secs.map_or(lag, |w: f64| w.max(lag)));
+        }
+    }
 }
 
 /// Which jobs a status report lists.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusQuery {
     pub feed: Option<String>,
+    /// One tenant: its summary, and its jobs (of `feed`, or of every feed).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// A summary of every tenant (reads every job of every feed: for a
+    /// deployment of many jobs, prefer `tenant`).
+    #[serde(default)]
+    pub tenants: bool,
     /// Only partitions that start with this (with a feed).
     pub partition_prefix: Option<String>,
     /// The page after this partition (the `next` of the page before).
@@ -102,6 +166,8 @@ impl Default for StatusQuery {
     fn default() -> Self {
         StatusQuery {
             feed: None,
+            tenant: None,
+            tenants: false,
             partition_prefix: None,
             after: None,
             limit: STATUS_LIMIT,
@@ -197,12 +263,18 @@ pub async fn status(store: &dyn Jobs, q: &StatusQuery) -> Result<StatusReport, S
         });
     }
     let limit = q.limit.max(1);
+    // A tenant's jobs: partitions under `<tenant>/`.
+    let prefix = match (&q.tenant, &q.partition_prefix) {
+        (Some(t), Some(p)) => Some(tenant::job_partition(t, p)),
+        (Some(t), None) => Some(tenant::job_partition(t, "")),
+        (None, p) => p.clone(),
+    };
     let (jobs, next) = match &q.feed {
         Some(feed) if !census.is_empty() => {
             let page = store
                 .page(&JobQuery {
                     feed: feed.clone(),
-                    prefix: q.partition_prefix.clone(),
+                    prefix: prefix.clone(),
                     after: q.after.clone(),
                     limit,
                 })
@@ -210,6 +282,17 @@ pub async fn status(store: &dyn Jobs, q: &StatusQuery) -> Result<StatusReport, S
             (page.jobs, page.next)
         }
         Some(_) => (Vec::new(), None),
+        None if q.tenant.is_some() => {
+            let mut all = Vec::new();
+            for c in &census {
+                all.extend(feed_jobs_with_prefix(store, &c.feed, prefix.as_deref()).await?);
+                if all.len() > limit {
+                    break;
+                }
+            }
+            all.truncate(limit);
+            (all, None)
+        }
         None if census.iter().map(FeedCensus::jobs).sum::<u64>() <= limit as u64 => {
             let mut all = Vec::new();
             for c in &census {
@@ -219,6 +302,11 @@ pub async fn status(store: &dyn Jobs, q: &StatusQuery) -> Result<StatusReport, S
         }
         None => (Vec::new(), None),
     };
+    let tenants = if q.tenant.is_some() || q.tenants {
+        tenant_summaries(store, &census, q.tenant.as_deref(), now).await?
+    } else {
+        Vec::new()
+    };
     Ok(StatusReport {
         now_ms: now,
         feeds,
@@ -227,7 +315,34 @@ pub async fn status(store: &dyn Jobs, q: &StatusQuery) -> Result<StatusReport, S
             .map(|(j, cp)| JobStatus::new(j, cp, now))
             .collect(),
         next,
+        tenants,
     })
+}
+
+/// The summary of one tenant (or of every tenant) over the feeds of
+/// `census`: reads the jobs under `<tenant>/` (or every job).
+async fn tenant_summaries(
+    store: &dyn Jobs,
+    census: &[FeedCensus],
+    only: Option<&str>,
+    now: u64,
+) -> Result<Vec<TenantSummary>, StateError> {
+    let prefix = only.map(|t| tenant::job_partition(t, ""));
+    let mut by: std::collections::BTreeMap<String, TenantSummary> = Default::default();
+    for c in census {
+        for (job, cp) in feed_jobs_with_prefix(store, &c.feed, prefix.as_deref()).await? {
+            let Some((t, p)) = split_job_partition(&job.partition) else {
+                continue;
+            };
+            by.entry(t.to_string())
+                .or_insert_with(|| TenantSummary {
+                    tenant: t.to_string(),
+                    ..TenantSummary::default()
+                })
+                .add(&job, p, &cp, now);
+        }
+    }
+    Ok(by.into_values().collect())
 }
 
 /// What an operator asks of a feed.
@@ -295,6 +410,11 @@ pub enum OpError {
     UnknownFeed { feed: String },
     #[error("feed {feed:?} has no partition {partition:?}")]
     UnknownPartition { feed: String, partition: String },
+    #[error("no jobs of tenant {tenant:?}{}", feed.as_ref().map(|f| format!(" in feed {f:?}")).unwrap_or_default())]
+    UnknownTenant {
+        tenant: String,
+        feed: Option<String>,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error("state store: {0}")]
@@ -320,36 +440,96 @@ pub struct ActionReport {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
+    pub feed: String,
     pub partition: String,
     pub epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Skipped {
+    pub feed: String,
     pub partition: String,
     pub reason: String,
 }
 
-/// Apply `action` to every job of `feed` (or to one partition of it).
+/// Which jobs an action applies to: a feed's, a tenant's (of one feed or
+/// of every feed), or one partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Selection {
+    /// A feed; without it, every feed with jobs of `tenant`.
+    #[serde(default)]
+    pub feed: Option<String>,
+    /// A tenant of a tenanted feed.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// One partition (of the tenant, for a tenanted feed).
+    #[serde(default)]
+    pub partition: Option<String>,
+}
+
+impl Selection {
+    /// Every job of `feed`.
+    pub fn feed(feed: &str) -> Self {
+        Selection {
+            feed: Some(feed.to_string()),
+            ..Selection::default()
+        }
+    }
+    /// One partition of `feed`.
+    pub fn partition(feed: &str, partition: Option<&str>) -> Self {
+        Selection {
+            feed: Some(feed.to_string()),
+            tenant: None,
+            partition: partition.map(str::to_string),
+        }
+    }
+}
+
+/// Apply `action` to the jobs `sel` names.
 pub async fn apply(
     store: &dyn Jobs,
-    feed: &str,
-    partition: Option<&str>,
+    sel: &Selection,
     action: &Action,
 ) -> Result<ActionReport, OpError> {
     let control = action.control()?;
-    let jobs = feed_jobs(store, feed).await?;
-    if jobs.is_empty() {
-        return Err(OpError::UnknownFeed { feed: feed.into() });
+    if let Some(t) = &sel.tenant {
+        tenant::check_name(t).map_err(OpError::Invalid)?;
     }
-    let targets: Vec<&(JobId, Checkpoint)> = jobs
-        .iter()
-        .filter(|(j, _)| partition.is_none_or(|p| j.partition == p))
-        .collect();
-    if let (Some(p), true) = (partition, targets.is_empty()) {
-        return Err(OpError::UnknownPartition {
-            feed: feed.into(),
-            partition: p.into(),
+    let feeds = match (&sel.feed, &sel.tenant) {
+        (Some(f), _) => vec![f.clone()],
+        (None, Some(_)) => store.feeds().await?,
+        (None, None) => return Err(OpError::Invalid("name a feed or a tenant".into())),
+    };
+    let prefix = sel.tenant.as_deref().map(|t| tenant::job_partition(t, ""));
+    let wanted = match (&sel.tenant, &sel.partition) {
+        (Some(t), Some(p)) => Some(tenant::job_partition(t, p)),
+        (None, p) => p.clone(),
+        (Some(_), None) => None,
+    };
+    let mut targets = Vec::new();
+    for feed in &feeds {
+        let jobs = feed_jobs_with_prefix(store, feed, prefix.as_deref()).await?;
+        if jobs.is_empty() && sel.feed.is_some() && sel.tenant.is_none() {
+            return Err(OpError::UnknownFeed { feed: feed.clone() });
+        }
+        targets.extend(
+            jobs.into_iter()
+                .filter(|(j, _)| wanted.as_ref().is_none_or(|p| j.partition == *p)),
+        );
+    }
+    if targets.is_empty() {
+        return Err(match (&sel.tenant, &sel.partition, &sel.feed) {
+            (_, Some(p), Some(f)) => OpError::UnknownPartition {
+                feed: f.clone(),
+                partition: wanted.unwrap_or_else(|| p.clone()),
+            },
+            (Some(t), _, f) => OpError::UnknownTenant {
+                tenant: t.clone(),
+                feed: f.clone(),
+            },
+            (None, _, f) => OpError::UnknownFeed {
+                feed: f.clone().unwrap_or_default(),
+            },
         });
     }
     let mut report = ActionReport {
@@ -368,19 +548,179 @@ pub async fn apply(
         };
         if let Some(reason) = skip {
             report.skipped.push(Skipped {
+                feed: job.feed.clone(),
                 partition: job.partition.clone(),
                 reason: reason.into(),
             });
             continue;
         }
-        let epoch = store.control(job, &control).await?;
+        let epoch = store.control(&job, &control).await?;
         tracing::info!(job = %job, action = action.name(), epoch, "operator action applied");
         report.applied.push(Applied {
+            feed: job.feed.clone(),
             partition: job.partition.clone(),
             epoch,
         });
     }
     Ok(report)
+}
+
+/// The tenants of a source: those running, and those added but not yet
+/// applied by a coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantsReport {
+    pub source: String,
+    pub active: Vec<ActiveTenant>,
+    /// Added (`tenants add`) but not yet running: no coordinator has
+    /// applied them yet.
+    pub pending: Vec<Tenant>,
+}
+
+/// What removing a tenant did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRemoval {
+    pub source: String,
+    pub tenant: String,
+    /// It was an added tenant and is removed (its jobs stop within a tick).
+    pub removed: bool,
+    /// Jobs whose state was deleted (with `purge`).
+    pub purged: usize,
+}
+
+/// The registered config and the named source in it, which must have tenants.
+async fn tenanted_source(store: &dyn Operate, source: &str) -> Result<Config, OpError> {
+    let Some((_, config)) = load_config(store).await? else {
+        return Err(OpError::Invalid(
+            "no feed registry yet: start a coordinator (or a run) with the config first".into(),
+        ));
+    };
+    match config.sources.get(source) {
+        Some(s) if s.is_tenanted() => Ok(config),
+        Some(_) => Err(OpError::Invalid(format!(
+            "source {source:?} has no tenants block"
+        ))),
+        None => Err(OpError::Invalid(format!(
+            "no source named {source:?} in the registered config"
+        ))),
+    }
+}
+
+/// Retire and delete every job of tenant `name` of `source`: the jobs of
+/// each of the source's feeds, one per partition (a retired job is in no
+/// index, so they are found by name, from the config).
+async fn purge_tenant(
+    store: &dyn Operate,
+    config: &Config,
+    source: &str,
+    name: &str,
+) -> Result<usize, OpError> {
+    let mut purged = 0;
+    for feed in config.feeds.iter().filter(|f| f.source == source) {
+        let parts = feed.partitions(Utc::now()).map_err(OpError::Invalid)?;
+        for p in parts {
+            let job = JobId::new(&feed.name, tenant::job_partition(name, &p.id));
+            store.retire(&job).await?;
+            if store.purge(&job).await? == Some(true) {
+                purged += 1;
+            }
+        }
+    }
+    Ok(purged)
+}
+
+/// The tenants of `source`.
+pub async fn tenants(store: &dyn Operate, source: &str) -> Result<TenantsReport, OpError> {
+    tenanted_source(store, source).await?;
+    let active = store.active_tenants(source).await?;
+    let running: std::collections::HashSet<&str> = active.iter().map(|t| t.name.as_str()).collect();
+    let pending = store
+        .added_tenants(source)
+        .await?
+        .into_iter()
+        .filter(|t| !running.contains(t.name.as_str()))
+        .collect();
+    Ok(TenantsReport {
+        source: source.to_string(),
+        active,
+        pending,
+    })
+}
+
+/// Add a tenant to `source` (or change its vars): a coordinator creates
+/// and starts its jobs within one tick. True when it is new.
+pub async fn add_tenant(store: &dyn Operate, source: &str, t: &Tenant) -> Result<bool, OpError> {
+    tenant::check_name(&t.name).map_err(OpError::Invalid)?;
+    for v in t.vars.keys() {
+        tenant::check_var_name(v).map_err(OpError::Invalid)?;
+    }
+    let config = tenanted_source(store, source).await?;
+    let missing: Vec<String> = tenant_vars_used(&config, source)
+        .into_iter()
+        .filter(|(v, _)| !t.vars.contains_key(v))
+        .map(|(v, at)| format!("vars.{v} (used by {at})"))
+        .collect();
+    if !missing.is_empty() {
+        return Err(OpError::Invalid(format!(
+            "tenant {} lacks {}: pass --var NAME=VALUE",
+            t.name,
+            missing.join(", ")
+        )));
+    }
+    let new = store.add_tenant(source, t).await?;
+    tracing::info!(source, tenant = %t.name, new, "tenant added");
+    Ok(new)
+}
+
+/// Remove a tenant added at run time: a coordinator retires its jobs
+/// within one tick (a page in flight is fenced); their state stays unless
+/// `purge`, which also deletes the state of a tenant already gone (say,
+/// from the tenants file).
+pub async fn remove_tenant(
+    store: &dyn Operate,
+    source: &str,
+    name: &str,
+    purge: bool,
+) -> Result<TenantRemoval, OpError> {
+    tenant::check_name(name).map_err(OpError::Invalid)?;
+    let config = tenanted_source(store, source).await?;
+    let active = store.active_tenants(source).await?;
+    if let Some(t) = active
+        .iter()
+        .find(|t| t.name == name && t.origin != TenantOrigin::Added)
+    {
+        let from = match t.origin {
+            TenantOrigin::File => format!(
+                "the tenants file {}",
+                config.sources[source]
+                    .tenants
+                    .as_ref()
+                    .and_then(|x| x.file.clone())
+                    .unwrap_or_default()
+            ),
+            _ => format!("sources.{source}.tenants.list in the config"),
+        };
+        return Err(OpError::Invalid(format!(
+            "tenant {name} is listed in {from}: remove it there (then `tenants remove --purge` deletes its state)"
+        )));
+    }
+    let removed = store.remove_tenant(source, name).await?;
+    if !removed && !purge && !active.iter().any(|t| t.name == name) {
+        return Err(OpError::UnknownTenant {
+            tenant: name.to_string(),
+            feed: None,
+        });
+    }
+    let mut purged = 0;
+    if purge {
+        purged = purge_tenant(store, &config, source, name).await?;
+    }
+    tracing::info!(source, tenant = name, removed, purged, "tenant removed");
+    Ok(TenantRemoval {
+        source: source.to_string(),
+        tenant: name.to_string(),
+        removed,
+        purged,
+    })
 }
 
 /// `3s`, `4m10s`, `2h5m`, `3d4h`.
@@ -574,7 +914,9 @@ mod tests {
             ("b", "1", Phase::Running),
         ])
         .await;
-        let r = apply(&s, "a", None, &Action::Retry).await.expect("retry");
+        let r = apply(&s, &Selection::feed("a"), &Action::Retry)
+            .await
+            .expect("retry");
         assert_eq!(r.applied.len(), 1);
         assert_eq!(r.applied[0].partition, "1");
         assert_eq!(r.skipped[0].reason, "not failed");
@@ -585,18 +927,18 @@ mod tests {
             .expect("job");
         assert_eq!(cp.phase, Phase::Idle);
         assert!(matches!(
-            apply(&s, "nope", None, &Action::Pause).await,
+            apply(&s, &Selection::feed("nope"), &Action::Pause).await,
             Err(OpError::UnknownFeed { .. })
         ));
         assert!(matches!(
-            apply(&s, "a", Some("9"), &Action::Pause).await,
+            apply(&s, &Selection::partition("a", Some("9")), &Action::Pause).await,
             Err(OpError::UnknownPartition { .. })
         ));
         let bad = Action::Rewind {
             to: RewindTo::Time("yesterday-ish".into()),
         };
         assert!(matches!(
-            apply(&s, "a", None, &bad).await,
+            apply(&s, &Selection::feed("a"), &bad).await,
             Err(OpError::Invalid(_))
         ));
     }
@@ -607,7 +949,7 @@ mod tests {
         let to = Action::Rewind {
             to: RewindTo::Time("2024-03-01".into()),
         };
-        apply(&s, "a", None, &to).await.expect("rewind");
+        apply(&s, &Selection::feed("a"), &to).await.expect("rewind");
         let cp = s
             .get(&JobId::new("a", "1"))
             .await

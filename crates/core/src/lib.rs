@@ -15,6 +15,7 @@ pub mod pagination;
 pub mod pointer;
 pub mod record;
 pub mod secret;
+pub mod tenant;
 pub mod timefmt;
 pub mod walk;
 

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tidemark_coordinator::ops::{self, Action, ActionReport};
+use tidemark_coordinator::ops::{self, Action, ActionReport, OpError, Selection, TenantRemoval};
+use tidemark_core::tenant::Tenant;
 use tidemark_state::EmbeddedStore;
 
 use crate::EmbeddedError;
@@ -103,25 +104,53 @@ impl StateDir {
     /// else through the running process.
     pub async fn apply(
         &self,
-        feed: &str,
-        partition: Option<&str>,
+        selection: &Selection,
         action: &Action,
     ) -> Result<ActionReport, EmbeddedError> {
-        if !self.state_file().exists() {
-            return Err(self.no_state());
-        }
-        if let Some(owned) = self.try_take()? {
-            return Ok(ops::apply(&*owned.store, feed, partition, action).await?);
-        }
-        self.ask_runner(&Request {
-            feed: feed.into(),
-            partition: partition.map(str::to_string),
+        self.run(Request::Act {
+            selection: selection.clone(),
             action: action.clone(),
         })
         .await
     }
 
-    async fn ask_runner(&self, req: &Request) -> Result<ActionReport, EmbeddedError> {
+    /// Add a tenant (`tidemark tenants add --state-dir`); true when new.
+    pub async fn add_tenant(&self, source: &str, tenant: &Tenant) -> Result<bool, EmbeddedError> {
+        self.run(Request::AddTenant {
+            source: source.into(),
+            tenant: tenant.clone(),
+        })
+        .await
+    }
+
+    /// Remove a tenant (`tidemark tenants remove --state-dir`).
+    pub async fn remove_tenant(
+        &self,
+        source: &str,
+        name: &str,
+        purge: bool,
+    ) -> Result<TenantRemoval, EmbeddedError> {
+        self.run(Request::RemoveTenant {
+            source: source.into(),
+            name: name.into(),
+            purge,
+        })
+        .await
+    }
+
+    /// Carry `req` out here, or have the run that holds the directory do it.
+    async fn run<T: serde::de::DeserializeOwned>(&self, req: Request) -> Result<T, EmbeddedError> {
+        if !self.state_file().exists() {
+            return Err(self.no_state());
+        }
+        let value = match self.try_take()? {
+            Some(owned) => req.carry_out(&owned.store).await?,
+            None => self.ask_runner(&req).await?,
+        };
+        serde_json::from_value(value).map_err(EmbeddedError::BadReply)
+    }
+
+    async fn ask_runner(&self, req: &Request) -> Result<serde_json::Value, EmbeddedError> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let dir = self.requests();
         let body = serde_json::to_vec(req).map_err(EmbeddedError::Encode)?;
@@ -135,13 +164,7 @@ impl StateDir {
                 && let Some(owned) = self.try_take()?
             {
                 let _ = std::fs::remove_file(&request);
-                return Ok(ops::apply(
-                    &*owned.store,
-                    &req.feed,
-                    req.partition.as_deref(),
-                    &req.action,
-                )
-                .await?);
+                return Ok(req.carry_out(&owned.store).await?);
             }
             let Ok(bytes) = std::fs::read(&reply) else {
                 continue;
@@ -168,17 +191,53 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EmbeddedError> {
         .map_err(EmbeddedError::io("cannot write", path))
 }
 
+/// What an operator command asks of the state directory's run.
 #[derive(Serialize, Deserialize)]
-struct Request {
-    feed: String,
-    partition: Option<String>,
-    action: Action,
+#[serde(rename_all = "snake_case", tag = "op")]
+enum Request {
+    Act {
+        selection: Selection,
+        action: Action,
+    },
+    AddTenant {
+        source: String,
+        tenant: Tenant,
+    },
+    RemoveTenant {
+        source: String,
+        name: String,
+        purge: bool,
+    },
+}
+
+impl Request {
+    /// Carry the request out on `store`; the answer as JSON.
+    async fn carry_out(&self, store: &EmbeddedStore) -> Result<serde_json::Value, OpError> {
+        let json = |v: Result<serde_json::Value, serde_json::Error>| {
+            v.map_err(|e| OpError::Invalid(format!("cannot encode the answer: {e}")))
+        };
+        match self {
+            Request::Act { selection, action } => json(serde_json::to_value(
+                ops::apply(store, selection, action).await?,
+            )),
+            Request::AddTenant { source, tenant } => json(serde_json::to_value(
+                ops::add_tenant(store, source, tenant).await?,
+            )),
+            Request::RemoveTenant {
+                source,
+                name,
+                purge,
+            } => json(serde_json::to_value(
+                ops::remove_tenant(store, source, name, *purge).await?,
+            )),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Reply {
-    Ok(ActionReport),
+    Ok(serde_json::Value),
     Usage(String),
     Error(String),
 }
@@ -216,20 +275,11 @@ impl Owned {
                 .and_then(|b| serde_json::from_slice::<Request>(&b).map_err(|e| e.to_string()))
             {
                 Err(e) => Reply::Usage(format!("unreadable request: {e}")),
-                Ok(req) => {
-                    match ops::apply(
-                        &*self.store,
-                        &req.feed,
-                        req.partition.as_deref(),
-                        &req.action,
-                    )
-                    .await
-                    {
-                        Ok(r) => Reply::Ok(r),
-                        Err(e) if e.is_usage() => Reply::Usage(e.to_string()),
-                        Err(e) => Reply::Error(e.to_string()),
-                    }
-                }
+                Ok(req) => match req.carry_out(&self.store).await {
+                    Ok(r) => Reply::Ok(r),
+                    Err(e) if e.is_usage() => Reply::Usage(e.to_string()),
+                    Err(e) => Reply::Error(e.to_string()),
+                },
             };
             let _ = std::fs::remove_file(&path);
             if let Ok(bytes) = serde_json::to_vec(&reply)

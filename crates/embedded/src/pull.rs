@@ -30,6 +30,8 @@ pub const PIPELINE_PAGES: usize = 2;
 pub struct PullOptions {
     pub config: PathBuf,
     pub feed: String,
+    /// The tenant (a feed of a source with tenants): from the tenants file or list.
+    pub tenant: Option<String>,
     pub partition: Option<String>,
     pub max_pages: Option<u64>,
     /// Start at this time instead of the feed's `start.from`.
@@ -92,6 +94,36 @@ pub async fn run(
     let source_cfg = config
         .source_of(feed)
         .ok_or_else(|| Failure::Usage(format!("feed {} names an unknown source", feed.name)))?;
+    // A tenanted feed is pulled as one tenant sees it.
+    let (feed, source_cfg) = match (source_cfg.is_tenanted(), &opts.tenant) {
+        (false, None) => (feed.clone(), source_cfg.clone()),
+        (false, Some(_)) => {
+            return Err(Failure::Usage(format!(
+                "feed {} has no tenants: drop --tenant",
+                feed.name
+            )));
+        }
+        (true, None) => {
+            return Err(Failure::Usage(format!(
+                "feed {} runs once per tenant of source {}: name one with --tenant",
+                feed.name, feed.source
+            )));
+        }
+        (true, Some(name)) => {
+            let tenants = tidemark_core::config::load_tenants(&config)
+                .map_err(|e| Failure::Usage(e.to_string()))?;
+            let tenant = tenants
+                .get(&feed.source)
+                .and_then(|l| l.iter().find(|t| &t.name == name))
+                .cloned()
+                .unwrap_or_else(|| tidemark_core::tenant::Tenant::new(name.clone()));
+            (
+                feed.for_tenant(&tenant).map_err(Failure::Usage)?,
+                source_cfg.for_tenant(&tenant).map_err(Failure::Usage)?,
+            )
+        }
+    };
+    let (feed, source_cfg) = (&feed, &source_cfg);
     let partition = choose_partition(feed, opts.partition.as_deref())?;
     let source =
         HttpSource::new(&feed.source, source_cfg).map_err(|e| Failure::Usage(e.to_string()))?;

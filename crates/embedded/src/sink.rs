@@ -34,6 +34,9 @@ impl Out {
     }
 }
 
+/// Files a sink keeps open at once.
+const MAX_OPEN_FILES: usize = 256;
+
 /// Writes confirmed pages as JSON Lines: one record per line (per-record
 /// delivery) or one `{"records": [...]}` line per page (per-page delivery).
 pub struct JsonlSink {
@@ -53,9 +56,15 @@ impl JsonlSink {
     }
 
     pub fn path(&self, feed: &str) -> Option<PathBuf> {
-        match &self.out {
-            Out::Dir(d) => Some(d.join(format!("{feed}.jsonl"))),
-            Out::Stdout => None,
+        self.file_of(feed, None)
+    }
+
+    /// `<feed>.jsonl`, or for a tenanted feed `<feed>.<tenant>.jsonl`.
+    pub fn file_of(&self, feed: &str, tenant: Option<&str>) -> Option<PathBuf> {
+        match (&self.out, tenant) {
+            (Out::Dir(d), None) => Some(d.join(format!("{feed}.jsonl"))),
+            (Out::Dir(d), Some(t)) => Some(d.join(format!("{feed}.{t}.jsonl"))),
+            (Out::Stdout, _) => None,
         }
     }
 
@@ -82,9 +91,17 @@ impl JsonlSink {
                     .map_err(EmbeddedError::io("cannot write", "stdout"))
             }
             Out::Dir(_) => {
-                let path = self.path(&page.feed).unwrap_or_default();
+                let path = self
+                    .file_of(&page.feed, page.tenant.as_deref())
+                    .unwrap_or_default();
+                let key = path.display().to_string();
                 let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-                let f = match files.entry(page.feed.clone()) {
+                // A thousand tenants are thousands of files: keep at most
+                // this many open (closing one loses nothing, each page is synced).
+                if files.len() >= MAX_OPEN_FILES && !files.contains_key(&key) {
+                    files.clear();
+                }
+                let f = match files.entry(key.clone()) {
                     std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
                     std::collections::hash_map::Entry::Vacant(v) => v.insert(
                         open_repaired(&path).map_err(EmbeddedError::io("cannot open", &path))?,
@@ -94,7 +111,7 @@ impl JsonlSink {
                 if let Err(e) = written {
                     // Part of the page may be in the file: reopen (and so
                     // repair) it before the retry appends the page again.
-                    files.remove(&page.feed);
+                    files.remove(&key);
                     return Err(EmbeddedError::io("cannot write", path)(e));
                 }
                 Ok(())

@@ -9,6 +9,9 @@ pub struct MockArgs {
     /// Records in the initial dataset.
     #[arg(long, default_value_t = 1000)]
     pub records: usize,
+    /// Records in each tenant's initial dataset (`/t/{tenant}/...`).
+    #[arg(long, default_value_t = 20)]
+    pub tenant_records: usize,
     /// Page size when a request names none.
     #[arg(long, default_value_t = 100)]
     pub page_size: usize,
@@ -60,6 +63,7 @@ impl MockArgs {
     pub fn to_config(&self) -> MockConfig {
         MockConfig {
             records: self.records,
+            tenant_records: self.tenant_records,
             page_size: self.page_size.max(1),
             record_bytes: self.record_bytes,
             seed: self.seed,

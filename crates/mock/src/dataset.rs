@@ -48,6 +48,8 @@ pub struct Dataset {
     updated: std::collections::HashSet<u64>,
     seed: u64,
     record_bytes: usize,
+    /// A tenant's dataset tags every record with `"tenant":"{name}"`.
+    tenant: Option<String>,
 }
 
 pub fn id_of(seq: u64) -> String {
@@ -70,6 +72,16 @@ fn splitmix(state: &mut u64) -> u64 {
 
 impl Dataset {
     pub fn new(records: usize, seed: u64, record_bytes: usize) -> Self {
+        Self::build(records, seed, record_bytes, None)
+    }
+
+    /// A tenant's dataset: like [`Dataset::new`], and every record also
+    /// carries `"tenant":"{tenant}"` after its `updated_at`.
+    pub fn for_tenant(records: usize, seed: u64, record_bytes: usize, tenant: &str) -> Self {
+        Self::build(records, seed, record_bytes, Some(tenant.to_string()))
+    }
+
+    fn build(records: usize, seed: u64, record_bytes: usize, tenant: Option<String>) -> Self {
         let mut d = Dataset {
             by_id: BTreeMap::new(),
             by_change: BTreeMap::new(),
@@ -80,6 +92,7 @@ impl Dataset {
             updated: std::collections::HashSet::new(),
             seed,
             record_bytes,
+            tenant,
         };
         for i in 0..records {
             d.put(d.next_seq, BASE_TIME + i as i64);
@@ -90,8 +103,15 @@ impl Dataset {
     }
 
     fn render(&self, seq: u64, updated_at: i64) -> String {
+        let tenant = match &self.tenant {
+            Some(t) => format!(
+                r#","tenant":{}"#,
+                serde_json::to_string(t).unwrap_or_else(|_| "\"\"".into())
+            ),
+            None => String::new(),
+        };
         let head = format!(
-            r#"{{"id":"{}","updated_at":"{}","seq":{seq},"name":"record {seq}","payload":""#,
+            r#"{{"id":"{}","updated_at":"{}"{tenant},"seq":{seq},"name":"record {seq}","payload":""#,
             id_of(seq),
             rfc3339(updated_at)
         );

@@ -10,7 +10,8 @@ pub type Query = HashMap<String, String>;
 
 /// Settings every endpoint needs.
 pub struct Ctx<'a> {
-    /// `http://host:port`, from the request's Host header.
+    /// `http://host:port`, from the request's Host header, followed by
+    /// `/t/{tenant}` for a tenant's request, so next URLs keep the prefix.
     pub base: &'a str,
     pub default_page_size: usize,
     pub max_page_size: usize,

@@ -1,12 +1,17 @@
 //! tidemark-mock: a real HTTP server that serves one deterministic dataset
 //! through the wire format of every cursor-API style tidemark reads, with
 //! fault knobs and a ground-truth endpoint, for tests, the demo and benchmarks.
+//!
+//! It also serves many tenants on the same port: `/t/{tenant}/<endpoint>`
+//! reads that tenant's own dataset with `Authorization: Bearer tok-{tenant}`
+//! (see `tenants`).
 
 mod args;
 mod cursor;
 mod dataset;
 mod endpoints;
 mod server;
+mod tenants;
 
 use std::time::Duration;
 
@@ -15,12 +20,16 @@ use serde::{Deserialize, Serialize};
 pub use args::MockArgs;
 pub use dataset::{Truth, TruthRecord};
 pub use server::{MockServer, MockState, Stats, router};
+pub use tenants::{TENANT_PREFIX, is_tenant_name, tenant_token};
 
 /// What the mock serves and how it misbehaves.
 #[derive(Debug, Clone)]
 pub struct MockConfig {
     /// Records in the initial dataset.
     pub records: usize,
+    /// Records in each tenant's initial dataset (created on the tenant's
+    /// first request, from `seed` and the tenant's name).
+    pub tenant_records: usize,
     /// Page size when a request names none.
     pub page_size: usize,
     pub max_page_size: usize,
@@ -38,6 +47,7 @@ impl Default for MockConfig {
     fn default() -> Self {
         Self {
             records: 1000,
+            tenant_records: 20,
             page_size: 100,
             max_page_size: 10_000,
             record_bytes: 330,

@@ -1,4 +1,4 @@
-//! The HTTP server: routing, fault injection, admin and ground truth.
+//! The HTTP server: routing, tenants, fault injection, admin and ground truth.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::dataset::{Dataset, Truth};
 use crate::endpoints::{self, Ctx};
+use crate::tenants::{self, Refusal, Route, Tenant};
 use crate::{Faults, MockConfig};
 
 // Declared here rather than in lib.rs; the file is src/hostile.rs.
@@ -32,19 +33,30 @@ struct Shared {
     by_path: Mutex<BTreeMap<String, u64>>,
     /// Access tokens issued by `POST /oauth/token`, newest last.
     tokens: Mutex<Vec<String>>,
+    /// Every tenant seen so far, created on first use.
+    tenants: Mutex<HashMap<String, Arc<Tenant>>>,
+    by_tenant: Mutex<BTreeMap<String, u64>>,
+    refused_by_tenant: Mutex<BTreeMap<String, u64>>,
 }
 
 /// A handle on the mock's state, for tests in the same process.
 #[derive(Clone)]
 pub struct MockState(Arc<Shared>);
 
-/// Data requests served, in total and per path.
+/// Data requests served, in total, per path and per tenant.
 #[derive(Debug, Clone, Serialize)]
 pub struct Stats {
     pub requests: u64,
     /// Unix ms of the first data request, if any (the benchmark's start).
     pub first_request_ms: Option<i64>,
+    /// Per request path; a tenant's requests count under their full
+    /// `/t/{tenant}/...` path.
     pub by_path: BTreeMap<String, u64>,
+    /// Data requests per tenant, refused ones included.
+    pub by_tenant: BTreeMap<String, u64>,
+    /// A tenant's data requests answered 401 or 429 (for whatever reason:
+    /// token, revocation, throttle or an injected fault).
+    pub refused_by_tenant: BTreeMap<String, u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -63,6 +75,9 @@ impl MockState {
             first_request_ms: AtomicI64::new(0),
             by_path: Mutex::new(BTreeMap::new()),
             tokens: Mutex::new(Vec::new()),
+            tenants: Mutex::new(HashMap::new()),
+            by_tenant: Mutex::new(BTreeMap::new()),
+            refused_by_tenant: Mutex::new(BTreeMap::new()),
         }))
     }
     pub fn insert(&self, n: usize) {
@@ -80,6 +95,50 @@ impl MockState {
     pub fn is_empty(&self) -> bool {
         lock(&self.0.data).is_empty()
     }
+    /// `name`'s state, creating its dataset on first use.
+    fn tenant(&self, name: &str) -> Arc<Tenant> {
+        if let Some(t) = lock(&self.0.tenants).get(name) {
+            return t.clone();
+        }
+        // Build outside the lock; if another request won the race, use its.
+        let c = &self.0.config;
+        let fresh = Arc::new(Tenant::new(name, c.tenant_records, c.seed, c.record_bytes));
+        lock(&self.0.tenants)
+            .entry(name.to_string())
+            .or_insert(fresh)
+            .clone()
+    }
+    /// From now on `tenant`'s data requests answer 401, even with its token.
+    pub fn revoke_tenant(&self, tenant: &str) {
+        self.tenant(tenant).set_revoked(true);
+    }
+    /// Undo [`MockState::revoke_tenant`].
+    pub fn restore_tenant(&self, tenant: &str) {
+        self.tenant(tenant).set_revoked(false);
+    }
+    /// For the next `d`, `tenant`'s data requests answer 429 with
+    /// `Retry-After` (the whole seconds left, at least 1); zero lifts it.
+    pub fn throttle_tenant(&self, tenant: &str, d: Duration) {
+        self.tenant(tenant).throttle(d);
+    }
+    /// Add `n` records to `tenant`'s dataset.
+    pub fn insert_tenant(&self, tenant: &str, n: usize) {
+        lock(&self.tenant(tenant).data).insert(n);
+    }
+    /// Update `n` of `tenant`'s records.
+    pub fn update_tenant(&self, tenant: &str, n: usize) {
+        lock(&self.tenant(tenant).data).update(n);
+    }
+    /// `tenant`'s ground truth (what `GET /_truth?tenant=` answers).
+    pub fn tenant_truth(&self, tenant: &str) -> Truth {
+        lock(&self.tenant(tenant).data).truth()
+    }
+    /// The tenants created so far, sorted.
+    pub fn tenants(&self) -> Vec<String> {
+        let mut names: Vec<String> = lock(&self.0.tenants).keys().cloned().collect();
+        names.sort();
+        names
+    }
     /// Count one data request to `path`; returns the running total.
     fn count(&self, path: &str) -> u64 {
         let n = self.0.requests.fetch_add(1, Ordering::SeqCst) + 1;
@@ -94,12 +153,24 @@ impl MockState {
         *lock(&self.0.by_path).entry(path.to_string()).or_insert(0) += 1;
         n
     }
+    fn count_tenant(&self, tenant: &str) {
+        *lock(&self.0.by_tenant)
+            .entry(tenant.to_string())
+            .or_insert(0) += 1;
+    }
+    fn count_refused(&self, tenant: &str) {
+        *lock(&self.0.refused_by_tenant)
+            .entry(tenant.to_string())
+            .or_insert(0) += 1;
+    }
     pub fn stats(&self) -> Stats {
         Stats {
             requests: self.0.requests.load(Ordering::SeqCst),
             first_request_ms: Some(self.0.first_request_ms.load(Ordering::SeqCst))
                 .filter(|&t| t > 0),
             by_path: lock(&self.0.by_path).clone(),
+            by_tenant: lock(&self.0.by_tenant).clone(),
+            refused_by_tenant: lock(&self.0.refused_by_tenant).clone(),
         }
     }
     pub fn faults(&self) -> Faults {
@@ -116,10 +187,7 @@ impl MockState {
 pub fn router(state: MockState) -> Router {
     Router::new()
         .route("/", get(index))
-        .route(
-            "/_truth",
-            get(|State(s): State<MockState>| async move { axum::Json(s.truth()) }),
-        )
+        .route("/_truth", get(truth))
         .route(
             "/_stats",
             get(|State(s): State<MockState>| async move { axum::Json(s.stats()) }),
@@ -127,6 +195,7 @@ pub fn router(state: MockState) -> Router {
         .route("/_admin/insert", post(admin_insert))
         .route("/_admin/update", post(admin_update))
         .route("/_admin/faults", post(admin_faults))
+        .route("/_admin/tenants/{tenant}/{action}", post(admin_tenant))
         .route("/hostile/{kind}", get(hostile_page))
         .route("/oauth/token", post(oauth_token))
         .route(
@@ -172,6 +241,76 @@ async fn oauth_token(State(s): State<MockState>, headers: HeaderMap, body: Strin
         "access_token": token, "token_type": "Bearer", "expires_in": 3600,
     }))
     .into_response()
+}
+
+/// `GET /_truth`: the main dataset's truth, or `?tenant=T`'s.
+async fn truth(State(s): State<MockState>, Query(q): Query<HashMap<String, String>>) -> Response {
+    match q.get("tenant") {
+        None => axum::Json(s.truth()).into_response(),
+        Some(t) if tenants::is_tenant_name(t) => axum::Json(s.tenant_truth(t)).into_response(),
+        Some(t) => bad_tenant(t),
+    }
+}
+
+fn bad_tenant(name: &str) -> Response {
+    json_error(
+        400,
+        "invalid_request",
+        &format!("{name:?} is not a tenant name ([a-z0-9_-]{{1,63}})"),
+    )
+}
+
+/// `POST /_admin/tenants/{tenant}/{revoke|restore|throttle?secs=|insert?n=|update?n=}`.
+async fn admin_tenant(
+    State(s): State<MockState>,
+    Path((tenant, action)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if !tenants::is_tenant_name(&tenant) {
+        return bad_tenant(&tenant);
+    }
+    let number = |name: &str, default: u64| -> Result<u64, String> {
+        match q.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("{name} must be a whole number, got {v:?}")),
+        }
+    };
+    let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    let reply = match action.as_str() {
+        "revoke" => {
+            s.revoke_tenant(&tenant);
+            Ok(serde_json::json!({ "tenant": tenant, "revoked": true }))
+        }
+        "restore" => {
+            s.restore_tenant(&tenant);
+            Ok(serde_json::json!({ "tenant": tenant, "revoked": false }))
+        }
+        "throttle" => number("secs", 60).map(|secs| {
+            s.throttle_tenant(&tenant, Duration::from_secs(secs));
+            serde_json::json!({ "tenant": tenant, "throttled_secs": secs })
+        }),
+        "insert" => number("n", 1).map(|n| {
+            s.insert_tenant(&tenant, count(n));
+            serde_json::json!({ "tenant": tenant, "inserted": n })
+        }),
+        "update" => number("n", 1).map(|n| {
+            s.update_tenant(&tenant, count(n));
+            serde_json::json!({ "tenant": tenant, "updated": n })
+        }),
+        other => {
+            return json_error(
+                404,
+                "not_found",
+                &format!("no tenant action {other:?}: revoke, restore, throttle, insert, update"),
+            );
+        }
+    };
+    match reply {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(why) => json_error(400, "invalid_request", &why),
+    }
 }
 
 async fn admin_insert(
@@ -224,7 +363,7 @@ async fn index() -> &'static str {
      GET /offset/records?offset=&limit=                                                   offsets\n\
      GET /broken/records                                                                  always 500\n\
      GET /hostile/{loop|huge|utf8|types|empty_more}?cursor=                               a good page, then a bad one\n\
-     GET /_truth  GET /_stats  POST /_admin/insert?n=  POST /_admin/update?n=  POST /_admin/faults\n"
+     GET /_truth  GET /_stats  POST /_admin/insert?n=  POST /_admin/update?n=  POST /_admin/faults\n     \n     Tenants: GET /t/{tenant}/<any endpoint above>, e.g. /t/acme/api/v2/incremental/tickets/cursor.json,\n     serves that tenant's own dataset (created on first use; --tenant-records); tenant names match\n     [a-z0-9_-]{1,63}; every request needs Authorization: Bearer tok-{tenant} (else 401 invalid_token).\n     GET /_truth?tenant=   POST /_admin/tenants/{tenant}/revoke   POST /_admin/tenants/{tenant}/restore\n     POST /_admin/tenants/{tenant}/throttle?secs=   POST /_admin/tenants/{tenant}/insert?n=\n     POST /_admin/tenants/{tenant}/update?n=   (/_stats: by_tenant, refused_by_tenant)\n"
 }
 
 fn every(n: u64, k: Option<u64>) -> bool {
@@ -240,33 +379,96 @@ fn json_error(status: u16, error: &str, description: &str) -> Response {
         .into_response()
 }
 
+/// Every request no other route takes: a data endpoint of the main dataset,
+/// or of a tenant's under `/t/{tenant}/`.
 async fn data(State(s): State<MockState>, uri: Uri, headers: HeaderMap) -> Response {
-    let n = s.count(uri.path());
-    if let Some(token) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer mock-"))
-        && !lock(&s.0.tokens)
-            .iter()
-            .any(|t| t.strip_prefix("mock-") == Some(token))
-    {
-        return json_error(401, "invalid_token", "this token was not issued here");
+    let path = uri.path();
+    let n = s.count(path);
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    match tenants::route(path) {
+        Route::Main => {
+            if let Some(token) = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer mock-"))
+                && !lock(&s.0.tokens)
+                    .iter()
+                    .any(|t| t.strip_prefix("mock-") == Some(token))
+            {
+                return json_error(401, "invalid_token", "this token was not issued here");
+            }
+            let base = format!("http://{host}");
+            serve(&s, n, &s.0.data, path, uri.query(), &base).await
+        }
+        Route::BadName(name) => json_error(
+            404,
+            "not_found",
+            &format!("{name:?} is not a tenant name ([a-z0-9_-]{{1,63}})"),
+        ),
+        Route::Tenant { name, rest } => {
+            s.count_tenant(name);
+            let tenant = s.tenant(name);
+            let auth = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            let reply = match tenant.admit(name, auth) {
+                Err(Refusal::Unauthorized(why)) => {
+                    let mut r = json_error(401, "invalid_token", &why);
+                    r.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        header::HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                    );
+                    r
+                }
+                Err(Refusal::Throttled(secs)) => {
+                    let mut r =
+                        json_error(429, "rate_limited", &format!("tenant {name} is throttled"));
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+                    r
+                }
+                Ok(()) => {
+                    let base = format!("http://{host}{}{name}", tenants::TENANT_PREFIX);
+                    serve(&s, n, &tenant.data, rest, uri.query(), &base).await
+                }
+            };
+            if matches!(reply.status().as_u16(), 401 | 429) {
+                s.count_refused(name);
+            }
+            reply
+        }
     }
+}
+
+/// Serve data request number `n` to `path` from `data`, after the faults
+/// and latency; next URLs start with `base`.
+async fn serve(
+    s: &MockState,
+    n: u64,
+    data: &Mutex<Dataset>,
+    path: &str,
+    query: Option<&str>,
+    base: &str,
+) -> Response {
     let faults = s.faults();
     let cfg = &s.0.config;
     if !cfg.latency.is_zero() {
         tokio::time::sleep(cfg.latency).await;
     }
     if every(n, faults.mutate_every) {
-        let mut d = lock(&s.0.data);
+        let mut d = lock(data);
         d.insert(faults.mutate_count);
         d.update(faults.mutate_count);
     }
     if n <= faults.fail_429_first || every(n, faults.fail_429_every) {
         let mut r = json_error(429, "rate_limited", "too many requests");
-        if let Ok(v) = faults.retry_after_secs.to_string().parse() {
-            r.headers_mut().insert(header::RETRY_AFTER, v);
-        }
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from(faults.retry_after_secs),
+        );
         return r;
     }
     if every(n, faults.fail_500_every) {
@@ -275,17 +477,11 @@ async fn data(State(s): State<MockState>, uri: Uri, headers: HeaderMap) -> Respo
     if every(n, faults.slow_every) {
         tokio::time::sleep(Duration::from_millis(faults.slow_ms)).await;
     }
-    let q: HashMap<String, String> =
-        url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
-            .into_owned()
-            .collect();
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("127.0.0.1");
-    let base = format!("http://{host}");
+    let q: HashMap<String, String> = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .into_owned()
+        .collect();
     let ctx = Ctx {
-        base: &base,
+        base,
         default_page_size: cfg.page_size.max(1),
         max_page_size: cfg.max_page_size.max(1),
         visible_until: (!cfg.hide_newest.is_zero())
@@ -293,8 +489,8 @@ async fn data(State(s): State<MockState>, uri: Uri, headers: HeaderMap) -> Respo
         cursor_ttl_ms: faults.cursor_ttl_secs.map(|t| t as i64 * 1000),
     };
     let reply = {
-        let d = lock(&s.0.data);
-        endpoints::serve(&d, uri.path(), &q, &ctx)
+        let d = lock(data);
+        endpoints::serve(&d, path, &q, &ctx)
     };
     let reply = match reply {
         Ok(r) => r,

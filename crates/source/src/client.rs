@@ -73,8 +73,15 @@ impl std::fmt::Debug for HttpSource {
     }
 }
 
-impl HttpSource {
-    pub fn new(name: &str, cfg: &SourceConfig) -> Result<Self, FetchError> {
+/// The connections of one source: shared by the clients of its tenants
+/// (each with its own base URL, credentials and OAuth2 token).
+#[derive(Clone, Debug)]
+pub struct Pool {
+    client: reqwest::Client,
+}
+
+impl Pool {
+    pub fn new(cfg: &SourceConfig) -> Result<Self, FetchError> {
         let timeout = cfg.timeout();
         // Redirects are followed by `send`, which decides per hop what
         // the next origin may see.
@@ -88,6 +95,28 @@ impl HttpSource {
             .map_err(|e| {
                 FetchError::Config(format!("cannot build the HTTP client: {}", e.without_url()))
             })?;
+        Ok(Self { client })
+    }
+
+    /// The client of `cfg` (a source, or one tenant's view of it with its
+    /// templates filled) over these connections.
+    pub fn source(&self, name: &str, cfg: &SourceConfig) -> Result<HttpSource, FetchError> {
+        HttpSource::with_client(name, cfg, self.client.clone())
+    }
+}
+
+impl HttpSource {
+    /// The client of a source whose base URL is a URL (not a tenant template).
+    pub fn new(name: &str, cfg: &SourceConfig) -> Result<Self, FetchError> {
+        Pool::new(cfg)?.source(name, cfg)
+    }
+
+    fn with_client(
+        name: &str,
+        cfg: &SourceConfig,
+        client: reqwest::Client,
+    ) -> Result<Self, FetchError> {
+        let base = cfg.base_url.url().map_err(FetchError::Config)?.clone();
         let oauth = cfg
             .auth
             .as_ref()
@@ -96,7 +125,7 @@ impl HttpSource {
         Ok(HttpSource {
             inner: Arc::new(Inner {
                 name: name.to_string(),
-                base: cfg.base_url.clone(),
+                base,
                 client,
                 auth: cfg.auth.clone(),
                 oauth,

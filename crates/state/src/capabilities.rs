@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId};
+use tidemark_core::tenant::Tenant;
 
-use crate::{Acquire, Control, FeedCensus, JobPage, JobQuery, StateError, Survey, WorkerSeen};
+use crate::{
+    Acquire, ActiveTenant, Control, FeedCensus, JobPage, JobQuery, StateError, Survey, WorkerSeen,
+};
 
 /// The job table: create, retire and read jobs, and hand out epochs.
 ///
@@ -37,6 +40,10 @@ pub trait Jobs: Send + Sync {
     /// epoch fences its chain in flight. Its state stays; ensuring it again
     /// brings it back where it was. False when it was not registered.
     async fn retire(&self, job: &JobId) -> Result<bool, StateError>;
+    /// Delete a retired job's state for good (`tidemark tenants remove
+    /// --purge`). Refused (`Err` not raised: `Ok(None)`) while the job is
+    /// registered; `Ok(Some(false))` when there was nothing to delete.
+    async fn purge(&self, job: &JobId) -> Result<Option<bool>, StateError>;
     /// The feeds that have registered jobs, sorted.
     async fn feeds(&self) -> Result<Vec<String>, StateError>;
     /// One page of a feed's jobs in partition order (of the encoded
@@ -220,14 +227,63 @@ pub trait SourceLimits: Send + Sync {
     async fn source_paused_until(&self, source: &str) -> Result<Option<u64>, StateError>;
 }
 
+/// The tenants of tenanted sources: those operators add and remove at run
+/// time (`tidemark tenants add|remove`, the admin API), and the set the
+/// coordinator runs (the config's file and list and the added ones together).
+///
+/// The version moves with every add and remove, and the coordinator reads
+/// it in its survey: a tenant added is running within one tick.
+#[async_trait]
+pub trait TenantRegistry: Send + Sync {
+    /// The tenants added to `source` at run time, by name.
+    async fn added_tenants(&self, source: &str) -> Result<Vec<Tenant>, StateError>;
+    /// Add a tenant to `source` (or replace its vars); true when it is new.
+    async fn add_tenant(&self, source: &str, tenant: &Tenant) -> Result<bool, StateError>;
+    /// Remove a tenant added at run time; false when it was not added.
+    async fn remove_tenant(&self, source: &str, name: &str) -> Result<bool, StateError>;
+    /// Moves with every add and remove.
+    async fn tenants_version(&self) -> Result<u64, StateError>;
+    /// The tenants the coordinator runs for `source`, by name.
+    async fn active_tenants(&self, source: &str) -> Result<Vec<ActiveTenant>, StateError>;
+    /// Replace the tenants running for `source` (the coordinator, after it
+    /// applied them).
+    async fn set_active_tenants(
+        &self,
+        source: &str,
+        tenants: &[ActiveTenant],
+    ) -> Result<(), StateError>;
+}
+
+/// What operator commands and the admin API use: the job table, the
+/// tenants, and the registered config (to know a source's feeds).
+pub trait Operate: Jobs + TenantRegistry + FeedRegistry {}
+
+impl<T> Operate for T where T: Jobs + TenantRegistry + FeedRegistry + ?Sized {}
+
 /// Every capability of a store, for wiring code that builds one store and
 /// hands it to a role. Functions take the narrow traits they use.
 pub trait StateStore:
-    Jobs + Schedule + Fleet + Leases + FeedRegistry + Leadership + SourceLimits
+    Operate
+    + Jobs
+    + Schedule
+    + Fleet
+    + Leases
+    + FeedRegistry
+    + Leadership
+    + SourceLimits
+    + TenantRegistry
 {
 }
 
 impl<T> StateStore for T where
-    T: Jobs + Schedule + Fleet + Leases + FeedRegistry + Leadership + SourceLimits + ?Sized
+    T: Jobs
+        + Schedule
+        + Fleet
+        + Leases
+        + FeedRegistry
+        + Leadership
+        + SourceLimits
+        + TenantRegistry
+        + ?Sized
 {
 }

@@ -16,9 +16,12 @@ use tidemark_core::checkpoint::{
 };
 use tidemark_core::clock::now_ms;
 
+use tidemark_core::tenant::Tenant;
+
 use crate::{
-    Acquire, Control, FeedCensus, FeedRegistry, Fleet, JobPage, JobQuery, Jobs, Leadership, Leases,
-    Rewind, Schedule, SourceLimits, StateError, Survey, WorkerSeen, high_water_ms,
+    Acquire, ActiveTenant, Control, FeedCensus, FeedRegistry, Fleet, JobPage, JobQuery, Jobs,
+    Leadership, Leases, Rewind, Schedule, SourceLimits, StateError, Survey, TenantRegistry,
+    WorkerSeen, high_water_ms,
 };
 
 #[derive(Default, Serialize, Deserialize)]
@@ -31,6 +34,14 @@ struct Persisted {
     /// (version, digest, document)
     #[serde(default)]
     registry: Option<(u64, String, String)>,
+    /// Tenants added at run time: source -> name -> vars.
+    #[serde(default)]
+    tenants_added: BTreeMap<String, BTreeMap<String, BTreeMap<String, String>>>,
+    #[serde(default)]
+    tenants_version: u64,
+    /// The tenants the coordinator runs, by source.
+    #[serde(default)]
+    tenants_active: BTreeMap<String, Vec<ActiveTenant>>,
 }
 
 #[derive(Default)]
@@ -318,6 +329,21 @@ impl Jobs for EmbeddedStore {
         Ok(true)
     }
 
+    async fn purge(&self, job: &JobId) -> Result<Option<bool>, StateError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let k = key(job);
+        if inner.data.jobs.contains_key(&k) && !inner.data.retired.contains(&k) {
+            return Ok(None);
+        }
+        let gone = inner.data.jobs.remove(&k).is_some();
+        inner.data.retired.remove(&k);
+        if gone {
+            self.persist(inner)?;
+        }
+        Ok(Some(gone))
+    }
+
     async fn feeds(&self) -> Result<Vec<String>, StateError> {
         Ok(self.lock().index.counts.keys().cloned().collect())
     }
@@ -506,6 +532,7 @@ impl Schedule for EmbeddedStore {
                 .take(feeds_limit)
                 .map(|(_, f)| f.clone())
                 .collect(),
+            tenants_version: inner.data.tenants_version,
         })
     }
 
@@ -675,6 +702,85 @@ impl FeedRegistry for EmbeddedStore {
 
     async fn registry_version(&self) -> Result<Option<u64>, StateError> {
         Ok(self.lock().data.registry.as_ref().map(|r| r.0))
+    }
+}
+
+#[async_trait]
+impl TenantRegistry for EmbeddedStore {
+    async fn added_tenants(&self, source: &str) -> Result<Vec<Tenant>, StateError> {
+        let inner = self.lock();
+        Ok(inner
+            .data
+            .tenants_added
+            .get(source)
+            .map(|m| {
+                m.iter()
+                    .map(|(name, vars)| Tenant {
+                        name: name.clone(),
+                        vars: vars.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn add_tenant(&self, source: &str, tenant: &Tenant) -> Result<bool, StateError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let new = inner
+            .data
+            .tenants_added
+            .entry(source.to_string())
+            .or_default()
+            .insert(tenant.name.clone(), tenant.vars.clone())
+            .is_none();
+        inner.data.tenants_version += 1;
+        self.persist(inner)?;
+        Ok(new)
+    }
+
+    async fn remove_tenant(&self, source: &str, name: &str) -> Result<bool, StateError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let removed = inner
+            .data
+            .tenants_added
+            .get_mut(source)
+            .is_some_and(|m| m.remove(name).is_some());
+        inner.data.tenants_version += 1;
+        self.persist(inner)?;
+        Ok(removed)
+    }
+
+    async fn tenants_version(&self) -> Result<u64, StateError> {
+        Ok(self.lock().data.tenants_version)
+    }
+
+    async fn active_tenants(&self, source: &str) -> Result<Vec<ActiveTenant>, StateError> {
+        let inner = self.lock();
+        let mut v = inner
+            .data
+            .tenants_active
+            .get(source)
+            .cloned()
+            .unwrap_or_default();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
+    async fn set_active_tenants(
+        &self,
+        source: &str,
+        tenants: &[ActiveTenant],
+    ) -> Result<(), StateError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        inner
+            .data
+            .tenants_active
+            .insert(source.to_string(), tenants.to_vec());
+        self.persist(inner)?;
+        Ok(())
     }
 }
 

@@ -81,6 +81,17 @@ impl Keys {
     pub fn rate(&self, source: &str) -> String {
         format!("{}rate:{source}", self.prefix)
     }
+    /// The tenants added to a source at run time: name -> vars (JSON).
+    pub fn tenants_added(&self, source: &str) -> String {
+        format!("{}tenants:{source}:added", self.prefix)
+    }
+    /// The tenants the coordinator runs for a source: name -> ActiveTenant (JSON).
+    pub fn tenants_active(&self, source: &str) -> String {
+        format!("{}tenants:{source}:active", self.prefix)
+    }
+    pub fn tenants_version(&self) -> String {
+        format!("{}tenants_version", self.prefix)
+    }
     pub fn source_pause(&self, source: &str) -> String {
         format!("{}pause:{source}", self.prefix)
     }

@@ -34,11 +34,13 @@ pub mod registry;
 use tidemark_core::checkpoint::{Checkpoint, JobId, Phase};
 
 pub use capabilities::{
-    FeedRegistry, Fleet, Jobs, Leadership, Leases, Schedule, SourceLimits, StateStore,
+    FeedRegistry, Fleet, Jobs, Leadership, Leases, Operate, Schedule, SourceLimits, StateStore,
+    TenantRegistry,
 };
 pub use client::{is_tls, redis_client};
 pub use embedded::EmbeddedStore;
 pub use keys::{member, partition};
+
 pub use leader::LeaderGuard;
 pub use redis_store::{DEFAULT_PREFIX, RedisStore};
 
@@ -125,13 +127,23 @@ pub async fn feed_jobs(
     store: &(impl Jobs + ?Sized),
     feed: &str,
 ) -> Result<Vec<(JobId, Checkpoint)>, StateError> {
+    feed_jobs_with_prefix(store, feed, None).await
+}
+
+/// The jobs of `feed` whose partition starts with `prefix` (a tenant's:
+/// `<tenant>/`), read page by page.
+pub async fn feed_jobs_with_prefix(
+    store: &(impl Jobs + ?Sized),
+    feed: &str,
+    prefix: Option<&str>,
+) -> Result<Vec<(JobId, Checkpoint)>, StateError> {
     let mut out = Vec::new();
     let mut after = None;
     loop {
         let page = store
             .page(&JobQuery {
                 feed: feed.to_string(),
-                prefix: None,
+                prefix: prefix.map(str::to_string),
                 after,
                 limit: 1000,
             })
@@ -182,6 +194,49 @@ pub struct Survey {
     pub expired: Vec<JobId>,
     pub running: u64,
     pub due_feeds: Vec<String>,
+    /// [`TenantRegistry::tenants_version`]: moves when an operator adds or
+    /// removes a tenant.
+    pub tenants_version: u64,
+}
+
+/// Where a running tenant comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TenantOrigin {
+    /// The source's `tenants.file`.
+    File,
+    /// The source's `tenants.list`.
+    List,
+    /// `tidemark tenants add` or the admin API.
+    Added,
+}
+
+impl TenantOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TenantOrigin::File => "file",
+            TenantOrigin::List => "list",
+            TenantOrigin::Added => "added",
+        }
+    }
+}
+
+/// A tenant the coordinator runs, and where it comes from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ActiveTenant {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub vars: std::collections::BTreeMap<String, String>,
+    pub origin: TenantOrigin,
+}
+
+impl ActiveTenant {
+    pub fn tenant(&self) -> tidemark_core::tenant::Tenant {
+        tidemark_core::tenant::Tenant {
+            name: self.name.clone(),
+            vars: self.vars.clone(),
+        }
+    }
 }
 
 /// A worker seen by its heartbeat.

@@ -14,11 +14,13 @@ use tidemark_core::checkpoint::{
     Checkpoint, Commit, CommitOutcome, JobId, Phase, Stage, normalize_version,
 };
 use tidemark_core::clock::now_ms;
+use tidemark_core::tenant::Tenant;
 
 use crate::keys::{Keys, member, running_job};
 use crate::{
-    Acquire, Control, FeedCensus, FeedRegistry, Fleet, JobPage, JobQuery, Jobs, Leadership, Leases,
-    Rewind, Schedule, SourceLimits, StateError, Survey, WorkerSeen, high_water_ms,
+    Acquire, ActiveTenant, Control, FeedCensus, FeedRegistry, Fleet, JobPage, JobQuery, Jobs,
+    Leadership, Leases, Rewind, Schedule, SourceLimits, StateError, Survey, TenantRegistry,
+    WorkerSeen, high_water_ms,
 };
 
 /// The layout of the keys this version writes: 2 has the scheduler's indexes.
@@ -42,6 +44,7 @@ struct Scripts {
     census: Script,
     fleet: Script,
     registry: Script,
+    purge: Script,
 }
 
 /// A script that changes jobs: the index prelude, then its own text.
@@ -114,6 +117,7 @@ impl RedisStore {
                 ratelimit: Script::new(include_str!("lua/ratelimit.lua")),
                 source_pause: Script::new(include_str!("lua/source_pause.lua")),
                 registry: Script::new(include_str!("lua/registry.lua")),
+                purge: job_script(include_str!("lua/purge.lua")),
             }),
         })
     }
@@ -299,6 +303,14 @@ impl Jobs for RedisStore {
         Ok(r == 1)
     }
 
+    async fn purge(&self, job: &JobId) -> Result<Option<bool>, StateError> {
+        let r: i64 = self
+            .job_call(&self.scripts.purge, job)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok((r >= 0).then_some(r == 1))
+    }
+
     async fn acquire(
         &self,
         job: &JobId,
@@ -471,7 +483,12 @@ impl Schedule for RedisStore {
         expired_limit: usize,
         feeds_limit: usize,
     ) -> Result<Survey, StateError> {
-        let (expired, running, due_feeds): (Vec<String>, u64, Vec<String>) = redis::pipe()
+        let (expired, running, due_feeds, tenants_version): (
+            Vec<String>,
+            u64,
+            Vec<String>,
+            Option<u64>,
+        ) = redis::pipe()
             .zrangebyscore_limit(
                 self.keys.running(),
                 "-inf",
@@ -487,12 +504,14 @@ impl Schedule for RedisStore {
                 0,
                 feeds_limit as isize,
             )
+            .get(self.keys.tenants_version())
             .query_async(&mut self.conn.clone())
             .await?;
         Ok(Survey {
             expired: expired.iter().filter_map(|e| running_job(e)).collect(),
             running,
             due_feeds,
+            tenants_version: tenants_version.unwrap_or(0),
         })
     }
 
@@ -702,6 +721,94 @@ impl FeedRegistry for RedisStore {
             .clone()
             .hget(self.keys.registry(), "version")
             .await?)
+    }
+}
+
+#[async_trait]
+impl TenantRegistry for RedisStore {
+    async fn added_tenants(&self, source: &str) -> Result<Vec<Tenant>, StateError> {
+        let all: Vec<(String, String)> = self
+            .conn
+            .clone()
+            .hgetall(self.keys.tenants_added(source))
+            .await?;
+        let mut out = Vec::with_capacity(all.len());
+        for (name, vars) in all {
+            let vars = serde_json::from_str(&vars).map_err(|e| StateError::Corrupt {
+                job: format!("tenant {source}/{name}"),
+                reason: e.to_string(),
+            })?;
+            out.push(Tenant { name, vars });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn add_tenant(&self, source: &str, tenant: &Tenant) -> Result<bool, StateError> {
+        let vars = serde_json::to_string(&tenant.vars).unwrap_or_else(|_| "{}".into());
+        let (added, _): (u64, u64) = redis::pipe()
+            .atomic()
+            .hset(self.keys.tenants_added(source), &tenant.name, vars)
+            .incr(self.keys.tenants_version(), 1)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(added == 1)
+    }
+
+    async fn remove_tenant(&self, source: &str, name: &str) -> Result<bool, StateError> {
+        let (removed, _): (u64, u64) = redis::pipe()
+            .atomic()
+            .hdel(self.keys.tenants_added(source), name)
+            .incr(self.keys.tenants_version(), 1)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(removed == 1)
+    }
+
+    async fn tenants_version(&self) -> Result<u64, StateError> {
+        let v: Option<u64> = self.conn.clone().get(self.keys.tenants_version()).await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    async fn active_tenants(&self, source: &str) -> Result<Vec<ActiveTenant>, StateError> {
+        let all: Vec<(String, String)> = self
+            .conn
+            .clone()
+            .hgetall(self.keys.tenants_active(source))
+            .await?;
+        let mut out = Vec::with_capacity(all.len());
+        for (name, doc) in all {
+            out.push(serde_json::from_str(&doc).map_err(|e| StateError::Corrupt {
+                job: format!("tenant {source}/{name}"),
+                reason: e.to_string(),
+            })?);
+        }
+        out.sort_by(|a: &ActiveTenant, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn set_active_tenants(
+        &self,
+        source: &str,
+        tenants: &[ActiveTenant],
+    ) -> Result<(), StateError> {
+        let key = self.keys.tenants_active(source);
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&key);
+        for chunk in tenants.chunks(1000) {
+            let fields: Vec<(String, String)> = chunk
+                .iter()
+                .map(|t| {
+                    (
+                        t.name.clone(),
+                        serde_json::to_string(t).unwrap_or_else(|_| "{}".into()),
+                    )
+                })
+                .collect();
+            pipe.hset_multiple(&key, &fields);
+        }
+        pipe.query_async::<()>(&mut self.conn.clone()).await?;
+        Ok(())
     }
 }
 

@@ -65,6 +65,9 @@ pub struct Metrics {
     pub fetch_seconds: Family<Labels, Histogram>,
     pub page_latency_seconds: Family<Labels, Histogram>,
     pub fetch_errors: Family<Labels, Counter>,
+    pub tenant_pages_fetched: Family<Labels, Counter>,
+    pub tenant_records_published: Family<Labels, Counter>,
+    pub tenant_fetch_errors: Family<Labels, Counter>,
     pub tasks_dropped: Family<Labels, Counter>,
     pub tasks_retried: Family<Labels, Counter>,
     pub tasks_dead_lettered: Family<Labels, Counter>,
@@ -79,6 +82,8 @@ pub struct Metrics {
     pub feed_cursor_age_seconds: Family<Labels, FloatGauge>,
     pub jobs: Family<Labels, Gauge>,
     pub chains_running: Gauge,
+    pub tenants: Family<Labels, Gauge>,
+    pub tenants_file_errors: Family<Labels, Counter>,
     pub admission_limit: Gauge,
     pub workers_seen: Gauge,
     pub leader: Gauge,
@@ -139,6 +144,21 @@ impl Metrics {
                 &mut r,
                 "fetch_errors",
                 "Failed page fetches, by feed and kind (transient, rate_limited, cursor_expired, permanent, unreadable)",
+            ),
+            tenant_pages_fetched: reg(
+                &mut r,
+                "tenant_pages_fetched",
+                "Pages fetched and read, by feed and tenant (only for sources with tenants.metrics: true)",
+            ),
+            tenant_records_published: reg(
+                &mut r,
+                "tenant_records_published",
+                "Records published downstream and confirmed, by feed and tenant (only for sources with tenants.metrics: true)",
+            ),
+            tenant_fetch_errors: reg(
+                &mut r,
+                "tenant_fetch_errors",
+                "Failed page fetches, by feed, tenant and kind (only for sources with tenants.metrics: true)",
             ),
             tasks_dropped: reg(
                 &mut r,
@@ -205,6 +225,16 @@ impl Metrics {
                 "jobs",
                 "Jobs by feed and phase (idle, running, paused, failed), from the store's counters",
             ),
+            tenants: reg(
+                &mut r,
+                "tenants",
+                "Tenants the coordinator runs, by source (sources with tenants)",
+            ),
+            tenants_file_errors: reg(
+                &mut r,
+                "tenants_file_errors",
+                "Times a tenants file could not be read or had errors (its tenants were kept as they were), by source",
+            ),
             chains_running: reg(
                 &mut r,
                 "chains_running",
@@ -263,6 +293,16 @@ impl Metrics {
     }
     pub fn feed_kind(feed: &str, kind: &str) -> Labels {
         vec![("feed", feed.to_string()), ("kind", kind.to_string())]
+    }
+    pub fn feed_tenant(feed: &str, tenant: &str) -> Labels {
+        vec![("feed", feed.to_string()), ("tenant", tenant.to_string())]
+    }
+    pub fn feed_tenant_kind(feed: &str, tenant: &str, kind: &str) -> Labels {
+        vec![
+            ("feed", feed.to_string()),
+            ("tenant", tenant.to_string()),
+            ("kind", kind.to_string()),
+        ]
     }
     pub fn feed_phase(feed: &str, phase: &str) -> Labels {
         vec![("feed", feed.to_string()), ("phase", phase.to_string())]

@@ -19,11 +19,12 @@ use tidemark_core::clock::now_ms;
 use tidemark_core::config::{FeedConfig, Partition, RetryConfig};
 use tidemark_core::pagination::{Next, redact_query};
 use tidemark_core::record::{page_message_id, positional_message_id, record_message_id};
+use tidemark_core::tenant::{Tenant, split_job_partition};
 use tidemark_core::walk::{Step, Walk, WalkError, restart_at_end, restart_point};
 use tidemark_source::{FetchError, HttpSource, backoff_delay};
 use tidemark_telemetry::Metrics;
 
-use crate::feeds::Snapshot;
+use crate::feeds::{Snapshot, TenantView};
 use crate::{Worker, crash_point};
 
 /// What became of a task.
@@ -46,32 +47,58 @@ pub enum Outcome {
     Requeue { error: String },
 }
 
+/// Where a page's feed and source config live: in the snapshot, or (a
+/// tenanted feed) in the tenant's view of them.
+enum View {
+    Plain(usize),
+    Tenant(Arc<TenantView>),
+}
+
 /// Everything a page needs that comes from the registry: the snapshot it
 /// was read from, and where in it the feed and its source are.
 struct Resolved {
     snap: Arc<Snapshot>,
-    feed: usize,
+    view: View,
     partition: Partition,
     http: HttpSource,
     rate: Option<(f64, u32)>,
     /// The source's `retry:` block: the one retry policy of every fetch.
     retry: RetryConfig,
+    /// The tenant of a tenanted feed's job.
+    tenant: Option<String>,
+    /// Whose rate budget and pause this page shares: the source's, or its tenant's.
+    limit_key: String,
+    /// The source asks for per-tenant series (`tenants.metrics`).
+    tenant_metrics: bool,
 }
 
 impl Resolved {
     fn feed(&self) -> &FeedConfig {
-        &self.snap.config.feeds[self.feed]
+        match &self.view {
+            View::Plain(i) => &self.snap.config.feeds[*i],
+            View::Tenant(v) => &v.feed,
+        }
     }
     fn source_name(&self) -> &str {
         &self.feed().source
     }
     fn source(&self) -> &SourceConfig {
-        // Present: `resolve` checked it.
-        &self.snap.config.sources[self.source_name()]
+        match &self.view {
+            // Present: `resolve` checked it.
+            View::Plain(_) => &self.snap.config.sources[self.source_name()],
+            View::Tenant(v) => &v.source,
+        }
     }
     /// The longest the source may be paused for.
     fn max_pause(&self) -> Duration {
         self.retry.max_retry_after.std()
+    }
+    /// The per-tenant series' labels, when the source asks for them.
+    fn tenant_labels(&self) -> Option<(&str, &str)> {
+        match (&self.tenant, self.tenant_metrics) {
+            (Some(t), true) => Some((self.feed().name.as_str(), t.as_str())),
+            _ => None,
+        }
     }
 }
 
@@ -189,24 +216,58 @@ impl Worker {
             });
         };
         let cfg = &snap.config.feeds[feed];
-        let partition = match cfg.partition(&job.partition, Utc::now()) {
-            Ok(Some(p)) => p,
-            Ok(None) => {
-                return Err(Outcome::Fail {
-                    error: format!("feed {} has no partition {:?}", job.feed, job.partition),
-                });
-            }
-            Err(e) => return Err(Outcome::Fail { error: e }),
-        };
-        let (Some(source), Some(http)) = (
-            snap.config.sources.get(&cfg.source),
-            snap.sources.get(&cfg.source),
-        ) else {
+        let Some(source) = snap.config.sources.get(&cfg.source) else {
             return Err(Outcome::Fail {
                 error: format!("feed {} names an unknown source {}", cfg.name, cfg.source),
             });
         };
-        let http = http.clone().map_err(|error| Outcome::Fail { error })?;
+        // A tenanted job's partition id is `<tenant>/<partition>`.
+        let (tenant, partition_id) = if source.is_tenanted() {
+            match split_job_partition(&job.partition) {
+                Some((t, p)) => (Some(t), p),
+                None => {
+                    return Err(Outcome::Fail {
+                        error: format!(
+                            "feed {} has tenants, but job {job} names none (expected <tenant>/<partition>)",
+                            job.feed
+                        ),
+                    });
+                }
+            }
+        } else {
+            (None, job.partition.as_str())
+        };
+        let partition = match cfg.partition(partition_id, Utc::now()) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                return Err(Outcome::Fail {
+                    error: format!("feed {} has no partition {partition_id:?}", job.feed),
+                });
+            }
+            Err(e) => return Err(Outcome::Fail { error: e }),
+        };
+        let (view, http) = match tenant {
+            Some(t) => {
+                let tenant = Tenant {
+                    name: t.to_string(),
+                    vars: task.vars.clone(),
+                };
+                let v = snap
+                    .tenant_view(cfg, &tenant)
+                    .map_err(|error| Outcome::Fail { error })?;
+                let http = v.http.clone();
+                (View::Tenant(v), http)
+            }
+            None => {
+                let Some(http) = snap.sources.get(&cfg.source) else {
+                    return Err(Outcome::Fail {
+                        error: format!("feed {} names an unknown source {}", cfg.name, cfg.source),
+                    });
+                };
+                let http = http.clone().map_err(|error| Outcome::Fail { error })?;
+                (View::Plain(feed), http)
+            }
+        };
         let rate = source.rate_limit.as_ref().map(|r| {
             (
                 r.per_second,
@@ -215,13 +276,19 @@ impl Worker {
             )
         });
         let retry = source.retry();
+        let limit_key = source.limit_key(&cfg.source, tenant);
+        let tenant_metrics = source.tenants.as_ref().is_some_and(|t| t.metrics);
+        let tenant = tenant.map(str::to_string);
         Ok(Resolved {
             snap,
-            feed,
+            view,
             partition,
             http,
             rate,
             retry,
+            tenant,
+            limit_key,
+            tenant_metrics,
         })
     }
 
@@ -252,6 +319,7 @@ impl Worker {
     /// by an older version, or by hand).
     async fn permit(&self, r: &Resolved) -> Result<(), Outcome> {
         let source = r.source_name();
+        let key = r.limit_key.as_str();
         let requeue = |e: tidemark_state::StateError| Outcome::Requeue {
             error: e.to_string(),
         };
@@ -259,7 +327,7 @@ impl Worker {
         loop {
             let paused = self
                 .limits
-                .source_paused_until(source)
+                .source_paused_until(key)
                 .await
                 .map_err(requeue)?;
             let left = waited_enough.saturating_duration_since(Instant::now());
@@ -279,7 +347,7 @@ impl Worker {
             };
             match self
                 .limits
-                .rate_acquire(source, per_second, burst)
+                .rate_acquire(key, per_second, burst)
                 .await
                 .map_err(requeue)?
             {
@@ -339,6 +407,12 @@ impl Worker {
                             .fetch_errors
                             .get_or_create(&Metrics::feed_kind(&feed.name, "unreadable"))
                             .inc();
+                        if let Some((f, t)) = r.tenant_labels() {
+                            self.metrics
+                                .tenant_fetch_errors
+                                .get_or_create(&Metrics::feed_tenant_kind(f, t, "unreadable"))
+                                .inc();
+                        }
                         format!("page {} ({}): {e}", task.seq, redact_query(&req.url))
                     }
                     WalkError::Identity { .. } => format!("page {} {e}", task.seq),
@@ -351,6 +425,12 @@ impl Worker {
             .pages_fetched
             .get_or_create(&Metrics::feed(&feed.name))
             .inc();
+        if let Some((f, t)) = r.tenant_labels() {
+            self.metrics
+                .tenant_pages_fetched
+                .get_or_create(&Metrics::feed_tenant(f, t))
+                .inc();
+        }
         crash_point!("worker::after_fetch");
         Ok(ReadPage {
             body: page.body,
@@ -385,7 +465,8 @@ impl Worker {
         }
         let out = OutPage {
             feed: feed.name.clone(),
-            partition: partition.clone(),
+            tenant: r.tenant.clone(),
+            partition: r.partition.id.clone(),
             seq: task.seq,
             per: feed.delivery.per,
             page_message_id: page_message_id(&feed.name, partition, &page.page_cursor),
@@ -403,6 +484,12 @@ impl Worker {
             .records_published
             .get_or_create(&Metrics::feed(&feed.name))
             .inc_by(count);
+        if let Some((f, t)) = r.tenant_labels() {
+            self.metrics
+                .tenant_records_published
+                .get_or_create(&Metrics::feed_tenant(f, t))
+                .inc_by(count);
+        }
         crash_point!("worker::after_publish");
         Ok(())
     }
@@ -502,6 +589,7 @@ impl Worker {
             attempt: 0,
             empty_run: page.walk.empty_run(),
             published_ms: now_ms(),
+            vars: task.vars.clone(),
         };
         for attempt in 0..3u32 {
             match self.tasks.publish_task(&next, None).await {
@@ -553,6 +641,12 @@ impl Worker {
                 .fetch_errors
                 .get_or_create(&Metrics::feed_kind(&feed.name, k))
                 .inc();
+            if let Some((f, t)) = r.tenant_labels() {
+                self.metrics
+                    .tenant_fetch_errors
+                    .get_or_create(&Metrics::feed_tenant_kind(f, t, k))
+                    .inc();
+            }
         };
         if let FetchError::Status {
             status,
@@ -573,8 +667,8 @@ impl Worker {
             if retry_after.is_some() {
                 let until =
                     now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
-                if let Err(err) = self.limits.pause_source(source, until).await {
-                    tracing::warn!(source, error = %err, "cannot set the source pause");
+                if let Err(err) = self.limits.pause_source(&r.limit_key, until).await {
+                    tracing::warn!(source, limit = %r.limit_key, error = %err, "cannot set the source pause");
                 }
                 self.metrics
                     .source_pauses

@@ -245,9 +245,13 @@ impl World {
         partition: Option<&str>,
         action: Action,
     ) -> ActionReport {
-        ops::apply(&*self.store, feed, partition, &action)
-            .await
-            .unwrap_or_else(|e| panic!("{action:?}: {e}"))
+        ops::apply(
+            &*self.store,
+            &ops::Selection::partition(feed, partition),
+            &action,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{action:?}: {e}"))
     }
 
     /// The feed registry the workers read, if registered.

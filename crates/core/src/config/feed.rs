@@ -190,7 +190,7 @@ impl FeedConfig {
             fixed.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         params.extend(partition.params.iter().cloned());
         Ok(Paginator::new(
-            &source.base_url,
+            source.base_url.url()?,
             &self.path,
             spec,
             params,
@@ -199,6 +199,22 @@ impl FeedConfig {
         .with_max_cursor_len(source.max_cursor_bytes())
         .with_max_records(source.max_records_per_page())
         .with_secret_params(source.secret_query_params()))
+    }
+
+    /// This feed as `tenant` sees it: `path` and `params` filled in.
+    pub fn for_tenant(&self, tenant: &crate::tenant::Tenant) -> Result<FeedConfig, String> {
+        use crate::tenant::substitute;
+        let mut out = self.clone();
+        out.path = substitute(&self.path, tenant)?;
+        for v in out.params.values_mut() {
+            *v = substitute(v, tenant)?;
+        }
+        if let Some(inc) = out.incremental.as_mut() {
+            for v in inc.params.values_mut() {
+                *v = substitute(v, tenant)?;
+            }
+        }
+        Ok(out)
     }
 
     /// The pause between two polls (`every`, default 5 minutes).

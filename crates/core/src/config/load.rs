@@ -16,7 +16,8 @@ use chrono::Utc;
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 
-use super::{Config, FeedConfig, Mode, PaginationSpec, Preset};
+use super::{Config, FeedConfig, Mode, PaginationSpec, Preset, RateScope, TenantsConfig};
+use crate::tenant::{self, Tenant};
 use crate::timefmt::parse_timestamp;
 
 /// One problem in a config file.
@@ -75,7 +76,48 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
             reason: format!("cannot read the file: {e}"),
         }])
     })?;
-    load_str(&name, &text)
+    let mut config = load_str(&name, &text)?;
+    // A relative tenants file is the config file's neighbour.
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for s in config.sources.values_mut() {
+        if let Some(f) = s.tenants.as_mut().and_then(|t| t.file.as_mut())
+            && Path::new(f.as_str()).is_relative()
+        {
+            *f = dir.join(&*f).display().to_string();
+        }
+    }
+    Ok(config)
+}
+
+/// Every tenant the config names, by source: its tenants file's (read
+/// now) and then its list's. Errors point into the tenants files.
+pub fn load_tenants(
+    config: &Config,
+) -> Result<std::collections::BTreeMap<String, Vec<Tenant>>, ConfigErrors> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut errors = Vec::new();
+    for (name, s) in &config.sources {
+        let Some(t) = &s.tenants else { continue };
+        let used = tenant_vars_used(config, name);
+        let mut list = Vec::new();
+        if let Some(file) = &t.file {
+            match load_tenants_file(Path::new(file), &used) {
+                Ok(l) => list = l,
+                Err(e) => errors.extend(e.0),
+            }
+        }
+        for x in &t.list {
+            if !list.iter().any(|y: &Tenant| y.name == x.name) {
+                list.push(x.clone());
+            }
+        }
+        out.insert(name.clone(), list);
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConfigErrors(errors))
+    }
 }
 
 /// Parse and validate config text; `file` names it in errors.
@@ -165,18 +207,39 @@ fn strip_location(msg: &str) -> String {
 /// Semantic checks on a parsed config: `(field path, reason)` pairs.
 pub fn validate(config: &Config) -> Vec<(String, String)> {
     let mut out = Vec::new();
+    check_templates(config, &mut out);
     for (name, s) in &config.sources {
         let at = format!("sources.{name}");
-        if !matches!(s.base_url.scheme(), "http" | "https") {
-            out.push((
-                format!("{at}.base_url"),
-                "must be an http:// or https:// URL".into(),
-            ));
+        // A template is checked as a sample tenant would fill it.
+        let base = match s.base_url.fill(&tenant::sample(
+            &tenant_vars_used(config, name).into_keys().collect(),
+        )) {
+            Ok(b) => b.url().ok().cloned(),
+            Err(e) => {
+                out.push((format!("{at}.base_url"), e));
+                None
+            }
+        };
+        if let Some(base) = base {
+            if !matches!(base.scheme(), "http" | "https") {
+                out.push((
+                    format!("{at}.base_url"),
+                    "must be an http:// or https:// URL".into(),
+                ));
+            }
+            if base.cannot_be_a_base() || base.host_str().is_none() {
+                out.push((
+                    format!("{at}.base_url"),
+                    "must be an absolute URL with a host".into(),
+                ));
+            }
         }
-        if s.base_url.cannot_be_a_base() || s.base_url.host_str().is_none() {
+        if let Some(t) = &s.tenants {
+            check_tenant_list(config, name, t, &at, &mut out);
+        } else if s.rate_limit.as_ref().and_then(|r| r.per) == Some(RateScope::Tenant) {
             out.push((
-                format!("{at}.base_url"),
-                "must be an absolute URL with a host".into(),
+                format!("{at}.rate_limit.per"),
+                "per: tenant needs tenants (this source has no tenants block)".into(),
             ));
         }
         if let Some(auth) = &s.auth {
@@ -313,6 +376,267 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
         validate_feed(feed, &at, &mut out);
     }
     out
+}
+
+/// True when a template may stand at `rel`, a field path inside a source
+/// (`base_url`, `auth.bearer`, ...) or a feed (`path`, `params.x`, ...).
+fn template_allowed(in_source: bool, rel: &str) -> bool {
+    if in_source {
+        rel == "base_url"
+            || rel.starts_with("headers.")
+            || matches!(
+                rel,
+                "auth.bearer"
+                    | "auth.basic.username"
+                    | "auth.basic.password"
+                    | "auth.api_key.value"
+                    | "auth.oauth2_client_credentials.client_id"
+                    | "auth.oauth2_client_credentials.client_secret"
+            )
+    } else {
+        rel == "path" || rel.starts_with("params.") || rel.starts_with("incremental.params.")
+    }
+}
+
+/// Every string of `v` with its field path (in the paths errors use).
+fn strings<'a>(v: &'a serde_json::Value, at: String, out: &mut Vec<(String, &'a str)>) {
+    match v {
+        serde_json::Value::String(s) => out.push((at, s)),
+        serde_json::Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                strings(item, format!("{at}[{i}]"), out);
+            }
+        }
+        serde_json::Value::Object(m) => {
+            for (k, item) in m {
+                let p = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                strings(item, p, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The strings of a source (its `tenants` block aside) and of its feeds,
+/// as `(in_source, path, relative path, text)`.
+fn source_strings(config: &Config, name: &str) -> Vec<(bool, String, String, String)> {
+    let mut out = Vec::new();
+    if let Some(s) = config.sources.get(name) {
+        let mut v = serde_json::to_value(s).unwrap_or_default();
+        if let Some(m) = v.as_object_mut() {
+            m.remove("tenants");
+        }
+        let mut found = Vec::new();
+        strings(&v, String::new(), &mut found);
+        out.extend(
+            found
+                .into_iter()
+                .map(|(rel, text)| (true, format!("sources.{name}.{rel}"), rel, text.to_string())),
+        );
+    }
+    for (i, f) in config
+        .feeds
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.source == name)
+    {
+        let v = serde_json::to_value(f).unwrap_or_default();
+        let mut found = Vec::new();
+        strings(&v, String::new(), &mut found);
+        out.extend(
+            found
+                .into_iter()
+                .map(|(rel, text)| (false, format!("feeds[{i}].{rel}"), rel, text.to_string())),
+        );
+    }
+    out
+}
+
+/// The `{vars.NAME}` a source's templates use, each with the first field
+/// that uses it: every tenant of the source must set them.
+pub fn tenant_vars_used(
+    config: &Config,
+    source: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let mut used = std::collections::BTreeMap::new();
+    for (in_source, path, rel, text) in source_strings(config, source) {
+        if !template_allowed(in_source, &rel) {
+            continue;
+        }
+        for r in tenant::refs(&text) {
+            if let tenant::Ref::Var(v) = r {
+                used.entry(v.to_string()).or_insert_with(|| path.clone());
+            }
+        }
+    }
+    used
+}
+
+/// `{tenant}` and `{vars.NAME}` only where a tenant can fill them: in a
+/// tenanted source's base URL, auth secrets and headers, and its feeds'
+/// path and params. A feed naming an unknown source is reported elsewhere.
+fn check_templates(config: &Config, out: &mut Vec<(String, String)>) {
+    let mut names: Vec<&str> = config.sources.keys().map(String::as_str).collect();
+    let unknown: Vec<&str> = config
+        .feeds
+        .iter()
+        .map(|f| f.source.as_str())
+        .filter(|s| !config.sources.contains_key(*s))
+        .collect();
+    names.extend(unknown);
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        let tenanted = config.sources.get(name).is_some_and(|s| s.is_tenanted());
+        for (in_source, path, rel, text) in source_strings(config, name) {
+            let Some(first) = tenant::refs(&text).first().copied() else {
+                continue;
+            };
+            let written = match first {
+                tenant::Ref::Tenant => "{tenant}".to_string(),
+                tenant::Ref::Var(v) => format!("{{vars.{v}}}"),
+            };
+            if !tenanted {
+                out.push((
+                    path,
+                    format!(
+                        "{written}: source {name:?} has no tenants (add a tenants block to it)"
+                    ),
+                ));
+            } else if !template_allowed(in_source, &rel) {
+                out.push((path, format!("{written} cannot stand here: templates may appear in base_url, auth secrets and headers of a source, and in path and params of a feed")));
+            }
+        }
+    }
+}
+
+/// The tenants listed inline: valid, distinct names, with every var the
+/// templates use.
+fn check_tenant_list(
+    config: &Config,
+    source: &str,
+    t: &TenantsConfig,
+    at: &str,
+    out: &mut Vec<(String, String)>,
+) {
+    let used = tenant_vars_used(config, source);
+    out.extend(
+        check_tenants(&t.list, &used)
+            .into_iter()
+            .map(|(p, r)| (format!("{at}.tenants.list{p}"), r)),
+    );
+    if t.file.as_deref().is_some_and(|f| f.trim().is_empty()) {
+        out.push((format!("{at}.tenants.file"), "must not be empty".into()));
+    }
+}
+
+/// Problems of a list of tenants, as `([index] or [index].field, reason)`.
+pub(crate) fn check_tenants(
+    list: &[Tenant],
+    used: &std::collections::BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (j, t) in list.iter().enumerate() {
+        if let Err(e) = tenant::check_name(&t.name) {
+            out.push((format!("[{j}]"), e));
+        }
+        if let Some(first) = seen.insert(&t.name, j) {
+            out.push((
+                format!("[{j}]"),
+                format!(
+                    "tenant {:?} is listed twice (entries {first} and {j})",
+                    t.name
+                ),
+            ));
+        }
+        for (var, path) in used {
+            if !t.vars.contains_key(var) {
+                out.push((
+                    format!("[{j}]"),
+                    format!("tenant {:?} has no vars.{var}, which {path} uses", t.name),
+                ));
+            }
+        }
+        for var in t.vars.keys() {
+            if let Err(e) = tenant::check_var_name(var) {
+                out.push((format!("[{j}].vars"), e));
+            }
+        }
+    }
+    out
+}
+
+/// Read and check a tenants file: a YAML list of tenants (`- acme` or
+/// `- { name: acme, vars: { region: eu } }`). `used` are the vars every
+/// tenant must set ([`tenant_vars_used`]). Problems come as
+/// `file:line:col: [index]: reason`.
+pub fn load_tenants_str(
+    file: &str,
+    text: &str,
+    used: &std::collections::BTreeMap<String, String>,
+) -> Result<Vec<Tenant>, ConfigErrors> {
+    let index = Locations::build(text);
+    let err = |path: String, reason: String, at: Option<(usize, usize)>| {
+        let (line, col) = at.unwrap_or_else(|| index.find(&path));
+        ConfigError {
+            file: file.to_string(),
+            line,
+            col,
+            path,
+            reason,
+        }
+    };
+    if text
+        .lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+    {
+        return Ok(Vec::new());
+    }
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    let list: Vec<Tenant> = match serde_path_to_error::deserialize(de) {
+        Ok(l) => l,
+        Err(e) => {
+            let path = clean_path(&e.path().to_string());
+            let inner = e.into_inner();
+            let reason = strip_location(&inner.to_string());
+            let at = index
+                .at
+                .get(&path)
+                .copied()
+                .or_else(|| inner.location().map(|l| (l.line(), l.column())));
+            return Err(ConfigErrors(vec![err(path, reason, at)]));
+        }
+    };
+    let problems = check_tenants(&list, used);
+    if problems.is_empty() {
+        return Ok(list);
+    }
+    let mut errors: Vec<ConfigError> = problems.into_iter().map(|(p, r)| err(p, r, None)).collect();
+    errors.sort_by_key(|e| (e.line, e.col));
+    Err(ConfigErrors(errors))
+}
+
+/// Read and check a tenants file ([`load_tenants_str`]).
+pub fn load_tenants_file(
+    path: &Path,
+    used: &std::collections::BTreeMap<String, String>,
+) -> Result<Vec<Tenant>, ConfigErrors> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: name.clone(),
+            line: 0,
+            col: 0,
+            path: String::new(),
+            reason: format!("cannot read the tenants file: {e}"),
+        }])
+    })?;
+    load_tenants_str(&name, &text, used)
 }
 
 fn validate_feed(feed: &FeedConfig, at: &str, out: &mut Vec<(String, String)>) {

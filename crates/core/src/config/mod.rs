@@ -20,10 +20,14 @@ use url::Url;
 use crate::duration::Duration;
 use crate::pointer::JsonPointer;
 use crate::secret::Secret;
+use crate::tenant::Tenant;
 use crate::timefmt::TimeFormat;
 
 pub use feed::{DEFAULT_PARTITION, MAX_PARTITIONS, Partition};
-pub use load::{ConfigError, ConfigErrors, load_file, load_str, validate};
+pub use load::{
+    ConfigError, ConfigErrors, load_file, load_str, load_tenants, load_tenants_file,
+    load_tenants_str, tenant_vars_used, validate,
+};
 pub use preset::{CursorFrom, NextUrlFrom, PageStyle, PaginationSpec, Preset, Strategy};
 pub use schema::json_schema;
 
@@ -57,8 +61,9 @@ impl Config {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    /// `http(s)://host[:port][/prefix]`; a feed's `path` is appended to the prefix.
-    pub base_url: Url,
+    /// `http(s)://host[:port][/prefix]`; a feed's `path` is appended to the
+    /// prefix. A tenanted source may use `{tenant}` and `{vars.NAME}` here.
+    pub base_url: BaseUrl,
     #[serde(default)]
     pub auth: Option<AuthConfig>,
     /// A limit on the requests to this source across every worker (`pull` does not apply it).
@@ -93,6 +98,115 @@ pub struct SourceConfig {
     /// a redirect to any other origin is an error.
     #[serde(default)]
     pub redirects_allowed_to: Vec<Url>,
+    /// Run every feed of this source once per tenant (account): from a
+    /// file, a list, or `tidemark tenants add`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenants: Option<TenantsConfig>,
+}
+
+/// The tenants of a source. Those of `file` and `list` and those added with
+/// `tidemark tenants add` (or the admin API) together are its tenants.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantsConfig {
+    /// A YAML file listing tenants (`- acme` or `- { name: acme, vars: {...} }`),
+    /// re-read when it changes. A relative path is taken from the config
+    /// file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// Tenants written in the config.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub list: Vec<Tenant>,
+    /// Also count pages, records and fetch errors per tenant
+    /// (`tidemark_tenant_*` series: one set per feed and tenant).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub metrics: bool,
+}
+
+/// A source's base URL: a URL, or for a tenanted source a template of one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BaseUrl {
+    text: String,
+    /// Parsed when the text holds no template.
+    url: Option<Url>,
+}
+
+impl BaseUrl {
+    /// The URL; an error for a template not yet filled for a tenant.
+    pub fn url(&self) -> Result<&Url, String> {
+        self.url
+            .as_ref()
+            .ok_or_else(|| format!("base_url {:?} is a template: it needs a tenant", self.text))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+    /// True when it holds `{tenant}` or `{vars.NAME}`.
+    pub fn is_template(&self) -> bool {
+        self.url.is_none()
+    }
+    /// The URL of `tenant`.
+    pub fn fill(&self, tenant: &Tenant) -> Result<BaseUrl, String> {
+        if self.url.is_some() {
+            return Ok(self.clone());
+        }
+        let text = crate::tenant::substitute(&self.text, tenant)?;
+        let url = Url::parse(&text)
+            .map_err(|e| format!("base_url of tenant {} ({text:?}): {e}", tenant.name))?;
+        Ok(BaseUrl {
+            text,
+            url: Some(url),
+        })
+    }
+}
+
+impl From<Url> for BaseUrl {
+    fn from(url: Url) -> Self {
+        BaseUrl {
+            text: url.as_str().to_string(),
+            url: Some(url),
+        }
+    }
+}
+
+impl std::str::FromStr for BaseUrl {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if !crate::tenant::refs(text).is_empty() {
+            return Ok(BaseUrl {
+                text: text.to_string(),
+                url: None,
+            });
+        }
+        Url::parse(text)
+            .map(BaseUrl::from)
+            .map_err(|e| format!("{e}: {text:?}"))
+    }
+}
+
+impl Serialize for BaseUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for BaseUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for BaseUrl {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "BaseUrl".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "An http(s) URL; a tenanted source may use {tenant} and {vars.NAME}."
+        })
+    }
 }
 
 impl SourceConfig {
@@ -123,6 +237,61 @@ impl SourceConfig {
             .iter()
             .filter_map(|a| a.api_key.as_ref()?.query.clone())
             .collect()
+    }
+
+    /// True when every feed of this source runs once per tenant.
+    pub fn is_tenanted(&self) -> bool {
+        self.tenants.is_some()
+    }
+
+    /// Whose budget the rate limit (and a `Retry-After` pause) is.
+    pub fn rate_scope(&self) -> RateScope {
+        match self.rate_limit.as_ref().and_then(|r| r.per) {
+            Some(p) => p,
+            None if self.is_tenanted() => RateScope::Tenant,
+            None => RateScope::Source,
+        }
+    }
+
+    /// The key of the shared rate limiter and pause for `tenant`'s requests:
+    /// the source's name, or `<source>/<tenant>` when each tenant has its own.
+    pub fn limit_key(&self, source: &str, tenant: Option<&str>) -> String {
+        match (self.rate_scope(), tenant) {
+            (RateScope::Tenant, Some(t)) => crate::tenant::job_partition(source, t),
+            _ => source.to_string(),
+        }
+    }
+
+    /// This source as `tenant` sees it: its templates filled in.
+    pub fn for_tenant(&self, tenant: &Tenant) -> Result<SourceConfig, String> {
+        let fill = |s: &Secret| -> Result<Secret, String> {
+            Ok(Secret::new(crate::tenant::substitute(
+                s.template(),
+                tenant,
+            )?))
+        };
+        let mut out = self.clone();
+        out.base_url = self.base_url.fill(tenant)?;
+        for v in out.headers.values_mut() {
+            *v = fill(v)?;
+        }
+        if let Some(a) = out.auth.as_mut() {
+            if let Some(b) = a.bearer.as_mut() {
+                *b = fill(b)?;
+            }
+            if let Some(b) = a.basic.as_mut() {
+                b.username = fill(&b.username)?;
+                b.password = fill(&b.password)?;
+            }
+            if let Some(k) = a.api_key.as_mut() {
+                k.value = fill(&k.value)?;
+            }
+            if let Some(o) = a.oauth2_client_credentials.as_mut() {
+                o.client_id = fill(&o.client_id)?;
+                o.client_secret = fill(&o.client_secret)?;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -238,6 +407,20 @@ pub struct RateLimitConfig {
     /// Requests allowed at once after a quiet spell. Default: `per_second` rounded up.
     #[serde(default)]
     pub burst: Option<u32>,
+    /// Whose budget this is: `tenant` (each tenant its own; the default for
+    /// a tenanted source) or `source` (one for all tenants).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<RateScope>,
+}
+
+/// Who shares one rate budget (and one `Retry-After` pause).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RateScope {
+    /// Every request to the source, whatever its tenant.
+    Source,
+    /// Each tenant's requests on their own.
+    Tenant,
 }
 
 /// Retries of one request inside the HTTP client (timeouts, 5xx, 429).

@@ -321,6 +321,7 @@ impl World {
             attempt: 0,
             empty_run: 0,
             published_ms: now_ms(),
+            vars: Default::default(),
         }
     }
 

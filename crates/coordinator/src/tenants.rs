@@ -1,0 +1,239 @@
+//! The tenants the coordinator runs, per tenanted source: its config's
+//! `tenants.list`, its `tenants.file` (re-read when the file changes) and
+//! the tenants operators added at run time (re-read when the store's
+//! tenants version moves, which every pass reads in its survey). A pass
+//! asks [`Tenants::refresh`] what came and went; the coordinator creates
+//! the jobs of a tenant that came and retires those of one that went.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use tidemark_core::Config;
+use tidemark_core::config::{load_tenants_file, tenant_vars_used};
+use tidemark_core::tenant::Tenant;
+use tidemark_state::{ActiveTenant, StateError, TenantOrigin, TenantRegistry};
+use tidemark_telemetry::Metrics;
+
+/// The tenants of one source.
+struct SourceTenants {
+    file: Option<PathBuf>,
+    /// The file's modification time and length when it was last read.
+    stamp: Option<(SystemTime, u64)>,
+    from_file: Vec<Tenant>,
+    from_list: Vec<Tenant>,
+    added: Vec<Tenant>,
+    /// The vars every tenant must set.
+    used: BTreeMap<String, String>,
+    active: BTreeMap<String, ActiveTenant>,
+}
+
+/// Tenants that came and went in one source.
+#[derive(Debug, Default)]
+pub(crate) struct Change {
+    pub source: String,
+    pub came: Vec<String>,
+    pub went: Vec<String>,
+}
+
+pub(crate) struct Tenants {
+    sources: BTreeMap<String, SourceTenants>,
+    /// The store's tenants version last applied.
+    version: Option<u64>,
+}
+
+impl Tenants {
+    pub fn new(config: &Config) -> Self {
+        let sources = config
+            .sources
+            .iter()
+            .filter_map(|(name, s)| {
+                let t = s.tenants.as_ref()?;
+                Some((
+                    name.clone(),
+                    SourceTenants {
+                        file: t.file.as_ref().map(PathBuf::from),
+                        stamp: None,
+                        from_file: Vec::new(),
+                        from_list: t.list.clone(),
+                        added: Vec::new(),
+                        used: tenant_vars_used(config, name),
+                        active: BTreeMap::new(),
+                    },
+                ))
+            })
+            .collect();
+        Tenants {
+            sources,
+            version: None,
+        }
+    }
+
+    /// True when some source has tenants.
+    pub fn any(&self) -> bool {
+        !self.sources.is_empty()
+    }
+
+    /// True when `source` has tenants.
+    pub fn is_tenanted(&self, source: &str) -> bool {
+        self.sources.contains_key(source)
+    }
+
+    /// The tenants running for `source`.
+    pub fn active(&self, source: &str) -> impl Iterator<Item = &str> {
+        self.sources
+            .get(source)
+            .into_iter()
+            .flat_map(|s| s.active.keys().map(String::as_str))
+    }
+
+    /// A running tenant of `source`.
+    pub fn get(&self, source: &str, tenant: &str) -> Option<&ActiveTenant> {
+        self.sources.get(source)?.active.get(tenant)
+    }
+
+    /// Forget what was read: the next refresh reads everything (a new
+    /// leadership term).
+    pub fn reset(&mut self) {
+        self.version = None;
+        for s in self.sources.values_mut() {
+            s.stamp = None;
+        }
+    }
+
+    /// Re-read the tenants files that changed and, when `version` moved,
+    /// the added tenants; store the running set of every source that
+    /// changed, and say what came and went.
+    pub async fn refresh(
+        &mut self,
+        store: &dyn TenantRegistry,
+        version: u64,
+        metrics: &Metrics,
+    ) -> Result<Vec<Change>, StateError> {
+        let reread_added = self.version != Some(version);
+        let mut changes = Vec::new();
+        for (name, s) in &mut self.sources {
+            let mut dirty = reread_file(name, s, metrics);
+            if reread_added {
+                let added = store.added_tenants(name).await?;
+                if added != s.added {
+                    s.added = added;
+                    dirty = true;
+                }
+            }
+            // A first refresh publishes the set even when it is empty.
+            if !dirty && self.version.is_some() {
+                continue;
+            }
+            let next = effective(s);
+            let change = Change {
+                source: name.clone(),
+                came: next
+                    .keys()
+                    .filter(|t| !s.active.contains_key(*t))
+                    .cloned()
+                    .collect(),
+                went: s
+                    .active
+                    .keys()
+                    .filter(|t| !next.contains_key(*t))
+                    .cloned()
+                    .collect(),
+            };
+            let vars_changed = next
+                .iter()
+                .any(|(k, t)| s.active.get(k).is_some_and(|a| a != t));
+            let first = self.version.is_none();
+            if first || vars_changed || !change.came.is_empty() || !change.went.is_empty() {
+                let list: Vec<ActiveTenant> = next.values().cloned().collect();
+                store.set_active_tenants(name, &list).await?;
+                metrics
+                    .tenants
+                    .get_or_create(&Metrics::source(name))
+                    .set(list.len() as i64);
+                if !change.came.is_empty() || !change.went.is_empty() {
+                    tracing::info!(
+                        source = %name,
+                        came = change.came.len(),
+                        went = change.went.len(),
+                        tenants = list.len(),
+                        "tenants changed"
+                    );
+                }
+            }
+            s.active = next;
+            changes.push(change);
+        }
+        self.version = Some(version);
+        Ok(changes)
+    }
+}
+
+/// Read the source's tenants file again when its modification time or
+/// length changed. A file that does not parse is reported and ignored: the
+/// tenants stay as they were (a half-written file must not remove them).
+/// True when the file's tenants changed.
+fn reread_file(source: &str, s: &mut SourceTenants, metrics: &Metrics) -> bool {
+    let Some(path) = &s.file else {
+        return false;
+    };
+    let stamp = std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
+    if stamp.is_some() && stamp == s.stamp {
+        return false;
+    }
+    let Some(stamp) = stamp else {
+        if s.stamp.is_some() || s.from_file.is_empty() {
+            tracing::error!(source, file = %path.display(), "cannot read the tenants file; keeping its tenants as they were");
+            metrics
+                .tenants_file_errors
+                .get_or_create(&Metrics::source(source))
+                .inc();
+        }
+        s.stamp = None;
+        return false;
+    };
+    s.stamp = Some(stamp);
+    match load_tenants_file(path, &s.used) {
+        Ok(list) => {
+            let changed = list != s.from_file;
+            s.from_file = list;
+            changed
+        }
+        Err(e) => {
+            tracing::error!(source, errors = %e, "the tenants file has errors; keeping its tenants as they were");
+            metrics
+                .tenants_file_errors
+                .get_or_create(&Metrics::source(source))
+                .inc();
+            false
+        }
+    }
+}
+
+/// The tenants of a source: its file, then its list, then the added ones
+/// (a name in more than one keeps the first).
+fn effective(s: &SourceTenants) -> BTreeMap<String, ActiveTenant> {
+    let mut out = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for (list, origin) in [
+        (&s.from_file, TenantOrigin::File),
+        (&s.from_list, TenantOrigin::List),
+        (&s.added, TenantOrigin::Added),
+    ] {
+        for t in list {
+            if seen.insert(t.name.clone()) {
+                out.insert(
+                    t.name.clone(),
+                    ActiveTenant {
+                        name: t.name.clone(),
+                        vars: t.vars.clone(),
+                        origin,
+                    },
+                );
+            }
+        }
+    }
+    out
+}
