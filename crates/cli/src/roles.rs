@@ -229,6 +229,9 @@ pub async fn coordinator(
     err: &mut (dyn Write + Send),
 ) -> Result<(), Failure> {
     let config = load_file(&args.config).map_err(|e| Failure::usage(e.to_string()))?;
+    // A tenants file with errors is refused at start (later, while running,
+    // a broken edit is logged and ignored).
+    tidemark_core::config::load_tenants(&config).map_err(|e| Failure::usage(e.to_string()))?;
     let w = Wiring::start(
         "coordinator",
         &args.infra,

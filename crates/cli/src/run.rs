@@ -54,6 +54,9 @@ pub async fn run(
     err: &mut (dyn Write + Send),
 ) -> Result<(), Failure> {
     let config = load_file(&args.config).map_err(|e| Failure::usage(e.to_string()))?;
+    // A tenants file with errors is refused at start (later, while running,
+    // a broken edit is logged and ignored).
+    tidemark_core::config::load_tenants(&config).map_err(|e| Failure::usage(e.to_string()))?;
     let owned = StateDir::new(&args.state_dir).take()?;
     let out = Out::parse(&args.out);
     let sink = Arc::new(JsonlSink::new(out.clone())?);

@@ -860,6 +860,41 @@ pub fn feeds_table(feeds: &[FeedSummary]) -> String {
     out
 }
 
+/// The tenant summaries: one line per tenant, then their failures.
+pub fn tenants_table(tenants: &[TenantSummary]) -> String {
+    let header = [
+        "TENANT", "JOBS", "IDLE", "RUNNING", "PAUSED", "FAILED", "RECORDS", "WORST LAG",
+    ];
+    let rows: Vec<Vec<String>> = tenants
+        .iter()
+        .map(|t| {
+            vec![
+                t.tenant.clone(),
+                t.jobs.to_string(),
+                t.idle.to_string(),
+                t.running.to_string(),
+                t.paused.to_string(),
+                t.failed.to_string(),
+                t.records.to_string(),
+                cell(t.worst_lag_secs.map(human_secs)),
+            ]
+        })
+        .collect();
+    let mut out = aligned(&header, &rows);
+    for t in tenants {
+        for x in &t.failures {
+            out.push_str(&format!(
+                "failed {}/{} ({}): {}\n",
+                x.feed,
+                x.partition,
+                t.tenant,
+                clipped(x.error.as_deref().unwrap_or("(no error recorded)"), 100)
+            ));
+        }
+    }
+    out
+}
+
 /// A status report as `tidemark status` prints it: the feeds, then the
 /// page of jobs and how to get the next one.
 pub fn render(report: &StatusReport, q: &StatusQuery) -> String {
@@ -867,11 +902,17 @@ pub fn render(report: &StatusReport, q: &StatusQuery) -> String {
         return "(no jobs yet: has a coordinator or run registered the feeds?)\n".into();
     }
     let mut out = feeds_table(&report.feeds);
+    if !report.tenants.is_empty() {
+        out.push('\n');
+        out.push_str(&tenants_table(&report.tenants));
+    } else if q.tenant.is_some() {
+        out.push_str("\n(no jobs of this tenant)\n");
+    }
     let total: u64 = report.feeds.iter().map(|f| f.jobs).sum();
     if !report.jobs.is_empty() {
         out.push('\n');
         out.push_str(&table(&report.jobs));
-    } else if q.feed.is_none() {
+    } else if q.feed.is_none() && q.tenant.is_none() {
         out.push_str(&format!(
             "\n{total} jobs: tidemark status --feed FEED [--partition-prefix P] lists a feed's jobs, {} at a time\n",
             q.limit
@@ -1040,6 +1081,75 @@ mod tests {
         let page = status(&s, &q).await.expect("prefix");
         assert_eq!(page.jobs.len(), 10);
         assert!(page.jobs.iter().all(|j| j.partition.starts_with("p20")));
+    }
+
+    /// `--tenant` acts on that tenant's jobs only, of one feed or of all;
+    /// its status sums up its jobs over every feed.
+    #[tokio::test]
+    async fn a_tenant_is_selected_across_feeds_and_summarised() {
+        let s = store_with(&[
+            ("tickets", "acme/all", Phase::Idle),
+            ("tickets", "globex/all", Phase::Idle),
+            ("users", "acme/all", Phase::Failed),
+            ("users", "globex/all", Phase::Idle),
+            ("plain", "all", Phase::Idle),
+        ])
+        .await;
+        let sel = Selection {
+            tenant: Some("acme".into()),
+            ..Selection::default()
+        };
+        let r = apply(&s, &sel, &Action::Pause).await.expect("pause acme");
+        let mut done: Vec<(String, String)> = r
+            .applied
+            .iter()
+            .map(|a| (a.feed.clone(), a.partition.clone()))
+            .collect();
+        done.sort();
+        assert_eq!(
+            done,
+            vec![
+                ("tickets".to_string(), "acme/all".to_string()),
+                ("users".to_string(), "acme/all".to_string())
+            ]
+        );
+        let one = Selection {
+            feed: Some("tickets".into()),
+            tenant: Some("globex".into()),
+            partition: Some("all".into()),
+        };
+        let r = apply(&s, &one, &Action::Pause).await.expect("pause one");
+        assert_eq!(r.applied[0].partition, "globex/all");
+        let nobody = Selection {
+            tenant: Some("nobody".into()),
+            ..Selection::default()
+        };
+        assert!(matches!(
+            apply(&s, &nobody, &Action::Pause).await,
+            Err(OpError::UnknownTenant { .. })
+        ));
+        let q = StatusQuery {
+            tenant: Some("acme".into()),
+            ..StatusQuery::default()
+        };
+        let st = status(&s, &q).await.expect("status");
+        assert_eq!(st.tenants.len(), 1);
+        let acme = &st.tenants[0];
+        assert_eq!((acme.jobs, acme.paused), (2, 2));
+        assert_eq!(st.jobs.len(), 2);
+        assert!(st.jobs.iter().all(|j| j.partition.starts_with("acme/")));
+        let all = status(
+            &s,
+            &StatusQuery {
+                tenants: true,
+                ..StatusQuery::default()
+            },
+        )
+        .await
+        .expect("status");
+        let names: Vec<&str> = all.tenants.iter().map(|t| t.tenant.as_str()).collect();
+        assert_eq!(names, vec!["acme", "globex"], "`all` of a plain feed is no tenant");
+        assert!(render(&all, &StatusQuery::default()).contains("TENANT"));
     }
 
     #[test]

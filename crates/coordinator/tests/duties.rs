@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use support::{TICK, World, eventually, inspections, now_ms, partitioned, tickets};
 use tidemark_coordinator::CoordinatorOptions;
-use tidemark_coordinator::ops::{Action, RewindTo};
+use tidemark_coordinator::ops::{self, Action, RewindTo};
+use tidemark_core::tenant::Tenant;
+use tidemark_state::{Leases, TenantRegistry};
 use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId, Phase, Stage};
 
 /// A chain lease no test outlives.
@@ -374,5 +376,133 @@ async fn admission_holds_the_bound_and_serves_every_feed() {
     assert_eq!(next.job.feed, "big");
     assert!(!tasks.iter().any(|t| t.job == next.job));
     w.no_task("still four running").await;
+    c.stop().await;
+}
+
+/// Tenants come from the file, the list and `tenants add`: each tenant's
+/// jobs are created and started within a tick of its arrival, with its
+/// vars in the first task; a tenant that leaves the file has its jobs
+/// retired (the chain in flight fenced) and its state kept; a broken edit
+/// of the file changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_come_and_go_within_a_tick() {
+    let feed = tickets("tickets").replace(
+        "/api/v2/incremental/tickets/cursor.json",
+        "/api/{vars.region}/tickets.json",
+    );
+    let w = World::with_source(
+        "    tenants:\n      file: {dir}/tenants.yaml\n      list: [{ name: inline, vars: { region: ap } }]\n",
+        &[feed],
+    );
+    let file = w.dir.path().join("tenants.yaml");
+    let write = |text: &str| {
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, &file).expect("rename");
+    };
+    write("- { name: acme, vars: { region: eu } }\n- { name: globex, vars: { region: us } }\n");
+    let c = w.coordinator("c1", Duration::from_secs(60), Duration::from_secs(5));
+
+    // Three tenants × two partitions: six chains, each task with its tenant's vars.
+    let mut first = std::collections::BTreeMap::new();
+    for _ in 0..6 {
+        let t = w.next_task().await;
+        first.insert(t.job.partition.clone(), t);
+    }
+    assert_eq!(
+        first.keys().map(String::as_str).collect::<Vec<_>>(),
+        vec!["acme/a", "acme/b", "globex/a", "globex/b", "inline/a", "inline/b"]
+    );
+    assert_eq!(first["acme/a"].vars["region"], "eu");
+    assert_eq!(first["inline/b"].vars["region"], "ap");
+    let active = w.store.active_tenants("api").await.expect("active");
+    let origins: Vec<(&str, &str)> = active
+        .iter()
+        .map(|t| (t.name.as_str(), t.origin.as_str()))
+        .collect();
+    assert_eq!(
+        origins,
+        vec![("acme", "file"), ("globex", "file"), ("inline", "list")]
+    );
+
+    // Added at run time: started within a tick or two, no restart.
+    let newco = Tenant::new("newco").with_var("region", "eu");
+    assert!(
+        ops::add_tenant(&*w.store, "api", &newco)
+            .await
+            .expect("add")
+    );
+    let a = w.next_task().await;
+    let b = w.next_task().await;
+    let mut got = vec![a.job.partition.clone(), b.job.partition.clone()];
+    got.sort();
+    assert_eq!(got, vec!["newco/a", "newco/b"]);
+    assert_eq!(a.vars["region"], "eu");
+
+    // A tenant that needs a var it lacks is refused before it is stored.
+    let err = ops::add_tenant(&*w.store, "api", &Tenant::new("novars"))
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("vars.region"), "{err}");
+    // A tenant of the file cannot be removed from here.
+    let err = ops::remove_tenant(&*w.store, "api", "acme", false)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("tenants file"), "{err}");
+
+    // globex leaves the file: its jobs are retired and their chains fenced.
+    let globex_a = JobId::new("tickets", "globex/a");
+    let before = w.checkpoint(&globex_a).await.epoch;
+    write("- { name: acme, vars: { region: eu } }\n");
+    eventually("globex's jobs are retired", async || {
+        tidemark_state::feed_jobs(&*w.store, "tickets")
+            .await
+            .expect("jobs")
+            .iter()
+            .all(|(j, _)| !j.partition.starts_with("globex/"))
+    })
+    .await;
+    let after = w.checkpoint(&globex_a).await;
+    assert!(after.epoch > before, "the chain in flight is fenced");
+    assert_eq!(
+        w.commit(&globex_a, before, 0, "late", Duration::from_secs(60))
+            .await,
+        CommitOutcome::Fenced
+    );
+
+    // A broken edit keeps the tenants as they were.
+    write("- { name: acme, vars: { region: eu }\n");
+    eventually("the broken file is counted", async || {
+        c.metric("tidemark_tenants_file_errors_total", &[("source", "api")]) >= 1
+    })
+    .await;
+    let names: Vec<String> = w
+        .store
+        .active_tenants("api")
+        .await
+        .expect("active")
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, vec!["acme", "inline", "newco"]);
+    assert_eq!(c.metric("tidemark_tenants", &[("source", "api")]), 3);
+
+    // Removing the added tenant retires it; --purge deletes its state.
+    let r = ops::remove_tenant(&*w.store, "api", "newco", true)
+        .await
+        .expect("remove");
+    assert!(r.removed);
+    assert_eq!(r.purged, 2);
+    assert!(w
+        .store
+        .get(&JobId::new("tickets", "newco/a"))
+        .await
+        .expect("get")
+        .is_none());
+    // A tenant gone from the file can be purged too.
+    let r = ops::remove_tenant(&*w.store, "api", "globex", true)
+        .await
+        .expect("purge globex");
+    assert_eq!((r.removed, r.purged), (false, 2));
     c.stop().await;
 }

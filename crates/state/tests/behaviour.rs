@@ -11,8 +11,8 @@ use support::*;
 use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId, Phase, Restart, Stage};
 use tidemark_core::clock::now_ms;
 use tidemark_state::{
-    Acquire, Control, FeedRegistry, Fleet, JobQuery, Jobs, Leadership, Leases, Rewind, Schedule,
-    SourceLimits,
+    Acquire, ActiveTenant, Control, FeedRegistry, Fleet, JobQuery, Jobs, Leadership, Leases,
+    Rewind, Schedule, SourceLimits, TenantOrigin, TenantRegistry,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -334,6 +334,66 @@ async fn rate_limiter_shares_one_budget(s: Arc<dyn SourceLimits>) {
     );
 }
 
+/// Tenants added at run time move the version the survey reads; the set a
+/// coordinator runs is replaced whole; a retired job's state can be purged,
+/// a registered one's cannot.
+async fn tenants_and_purge<S: Jobs + Leases + Schedule + TenantRegistry>(s: Arc<S>) {
+    let v0 = s.survey(now_ms(), 10, 10).await.unwrap().tenants_version;
+    let acme = tidemark_core::tenant::Tenant::new("acme").with_var("region", "eu");
+    assert!(s.add_tenant("helpdesk", &acme).await.unwrap(), "new");
+    assert!(!s.add_tenant("helpdesk", &acme).await.unwrap(), "known: vars replaced");
+    assert!(
+        s.add_tenant("helpdesk", &tidemark_core::tenant::Tenant::new("globex"))
+            .await
+            .unwrap()
+    );
+    let v1 = s.survey(now_ms(), 10, 10).await.unwrap().tenants_version;
+    assert!(v1 > v0, "adding moved the version ({v0} -> {v1})");
+    assert_eq!(s.tenants_version().await.unwrap(), v1);
+    let added = s.added_tenants("helpdesk").await.unwrap();
+    assert_eq!(
+        added.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        vec!["acme", "globex"]
+    );
+    assert_eq!(added[0].vars["region"], "eu");
+    assert!(s.added_tenants("other").await.unwrap().is_empty());
+    assert!(s.remove_tenant("helpdesk", "globex").await.unwrap());
+    assert!(!s.remove_tenant("helpdesk", "globex").await.unwrap());
+    assert!(s.tenants_version().await.unwrap() > v1);
+
+    let active = vec![
+        ActiveTenant {
+            name: "acme".into(),
+            vars: [("region".to_string(), "eu".to_string())].into(),
+            origin: TenantOrigin::Added,
+        },
+        ActiveTenant {
+            name: "zeta".into(),
+            vars: Default::default(),
+            origin: TenantOrigin::File,
+        },
+    ];
+    s.set_active_tenants("helpdesk", &active).await.unwrap();
+    assert_eq!(s.active_tenants("helpdesk").await.unwrap(), active);
+    s.set_active_tenants("helpdesk", &active[1..]).await.unwrap();
+    assert_eq!(s.active_tenants("helpdesk").await.unwrap(), active[1..].to_vec());
+
+    // Purge: only what is retired.
+    let job = JobId::new("tickets", "acme/all");
+    s.ensure(&job, &Checkpoint::default()).await.unwrap();
+    let e = granted(&*s, &job, false).await;
+    assert_eq!(s.commit(&job, &commit(e, 0, "c1")).await.unwrap(), CommitOutcome::Ok);
+    assert_eq!(s.purge(&job).await.unwrap(), None, "a registered job is not purged");
+    assert!(s.retire(&job).await.unwrap());
+    assert_eq!(s.purge(&job).await.unwrap(), Some(true));
+    assert!(s.get(&job).await.unwrap().is_none(), "its state is gone");
+    assert_eq!(s.purge(&job).await.unwrap(), Some(false), "nothing left");
+    // Ensured again, it starts afresh.
+    s.ensure(&job, &Checkpoint::default()).await.unwrap();
+    let cp = s.get(&job).await.unwrap().unwrap();
+    assert_eq!((cp.cursor, cp.seq), (None, 0));
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         mod redis_backed {
@@ -593,7 +653,8 @@ both!(
     controls_take_new_epochs,
     failure_is_visible_and_retried_by_force,
     source_pause_and_leadership,
-    rate_limiter_shares_one_budget
+    rate_limiter_shares_one_budget,
+    tenants_and_purge
 );
 
 #[tokio::test]

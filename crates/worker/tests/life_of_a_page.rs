@@ -497,3 +497,85 @@ async fn the_bulk_walk_hands_off_to_incremental_syncs_from_t0_minus_lag() {
     assert_eq!(synced, changed);
     w.stop().await;
 }
+
+/// Tenants of one source: each request goes to the tenant's own URL with
+/// its own token; a revoked token fails that tenant's job alone; a 429
+/// pauses that tenant alone (the budget is per tenant); records go out
+/// under their tenant, with message ids of their own, and are counted per
+/// tenant when the source asks for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tenant_has_its_own_url_token_budget_and_failures() {
+    let cfg = tidemark_mock::MockConfig {
+        tenant_records: 15,
+        ..mock(15)
+    };
+    let mut w = World::tenanted(
+        cfg,
+        "    rate_limit: { per_second: 1000 }\n",
+        &["acme", "globex", "initech"],
+        &[tickets("tickets")],
+    )
+    .await;
+    w.start_worker();
+    let mock_state = w.mock_state();
+    mock_state.revoke_tenant("globex");
+    mock_state.throttle_tenant("initech", std::time::Duration::from_millis(400));
+    let jobs: Vec<tidemark_core::checkpoint::JobId> = ["acme", "globex", "initech"]
+        .iter()
+        .map(|t| tidemark_core::checkpoint::JobId::new("tickets", format!("{t}/all")))
+        .collect();
+    for j in &jobs {
+        w.start_chain(j).await;
+    }
+    // The 429 pauses the tenant's budget, while the source's stays open.
+    w.paused_until("mock/initech").await;
+    assert!(w.source_paused_until("mock").await.is_none());
+    let acme = w.chain_ended(&jobs[0]).await;
+    let globex = w.chain_ended(&jobs[1]).await;
+    let initech = w.chain_ended(&jobs[2]).await;
+    assert_eq!((acme.phase, acme.records), (Phase::Idle, 15));
+    assert_eq!(globex.phase, Phase::Failed);
+    assert!(
+        globex.last_error.as_deref().unwrap_or_default().contains("401"),
+        "{:?}",
+        globex.last_error
+    );
+    assert_eq!(
+        (initech.phase, initech.records, initech.last_error.as_deref()),
+        (Phase::Idle, 15, None),
+        "the throttled tenant is late, not failed"
+    );
+    assert!(w.metric("tidemark_source_pauses_total", &[("source", "mock")]) >= 1);
+    let stats = mock_state.stats();
+    assert!(stats.refused_by_tenant.get("initech").copied().unwrap_or(0) >= 1);
+    assert!(!stats.refused_by_tenant.contains_key("acme"));
+    // Records went out under their tenant, partition `all`.
+    let pages = w.received.pages();
+    assert!(pages.iter().all(|p| p.partition == "all"));
+    let ids = |t: &str| -> std::collections::HashSet<String> {
+        pages
+            .iter()
+            .filter(|p| p.tenant.as_deref() == Some(t))
+            .flat_map(|p| p.records.iter().map(|r| r.message_id.clone()))
+            .collect()
+    };
+    let (a, i) = (ids("acme"), ids("initech"));
+    assert_eq!((a.len(), i.len()), (15, 15));
+    assert!(a.is_disjoint(&i), "message ids are unique across tenants");
+    assert!(ids("globex").is_empty());
+    assert_eq!(
+        w.metric(
+            "tidemark_tenant_records_published_total",
+            &[("feed", "tickets"), ("tenant", "acme")]
+        ),
+        15
+    );
+    assert_eq!(
+        w.metric(
+            "tidemark_tenant_fetch_errors_total",
+            &[("feed", "tickets"), ("tenant", "globex"), ("kind", "permanent")]
+        ),
+        1
+    );
+    w.stop().await;
+}

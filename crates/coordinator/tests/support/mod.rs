@@ -73,7 +73,7 @@ pub struct World {
     pub store: Arc<EmbeddedStore>,
     pub tasks: Arc<MemoryQueue>,
     pub config: Config,
-    _dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
 }
 
 /// One running coordinator.
@@ -122,21 +122,30 @@ impl Running {
 
 impl World {
     pub fn new(feeds: &[String]) -> World {
+        Self::with_source("", feeds)
+    }
+
+    /// A world whose source `api` has these extra lines (each indented by
+    /// four spaces, e.g. a `tenants:` block); `{dir}` in them is the
+    /// world's temp dir.
+    pub fn with_source(extra: &str, feeds: &[String]) -> World {
         let dir = tempfile::tempdir().expect("temp dir");
         let store =
             Arc::new(EmbeddedStore::open(&dir.path().join("state.json")).expect("open the store"));
+        let extra = extra.replace("{dir}", &dir.path().display().to_string());
         // Port 9 (discard): the coordinator never calls the API.
         let yaml = format!(
-            "sources:\n  api:\n    base_url: http://127.0.0.1:9\nfeeds:\n{}",
+            "sources:\n  api:\n    base_url: http://127.0.0.1:9/t/{{tenant}}\n{extra}feeds:\n{}",
             feeds.concat()
-        );
+        )
+        .replace("/t/{tenant}\nfeeds", "\nfeeds");
         let config = load_str("test.yaml", &yaml)
             .unwrap_or_else(|e| panic!("the test config is invalid: {e}"));
         World {
             store,
             tasks: MemoryQueue::new(),
             config,
-            _dir: dir,
+            dir,
         }
     }
 

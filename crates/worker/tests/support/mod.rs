@@ -103,6 +103,8 @@ pub struct Record {
 #[derive(Debug, Clone)]
 pub struct Page {
     pub feed: String,
+    pub tenant: Option<String>,
+    pub partition: String,
     pub seq: u64,
     pub records: Vec<Record>,
     /// When it was confirmed, unix ms.
@@ -156,6 +158,8 @@ impl Received {
             .collect::<Result<Vec<_>, String>>()?;
         self.pages.lock().unwrap().push(Page {
             feed: page.feed.clone(),
+            tenant: page.tenant.clone(),
+            partition: page.partition.clone(),
             seq: page.seq,
             records,
             at_ms: now_ms(),
@@ -222,6 +226,43 @@ impl World {
             worker: None,
             _dir: dir,
         }
+    }
+
+    /// A world whose source `mock` serves each tenant of `tenants` under
+    /// `/t/{tenant}` with its own token (`tok-{tenant}`), with the source
+    /// lines `extra` (indented four spaces); one job per feed and tenant.
+    pub async fn tenanted(
+        mock: MockConfig,
+        extra: &str,
+        tenants: &[&str],
+        feeds: &[String],
+    ) -> World {
+        let mut w = World::new(mock, &[]).await;
+        let yaml = config_yaml(&format!("{}/t/{{tenant}}", w.mock.base_url()), &feeds.concat())
+            .replace(
+                "    timeout: 5s\n",
+                &format!(
+                    "    timeout: 5s\n    auth: {{ bearer: \"tok-{{tenant}}\" }}\n    tenants: {{ list: [{}], metrics: true }}\n{extra}",
+                    tenants.join(", ")
+                ),
+            );
+        w.config = load_str("test.yaml", &yaml)
+            .unwrap_or_else(|e| panic!("the test config is invalid: {e}"));
+        publish_config(&*w.store, &w.config)
+            .await
+            .expect("publish the registry");
+        for feed in &w.config.feeds {
+            for t in tenants {
+                w.store
+                    .ensure(
+                        &JobId::new(&feed.name, format!("{t}/{DEFAULT_PARTITION}")),
+                        &Checkpoint::default(),
+                    )
+                    .await
+                    .expect("ensure");
+            }
+        }
+        w
     }
 
     /// A world with a running worker.
