@@ -863,7 +863,14 @@ pub fn feeds_table(feeds: &[FeedSummary]) -> String {
 /// The tenant summaries: one line per tenant, then their failures.
 pub fn tenants_table(tenants: &[TenantSummary]) -> String {
     let header = [
-        "TENANT", "JOBS", "IDLE", "RUNNING", "PAUSED", "FAILED", "RECORDS", "WORST LAG",
+        "TENANT",
+        "JOBS",
+        "IDLE",
+        "RUNNING",
+        "PAUSED",
+        "FAILED",
+        "RECORDS",
+        "WORST LAG",
     ];
     let rows: Vec<Vec<String>> = tenants
         .iter()
@@ -1148,7 +1155,11 @@ mod tests {
         .await
         .expect("status");
         let names: Vec<&str> = all.tenants.iter().map(|t| t.tenant.as_str()).collect();
-        assert_eq!(names, vec!["acme", "globex"], "`all` of a plain feed is no tenant");
+        assert_eq!(
+            names,
+            vec!["acme", "globex"],
+            "`all` of a plain feed is no tenant"
+        );
         assert!(render(&all, &StatusQuery::default()).contains("TENANT"));
     }
 

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use support::{TICK, World, eventually, inspections, now_ms, partitioned, tickets};
 use tidemark_coordinator::CoordinatorOptions;
 use tidemark_coordinator::ops::{self, Action, RewindTo};
+use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId, Phase, Stage};
 use tidemark_core::tenant::Tenant;
 use tidemark_state::{Leases, TenantRegistry};
-use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId, Phase, Stage};
 
 /// A chain lease no test outlives.
 const LONG: Duration = Duration::from_secs(30);
@@ -411,7 +411,9 @@ async fn tenants_come_and_go_within_a_tick() {
     }
     assert_eq!(
         first.keys().map(String::as_str).collect::<Vec<_>>(),
-        vec!["acme/a", "acme/b", "globex/a", "globex/b", "inline/a", "inline/b"]
+        vec![
+            "acme/a", "acme/b", "globex/a", "globex/b", "inline/a", "inline/b"
+        ]
     );
     assert_eq!(first["acme/a"].vars["region"], "eu");
     assert_eq!(first["inline/b"].vars["region"], "ap");
@@ -493,12 +495,13 @@ async fn tenants_come_and_go_within_a_tick() {
         .expect("remove");
     assert!(r.removed);
     assert_eq!(r.purged, 2);
-    assert!(w
-        .store
-        .get(&JobId::new("tickets", "newco/a"))
-        .await
-        .expect("get")
-        .is_none());
+    assert!(
+        w.store
+            .get(&JobId::new("tickets", "newco/a"))
+            .await
+            .expect("get")
+            .is_none()
+    );
     // A tenant gone from the file can be purged too.
     let r = ops::remove_tenant(&*w.store, "api", "globex", true)
         .await

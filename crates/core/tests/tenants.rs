@@ -5,9 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use tidemark_core::config::{
-    RateScope, load_str, load_tenants_str, tenant_vars_used, validate,
-};
+use tidemark_core::config::{RateScope, load_str, load_tenants_str, tenant_vars_used, validate};
 use tidemark_core::tenant::Tenant;
 
 const TENANTED: &str = r#"sources:
@@ -44,7 +42,11 @@ fn a_tenanted_source_fills_every_template_for_each_tenant() {
     let config = load_str("feeds.yaml", TENANTED).expect("valid");
     let source = &config.sources["helpdesk"];
     assert!(source.is_tenanted());
-    assert_eq!(source.rate_scope(), RateScope::Tenant, "the default for tenants");
+    assert_eq!(
+        source.rate_scope(),
+        RateScope::Tenant,
+        "the default for tenants"
+    );
     assert_eq!(source.limit_key("helpdesk", Some("acme")), "helpdesk/acme");
     let acme = Tenant::new("acme").with_var("region", "us");
     let s = source.for_tenant(&acme).expect("acme's source");
@@ -52,13 +54,20 @@ fn a_tenanted_source_fills_every_template_for_each_tenant() {
         s.base_url.url().expect("a URL").as_str(),
         "https://acme.helpdesk.example/us"
     );
-    let bearer = s.auth.as_ref().and_then(|a| a.bearer.as_ref()).expect("bearer");
+    let bearer = s
+        .auth
+        .as_ref()
+        .and_then(|a| a.bearer.as_ref())
+        .expect("bearer");
     assert_eq!(bearer.template(), "${file:/run/secrets/helpdesk/acme}");
     assert_eq!(s.headers["X-Account"].template(), "acme");
     let f = config.feeds[0].for_tenant(&acme).expect("acme's feed");
     assert_eq!(f.path, "/api/us/tickets.json");
     assert_eq!(f.params["account"], "acme");
-    assert_eq!(f.params["filter"], r#"{"status":"open"}"#, "other braces are text");
+    assert_eq!(
+        f.params["filter"], r#"{"status":"open"}"#,
+        "other braces are text"
+    );
     // The template itself is not a URL a request can use.
     assert!(source.base_url.url().is_err());
     let used = tenant_vars_used(&config, "helpdesk");
@@ -109,8 +118,11 @@ feeds:
 
 #[test]
 fn a_tenants_file_is_checked_with_file_line_and_column() {
-    let used: BTreeMap<String, String> =
-        [("region".to_string(), "sources.helpdesk.base_url".to_string())].into();
+    let used: BTreeMap<String, String> = [(
+        "region".to_string(),
+        "sources.helpdesk.base_url".to_string(),
+    )]
+    .into();
     let good = "# accounts\n- name: acme\n  vars: { region: eu }\n- { name: globex, vars: { region: us } }\n";
     let list = load_tenants_str("tenants.yaml", good, &used).expect("valid");
     assert_eq!(
@@ -126,7 +138,11 @@ fn a_tenants_file_is_checked_with_file_line_and_column() {
         .collect();
     assert_eq!(e.len(), 3, "{e:#?}");
     assert!(e[0].starts_with("tenants.yaml:3:3: [1]:"), "{}", e[0]);
-    assert!(e[1].starts_with("tenants.yaml:5:3: [2]:") && e[1].contains("listed twice"), "{}", e[1]);
+    assert!(
+        e[1].starts_with("tenants.yaml:5:3: [2]:") && e[1].contains("listed twice"),
+        "{}",
+        e[1]
+    );
     assert!(
         e[2].starts_with("tenants.yaml:7:3: [3]:") && e[2].contains("no vars.region"),
         "{}",
@@ -135,7 +151,11 @@ fn a_tenants_file_is_checked_with_file_line_and_column() {
     let unknown = "- { name: a, token: x }\n";
     let e = load_tenants_str("tenants.yaml", unknown, &BTreeMap::new()).expect_err("rejected");
     assert!(e.to_string().contains("unknown field `token`"), "{e}");
-    assert!(load_tenants_str("t.yaml", "# none yet\n", &used).expect("empty").is_empty());
+    assert!(
+        load_tenants_str("t.yaml", "# none yet\n", &used)
+            .expect("empty")
+            .is_empty()
+    );
 }
 
 #[test]
@@ -151,5 +171,8 @@ fn the_inline_list_passes_validation_and_plain_configs_are_unchanged() {
     assert!(!a.is_tenanted());
     assert_eq!(a.rate_scope(), RateScope::Source);
     assert_eq!(a.limit_key("a", None), "a");
-    assert_eq!(a.base_url.url().expect("url").as_str(), "https://api.example/v1");
+    assert_eq!(
+        a.base_url.url().expect("url").as_str(),
+        "https://api.example/v1"
+    );
 }

@@ -341,7 +341,10 @@ async fn tenants_and_purge<S: Jobs + Leases + Schedule + TenantRegistry>(s: Arc<
     let v0 = s.survey(now_ms(), 10, 10).await.unwrap().tenants_version;
     let acme = tidemark_core::tenant::Tenant::new("acme").with_var("region", "eu");
     assert!(s.add_tenant("helpdesk", &acme).await.unwrap(), "new");
-    assert!(!s.add_tenant("helpdesk", &acme).await.unwrap(), "known: vars replaced");
+    assert!(
+        !s.add_tenant("helpdesk", &acme).await.unwrap(),
+        "known: vars replaced"
+    );
     assert!(
         s.add_tenant("helpdesk", &tidemark_core::tenant::Tenant::new("globex"))
             .await
@@ -375,15 +378,27 @@ async fn tenants_and_purge<S: Jobs + Leases + Schedule + TenantRegistry>(s: Arc<
     ];
     s.set_active_tenants("helpdesk", &active).await.unwrap();
     assert_eq!(s.active_tenants("helpdesk").await.unwrap(), active);
-    s.set_active_tenants("helpdesk", &active[1..]).await.unwrap();
-    assert_eq!(s.active_tenants("helpdesk").await.unwrap(), active[1..].to_vec());
+    s.set_active_tenants("helpdesk", &active[1..])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.active_tenants("helpdesk").await.unwrap(),
+        active[1..].to_vec()
+    );
 
     // Purge: only what is retired.
     let job = JobId::new("tickets", "acme/all");
     s.ensure(&job, &Checkpoint::default()).await.unwrap();
     let e = granted(&*s, &job, false).await;
-    assert_eq!(s.commit(&job, &commit(e, 0, "c1")).await.unwrap(), CommitOutcome::Ok);
-    assert_eq!(s.purge(&job).await.unwrap(), None, "a registered job is not purged");
+    assert_eq!(
+        s.commit(&job, &commit(e, 0, "c1")).await.unwrap(),
+        CommitOutcome::Ok
+    );
+    assert_eq!(
+        s.purge(&job).await.unwrap(),
+        None,
+        "a registered job is not purged"
+    );
     assert!(s.retire(&job).await.unwrap());
     assert_eq!(s.purge(&job).await.unwrap(), Some(true));
     assert!(s.get(&job).await.unwrap().is_none(), "its state is gone");

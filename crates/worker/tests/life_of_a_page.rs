@@ -536,12 +536,20 @@ async fn each_tenant_has_its_own_url_token_budget_and_failures() {
     assert_eq!((acme.phase, acme.records), (Phase::Idle, 15));
     assert_eq!(globex.phase, Phase::Failed);
     assert!(
-        globex.last_error.as_deref().unwrap_or_default().contains("401"),
+        globex
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("401"),
         "{:?}",
         globex.last_error
     );
     assert_eq!(
-        (initech.phase, initech.records, initech.last_error.as_deref()),
+        (
+            initech.phase,
+            initech.records,
+            initech.last_error.as_deref()
+        ),
         (Phase::Idle, 15, None),
         "the throttled tenant is late, not failed"
     );
@@ -573,7 +581,11 @@ async fn each_tenant_has_its_own_url_token_budget_and_failures() {
     assert_eq!(
         w.metric(
             "tidemark_tenant_fetch_errors_total",
-            &[("feed", "tickets"), ("tenant", "globex"), ("kind", "permanent")]
+            &[
+                ("feed", "tickets"),
+                ("tenant", "globex"),
+                ("kind", "permanent")
+            ]
         ),
         1
     );
