@@ -392,6 +392,96 @@ mod tests {
         assert!(page.text().await.expect("body").contains("api/status"));
     }
 
+    /// The tenants of a source are listed, added and removed over the API,
+    /// and a tenant's jobs are steered across every feed.
+    #[tokio::test]
+    async fn tenants_are_managed_and_steered_over_the_api() {
+        let (base, store) = serve(Some("tok")).await;
+        let config = tidemark_core::config::load_str(
+            "t.yaml",
+            "sources:\n  helpdesk:\n    base_url: \"https://{tenant}.example/{vars.region}\"\n    tenants: {}\n\
+             feeds:\n  - { name: tickets, source: helpdesk, path: /t, records: /t, pagination: { preset: zendesk_cursor }, key: /id }\n",
+        )
+        .expect("config");
+        tidemark_state::registry::publish_config(&*store, &config)
+            .await
+            .expect("registry");
+        store
+            .ensure(&JobId::new("tickets", "acme/all"), &Checkpoint::default())
+            .await
+            .expect("ensure");
+        let c = reqwest::Client::new();
+        let tenants = format!("{base}/api/sources/helpdesk/tenants");
+        let lacking = c
+            .post(&tenants)
+            .bearer_auth("tok")
+            .json(&serde_json::json!({ "name": "acme" }))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(lacking.status(), 400, "vars.region is needed");
+        let added = c
+            .post(&tenants)
+            .bearer_auth("tok")
+            .json(&serde_json::json!({ "name": "acme", "vars": { "region": "eu" } }))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(added.status(), 200);
+        let list: ops::TenantsReport = c
+            .get(&tenants)
+            .bearer_auth("tok")
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(list.pending[0].name, "acme", "no coordinator applied it yet");
+        let paused = c
+            .post(format!("{base}/api/tenants/acme/pause"))
+            .bearer_auth("tok")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(paused.status(), 200);
+        let cp = store.get(&JobId::new("tickets", "acme/all")).await.expect("get");
+        assert_eq!(cp.expect("job").phase, Phase::Paused);
+        let st: ops::StatusReport = c
+            .get(format!("{base}/api/status?tenant=acme"))
+            .bearer_auth("tok")
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(st.tenants[0].paused, 1);
+        let removed = c
+            .delete(format!("{tenants}/acme?purge=true"))
+            .bearer_auth("tok")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(removed.status(), 200);
+        let r: ops::TenantRemoval = removed.json().await.expect("json");
+        assert_eq!((r.removed, r.purged), (true, 1));
+        let gone = c
+            .delete(format!("{tenants}/acme"))
+            .bearer_auth("tok")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(gone.status(), 404);
+        let plain = c
+            .get(format!("{base}/api/sources/nope/tenants"))
+            .bearer_auth("tok")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(plain.status(), 400);
+    }
+
     #[test]
     fn a_token_read_from_a_file_with_a_newline_still_matches() {
         let t = AdminToken::new(Some("s3cret\n"));
