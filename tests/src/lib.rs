@@ -194,6 +194,19 @@ impl Cluster {
     /// Start the mock API with `mock_args` and write `feeds_yaml` (the
     /// `feeds:` list; the source is named `mock`) as the config.
     pub fn start(feeds_yaml: &str, mock_args: &[&str]) -> Cluster {
+        Cluster::start_with_source(feeds_yaml, mock_args, |mock_url, _| {
+            format!("    base_url: {mock_url}\n    timeout: 10s\n")
+        })
+    }
+
+    /// [`Cluster::start`] with the `mock` source's lines (indented four
+    /// spaces, a `base_url:` line among them) made by `source` from the
+    /// mock's URL and the cluster's directory.
+    fn start_with_source(
+        feeds_yaml: &str,
+        mock_args: &[&str],
+        source: impl FnOnce(&str, &Path) -> String,
+    ) -> Cluster {
         let prefix = format!("tme2e{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let dir = tempfile::Builder::new()
             .prefix(&format!("{prefix}-"))
@@ -207,7 +220,8 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "sources:\n  mock:\n    base_url: {mock_url}\n    timeout: 10s\n\nfeeds:\n{feeds_yaml}"
+                "sources:\n  mock:\n{}\nfeeds:\n{feeds_yaml}",
+                source(&mock_url, dir.path())
             ),
         )
         .expect("write config");
@@ -249,6 +263,110 @@ impl Cluster {
             }
         }
         std::fs::write(&self.config, out).expect("write config");
+    }
+
+    /// Start the mock (tenants at `/t/{tenant}/...`) and write a config
+    /// whose source `mock` runs every feed once per tenant: base URL
+    /// `<mock>/t/{tenant}`, each tenant's bearer token read from
+    /// [`Cluster::secret_path`] (`${file:<dir>/secrets/{tenant}}`), tenants
+    /// from [`Cluster::tenants_file`] (`tenants.yaml` beside the config),
+    /// which lists `tenants` (and their secrets are written). `source_extra`
+    /// are more lines of the source (indented four spaces), e.g. a
+    /// `rate_limit:`.
+    pub fn start_tenanted(
+        feeds_yaml: &str,
+        mock_args: &[&str],
+        tenants: &[String],
+        source_extra: &str,
+    ) -> Cluster {
+        let c = Cluster::start_with_source(feeds_yaml, mock_args, |mock_url, dir| {
+            format!(
+                "    base_url: {mock_url}/t/{{tenant}}\n    timeout: 10s\n    \
+                 auth: {{ bearer: \"${{file:{}/{{tenant}}}}\" }}\n    \
+                 tenants: {{ file: tenants.yaml }}\n{source_extra}",
+                dir.join("secrets").display()
+            )
+        });
+        std::fs::create_dir_all(c.dir.path().join("secrets")).expect("secrets dir");
+        c.write_tenants(tenants);
+        c
+    }
+
+    /// The tenants file of a [`Cluster::start_tenanted`] deployment.
+    pub fn tenants_file(&self) -> PathBuf {
+        self.dir.path().join("tenants.yaml")
+    }
+
+    /// Where `tenant`'s bearer token is read from.
+    pub fn secret_path(&self, tenant: &str) -> PathBuf {
+        self.dir.path().join("secrets").join(tenant)
+    }
+
+    /// Write `tenant`'s token, the one the mock accepts (`tok-<tenant>`).
+    pub fn write_secret(&self, tenant: &str) {
+        std::fs::write(
+            self.secret_path(tenant),
+            tidemark_mock::tenant_token(tenant),
+        )
+        .expect("write secret");
+    }
+
+    /// Replace the tenants file with `tenants` the way an operator's tool
+    /// should: a temporary file renamed over it (a reader never sees half
+    /// a file). Each tenant's secret is written first.
+    pub fn write_tenants(&self, tenants: &[String]) {
+        for t in tenants {
+            self.write_secret(t);
+        }
+        let text: String = tenants.iter().map(|t| format!("- {t}\n")).collect();
+        self.write_tenants_text(&text);
+    }
+
+    /// Replace the tenants file with `text` (any text: a test may write a
+    /// broken file), atomically.
+    pub fn write_tenants_text(&self, text: &str) {
+        let tmp = self.dir.path().join(".tenants.yaml.tmp");
+        std::fs::write(&tmp, text).expect("write tenants");
+        std::fs::rename(&tmp, self.tenants_file()).expect("rename tenants file");
+    }
+
+    /// `tenant`'s ground truth.
+    pub async fn tenant_truth(&self, tenant: &str) -> Truth {
+        reqwest::get(format!("{}/_truth?tenant={tenant}", self.mock_url))
+            .await
+            .expect("truth")
+            .json()
+            .await
+            .expect("truth json")
+    }
+
+    /// POST a tenant admin action to the mock: `revoke`, `restore`,
+    /// `throttle?secs=5`, `insert?n=3`, `update?n=1`.
+    pub async fn admin_tenant(&self, tenant: &str, action: &str) {
+        self.admin(&format!("/_admin/tenants/{tenant}/{action}"), None)
+            .await;
+    }
+
+    /// The mock's `/_stats`.
+    pub async fn stats(&self) -> serde_json::Value {
+        reqwest::get(format!("{}/_stats", self.mock_url))
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("stats json")
+    }
+
+    /// Data requests per tenant (`all`), or only those answered 401 or 429
+    /// (`refused`), as the mock counted them.
+    pub async fn tenant_requests(&self, refused: bool) -> BTreeMap<String, u64> {
+        let stats = self.stats().await;
+        let field = if refused {
+            "refused_by_tenant"
+        } else {
+            "by_tenant"
+        };
+        serde_json::from_value(stats[field].clone()).expect("per-tenant counts")
     }
 
     pub fn exchange(&self) -> String {
@@ -431,6 +549,12 @@ pub struct Arrived {
     pub message_id: String,
     pub id: String,
     pub updated_at: String,
+    /// The message's `x-tenant` header (a tenanted feed's).
+    pub tenant_header: Option<String>,
+    /// The record's own `tenant` field (the mock tags tenants' records).
+    pub record_tenant: Option<String>,
+    /// When the checker received it.
+    pub at: std::time::Instant,
 }
 
 /// A downstream subscriber bound to the cluster's exchange with `#`.
@@ -463,6 +587,16 @@ impl Checker {
                     .unwrap()
                     .entry((rk.clone(), mid.clone()))
                     .or_insert(0) += 1;
+                let tenant_header = d
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get("x-tenant").cloned())
+                    .map(|v| match v {
+                        lapin::types::AMQPValue::LongString(s) => s.to_string(),
+                        other => format!("{other:?}"),
+                    });
+                let at = std::time::Instant::now();
                 let v: serde_json::Value = serde_json::from_slice(&d.data).expect("json body");
                 let recs: Vec<serde_json::Value> = match v.get("records") {
                     Some(serde_json::Value::Array(rs)) => rs.clone(),
@@ -476,6 +610,9 @@ impl Checker {
                             message_id: mid.clone(),
                             id: r["id"].as_str().unwrap_or_default().to_string(),
                             updated_at: r["updated_at"].as_str().unwrap_or_default().to_string(),
+                            tenant_header: tenant_header.clone(),
+                            record_tenant: r["tenant"].as_str().map(str::to_string),
+                            at,
                         });
                     }
                 }
@@ -517,6 +654,11 @@ impl Checker {
         out
     }
 
+    /// Every (routing key, message id) seen, with how often it arrived.
+    pub fn messages(&self) -> HashMap<(String, String), u64> {
+        self.messages.lock().unwrap().clone()
+    }
+
     /// Arrived records grouped by routing key, in arrival order.
     pub fn by_partition(&self) -> BTreeMap<String, Vec<Arrived>> {
         let mut m: BTreeMap<String, Vec<Arrived>> = BTreeMap::new();
@@ -535,6 +677,25 @@ pub fn versions(arrived: &[Arrived]) -> HashSet<TruthRecord> {
             id: a.id.clone(),
             updated_at: a.updated_at.clone(),
         })
+        .collect()
+}
+
+/// How many of the record versions `want` names per routing key have not
+/// arrived under that key (keys with none missing are left out).
+pub fn missing_by_key(
+    checker: &Checker,
+    want: &BTreeMap<String, Vec<TruthRecord>>,
+) -> BTreeMap<String, usize> {
+    let parts = checker.by_partition();
+    want.iter()
+        .map(|(key, records)| {
+            let got = versions(parts.get(key).map(Vec::as_slice).unwrap_or_default());
+            (
+                key.clone(),
+                records.iter().filter(|r| !got.contains(*r)).count(),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
         .collect()
 }
 

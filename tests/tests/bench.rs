@@ -174,6 +174,78 @@ async fn the_scale_scenario_measures_memory_and_idle_passes() {
     assert_eq!(bench_keys().await, Vec::<String>::new(), "keys left behind");
 }
 
+/// The `tenants` scenario, small: a tenanted source of 40 tenants x 3
+/// feeds synced once, then two tenants appended to the tenants file, each
+/// timed to its first record (the time itself is the bench's to judge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tenants_scenario_times_a_new_tenants_first_record() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = vec![
+        ("REDIS_URL".to_string(), redis_url()),
+        ("AMQP_URL".to_string(), amqp_url()),
+    ];
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        tidemark(
+            &[
+                "bench",
+                "e2e",
+                "--json",
+                "--scenario",
+                "tenants",
+                "--tenants",
+                "40",
+                "--tenants-feeds",
+                "3",
+                "--tenants-records",
+                "10",
+                "--tenants-adds",
+                "2",
+                "--timeout",
+                "120s",
+            ],
+            &env,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "bench failed:\n{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    let runs = r["tenants"].as_array().unwrap();
+    assert_eq!(runs.len(), 1);
+    let run = &runs[0];
+    assert_eq!(
+        (
+            run["tenants"].as_u64(),
+            run["feeds"].as_u64(),
+            run["jobs"].as_u64()
+        ),
+        (Some(40), Some(3), Some(120)),
+        "{run}"
+    );
+    // Every tenant's dataset once per feed (the bench also checks each
+    // tenant's count, the added ones' included, and fails otherwise).
+    assert_eq!(run["records"], 40 * 3 * 10, "{run}");
+    assert_eq!(run["duplicates"], 0, "{run}");
+    assert!(run["seconds"].as_f64().unwrap() > 0.0, "{run}");
+    assert!(run["records_per_sec"].as_f64().unwrap() > 0.0, "{run}");
+    let adds = run["tenant_adds"].as_array().unwrap();
+    assert_eq!(adds.len(), 2, "{run}");
+    for (a, name) in adds.iter().zip(["added-00", "added-01"]) {
+        assert_eq!(a["tenant"], name, "{a}");
+        assert_eq!(a["records"], 3 * 10, "{a}");
+        let first = a["first_record_ms"].as_f64().expect("first record");
+        let all = a["all_records_ms"].as_f64().expect("all records");
+        assert!(first > 0.0 && first <= all, "{a}");
+        let started = a["started_ms"].as_f64().expect("the first chain's start");
+        assert!(started <= first, "{a}");
+    }
+    let median = run["tenant_add_first_record_median_ms"].as_f64().unwrap();
+    let max = run["tenant_add_first_record_max_ms"].as_f64().unwrap();
+    assert!(median > 0.0 && median <= max, "{run}");
+    assert_eq!(run["coordinator_tick_ms"], 1000.0, "{run}");
+    assert_eq!(bench_keys().await, Vec::<String>::new(), "keys left behind");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scenario_that_cannot_finish_fails_with_the_logs() {
     let _turn = ONE_AT_A_TIME.lock().await;

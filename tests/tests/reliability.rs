@@ -29,7 +29,7 @@ use tidemark_mock::TruthRecord;
 use tidemark_state::Jobs;
 use tidemark_tests::proxy::FaultProxy;
 use tidemark_tests::redis_server::RedisServer;
-use tidemark_tests::{Checker, Cluster, amqp_url, eventually, host_port, versions};
+use tidemark_tests::{Checker, Cluster, amqp_url, eventually, host_port, missing_by_key, versions};
 
 /// xorshift64*: a small deterministic generator, so a seed replays a run.
 struct Rng(u64);
@@ -996,5 +996,153 @@ async fn a_backlog_beyond_the_admission_bound_survives_a_killed_worker() {
     eprintln!(
         "backlog: all {total} records arrived, peak {peak} running, {} duplicates after the kill",
         checker.duplicate_messages()
+    );
+}
+
+/// Tenants added while a worker is killed and the broker link is reset.
+/// 30 tenants sync (slow pages, so chains are mid-way); then, at once, the
+/// tenants file gains 20 tenants, a worker is SIGKILLed and every
+/// connection to RabbitMQ (coordinator's and workers') is reset, twice.
+/// Every record version of all 50 tenants arrives, under its own tenant's
+/// routing key; a version that arrived twice came with the same message id
+/// both times (a redelivery, never a second identity); no job failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenants_added_while_a_worker_is_killed_and_the_broker_link_is_reset() {
+    const RECORDS: usize = 60;
+    let started = Instant::now();
+    let tenant = |i: usize| format!("r{i:03}");
+    let key = |t: &str| format!("tickets.{t}.all");
+    let first: Vec<String> = (0..30).map(tenant).collect();
+    let all: Vec<String> = (0..50).map(tenant).collect();
+    let feed = r#"  - name: tickets
+    source: mock
+    path: /api/v2/incremental/tickets/cursor.json
+    records: /tickets
+    pagination: { preset: zendesk_cursor, page_size: 5 }
+    key: /id
+    version: /updated_at
+    start: { param: start_time, format: unix, from: "2024-01-01T00:00:00Z" }
+    every: 2s
+"#;
+    let mut c = Cluster::start_tenanted(
+        feed,
+        &[
+            "--tenant-records",
+            &RECORDS.to_string(),
+            "--latency-ms",
+            "100",
+        ],
+        &first,
+        "",
+    );
+    c.set_retry(RETRY);
+    let amqp_proxy = FaultProxy::start(host_port(&amqp_url())).await.unwrap();
+    c.env.extend([
+        ("AMQP_URL".into(), amqp_proxy.url_for(&amqp_url())),
+        ("TIDEMARK_LEASE".into(), "4s".into()),
+        ("TIDEMARK_QUEUE_LEASE".into(), "8s".into()),
+    ]);
+    let checker = Checker::start(&c.exchange()).await;
+    c.coordinator_with("coord", &["--tick", "250ms"]);
+    let victim = c.worker("w1", &["--concurrency", "4"]);
+    c.worker("w2", &["--concurrency", "4"]);
+
+    assert!(
+        checker
+            .wait_for(first.len() * RECORDS / 4, Duration::from_secs(60))
+            .await,
+        "a quarter of the first records did not arrive ({}){}",
+        checker.count(),
+        c.logs()
+    );
+    let before_fault = checker.count();
+    c.procs[victim].kill9();
+    amqp_proxy.reset_all();
+    c.write_tenants(&all);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    amqp_proxy.reset_all();
+    c.worker("w3", &["--concurrency", "4"]);
+    // More versions for some tenants, old and new, after the fault.
+    for t in [&all[0], &all[29], &all[30], &all[49]] {
+        c.admin_tenant(t, "insert?n=3").await;
+        c.admin_tenant(t, "update?n=2").await;
+    }
+    eprintln!(
+        "tenants under faults: w1 SIGKILLed, {} broker links reset, 20 tenants added, after {before_fault} records",
+        amqp_proxy.counters().resets
+    );
+
+    let mut want = BTreeMap::new();
+    let mut truths = BTreeMap::new();
+    for t in &all {
+        let truth = c.tenant_truth(t).await;
+        want.insert(key(t), truth.records.clone());
+        truths.insert(key(t), truth);
+    }
+    assert!(
+        eventually(Duration::from_secs(120), async || missing_by_key(
+            &checker, &want
+        )
+        .is_empty())
+        .await,
+        "lost: {:?}{}",
+        missing_by_key(&checker, &want),
+        c.logs()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Nothing foreign, nothing under another tenant's key.
+    let parts = checker.by_partition();
+    let keys: HashSet<String> = all.iter().map(|t| key(t)).collect();
+    let strays: Vec<&String> = parts.keys().filter(|k| !keys.contains(*k)).collect();
+    assert!(strays.is_empty(), "unexpected routing keys: {strays:?}");
+    for (k, recs) in &parts {
+        let known: HashSet<TruthRecord> = truths[k].versions.iter().cloned().collect();
+        let foreign: Vec<_> = versions(recs).difference(&known).cloned().collect();
+        assert!(
+            foreign.is_empty(),
+            "{k}: versions the source never had: {foreign:?}"
+        );
+        for a in recs {
+            assert_eq!(
+                Some(&key(a.record_tenant.as_deref().unwrap_or_default())),
+                Some(k),
+                "{a:?}"
+            );
+        }
+    }
+    // A repeat is a redelivery: one message id per record version.
+    let mut ids: HashMap<(String, String, String), HashSet<String>> = HashMap::new();
+    for a in checker.arrived() {
+        ids.entry((a.routing_key.clone(), a.id.clone(), a.updated_at.clone()))
+            .or_default()
+            .insert(a.message_id.clone());
+    }
+    let two_ids: Vec<_> = ids.iter().filter(|(_, m)| m.len() > 1).collect();
+    assert!(
+        two_ids.is_empty(),
+        "record versions delivered under two message ids: {two_ids:?}"
+    );
+    // Every job of the 50 tenants exists and none failed.
+    let jobs = c.jobs().await;
+    assert_eq!(
+        jobs.len(),
+        all.len(),
+        "{:?}",
+        jobs.iter().map(|(j, _)| j.to_string()).collect::<Vec<_>>()
+    );
+    let failed: Vec<String> = jobs
+        .iter()
+        .filter(|(_, cp)| cp.phase == tidemark_core::checkpoint::Phase::Failed)
+        .map(|(j, cp)| format!("{j}: {:?}", cp.last_error))
+        .collect();
+    assert!(failed.is_empty(), "failed jobs: {failed:?}");
+    assert!(amqp_proxy.counters().resets > 0, "no broker link was reset");
+    eprintln!(
+        "tenants under faults: all {} tenants' records arrived, {} messages, {} duplicates (same message id), {:?}",
+        all.len(),
+        checker.count(),
+        checker.duplicate_messages(),
+        started.elapsed()
     );
 }

@@ -2,13 +2,19 @@
 //! docs/CONFIGURATION.md (each a whole config, by agreement), validates
 //! against the JSON Schema that `tidemark schema` prints and passes
 //! `tidemark validate`; and the schema refuses what the loader refuses.
+//!
+//! A block marked ```yaml file=NAME is not a config but a file configs name
+//! (a tenants file): it is written as NAME next to every config before any
+//! is validated, must read as a tenants file on its own, and must be named
+//! by some config of the page (which then validates it with its templates).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Value, json};
-use tidemark_core::config::{Preset, load_str};
+use tidemark_core::config::{Preset, load_str, load_tenants_str};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
 
@@ -22,16 +28,56 @@ struct Example {
     text: String,
 }
 
+/// A file a config of the page names (```yaml file=NAME): where it is, its
+/// name and its text.
+struct NamedFile {
+    place: String,
+    name: String,
+    text: String,
+}
+
+/// A ```yaml block: the line of its first line of YAML, the `file=NAME` of
+/// its info string if any, and its text.
+#[derive(Debug, PartialEq)]
+struct Block {
+    line: usize,
+    file: Option<String>,
+    text: String,
+}
+
+/// What a fence's info string says: `None` for a block that is not YAML,
+/// else the block's `file=NAME` (any other word after `yaml` is refused, so
+/// no block is skipped by a typo).
+fn yaml_info(info: &str) -> Option<Option<String>> {
+    let mut words = info.split_whitespace();
+    if !matches!(words.next(), Some("yaml" | "yml")) {
+        return None;
+    }
+    let mut file = None;
+    for w in words {
+        match w.strip_prefix("file=") {
+            Some(name) if !name.is_empty() && !name.contains('/') && file.is_none() => {
+                file = Some(name.to_string());
+            }
+            _ => panic!(
+                "a ```{info} block: after `yaml` only one file=NAME (a plain file name) may follow"
+            ),
+        }
+    }
+    Some(file)
+}
+
 /// The ```yaml blocks of a markdown text, each with the line of its first
 /// line of YAML. Fences may be indented (inside a list item); the block's
 /// lines lose that indentation. Other fenced blocks are skipped whole.
-fn yaml_blocks(markdown: &str) -> Vec<(usize, String)> {
+fn yaml_blocks(markdown: &str) -> Vec<Block> {
     enum Fence {
         Outside,
         Other,
         Yaml {
             line: usize,
             indent: usize,
+            file: Option<String>,
             text: String,
         },
     }
@@ -45,25 +91,26 @@ fn yaml_blocks(markdown: &str) -> Vec<(usize, String)> {
         // A closing fence has no info string; "```yaml" inside another block is text.
         let closes = is_fence && lang.is_empty();
         fence = match fence {
-            Fence::Outside if is_fence => {
-                if lang == "yaml" || lang == "yml" {
-                    Fence::Yaml {
-                        line: i + 2,
-                        indent,
-                        text: String::new(),
-                    }
-                } else {
-                    Fence::Other
-                }
-            }
+            Fence::Outside if is_fence => match yaml_info(lang) {
+                Some(file) => Fence::Yaml {
+                    line: i + 2,
+                    indent,
+                    file,
+                    text: String::new(),
+                },
+                None => Fence::Other,
+            },
             Fence::Other if closes => Fence::Outside,
-            Fence::Yaml { line, text, .. } if closes => {
-                blocks.push((line, text));
+            Fence::Yaml {
+                line, file, text, ..
+            } if closes => {
+                blocks.push(Block { line, file, text });
                 Fence::Outside
             }
             Fence::Yaml {
                 line: at,
                 indent: fence_indent,
+                file,
                 mut text,
             } => {
                 text.push_str(&line[indent.min(fence_indent)..]);
@@ -71,6 +118,7 @@ fn yaml_blocks(markdown: &str) -> Vec<(usize, String)> {
                 Fence::Yaml {
                     line: at,
                     indent: fence_indent,
+                    file,
                     text,
                 }
             }
@@ -84,9 +132,11 @@ fn yaml_blocks(markdown: &str) -> Vec<(usize, String)> {
     blocks
 }
 
-fn examples() -> Vec<Example> {
+/// The example configs, and the files they name.
+fn examples() -> (Vec<Example>, Vec<NamedFile>) {
     let root = repo_root();
     let mut out = Vec::new();
+    let mut named = Vec::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("examples"))
         .expect("examples/ exists")
         .map(|e| e.expect("a directory entry").path())
@@ -108,13 +158,14 @@ fn examples() -> Vec<Example> {
         !blocks.is_empty(),
         "docs/CONFIGURATION.md has no ```yaml block"
     );
-    for (line, text) in blocks {
-        out.push(Example {
-            place: format!("docs/CONFIGURATION.md:{line}"),
-            text,
-        });
+    for Block { line, file, text } in blocks {
+        let place = format!("docs/CONFIGURATION.md:{line}");
+        match file {
+            Some(name) => named.push(NamedFile { place, name, text }),
+            None => out.push(Example { place, text }),
+        }
     }
-    out
+    (out, named)
 }
 
 /// The schema as `tidemark schema` prints it: exit 0, pretty JSON, the
@@ -180,7 +231,41 @@ fn every_example_config_fits_the_schema_and_validates() {
     let validators = validators(&printed_schema());
     let dir = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
-    for (i, ex) in examples().iter().enumerate() {
+    let (examples, named) = examples();
+    // The files configs name, next to every config: written first.
+    let mut seen = BTreeMap::new();
+    for f in &named {
+        if let Some(first) = seen.insert(f.name.clone(), f.place.clone()) {
+            failures.push(format!(
+                "{}: file={} again (first at {first}): each name once per page",
+                f.place, f.name
+            ));
+        }
+        if let Err(e) = load_tenants_str(&f.name, &f.text, &BTreeMap::new()) {
+            failures.push(format!(
+                "{}: file={} is not a tenants file:\n{e}",
+                f.place, f.name
+            ));
+        }
+        // Some source's `tenants.file` is this name.
+        let named_by = |ex: &Example| {
+            to_json(&ex.text).is_ok_and(|config| {
+                config["sources"].as_object().is_some_and(|sources| {
+                    sources
+                        .values()
+                        .any(|s| s["tenants"]["file"].as_str() == Some(f.name.as_str()))
+                })
+            })
+        };
+        if !examples.iter().any(named_by) {
+            failures.push(format!(
+                "{}: file={} is named by no config example (`file: {}`), so nothing validates it",
+                f.place, f.name, f.name
+            ));
+        }
+        std::fs::write(dir.path().join(&f.name), &f.text).unwrap();
+    }
+    for (i, ex) in examples.iter().enumerate() {
         for (name, validator) in &validators {
             let errors = schema_errors(validator, &ex.text);
             if !errors.is_empty() {
@@ -329,10 +414,25 @@ fn the_schema_names_every_preset_the_loader_knows() {
 
 #[test]
 fn yaml_blocks_are_found_with_their_lines() {
-    let md = "# T\n\n```yaml\na: 1\n```\n\ntext\n\n- item\n\n  ```yaml\n  b: 2\n  ```\n```sh\n```yaml\n```\n";
+    let md = "# T\n\n```yaml\na: 1\n```\n\ntext\n\n- item\n\n  ```yaml\n  b: 2\n  ```\n```sh\n```yaml\n```\n```yaml file=t.yaml\n- acme\n```\n";
+    let block = |line, file: Option<&str>, text: &str| Block {
+        line,
+        file: file.map(str::to_string),
+        text: text.to_string(),
+    };
     assert_eq!(
         yaml_blocks(md),
-        vec![(4, "a: 1\n".to_string()), (12, "b: 2\n".to_string())]
+        vec![
+            block(4, None, "a: 1\n"),
+            block(12, None, "b: 2\n"),
+            block(18, Some("t.yaml"), "- acme\n"),
+        ]
     );
     assert_eq!(to_json("b: 2\n").unwrap(), json!({"b": 2}));
+}
+
+#[test]
+#[should_panic(expected = "only one file=NAME")]
+fn a_yaml_block_with_an_unknown_word_is_refused() {
+    yaml_blocks("```yaml tenants.yaml\n- acme\n```\n");
 }

@@ -14,8 +14,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::prom::{Buckets, Scrape};
-use super::scale;
 use super::sink::{self, Ceiling, Sink};
+use super::{scale, tenants};
 use crate::HarnessError;
 use crate::proc::{Proc, Spawn, tail};
 use crate::services::{self, Service};
@@ -33,12 +33,16 @@ pub enum Scenario {
     /// 2,000, 20,000 and 100,000 small jobs over many feeds: the scheduler
     /// at scale, Redis memory per job and the cost of an idle pass.
     Scale,
+    /// 1,000 tenants of one source x 3 feeds (3,000 jobs) synced once, then
+    /// tenants added to the tenants file one at a time: how soon a new
+    /// tenant's first record arrives.
+    Tenants,
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct E2eBench {
     /// Scenarios to run, comma-separated (default: throughput, scale-out
-    /// and many-jobs; `scale` runs only when named).
+    /// and many-jobs; `scale` and `tenants` run only when named).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub scenario: Vec<Scenario>,
     /// Redis URL (default: REDIS_URL, else the local server).
@@ -122,6 +126,30 @@ pub struct E2eBench {
     #[arg(long, default_value = "15s")]
     pub jobs_idle_window: tidemark_core::Duration,
 
+    /// Tenants: tenants in the tenants file of the one tenanted source.
+    #[arg(long, default_value_t = 1_000)]
+    pub tenants: usize,
+    /// Tenants: feeds of that source (every pagination style in turn), each
+    /// run once per tenant.
+    #[arg(long, default_value_t = 3)]
+    pub tenants_feeds: usize,
+    /// Tenants: records in each tenant's dataset (every feed walks them all).
+    #[arg(long, default_value_t = 10)]
+    pub tenants_records: usize,
+    #[arg(long, default_value_t = 5)]
+    pub tenants_page_size: usize,
+    #[arg(long, default_value_t = 2)]
+    pub tenants_workers: usize,
+    #[arg(long, default_value_t = 32)]
+    pub tenants_concurrency: usize,
+    /// Tenants: tenants appended to the tenants file once every tenant is
+    /// synced, one after another, each timed to its first record.
+    #[arg(long, default_value_t = 5)]
+    pub tenants_adds: usize,
+    /// Tenants: the coordinator's --tick, how often it looks at the file.
+    #[arg(long, default_value = "1s")]
+    pub tenants_tick: tidemark_core::Duration,
+
     /// Also run bench/compare.py (dlt's RESTClient, a Singer SDK tap) over
     /// the throughput scenario's pages; needs bench/setup-python.sh.
     #[arg(long)]
@@ -164,6 +192,9 @@ pub(super) struct Spec {
     pub feeds: usize,
     /// Measure Redis memory per job, then watch the idle coordinator this long.
     pub idle_window: Option<Duration>,
+    /// A tenanted source: its tenants file, and the tenants to add to it
+    /// once the initial sync is in.
+    pub tenants: Option<tenants::Plan>,
 }
 
 /// What one run measured.
@@ -203,6 +234,18 @@ pub struct RunResult {
     /// and none is due (scale runs).
     pub idle_pass_cpu_ms: Option<f64>,
     pub idle_pass_p50_ms: Option<f64>,
+    /// Tenants in the tenants file at the start (tenants runs).
+    pub tenants: Option<usize>,
+    /// Tenants added to the file once every tenant was synced, one at a
+    /// time (tenants runs).
+    pub tenant_adds: Vec<tenants::TenantAdd>,
+    /// From the file's write to the new tenant's first record downstream,
+    /// over `tenant_adds`.
+    pub tenant_add_first_record_median_ms: Option<f64>,
+    pub tenant_add_first_record_max_ms: Option<f64>,
+    /// The coordinator's tick (tenants runs: it bounds how soon a change
+    /// to the tenants file is read).
+    pub coordinator_tick_ms: Option<f64>,
 }
 
 /// A comparison tool's walk over the same pages (bench/compare.py).
@@ -227,6 +270,7 @@ pub struct Report {
     pub scale_out: Vec<RunResult>,
     pub many_jobs: Vec<RunResult>,
     pub scale: Vec<RunResult>,
+    pub tenants: Vec<RunResult>,
     pub compare: Vec<ToolResult>,
 }
 
@@ -265,6 +309,7 @@ pub async fn run(
         Scenario::ScaleOut,
         Scenario::ManyJobs,
         Scenario::Scale,
+        Scenario::Tenants,
     ];
     let scenarios: Vec<Scenario> = if b.scenario.is_empty() {
         all[..3].to_vec()
@@ -295,9 +340,12 @@ pub async fn run(
                 for &jobs in &b.jobs {
                     report
                         .scale
-                        .push(run_system(b, exe, &super::scale::spec(b, jobs)).await?);
+                        .push(run_system(b, exe, &scale::spec(b, jobs)).await?);
                 }
             }
+            Scenario::Tenants => report
+                .tenants
+                .push(run_system(b, exe, &tenants::spec(b)).await?),
         }
     }
     if b.json {
@@ -357,11 +405,12 @@ fn throughput_spec(b: &E2eBench, per: &str) -> Spec {
         expected_records: (records * b.throughput_jobs) as u64,
         feeds: 1,
         idle_window: None,
+        tenants: None,
     }
 }
 
 /// The mock's styles, as feed fields: each scale-out feed takes the next.
-const STYLES: [(&str, &str); 6] = [
+pub(super) const STYLES: [(&str, &str); 6] = [
     (
         "/api/v2/incremental/tickets/cursor.json",
         "records: /tickets\n    pagination: { preset: zendesk_cursor, page_size: PS }\n    start: { param: start_time, format: unix, from: \"2024-01-01T00:00:00Z\" }",
@@ -410,6 +459,7 @@ fn scale_out_spec(b: &E2eBench, workers: usize) -> Spec {
         expected_records: (b.scale_records * b.scale_feeds) as u64,
         feeds: b.scale_feeds,
         idle_window: None,
+        tenants: None,
     }
 }
 
@@ -433,6 +483,7 @@ fn many_jobs_spec(b: &E2eBench) -> Spec {
         expected_records: (b.many_records * b.many_jobs) as u64,
         feeds: 1,
         idle_window: None,
+        tenants: None,
     }
 }
 
@@ -534,8 +585,9 @@ async fn start_mock(
     page_size: usize,
     record_bytes: usize,
     latency_ms: u64,
+    tenant_records: Option<usize>,
 ) -> Result<Proc, HarnessError> {
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "mock-api",
         "--port",
         "0",
@@ -551,6 +603,9 @@ async fn start_mock(
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if let Some(n) = tenant_records {
+        args.extend(["--tenant-records".into(), n.to_string()]);
+    }
     start(
         Spawn::new(exe, "mock", dir)
             .args(&args)
@@ -620,19 +675,23 @@ async fn run_in(
         spec.page_size,
         b.record_bytes,
         spec.latency_ms,
+        spec.tenants.as_ref().map(|t| t.records),
     )
     .await?;
     let config = dir.join("feeds.yaml");
+    let source = match &spec.tenants {
+        Some(plan) => tenants::source(plan, mock.url()?, dir)?,
+        None => format!("  mock:\n    base_url: {}\n    timeout: 30s\n", mock.url()?),
+    };
     std::fs::write(
         &config,
-        format!(
-            "sources:\n  mock:\n    base_url: {}\n    timeout: 30s\n\nfeeds:\n{}",
-            mock.url()?,
-            spec.feeds_yaml
-        ),
+        format!("sources:\n{source}\nfeeds:\n{}", spec.feeds_yaml),
     )
     .map_err(|e| HarnessError::bench(e.to_string()))?;
-    let sink = Sink::start(&d.amqp_url, d.tls_ca_pem.as_deref(), &d.exchange()).await?;
+    let sink = match spec.tenants {
+        Some(_) => Sink::by_tenant(&d.amqp_url, d.tls_ca_pem.as_deref(), &d.exchange()).await?,
+        None => Sink::start(&d.amqp_url, d.tls_ca_pem.as_deref(), &d.exchange()).await?,
+    };
     let env = d.env();
     let mut workers = Vec::new();
     for i in 0..spec.workers {
@@ -662,13 +721,16 @@ async fn run_in(
         Some(_) => Some(scale::redis_used_memory(&d.redis_url, d.tls_ca_pem.as_deref()).await?),
         None => None,
     };
-    let coordinator_args = vec![
+    let mut coordinator_args = vec![
         "coordinator".to_string(),
         "--config".into(),
         config.display().to_string(),
         "--id".into(),
         "bench-coordinator".into(),
     ];
+    if let Some(plan) = &spec.tenants {
+        coordinator_args.extend(["--tick".into(), format!("{}ms", plan.tick.as_millis())]);
+    }
     let coordinator = Spawn::new(exe, "coordinator", dir)
         .args(&coordinator_args)
         .envs(&env)
@@ -686,13 +748,8 @@ async fn run_in(
     let arrived = match arrived {
         Ok(a) => a,
         Err(e) => {
-            let logs: String = workers
-                .iter()
-                .chain([&coordinator])
-                .map(|r| format!("\n----- {} -----\n{}", r.name, tail(&r.log, 15)))
-                .collect();
             sink.close().await;
-            return Err(HarnessError::bench(format!("{}: {}{logs}", spec.label, e)));
+            return Err(with_logs(e, &spec.label, &workers, &coordinator));
         }
     };
     // Every record has arrived; the last commits follow within a moment.
@@ -741,6 +798,38 @@ async fn run_in(
     let first_ms = mock_stats["first_request_ms"]
         .as_f64()
         .ok_or_else(|| HarnessError::bench("the mock saw no request"))?;
+    // The run's figures are read: now tenants join the synced ones.
+    let adds = match &spec.tenants {
+        Some(plan) => {
+            let probe = tenants::Probe {
+                redis_url: &d.redis_url,
+                ca_pem: d.tls_ca_pem.as_deref(),
+                prefix: format!("{}:", d.prefix),
+            };
+            let added = tenants::add(plan, dir, &sink, &probe, b.timeout.std(), || {
+                mock.check_alive()?;
+                coordinator.check_alive()?;
+                workers.iter_mut().try_for_each(Proc::check_alive)
+            })
+            .await;
+            let added = match added {
+                Ok(a) => a,
+                Err(e) => {
+                    sink.close().await;
+                    return Err(with_logs(e, &spec.label, &workers, &coordinator));
+                }
+            };
+            // A duplicate or a stray record would come within a moment.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Err(e) = tenants::check_every_tenant(plan, &sink) {
+                sink.close().await;
+                return Err(e);
+            }
+            added
+        }
+        None => Vec::new(),
+    };
+    let duplicates = sink.snapshot().duplicates.max(arrived.duplicates);
     sink.close().await;
     let grace = Duration::from_secs(30);
     stop(workers, grace).await;
@@ -755,7 +844,7 @@ async fn run_in(
         jobs: spec.jobs,
         records,
         messages: arrived.messages,
-        duplicates: arrived.duplicates,
+        duplicates,
         pages: pages as u64,
         seconds,
         records_per_sec: records as f64 / seconds,
@@ -774,7 +863,24 @@ async fn run_in(
         redis_bytes_per_job: idle.as_ref().and_then(|i| i.redis_bytes_per_job),
         idle_pass_cpu_ms: idle.as_ref().and_then(|i| i.pass_cpu_ms),
         idle_pass_p50_ms: idle.as_ref().and_then(|i| i.pass_p50_ms),
+        tenants: spec.tenants.as_ref().map(|t| t.tenants),
+        tenant_add_first_record_median_ms: tenants::median(
+            &adds.iter().map(|a| a.first_record_ms).collect::<Vec<_>>(),
+        ),
+        tenant_add_first_record_max_ms: adds.iter().map(|a| a.first_record_ms).reduce(f64::max),
+        tenant_adds: adds,
+        coordinator_tick_ms: spec.tenants.as_ref().map(|t| t.tick.as_secs_f64() * 1000.0),
     })
+}
+
+/// A run's error with the tails of its roles' logs.
+fn with_logs(e: HarnessError, label: &str, workers: &[Proc], coordinator: &Proc) -> HarnessError {
+    let logs: String = workers
+        .iter()
+        .chain([coordinator])
+        .map(|r| format!("\n----- {} -----\n{}", r.name, tail(&r.log, 15)))
+        .collect();
+    HarnessError::bench(format!("{label}: {e}{logs}"))
 }
 
 /// What the jobs cost at rest: Redis memory, and coordinator passes.
@@ -886,6 +992,7 @@ async fn compare(b: &E2eBench, exe: &Path) -> Result<Vec<ToolResult>, HarnessErr
         b.throughput_page_size,
         b.record_bytes,
         0,
+        None,
     )
     .await?;
     let url = format!(
@@ -992,6 +1099,7 @@ pub fn render(r: &Report) -> String {
         }
     }
     s.push_str(&scale::render(&r.scale));
+    s.push_str(&tenants::render(&r.tenants));
     s.push_str(&targets(r));
     for x in &r.many_jobs {
         s.push_str(&format!(
@@ -1061,6 +1169,7 @@ fn targets(r: &Report) -> String {
         ));
     }
     rows.extend(scale::targets(&r.scale));
+    rows.extend(tenants::targets(&r.tenants));
     if rows.is_empty() {
         return String::new();
     }
@@ -1107,6 +1216,11 @@ mod tests {
             redis_bytes_per_job: None,
             idle_pass_cpu_ms: None,
             idle_pass_p50_ms: None,
+            tenants: None,
+            tenant_adds: Vec::new(),
+            tenant_add_first_record_median_ms: None,
+            tenant_add_first_record_max_ms: None,
+            coordinator_tick_ms: None,
         }
     }
 
@@ -1156,6 +1270,70 @@ mod tests {
         assert!(row(&text, "scale: an idle pass at 100000").ends_with("| 0.40 ms | yes |"));
         assert!(row(&text, "scale: Redis memory per job").ends_with("| 700 B | yes |"));
         r.scale[2] = scale_run(100_000, 500.0, 400.0, 0);
+        let text = render(&r);
+        assert!(!text.contains("**no**"), "{text}");
+    }
+
+    /// A tenants run of 1,000 tenants whose additions took `first_ms` to
+    /// their first record.
+    fn tenants_run(first_ms: &[f64], duplicates: u64) -> RunResult {
+        let adds: Vec<tenants::TenantAdd> = first_ms
+            .iter()
+            .enumerate()
+            .map(|(k, &ms)| tenants::TenantAdd {
+                tenant: format!("added-{k:02}"),
+                registered_ms: Some(ms - 6.0),
+                started_ms: Some(ms - 5.0),
+                first_record_ms: ms,
+                all_records_ms: ms + 10.0,
+                records: 30,
+            })
+            .collect();
+        RunResult {
+            label: "tenants, 1000 x 3 feeds".into(),
+            jobs: 3000,
+            feeds: 3,
+            duplicates,
+            seconds: 4.0,
+            tenants: Some(1000),
+            tenant_add_first_record_median_ms: tenants::median(first_ms),
+            tenant_add_first_record_max_ms: first_ms.iter().copied().reduce(f64::max),
+            tenant_adds: adds,
+            coordinator_tick_ms: Some(1000.0),
+            ..run("tenants", 2, 32, 7_000.0, 30.0)
+        }
+    }
+
+    #[test]
+    fn a_new_tenant_slower_than_two_seconds_and_a_tick_misses_the_target() {
+        let mut r = Report {
+            tenants: vec![tenants_run(&[250.0, 900.0, 3100.0], 2)],
+            ..Report::default()
+        };
+        let text = render(&r);
+        assert!(text.contains("| 1000 | 3 | 3000 |"), "{text}");
+        assert!(
+            row(&text, "added-02").contains("| 3100 | 3110 | 30 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("median 900 ms, max 3100 ms over 3 additions"),
+            "{text}"
+        );
+        assert!(
+            row(
+                &text,
+                "tenants: a new tenant's first record < 2 s + one tick (3000 ms)"
+            )
+            .ends_with("| 3100 ms (median 900) | **no** |"),
+            "{text}"
+        );
+        assert!(
+            row(&text, "tenants: 0 duplicates without faults, 1000 tenants")
+                .ends_with("| 2 | **no** |"),
+            "{text}"
+        );
+        r.tenants = vec![tenants_run(&[250.0, 900.0, 2900.0], 0)];
         let text = render(&r);
         assert!(!text.contains("**no**"), "{text}");
     }

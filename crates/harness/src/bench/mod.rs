@@ -14,12 +14,14 @@ mod prom;
 mod pull;
 mod scale;
 mod sink;
+mod tenants;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub use e2e::{E2eBench, Report, RunResult, Scenario, ToolResult, render};
 pub use pull::{PullBench, RunResult as PullResult};
+pub use tenants::TenantAdd;
 
 use crate::HarnessError;
 

@@ -34,6 +34,7 @@ pub(super) fn spec(b: &E2eBench, jobs: usize) -> Spec {
         expected_records: (b.jobs_records * jobs) as u64,
         feeds,
         idle_window: Some(b.jobs_idle_window.std()),
+        tenants: None,
     }
 }
 

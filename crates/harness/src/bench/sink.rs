@@ -1,10 +1,10 @@
 //! The benchmark's downstream: a consumer that counts what arrives on the
 //! records exchange, and the broker ceiling measured through it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::BasicProperties;
@@ -34,11 +34,32 @@ struct Counts {
     duplicates: AtomicU64,
     /// Unix ms (as f64 bits) of the latest delivery.
     last_ms: AtomicU64,
+    /// Per tenant (the middle segment of a `<feed>.<tenant>.<partition>`
+    /// routing key), when the sink was started [`Sink::by_tenant`].
+    tenants: Option<Mutex<HashMap<String, Arrivals>>>,
+}
+
+/// What arrived of one tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Arrivals {
+    /// Unix ms of the tenant's first and latest message.
+    pub first_ms: f64,
+    pub last_ms: f64,
+    pub records: u64,
+}
+
+/// The tenant of a tenanted feed's routing key, `<feed>.<tenant>.<partition>`
+/// (feed and tenant names hold no dot; a partition may).
+pub fn routing_tenant(routing_key: &str) -> Option<&str> {
+    let mut parts = routing_key.splitn(3, '.');
+    let (_feed, tenant, _partition) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(tenant)
 }
 
 /// Counts every message and record bound from an exchange with `#`: a
 /// per-page message counts its `x-record-count` header, any other message
-/// one record. Repeated message ids are counted as duplicates.
+/// one record. Repeated message ids are counted as duplicates. Started with
+/// [`Sink::by_tenant`], it also keeps each tenant's first arrival and count.
 pub struct Sink {
     counts: Arc<Counts>,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -59,6 +80,24 @@ impl Sink {
         ca_pem: Option<&str>,
         exchange: &str,
     ) -> Result<Sink, HarnessError> {
+        Self::start_with(url, ca_pem, exchange, false).await
+    }
+
+    /// [`Sink::start`], also counting per tenant ([`Sink::tenant`]).
+    pub async fn by_tenant(
+        url: &str,
+        ca_pem: Option<&str>,
+        exchange: &str,
+    ) -> Result<Sink, HarnessError> {
+        Self::start_with(url, ca_pem, exchange, true).await
+    }
+
+    async fn start_with(
+        url: &str,
+        ca_pem: Option<&str>,
+        exchange: &str,
+        by_tenant: bool,
+    ) -> Result<Sink, HarnessError> {
         // No acks: the sink only counts, so that it costs the broker and the
         // two cores as little as possible (the ceiling goes through it too).
         let mut sub = Subscription::start(
@@ -74,7 +113,10 @@ impl Sink {
         )
         .await
         .map_err(|e| HarnessError::bench(format!("cannot subscribe to {exchange}: {e}")))?;
-        let counts = Arc::new(Counts::default());
+        let counts = Arc::new(Counts {
+            tenants: by_tenant.then(Mutex::default),
+            ..Counts::default()
+        });
         let c = counts.clone();
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -93,11 +135,33 @@ impl Sink {
                 {
                     c.duplicates.fetch_add(1, Ordering::Relaxed);
                 }
+                let now = unix_ms();
+                let records = m.record_count.unwrap_or(1);
+                if let Some(tenants) = &c.tenants
+                    && let Some(t) = routing_tenant(&m.routing_key)
+                {
+                    let mut tenants = tenants.lock().unwrap_or_else(|e| e.into_inner());
+                    match tenants.get_mut(t) {
+                        Some(a) => {
+                            a.records += records;
+                            a.last_ms = now;
+                        }
+                        None => {
+                            tenants.insert(
+                                t.to_string(),
+                                Arrivals {
+                                    first_ms: now,
+                                    last_ms: now,
+                                    records,
+                                },
+                            );
+                        }
+                    }
+                }
                 c.messages.fetch_add(1, Ordering::Relaxed);
-                c.last_ms.store(unix_ms().to_bits(), Ordering::Relaxed);
+                c.last_ms.store(now.to_bits(), Ordering::Relaxed);
                 // A per-page message counts its records; any other, one.
-                c.records
-                    .fetch_add(m.record_count.unwrap_or(1), Ordering::Release);
+                c.records.fetch_add(records, Ordering::Release);
             }
             sub.close().await;
         });
@@ -113,6 +177,24 @@ impl Sink {
             duplicates: c.duplicates.load(Ordering::Relaxed),
             last_ms: f64::from_bits(c.last_ms.load(Ordering::Relaxed)),
         }
+    }
+
+    /// What arrived of `tenant` so far (`None`: nothing, or a sink not
+    /// started [`Sink::by_tenant`]).
+    pub fn tenant(&self, tenant: &str) -> Option<Arrivals> {
+        let tenants = self.counts.tenants.as_ref()?;
+        tenants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+            .copied()
+    }
+
+    /// Every tenant's arrivals so far.
+    pub fn tenants(&self) -> HashMap<String, Arrivals> {
+        self.counts.tenants.as_ref().map_or_else(HashMap::new, |t| {
+            t.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        })
     }
 
     /// Wait until `records` have arrived, checking `alive` every 50 ms; an
@@ -225,4 +307,17 @@ pub async fn ceiling(
         messages_per_sec: count as f64 / seconds,
         mb_per_sec: count as f64 * size as f64 / seconds / 1e6,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::routing_tenant;
+
+    #[test]
+    fn the_tenant_is_the_middle_of_a_three_part_routing_key() {
+        assert_eq!(routing_tenant("tickets.acme.all"), Some("acme"));
+        assert_eq!(routing_tenant("tickets.acme.2024.01"), Some("acme"));
+        assert_eq!(routing_tenant("tickets.all"), None);
+        assert_eq!(routing_tenant("ceiling.p"), None);
+    }
 }
