@@ -238,7 +238,8 @@ impl Coordinator {
     /// configured are retired; after that only new partitions are written.
     async fn register(&mut self) -> Result<(), StateError> {
         let store = &*self.deps.store;
-        let first = self.known.is_empty();
+        // The first registration of this leadership term (the term resets `registered`).
+        let first = self.registered.is_none();
         let stored = store.registry_version().await?;
         let version = match (stored, self.registry_version) {
             (Some(s), Some(ours)) if s == ours && !first => s,
@@ -407,7 +408,7 @@ impl Coordinator {
                 .refresh(&*store, survey.tenants_version, &self.deps.metrics)
                 .await?;
             // Before the first registration, that registration makes every job.
-            if !self.known.is_empty()
+            if self.registered.is_some()
                 && changes
                     .iter()
                     .any(|c| !c.came.is_empty() || !c.went.is_empty())

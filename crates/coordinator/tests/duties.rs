@@ -509,3 +509,20 @@ async fn tenants_come_and_go_within_a_tick() {
     assert_eq!((r.removed, r.purged), (false, 2));
     c.stop().await;
 }
+
+/// A source that starts with no tenants at all: the first one added is
+/// started within a tick, not at the next periodic registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_tenant_of_an_empty_source_starts_at_once() {
+    let w = World::with_source("    tenants: {}\n", &[tickets("tickets")]);
+    let c = w.coordinator("c1", Duration::from_secs(60), Duration::from_secs(5));
+    w.no_task("there is no tenant yet").await;
+    assert!(
+        ops::add_tenant(&*w.store, "api", &Tenant::new("first"))
+            .await
+            .expect("add")
+    );
+    let t = w.next_task().await;
+    assert!(t.job.partition.starts_with("first/"), "{:?}", t.job);
+    c.stop().await;
+}
