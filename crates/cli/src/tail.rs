@@ -35,6 +35,10 @@ pub struct TailArgs {
     /// Only this feed (routing key `<feed>.#`).
     #[arg(long)]
     pub feed: Option<String>,
+    /// Only this tenant of tenanted feeds (routing key `<feed>.<tenant>.#`,
+    /// or `*.<tenant>.#` without --feed).
+    #[arg(long)]
+    pub tenant: Option<String>,
     /// Drop records whose message id was already printed.
     #[arg(long)]
     pub dedupe: bool,
@@ -49,9 +53,11 @@ pub async fn run(
     out: &mut (dyn Write + Send),
     err: &mut (dyn Write + Send),
 ) -> Result<(), Failure> {
-    let pattern = match &args.feed {
-        Some(f) => format!("{f}.#"),
-        None => "#".to_string(),
+    let pattern = match (&args.feed, &args.tenant) {
+        (Some(f), None) => format!("{f}.#"),
+        (Some(f), Some(t)) => format!("{f}.{t}.#"),
+        (None, Some(t)) => format!("*.{t}.#"),
+        (None, None) => "#".to_string(),
     };
     let ca_pem = args.tls.ca_pem()?;
     let mut sub = Subscription::start(
