@@ -20,6 +20,8 @@ struct SourceTenants {
     file: Option<PathBuf>,
     /// The file's modification time and length when it was last read.
     stamp: Option<(SystemTime, u64)>,
+    /// The file could not be read last time (said once, not every pass).
+    missing: bool,
     from_file: Vec<Tenant>,
     from_list: Vec<Tenant>,
     added: Vec<Tenant>,
@@ -54,6 +56,7 @@ impl Tenants {
                     SourceTenants {
                         file: t.file.as_ref().map(PathBuf::from),
                         stamp: None,
+                        missing: false,
                         from_file: Vec::new(),
                         from_list: t.list.clone(),
                         added: Vec::new(),
@@ -184,16 +187,18 @@ fn reread_file(source: &str, s: &mut SourceTenants, metrics: &Metrics) -> bool {
         return false;
     }
     let Some(stamp) = stamp else {
-        if s.stamp.is_some() || s.from_file.is_empty() {
+        if !s.missing {
             tracing::error!(source, file = %path.display(), "cannot read the tenants file; keeping its tenants as they were");
             metrics
                 .tenants_file_errors
                 .get_or_create(&Metrics::source(source))
                 .inc();
         }
+        s.missing = true;
         s.stamp = None;
         return false;
     };
+    s.missing = false;
     s.stamp = Some(stamp);
     match load_tenants_file(path, &s.used) {
         Ok(list) => {
