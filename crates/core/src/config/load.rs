@@ -124,14 +124,7 @@ pub fn load_tenants(
 pub fn load_str(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     let index = Locations::build(text);
     let err = |path: String, reason: String, at: Option<(usize, usize)>| {
-        let (line, col) = at.unwrap_or_else(|| index.find(&path));
-        ConfigError {
-            file: file.to_string(),
-            line,
-            col,
-            path,
-            reason,
-        }
+        index.error(file, path, reason, at)
     };
     let de = serde_yaml_ng::Deserializer::from_str(text);
     let config: Config = match serde_path_to_error::deserialize(de) {
@@ -167,14 +160,7 @@ pub fn load_str(file: &str, text: &str) -> Result<Config, ConfigErrors> {
         }
     };
     let problems = validate(&config);
-    if problems.is_empty() {
-        Ok(config)
-    } else {
-        let mut errors: Vec<ConfigError> =
-            problems.into_iter().map(|(p, r)| err(p, r, None)).collect();
-        errors.sort_by_key(|e| (e.line, e.col));
-        Err(ConfigErrors(errors))
-    }
+    index.result(file, config, problems)
 }
 
 fn clean_path(p: &str) -> String {
@@ -581,16 +567,6 @@ pub fn load_tenants_str(
     used: &std::collections::BTreeMap<String, String>,
 ) -> Result<Vec<Tenant>, ConfigErrors> {
     let index = Locations::build(text);
-    let err = |path: String, reason: String, at: Option<(usize, usize)>| {
-        let (line, col) = at.unwrap_or_else(|| index.find(&path));
-        ConfigError {
-            file: file.to_string(),
-            line,
-            col,
-            path,
-            reason,
-        }
-    };
     if text
         .lines()
         .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
@@ -609,16 +585,11 @@ pub fn load_tenants_str(
                 .get(&path)
                 .copied()
                 .or_else(|| inner.location().map(|l| (l.line(), l.column())));
-            return Err(ConfigErrors(vec![err(path, reason, at)]));
+            return Err(ConfigErrors(vec![index.error(file, path, reason, at)]));
         }
     };
     let problems = check_tenants(&list, used);
-    if problems.is_empty() {
-        return Ok(list);
-    }
-    let mut errors: Vec<ConfigError> = problems.into_iter().map(|(p, r)| err(p, r, None)).collect();
-    errors.sort_by_key(|e| (e.line, e.col));
-    Err(ConfigErrors(errors))
+    index.result(file, list, problems)
 }
 
 /// Read and check a tenants file ([`load_tenants_str`]).
@@ -778,6 +749,42 @@ impl Locations {
         // A syntax error is reported by serde; partial locations are still useful.
         let _ = parser.load(&mut rec, false);
         Locations { at: rec.at }
+    }
+
+    /// One problem at `path` (or at `at`, when known) of `file`.
+    fn error(
+        &self,
+        file: &str,
+        path: String,
+        reason: String,
+        at: Option<(usize, usize)>,
+    ) -> ConfigError {
+        let (line, col) = at.unwrap_or_else(|| self.find(&path));
+        ConfigError {
+            file: file.to_string(),
+            line,
+            col,
+            path,
+            reason,
+        }
+    }
+
+    /// `value`, or the `problems` found in it located in `file`, in file order.
+    fn result<T>(
+        &self,
+        file: &str,
+        value: T,
+        problems: Vec<(String, String)>,
+    ) -> Result<T, ConfigErrors> {
+        if problems.is_empty() {
+            return Ok(value);
+        }
+        let mut errors: Vec<ConfigError> = problems
+            .into_iter()
+            .map(|(p, r)| self.error(file, p, r, None))
+            .collect();
+        errors.sort_by_key(|e| (e.line, e.col));
+        Err(ConfigErrors(errors))
     }
 
     /// The location of `path`, or of its nearest ancestor that exists.
