@@ -44,7 +44,8 @@ pub fn run(path: &Path, out: &mut dyn Write) -> Result<Config, Failure> {
             .auth
             .iter()
             .flat_map(|a| a.secrets())
-            .any(|s| s.is_literal());
+            // A value that is only a tenant template (`{vars.email}/token`) names no secret.
+            .any(|s| s.is_literal() && tidemark_core::tenant::refs(s.template()).is_empty());
         if literal {
             let _ = writeln!(
                 out,

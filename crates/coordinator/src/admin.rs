@@ -437,7 +437,10 @@ mod tests {
             .json()
             .await
             .expect("json");
-        assert_eq!(list.pending[0].name, "acme", "no coordinator applied it yet");
+        assert_eq!(
+            list.pending[0].name, "acme",
+            "no coordinator applied it yet"
+        );
         let paused = c
             .post(format!("{base}/api/tenants/acme/pause"))
             .bearer_auth("tok")
@@ -445,7 +448,10 @@ mod tests {
             .await
             .expect("send");
         assert_eq!(paused.status(), 200);
-        let cp = store.get(&JobId::new("tickets", "acme/all")).await.expect("get");
+        let cp = store
+            .get(&JobId::new("tickets", "acme/all"))
+            .await
+            .expect("get");
         assert_eq!(cp.expect("job").phase, Phase::Paused);
         let st: ops::StatusReport = c
             .get(format!("{base}/api/status?tenant=acme"))

@@ -226,7 +226,27 @@ impl JobStatus {
 }
 
 /// Every feed's summary (or one feed's) and the page of jobs `q` asks for.
-pub async fn status(store: &dyn Jobs, q: &StatusQuery) -> Result<StatusReport, StateError> {
+/// The feeds of tenanted sources, from the registered config (`None`
+/// without one: then every feed is taken to be one).
+async fn tenanted_feeds(
+    store: &dyn Operate,
+) -> Result<Option<std::collections::HashSet<String>>, StateError> {
+    Ok(load_config(store).await?.map(|(_, config)| {
+        config
+            .feeds
+            .iter()
+            .filter(|f| {
+                config
+                    .sources
+                    .get(&f.source)
+                    .is_some_and(|s| s.is_tenanted())
+            })
+            .map(|f| f.name.clone())
+            .collect()
+    }))
+}
+
+pub async fn status(store: &dyn Operate, q: &StatusQuery) -> Result<StatusReport, StateError> {
     let now = now_ms();
     let census: Vec<FeedCensus> = store
         .census()
@@ -283,8 +303,12 @@ pub async fn status(store: &dyn Jobs, q: &StatusQuery) -> Result<StatusReport, S
         }
         Some(_) => (Vec::new(), None),
         None if q.tenant.is_some() => {
+            let tenanted = tenanted_feeds(store).await?;
             let mut all = Vec::new();
-            for c in &census {
+            for c in census
+                .iter()
+                .filter(|c| tenanted.as_ref().is_none_or(|t| t.contains(&c.feed)))
+            {
                 all.extend(feed_jobs_with_prefix(store, &c.feed, prefix.as_deref()).await?);
                 if all.len() > limit {
                     break;
@@ -303,6 +327,12 @@ pub async fn status(store: &dyn Jobs, q: &StatusQuery) -> Result<StatusReport, S
         None => (Vec::new(), None),
     };
     let tenants = if q.tenant.is_some() || q.tenants {
+        let tenanted = tenanted_feeds(store).await?;
+        let census: Vec<FeedCensus> = census
+            .iter()
+            .filter(|c| tenanted.as_ref().is_none_or(|t| t.contains(&c.feed)))
+            .cloned()
+            .collect();
         tenant_summaries(store, &census, q.tenant.as_deref(), now).await?
     } else {
         Vec::new()
@@ -487,7 +517,7 @@ impl Selection {
 
 /// Apply `action` to the jobs `sel` names.
 pub async fn apply(
-    store: &dyn Jobs,
+    store: &dyn Operate,
     sel: &Selection,
     action: &Action,
 ) -> Result<ActionReport, OpError> {
@@ -495,9 +525,24 @@ pub async fn apply(
     if let Some(t) = &sel.tenant {
         tenant::check_name(t).map_err(OpError::Invalid)?;
     }
+    let tenanted = match &sel.tenant {
+        Some(_) => tenanted_feeds(store).await?,
+        None => None,
+    };
     let feeds = match (&sel.feed, &sel.tenant) {
+        (Some(f), Some(_)) if tenanted.as_ref().is_some_and(|t| !t.contains(f)) => {
+            return Err(OpError::Invalid(format!(
+                "feed {f:?} has no tenants: drop --tenant"
+            )));
+        }
         (Some(f), _) => vec![f.clone()],
-        (None, Some(_)) => store.feeds().await?,
+        // A tenant's jobs are in the feeds of tenanted sources only.
+        (None, Some(_)) => store
+            .feeds()
+            .await?
+            .into_iter()
+            .filter(|f| tenanted.as_ref().is_none_or(|t| t.contains(f)))
+            .collect(),
         (None, None) => return Err(OpError::Invalid("name a feed or a tenant".into())),
     };
     let prefix = sel.tenant.as_deref().map(|t| tenant::job_partition(t, ""));
@@ -927,11 +972,23 @@ pub fn render(report: &StatusReport, q: &StatusQuery) -> String {
     }
     if let (Some(next), Some(feed)) = (&report.next, &q.feed) {
         out.push_str(&format!(
-            "more: tidemark status --feed {feed} --after {next:?}{}\n",
+            "more: tidemark status --feed {feed}{} --after {next:?}{}\n",
+            q.tenant
+                .as_ref()
+                .map(|t| format!(" --tenant {t}"))
+                .unwrap_or_default(),
             q.partition_prefix
                 .as_ref()
                 .map(|p| format!(" --partition-prefix {p:?}"))
                 .unwrap_or_default()
+        ));
+    }
+    if let (Some(t), None) = (&q.tenant, &q.feed)
+        && report.jobs.len() >= q.limit.max(1)
+    {
+        out.push_str(&format!(
+            "more: the first {} jobs of tenant {t} are listed; tidemark status --tenant {t} --feed FEED lists a feed's, a page at a time\n",
+            report.jobs.len()
         ));
     }
     out

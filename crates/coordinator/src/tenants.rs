@@ -22,6 +22,10 @@ struct SourceTenants {
     stamp: Option<(SystemTime, u64)>,
     /// The file could not be read last time (said once, not every pass).
     missing: bool,
+    /// A read of the file that removes tenants, applied once the file has
+    /// kept the same stamp for a pass (a file caught half-written must not
+    /// retire tenants); its additions are applied at once.
+    pending: Option<((SystemTime, u64), Vec<Tenant>)>,
     from_file: Vec<Tenant>,
     from_list: Vec<Tenant>,
     added: Vec<Tenant>,
@@ -57,6 +61,7 @@ impl Tenants {
                         file: t.file.as_ref().map(PathBuf::from),
                         stamp: None,
                         missing: false,
+                        pending: None,
                         from_file: Vec::new(),
                         from_list: t.list.clone(),
                         added: Vec::new(),
@@ -184,8 +189,16 @@ fn reread_file(source: &str, s: &mut SourceTenants, metrics: &Metrics) -> bool {
         .ok()
         .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
     if stamp.is_some() && stamp == s.stamp {
-        return false;
+        // Unchanged for a pass: a held-back removal is applied now.
+        return match s.pending.take() {
+            Some((at, list)) if Some(at) == stamp => {
+                s.from_file = list;
+                true
+            }
+            _ => false,
+        };
     }
+    s.pending = None;
     let Some(stamp) = stamp else {
         if !s.missing {
             tracing::error!(source, file = %path.display(), "cannot read the tenants file; keeping its tenants as they were");
@@ -202,6 +215,21 @@ fn reread_file(source: &str, s: &mut SourceTenants, metrics: &Metrics) -> bool {
     s.stamp = Some(stamp);
     match load_tenants_file(path, &s.used) {
         Ok(list) => {
+            let kept: BTreeSet<&str> = list.iter().map(|t| t.name.as_str()).collect();
+            if s.from_file.iter().any(|t| !kept.contains(t.name.as_str())) {
+                // Removals wait a pass; new tenants (and new vars) start now.
+                let mut now: Vec<Tenant> = list.clone();
+                now.extend(
+                    s.from_file
+                        .iter()
+                        .filter(|t| !kept.contains(t.name.as_str()))
+                        .cloned(),
+                );
+                s.pending = Some((stamp, list));
+                let changed = now != s.from_file;
+                s.from_file = now;
+                return changed;
+            }
             let changed = list != s.from_file;
             s.from_file = list;
             changed
@@ -241,4 +269,63 @@ fn effective(s: &SourceTenants) -> BTreeMap<String, ActiveTenant> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[Tenant]) -> Vec<&str> {
+        list.iter().map(|t| t.name.as_str()).collect()
+    }
+
+    /// New tenants in the file start at once; tenants gone from it go only
+    /// once the file has stayed the same for a pass, so a file caught
+    /// half-written (or truncated before it is written) retires nobody.
+    #[test]
+    fn removals_wait_for_a_file_that_holds_still() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tenants.yaml");
+        let metrics = Metrics::new();
+        let mut s = SourceTenants {
+            file: Some(path.clone()),
+            stamp: None,
+            missing: false,
+            pending: None,
+            from_file: Vec::new(),
+            from_list: Vec::new(),
+            added: Vec::new(),
+            used: BTreeMap::new(),
+            active: BTreeMap::new(),
+        };
+        let write = |text: &str| {
+            // A new length or a later mtime: the stamp moves.
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            std::fs::write(&path, text).expect("write");
+        };
+        write("- a\n- b\n");
+        assert!(reread_file("src", &mut s, &metrics));
+        assert_eq!(names(&s.from_file), vec!["a", "b"]);
+        assert!(!reread_file("src", &mut s, &metrics), "unchanged");
+
+        // Truncated: nobody is retired yet ...
+        write("");
+        assert!(!reread_file("src", &mut s, &metrics));
+        assert_eq!(names(&s.from_file), vec!["a", "b"]);
+        // ... and the whole file is back before the next pass: nothing happened.
+        write("- a\n- b\n- c\n");
+        assert!(reread_file("src", &mut s, &metrics), "c starts at once");
+        assert_eq!(names(&s.from_file), vec!["a", "b", "c"]);
+
+        // A real removal: applied once the file held still for a pass.
+        write("- c\n");
+        reread_file("src", &mut s, &metrics);
+        assert_eq!(names(&s.from_file), vec!["c", "a", "b"]);
+        assert!(
+            reread_file("src", &mut s, &metrics),
+            "applied on the next pass"
+        );
+        assert_eq!(names(&s.from_file), vec!["c"]);
+        assert!(!reread_file("src", &mut s, &metrics));
+    }
 }
