@@ -829,7 +829,8 @@ async fn run_in(
         }
         None => Vec::new(),
     };
-    let duplicates = sink.snapshot().duplicates.max(arrived.duplicates);
+    // Duplicates that came after the last expected record count too.
+    let duplicates = sink.snapshot().duplicates;
     sink.close().await;
     let grace = Duration::from_secs(30);
     stop(workers, grace).await;
