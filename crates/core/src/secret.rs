@@ -28,8 +28,12 @@ pub enum SecretError {
     Unset { var: String },
     #[error("malformed secret reference: an unclosed `${{` (write `${{VAR}}`)")]
     Malformed,
+    /// The file could not be read now (missing, unreadable, not UTF-8): a
+    /// mounted secret may not have arrived yet, so this may pass.
     #[error("cannot read the secret file {path}: {reason}")]
     File { path: String, reason: String },
+    #[error("the secret file {path} must be given by an absolute path")]
+    RelativeFile { path: String },
 }
 
 /// The prefix of a file reference: `${file:/run/secrets/token}`.
@@ -42,7 +46,9 @@ fn read_file(path: &str) -> Result<String, SecretError> {
         reason,
     };
     if !std::path::Path::new(path).is_absolute() {
-        return Err(fail("the path must be absolute".into()));
+        return Err(SecretError::RelativeFile {
+            path: path.to_string(),
+        });
     }
     let bytes = std::fs::read(path).map_err(|e| fail(e.kind().to_string()))?;
     let mut text = String::from_utf8(bytes).map_err(|_| fail("not UTF-8".into()))?;

@@ -56,6 +56,11 @@ impl FetchError {
             }
             FetchError::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
             FetchError::Token { transient, .. } => *transient,
+            // A mounted secret file that is not there (yet): a Kubernetes
+            // Secret's new key reaches each pod on its own kubelet sync, a
+            // rotation swaps the files. Retried within the source's policy;
+            // an unset variable or a relative path never mends itself.
+            FetchError::Secret(SecretError::File { .. }) => true,
             _ => false,
         }
     }

@@ -122,6 +122,52 @@ async fn an_unset_variable_is_named_and_nothing_is_sent() {
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
 
+/// A secret file that is not there yet (a new tenant's token still on its
+/// way to the pod) is worth a retry; once it appears, the request goes out.
+#[tokio::test]
+async fn a_missing_secret_file_is_retried_until_it_appears() {
+    let (url, hits) = server(|_, h, _| {
+        let auth = h
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        if auth == "Bearer late-token" {
+            ok("[]")
+        } else {
+            StatusCode::UNAUTHORIZED.into_response()
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    let s = HttpSource::new(
+        "s",
+        &source(
+            &url,
+            &format!(
+                "    auth: {{ bearer: \"${{file:{}}}\" }}\n",
+                token.display()
+            ),
+        ),
+    )
+    .unwrap();
+    let e = s.fetch_once(&req(&format!("{url}/x"))).await.unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    assert!(e.to_string().contains("cannot read the secret file"), "{e}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "nothing is sent without it");
+    std::fs::write(&token, "late-token\n").unwrap();
+    s.fetch_once(&req(&format!("{url}/x"))).await.unwrap();
+    // A relative path never mends itself.
+    let rel = HttpSource::new(
+        "s",
+        &source(&url, "    auth: { bearer: \"${file:relative/token}\" }\n"),
+    )
+    .unwrap();
+    let e = rel.fetch_once(&req(&format!("{url}/x"))).await.unwrap_err();
+    assert!(!e.is_transient(), "{e}");
+}
+
 #[tokio::test]
 async fn server_errors_are_retried_and_client_errors_are_not() {
     let (url, hits) = server(|n, _, uri| match (uri.path(), n) {
