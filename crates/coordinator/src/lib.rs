@@ -407,17 +407,21 @@ impl Coordinator {
                 .tenants
                 .refresh(&*store, survey.tenants_version, &self.deps.metrics)
                 .await?;
-            // Before the first registration, that registration makes every job.
+            // Before the first registration, that registration makes every
+            // job. A failure here leaves the change unapplied: the next
+            // pass computes it again.
+            let mut created = 0;
             if self.registered.is_some()
                 && changes
                     .iter()
                     .any(|c| !c.came.is_empty() || !c.went.is_empty())
             {
-                let created = self.apply_tenant_changes(changes).await?;
-                if created > 0 {
-                    // Their jobs are due now: start them in this pass.
-                    survey = store.survey(now_ms(), REISSUE_BATCH, DUE_FEEDS).await?;
-                }
+                created = self.apply_tenant_changes(changes).await?;
+            }
+            self.tenants.applied();
+            if created > 0 {
+                // Their jobs are due now: start them in this pass.
+                survey = store.survey(now_ms(), REISSUE_BATCH, DUE_FEEDS).await?;
             }
         }
         if self

@@ -32,6 +32,21 @@ struct SourceTenants {
     /// The vars every tenant must set.
     used: BTreeMap<String, String>,
     active: BTreeMap<String, ActiveTenant>,
+    /// The set a refresh computed, until the coordinator has applied it
+    /// ([`Tenants::applied`]): a pass that fails before then computes the
+    /// same change again, so no change is lost to an error.
+    next: Option<BTreeMap<String, ActiveTenant>>,
+}
+
+/// What a look at a tenants file found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Its tenants changed.
+    Changed,
+    /// Nothing new (or no file configured).
+    Same,
+    /// It cannot be read or has errors.
+    Failed,
 }
 
 /// Tenants that came and went in one source.
@@ -67,6 +82,7 @@ impl Tenants {
                         added: Vec::new(),
                         used: tenant_vars_used(config, name),
                         active: BTreeMap::new(),
+                        next: None,
                     },
                 ))
             })
@@ -101,11 +117,26 @@ impl Tenants {
     }
 
     /// Forget what was read: the next refresh reads everything (a new
-    /// leadership term).
+    /// leadership term; another leader may have seen other files).
     pub fn reset(&mut self) {
         self.version = None;
         for s in self.sources.values_mut() {
             s.stamp = None;
+            s.missing = false;
+            s.pending = None;
+            s.from_file.clear();
+            s.active.clear();
+            s.next = None;
+        }
+    }
+
+    /// The coordinator applied what the last refresh computed (or is about
+    /// to register every job from it): it becomes the running set.
+    pub fn applied(&mut self) {
+        for s in self.sources.values_mut() {
+            if let Some(next) = s.next.take() {
+                s.active = next;
+            }
         }
     }
 
@@ -119,9 +150,23 @@ impl Tenants {
         metrics: &Metrics,
     ) -> Result<Vec<Change>, StateError> {
         let reread_added = self.version != Some(version);
+        let first = self.version.is_none();
         let mut changes = Vec::new();
         for (name, s) in &mut self.sources {
-            let mut dirty = reread_file(name, s, metrics);
+            let read = reread_file(name, s, metrics);
+            let mut dirty = read == Read::Changed || s.next.is_some();
+            if first && read == Read::Failed && s.from_file.is_empty() {
+                // A new leader that cannot read the file runs the file's
+                // tenants the last leader stored, rather than retiring them.
+                s.from_file = store
+                    .active_tenants(name)
+                    .await?
+                    .into_iter()
+                    .filter(|t| t.origin == TenantOrigin::File)
+                    .map(|t| t.tenant())
+                    .collect();
+                tracing::warn!(source = %name, tenants = s.from_file.len(), "the tenants file cannot be read at takeover; running the file's tenants as the last leader stored them");
+            }
             if reread_added {
                 let added = store.added_tenants(name).await?;
                 if added != s.added {
@@ -151,7 +196,6 @@ impl Tenants {
             let vars_changed = next
                 .iter()
                 .any(|(k, t)| s.active.get(k).is_some_and(|a| a != t));
-            let first = self.version.is_none();
             if first || vars_changed || !change.came.is_empty() || !change.went.is_empty() {
                 let list: Vec<ActiveTenant> = next.values().cloned().collect();
                 store.set_active_tenants(name, &list).await?;
@@ -169,7 +213,7 @@ impl Tenants {
                     );
                 }
             }
-            s.active = next;
+            s.next = Some(next);
             changes.push(change);
         }
         self.version = Some(version);
@@ -180,10 +224,9 @@ impl Tenants {
 /// Read the source's tenants file again when its modification time or
 /// length changed. A file that does not parse is reported and ignored: the
 /// tenants stay as they were (a half-written file must not remove them).
-/// True when the file's tenants changed.
-fn reread_file(source: &str, s: &mut SourceTenants, metrics: &Metrics) -> bool {
+fn reread_file(source: &str, s: &mut SourceTenants, metrics: &Metrics) -> Read {
     let Some(path) = &s.file else {
-        return false;
+        return Read::Same;
     };
     let stamp = std::fs::metadata(path)
         .ok()
@@ -193,9 +236,9 @@ fn reread_file(source: &str, s: &mut SourceTenants, metrics: &Metrics) -> bool {
         return match s.pending.take() {
             Some((at, list)) if Some(at) == stamp => {
                 s.from_file = list;
-                true
+                Read::Changed
             }
-            _ => false,
+            _ => Read::Same,
         };
     }
     s.pending = None;
@@ -209,7 +252,7 @@ fn reread_file(source: &str, s: &mut SourceTenants, metrics: &Metrics) -> bool {
         }
         s.missing = true;
         s.stamp = None;
-        return false;
+        return Read::Failed;
     };
     s.missing = false;
     s.stamp = Some(stamp);
@@ -228,11 +271,11 @@ fn reread_file(source: &str, s: &mut SourceTenants, metrics: &Metrics) -> bool {
                 s.pending = Some((stamp, list));
                 let changed = now != s.from_file;
                 s.from_file = now;
-                return changed;
+                return if changed { Read::Changed } else { Read::Same };
             }
             let changed = list != s.from_file;
             s.from_file = list;
-            changed
+            if changed { Read::Changed } else { Read::Same }
         }
         Err(e) => {
             tracing::error!(source, errors = %e, "the tenants file has errors; keeping its tenants as they were");
@@ -240,7 +283,7 @@ fn reread_file(source: &str, s: &mut SourceTenants, metrics: &Metrics) -> bool {
                 .tenants_file_errors
                 .get_or_create(&Metrics::source(source))
                 .inc();
-            false
+            Read::Failed
         }
     }
 }
@@ -279,6 +322,61 @@ mod tests {
         list.iter().map(|t| t.name.as_str()).collect()
     }
 
+    fn config(file: &std::path::Path) -> Config {
+        tidemark_core::config::load_str(
+            "t.yaml",
+            &format!(
+                "sources:\n  api:\n    base_url: \"http://127.0.0.1:9/{{tenant}}\"\n    tenants: {{ file: {} }}\nfeeds: []\n",
+                file.display()
+            ),
+        )
+        .expect("config")
+    }
+
+    fn came(changes: &[Change]) -> Vec<&str> {
+        changes
+            .iter()
+            .flat_map(|c| c.came.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// A change the coordinator could not apply (the store failed) comes
+    /// again at the next pass; a new leader that cannot read the file runs
+    /// the file's tenants the last leader stored instead of retiring them.
+    #[tokio::test]
+    async fn no_change_is_lost_and_a_broken_file_at_takeover_retires_nobody() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tenants.yaml");
+        let store = tidemark_state::EmbeddedStore::in_memory();
+        let metrics = Metrics::new();
+        let mut t = Tenants::new(&config(&path));
+        std::fs::write(&path, "- a\n- b\n").expect("write");
+        let c = t.refresh(&store, 0, &metrics).await.expect("refresh");
+        assert_eq!(came(&c), vec!["a", "b"]);
+        t.applied();
+
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::fs::write(&path, "- a\n- b\n- c\n").expect("write");
+        let c = t.refresh(&store, 0, &metrics).await.expect("refresh");
+        assert_eq!(came(&c), vec!["c"]);
+        // Not applied (say ensure_many failed): the next pass offers it again.
+        let c = t.refresh(&store, 0, &metrics).await.expect("refresh");
+        assert_eq!(came(&c), vec!["c"]);
+        t.applied();
+        let c = t.refresh(&store, 0, &metrics).await.expect("refresh");
+        assert!(came(&c).is_empty());
+        assert_eq!(t.active("api").collect::<Vec<_>>(), vec!["a", "b", "c"]);
+
+        // A new term, and the file is gone: the stored running set stands in.
+        std::fs::remove_file(&path).expect("remove");
+        t.reset();
+        let c = t.refresh(&store, 0, &metrics).await.expect("refresh");
+        assert_eq!(came(&c), vec!["a", "b", "c"]);
+        assert!(c.iter().all(|c| c.went.is_empty()));
+        t.applied();
+        assert_eq!(t.active("api").collect::<Vec<_>>(), vec!["a", "b", "c"]);
+    }
+
     /// New tenants in the file start at once; tenants gone from it go only
     /// once the file has stayed the same for a pass, so a file caught
     /// half-written (or truncated before it is written) retires nobody.
@@ -297,35 +395,34 @@ mod tests {
             added: Vec::new(),
             used: BTreeMap::new(),
             active: BTreeMap::new(),
+            next: None,
         };
+        let changed = |s: &mut SourceTenants| reread_file("src", s, &metrics) == Read::Changed;
         let write = |text: &str| {
             // A new length or a later mtime: the stamp moves.
             std::thread::sleep(std::time::Duration::from_millis(5));
             std::fs::write(&path, text).expect("write");
         };
         write("- a\n- b\n");
-        assert!(reread_file("src", &mut s, &metrics));
+        assert!(changed(&mut s));
         assert_eq!(names(&s.from_file), vec!["a", "b"]);
-        assert!(!reread_file("src", &mut s, &metrics), "unchanged");
+        assert!(!changed(&mut s), "unchanged");
 
         // Truncated: nobody is retired yet ...
         write("");
-        assert!(!reread_file("src", &mut s, &metrics));
+        assert!(!changed(&mut s));
         assert_eq!(names(&s.from_file), vec!["a", "b"]);
         // ... and the whole file is back before the next pass: nothing happened.
         write("- a\n- b\n- c\n");
-        assert!(reread_file("src", &mut s, &metrics), "c starts at once");
+        assert!(changed(&mut s), "c starts at once");
         assert_eq!(names(&s.from_file), vec!["a", "b", "c"]);
 
         // A real removal: applied once the file held still for a pass.
         write("- c\n");
-        reread_file("src", &mut s, &metrics);
+        changed(&mut s);
         assert_eq!(names(&s.from_file), vec!["c", "a", "b"]);
-        assert!(
-            reread_file("src", &mut s, &metrics),
-            "applied on the next pass"
-        );
+        assert!(changed(&mut s), "applied on the next pass");
         assert_eq!(names(&s.from_file), vec!["c"]);
-        assert!(!reread_file("src", &mut s, &metrics));
+        assert!(!changed(&mut s));
     }
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::{Faults, MockConfig};
+use crate::{CommentsConfig, Faults, MockConfig};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct MockArgs {
@@ -57,6 +57,17 @@ pub struct MockArgs {
     pub mutate_every: Option<u64>,
     #[arg(long, default_value_t = 1)]
     pub mutate_count: usize,
+    /// Default page size of the comments endpoints (`page[size]`).
+    #[arg(long, default_value_t = 5)]
+    pub comments_page_size: usize,
+    /// The most comments a ticket has from its creation (each update of a
+    /// ticket adds one more).
+    #[arg(long, default_value_t = 25)]
+    pub comments_max: usize,
+    /// Give every ticket exactly N comments (plus one per update) instead
+    /// of the spread of 0, one page, two pages and many.
+    #[arg(long, value_name = "N")]
+    pub comments_per_ticket: Option<usize>,
 }
 
 impl MockArgs {
@@ -81,6 +92,11 @@ impl MockArgs {
                 cursor_ttl_secs: self.cursor_ttl_secs,
                 mutate_every: self.mutate_every,
                 mutate_count: self.mutate_count,
+            },
+            comments: CommentsConfig {
+                page_size: self.comments_page_size.max(1),
+                max_per_ticket: self.comments_max,
+                fixed_per_ticket: self.comments_per_ticket,
             },
             ..MockConfig::default()
         }

@@ -3,8 +3,14 @@
 //!
 //! Each record version is rendered to JSON once, so serving a page of 1000
 //! records is a string concatenation.
+//!
+//! Records can be deleted ([`Dataset::delete`]): they leave `records` and
+//! every endpoint, but their versions stay in the truth's `versions` (the
+//! history of what was served) and their ids are listed in `deleted`.
+//! Each record's comments (see `comments`) are not stored: they are made on
+//! request from its id, its creation time and the times of its updates.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -21,6 +27,8 @@ pub type Pos = (i64, String);
 pub struct Rec {
     pub id: String,
     pub updated_at: i64,
+    /// The first version's `updated_at`.
+    pub created_at: i64,
     pub json: Arc<str>,
 }
 
@@ -33,14 +41,35 @@ pub struct TruthRecord {
 /// Every current record (creation order) and every version ever (change order).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Truth {
+    /// The current records, in creation (id) order; deleted ones are not here.
     pub records: Vec<TruthRecord>,
+    /// Every version ever served, in change order, deleted records' included
+    /// (deleting a record does not unsay what was served).
     pub versions: Vec<TruthRecord>,
+    /// Ids of the deleted records, in the order they were deleted (omitted
+    /// from the JSON while empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted: Vec<String>,
+}
+
+/// A record as the parent of comments: what its comments are made from.
+#[derive(Debug, Clone, Copy)]
+pub struct Parent<'a> {
+    pub id: &'a str,
+    pub created_at: i64,
+    /// `updated_at` of each update after the first version, oldest first.
+    pub updates: &'a [i64],
 }
 
 pub struct Dataset {
     by_id: BTreeMap<String, Rec>,
     by_change: BTreeMap<Pos, Rec>,
     versions: Vec<(i64, String)>,
+    /// Per updated record: the time of each of its updates, oldest first
+    /// (records never updated have no entry, so 100,000 records cost nothing).
+    updates: HashMap<String, Vec<i64>>,
+    /// Ids deleted so far, in order.
+    deleted: Vec<String>,
     next_seq: u64,
     last_updated: i64,
     rng: u64,
@@ -86,6 +115,8 @@ impl Dataset {
             by_id: BTreeMap::new(),
             by_change: BTreeMap::new(),
             versions: Vec::with_capacity(records),
+            updates: HashMap::new(),
+            deleted: Vec::new(),
             next_seq: 1,
             last_updated: BASE_TIME - 1,
             rng: seed,
@@ -128,13 +159,16 @@ impl Dataset {
 
     fn put(&mut self, seq: u64, updated_at: i64) {
         let id = id_of(seq);
+        let created_at = self.by_id.get(&id).map_or(updated_at, |r| r.created_at);
         let rec = Rec {
             id: id.clone(),
             updated_at,
+            created_at,
             json: self.render(seq, updated_at).into(),
         };
         if let Some(old) = self.by_id.insert(id.clone(), rec.clone()) {
             self.by_change.remove(&(old.updated_at, old.id));
+            self.updates.entry(id.clone()).or_default().push(updated_at);
         }
         self.by_change.insert((updated_at, id.clone()), rec);
         self.versions.push((updated_at, id));
@@ -157,22 +191,65 @@ impl Dataset {
 
     /// Update `n` records chosen at random, each at most once until every
     /// record has been updated (so tests can expect to see every version:
-    /// an API only ever serves the current one).
+    /// an API only ever serves the current one). Deleted records are never
+    /// chosen (nor brought back).
     pub fn update(&mut self, n: usize) {
         let count = self.next_seq - 1;
-        if count == 0 {
+        if count == 0 || self.by_id.is_empty() {
             return;
         }
         for _ in 0..n {
-            if self.updated.len() as u64 >= count {
+            if self.updated.len() >= self.by_id.len() {
                 self.updated.clear();
             }
             let mut seq = 1 + splitmix(&mut self.rng) % count;
-            while !self.updated.insert(seq) {
+            // Without deletions every seq is live and this is the plain probe.
+            while !self.by_id.contains_key(&id_of(seq)) || !self.updated.insert(seq) {
                 seq = seq % count + 1;
             }
             let t = self.next_version_time();
             self.put(seq, t);
+        }
+    }
+
+    /// Delete the `n` oldest records (lowest ids; all of them if fewer):
+    /// they leave every endpoint, and their comments answer 404. Returns
+    /// their ids.
+    pub fn delete(&mut self, n: usize) -> Vec<String> {
+        let gone: Vec<String> = self.by_id.keys().take(n).cloned().collect();
+        for id in &gone {
+            if let Some(old) = self.by_id.remove(id) {
+                self.by_change.remove(&(old.updated_at, old.id));
+            }
+            self.updates.remove(id);
+            if let Some(seq) = id.rsplit('-').next().and_then(|s| s.parse::<u64>().ok()) {
+                self.updated.remove(&seq);
+            }
+        }
+        self.deleted.extend(gone.iter().cloned());
+        gone
+    }
+
+    /// The tenant this dataset belongs to, if any.
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
+    /// The current record `id` as a parent of comments, if it exists.
+    pub fn parent(&self, id: &str) -> Option<Parent<'_>> {
+        self.by_id.get(id).map(|r| self.parent_of(r))
+    }
+
+    /// Every current record as a parent, in id order.
+    pub fn parents(&self) -> impl Iterator<Item = Parent<'_>> {
+        self.by_id.values().map(|r| self.parent_of(r))
+    }
+
+    fn parent_of<'a>(&'a self, r: &'a Rec) -> Parent<'a> {
+        Parent {
+            id: &r.id,
+            created_at: r.created_at,
+            updates: self.updates.get(&r.id).map_or(&[], Vec::as_slice),
         }
     }
 
@@ -268,6 +345,7 @@ impl Dataset {
                 .map(|r| t(&(r.updated_at, r.id.clone())))
                 .collect(),
             versions: versions.iter().map(t).collect(),
+            deleted: self.deleted.clone(),
         }
     }
 }
@@ -307,5 +385,34 @@ mod tests {
         );
         assert_eq!(d.truth().versions.len(), 7);
         assert_eq!(all.last().unwrap().id, id_of(6));
+    }
+
+    #[test]
+    fn deleted_records_leave_every_view_and_are_never_updated() {
+        let mut d = Dataset::new(6, 3, 100);
+        let gone = d.delete(2);
+        assert_eq!(gone, [id_of(1), id_of(2)]);
+        assert!(d.parent(&id_of(1)).is_none());
+        assert_eq!(d.len(), 4);
+        let (all, _) = d.changes(None, None, None, 100);
+        assert_eq!(all.len(), 4);
+        // Every live record is updated once before any twice; none comes back.
+        d.update(8);
+        assert_eq!(d.len(), 4);
+        for p in d.parents() {
+            assert_eq!(p.updates.len(), 2, "{}", p.id);
+            assert!(p.updates.iter().all(|&u| u > p.created_at));
+        }
+        let t = d.truth();
+        assert_eq!(t.records.len(), 4);
+        assert_eq!(t.deleted, gone);
+        assert_eq!(
+            t.versions.len(),
+            6 + 8,
+            "history keeps deleted records' versions"
+        );
+        assert_eq!(d.delete(10).len(), 4);
+        d.update(3);
+        assert!(d.is_empty());
     }
 }

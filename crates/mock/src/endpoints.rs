@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use crate::CommentsConfig;
+use crate::comments;
 use crate::cursor::{self, Decoded};
 use crate::dataset::{Dataset, Pos, Rec};
 
@@ -18,6 +20,8 @@ pub struct Ctx<'a> {
     /// Records updated after this (unix seconds) are hidden; None: none hidden.
     pub visible_until: Option<i64>,
     pub cursor_ttl_ms: Option<i64>,
+    /// Comment counts and their default page size.
+    pub comments: &'a CommentsConfig,
 }
 
 pub struct Reply {
@@ -420,6 +424,9 @@ pub fn offset(ds: &Dataset, q: &Query, ctx: &Ctx) -> Result<Reply, ApiError> {
 
 /// Route a data path to its endpoint.
 pub fn serve(ds: &Dataset, path: &str, q: &Query, ctx: &Ctx) -> Result<Reply, ApiError> {
+    if let Some(id) = comments::ticket_of_path(path) {
+        return comments::ticket_comments(ds, id, q, ctx);
+    }
     match path {
         "/api/v2/incremental/tickets/cursor.json" => zendesk(ds, q, ctx),
         "/v1/events" => events(ds, q, ctx),
@@ -429,6 +436,7 @@ pub fn serve(ds: &Dataset, path: &str, q: &Query, ctx: &Ctx) -> Result<Reply, Ap
         "/github/records" => github(ds, q, ctx),
         "/paged/records" => paged(ds, q, ctx),
         "/offset/records" => offset(ds, q, ctx),
+        comments::BATCH_PATH => comments::batch(ds, q, ctx),
         // An endpoint that is always down, for failure tests.
         "/broken/records" => Err(ApiError {
             status: 500,

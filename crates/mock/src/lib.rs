@@ -5,8 +5,13 @@
 //! It also serves many tenants on the same port: `/t/{tenant}/<endpoint>`
 //! reads that tenant's own dataset with `Authorization: Bearer tok-{tenant}`
 //! (see `tenants`).
+//!
+//! Every ticket also has comments, a child resource for parent→child feeds:
+//! `/api/v2/tickets/{id}/comments` and `/api/v2/comments?ticket_ids=`
+//! (see `comments`).
 
 mod args;
+mod comments;
 mod cursor;
 mod dataset;
 mod endpoints;
@@ -18,6 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use args::MockArgs;
+pub use comments::{CommentTruth, CommentsConfig, CommentsTruth};
 pub use dataset::{Truth, TruthRecord};
 pub use server::{MockServer, MockState, Stats, router};
 pub use tenants::{TENANT_PREFIX, is_tenant_name, tenant_token};
@@ -41,6 +47,8 @@ pub struct MockConfig {
     /// Records updated within this much of now are not served yet (seed 003).
     pub hide_newest: Duration,
     pub faults: Faults,
+    /// Each ticket's comments (`/api/v2/tickets/{id}/comments`).
+    pub comments: CommentsConfig,
 }
 
 impl Default for MockConfig {
@@ -55,6 +63,7 @@ impl Default for MockConfig {
             latency: Duration::ZERO,
             hide_newest: Duration::ZERO,
             faults: Faults::default(),
+            comments: CommentsConfig::default(),
         }
     }
 }

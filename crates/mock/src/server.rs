@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
 
+use crate::comments::{self, CommentsTruth};
 use crate::dataset::{Dataset, Truth};
 use crate::endpoints::{self, Ctx};
 use crate::tenants::{self, Refusal, Route, Tenant};
@@ -37,6 +38,10 @@ struct Shared {
     tenants: Mutex<HashMap<String, Arc<Tenant>>>,
     by_tenant: Mutex<BTreeMap<String, u64>>,
     refused_by_tenant: Mutex<BTreeMap<String, u64>>,
+    /// Requests to either comments endpoint.
+    comment_requests: AtomicU64,
+    /// Requests to a ticket's comments endpoint, by ticket key.
+    comments_by_ticket: Mutex<HashMap<String, u64>>,
 }
 
 /// A handle on the mock's state, for tests in the same process.
@@ -57,6 +62,13 @@ pub struct Stats {
     /// A tenant's data requests answered 401 or 429 (for whatever reason:
     /// token, revocation, throttle or an injected fault).
     pub refused_by_tenant: BTreeMap<String, u64>,
+    /// Requests to the comments endpoints (per ticket and batch, main and
+    /// tenants'), whatever their answer: faults, 401, 429 and 404 count.
+    pub comment_requests: u64,
+    /// Requests to `/api/v2/tickets/{id}/comments` (the batch endpoint is
+    /// not counted here), by ticket: the id for the main dataset,
+    /// `{tenant}/{id}` for a tenant's.
+    pub comment_requests_by_ticket: BTreeMap<String, u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -78,6 +90,8 @@ impl MockState {
             tenants: Mutex::new(HashMap::new()),
             by_tenant: Mutex::new(BTreeMap::new()),
             refused_by_tenant: Mutex::new(BTreeMap::new()),
+            comment_requests: AtomicU64::new(0),
+            comments_by_ticket: Mutex::new(HashMap::new()),
         }))
     }
     pub fn insert(&self, n: usize) {
@@ -88,6 +102,18 @@ impl MockState {
     }
     pub fn truth(&self) -> Truth {
         lock(&self.0.data).truth()
+    }
+    /// Delete the `n` oldest tickets (lowest ids) of the main dataset:
+    /// they leave every endpoint and `records`, their comments answer 404;
+    /// their versions stay in the truth's `versions` and their ids are
+    /// listed in its `deleted`. Returns the ids deleted.
+    pub fn delete(&self, n: usize) -> Vec<String> {
+        lock(&self.0.data).delete(n)
+    }
+    /// Every comment of every current ticket of the main dataset (what
+    /// `GET /_truth/comments` answers).
+    pub fn comments_truth(&self) -> CommentsTruth {
+        comments::truth(&lock(&self.0.data), &self.0.config.comments)
     }
     pub fn len(&self) -> usize {
         lock(&self.0.data).len()
@@ -129,6 +155,14 @@ impl MockState {
     pub fn update_tenant(&self, tenant: &str, n: usize) {
         lock(&self.tenant(tenant).data).update(n);
     }
+    /// Delete `tenant`'s `n` oldest tickets, like [`MockState::delete`].
+    pub fn delete_tenant(&self, tenant: &str, n: usize) -> Vec<String> {
+        lock(&self.tenant(tenant).data).delete(n)
+    }
+    /// `tenant`'s comments truth (what `GET /_truth/comments?tenant=` answers).
+    pub fn tenant_comments_truth(&self, tenant: &str) -> CommentsTruth {
+        comments::truth(&lock(&self.tenant(tenant).data), &self.0.config.comments)
+    }
     /// `tenant`'s ground truth (what `GET /_truth?tenant=` answers).
     pub fn tenant_truth(&self, tenant: &str) -> Truth {
         lock(&self.tenant(tenant).data).truth()
@@ -153,6 +187,21 @@ impl MockState {
         *lock(&self.0.by_path).entry(path.to_string()).or_insert(0) += 1;
         n
     }
+    /// Count a request to `path` (without its tenant prefix) if it is a
+    /// comments endpoint.
+    fn count_comments(&self, tenant: Option<&str>, path: &str) {
+        if !comments::is_comments_path(path) {
+            return;
+        }
+        self.0.comment_requests.fetch_add(1, Ordering::SeqCst);
+        if let Some(id) = comments::ticket_of_path(path) {
+            let key = match tenant {
+                Some(t) => format!("{t}/{id}"),
+                None => id.to_string(),
+            };
+            *lock(&self.0.comments_by_ticket).entry(key).or_insert(0) += 1;
+        }
+    }
     fn count_tenant(&self, tenant: &str) {
         *lock(&self.0.by_tenant)
             .entry(tenant.to_string())
@@ -171,6 +220,11 @@ impl MockState {
             by_path: lock(&self.0.by_path).clone(),
             by_tenant: lock(&self.0.by_tenant).clone(),
             refused_by_tenant: lock(&self.0.refused_by_tenant).clone(),
+            comment_requests: self.0.comment_requests.load(Ordering::SeqCst),
+            comment_requests_by_ticket: lock(&self.0.comments_by_ticket)
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
         }
     }
     pub fn faults(&self) -> Faults {
@@ -188,12 +242,14 @@ pub fn router(state: MockState) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/_truth", get(truth))
+        .route("/_truth/comments", get(comments_truth))
         .route(
             "/_stats",
             get(|State(s): State<MockState>| async move { axum::Json(s.stats()) }),
         )
         .route("/_admin/insert", post(admin_insert))
         .route("/_admin/update", post(admin_update))
+        .route("/_admin/delete", post(admin_delete))
         .route("/_admin/faults", post(admin_faults))
         .route("/_admin/tenants/{tenant}/{action}", post(admin_tenant))
         .route("/hostile/{kind}", get(hostile_page))
@@ -252,6 +308,20 @@ async fn truth(State(s): State<MockState>, Query(q): Query<HashMap<String, Strin
     }
 }
 
+/// `GET /_truth/comments`: the main dataset's comments, or `?tenant=T`'s.
+async fn comments_truth(
+    State(s): State<MockState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    match q.get("tenant") {
+        None => axum::Json(s.comments_truth()).into_response(),
+        Some(t) if tenants::is_tenant_name(t) => {
+            axum::Json(s.tenant_comments_truth(t)).into_response()
+        }
+        Some(t) => bad_tenant(t),
+    }
+}
+
 fn bad_tenant(name: &str) -> Response {
     json_error(
         400,
@@ -260,7 +330,7 @@ fn bad_tenant(name: &str) -> Response {
     )
 }
 
-/// `POST /_admin/tenants/{tenant}/{revoke|restore|throttle?secs=|insert?n=|update?n=}`.
+/// `POST /_admin/tenants/{tenant}/{revoke|restore|throttle?secs=|insert?n=|update?n=|delete?n=}`.
 async fn admin_tenant(
     State(s): State<MockState>,
     Path((tenant, action)): Path<(String, String)>,
@@ -299,11 +369,17 @@ async fn admin_tenant(
             s.update_tenant(&tenant, count(n));
             serde_json::json!({ "tenant": tenant, "updated": n })
         }),
+        "delete" => number("n", 1).map(|n| {
+            let ids = s.delete_tenant(&tenant, count(n));
+            serde_json::json!({ "tenant": tenant, "deleted": ids.len(), "ids": ids })
+        }),
         other => {
             return json_error(
                 404,
                 "not_found",
-                &format!("no tenant action {other:?}: revoke, restore, throttle, insert, update"),
+                &format!(
+                    "no tenant action {other:?}: revoke, restore, throttle, insert, update, delete"
+                ),
             );
         }
     };
@@ -329,6 +405,15 @@ async fn admin_update(
     let n = q.get("n").copied().unwrap_or(1);
     s.update(n);
     axum::Json(serde_json::json!({ "updated": n }))
+}
+
+/// `POST /_admin/delete?n=`: delete the `n` oldest tickets (default 1).
+async fn admin_delete(
+    State(s): State<MockState>,
+    Query(q): Query<HashMap<String, usize>>,
+) -> impl IntoResponse {
+    let ids = s.delete(q.get("n").copied().unwrap_or(1));
+    axum::Json(serde_json::json!({ "deleted": ids.len(), "ids": ids }))
 }
 
 async fn admin_faults(
@@ -363,7 +448,19 @@ async fn index() -> &'static str {
      GET /offset/records?offset=&limit=                                                   offsets\n\
      GET /broken/records                                                                  always 500\n\
      GET /hostile/{loop|huge|utf8|types|empty_more}?cursor=                               a good page, then a bad one\n\
-     GET /_truth  GET /_stats  POST /_admin/insert?n=  POST /_admin/update?n=  POST /_admin/faults\n     \n     Tenants: GET /t/{tenant}/<any endpoint above>, e.g. /t/acme/api/v2/incremental/tickets/cursor.json,\n     serves that tenant's own dataset (created on first use; --tenant-records); tenant names match\n     [a-z0-9_-]{1,63}; every request needs Authorization: Bearer tok-{tenant} (else 401 invalid_token).\n     GET /_truth?tenant=   POST /_admin/tenants/{tenant}/revoke   POST /_admin/tenants/{tenant}/restore\n     POST /_admin/tenants/{tenant}/throttle?secs=   POST /_admin/tenants/{tenant}/insert?n=\n     POST /_admin/tenants/{tenant}/update?n=   (/_stats: by_tenant, refused_by_tenant)\n"
+     GET /api/v2/tickets/{id}/comments?page[size]=&page[after]=                           a ticket's comments (404: no such ticket)\n\
+     GET /api/v2/comments?ticket_ids=id1,id2,...&page[size]=&page[after]=                comments of up to 100 tickets\n\
+     GET /_truth  GET /_truth/comments  GET /_stats  POST /_admin/faults\n\
+     POST /_admin/insert?n=  POST /_admin/update?n=  POST /_admin/delete?n= (the n oldest tickets)\n\
+     \n\
+     Tenants: GET /t/{tenant}/<any endpoint above>, e.g. /t/acme/api/v2/incremental/tickets/cursor.json,\n\
+     serves that tenant's own dataset (created on first use; --tenant-records); tenant names match\n\
+     [a-z0-9_-]{1,63}; every request needs Authorization: Bearer tok-{tenant} (else 401 invalid_token).\n\
+     GET /_truth?tenant=   GET /_truth/comments?tenant=\n\
+     POST /_admin/tenants/{tenant}/revoke   POST /_admin/tenants/{tenant}/restore\n\
+     POST /_admin/tenants/{tenant}/throttle?secs=   POST /_admin/tenants/{tenant}/insert?n=\n\
+     POST /_admin/tenants/{tenant}/update?n=   POST /_admin/tenants/{tenant}/delete?n=\n\
+     (/_stats: by_tenant, refused_by_tenant, comment_requests, comment_requests_by_ticket)\n"
 }
 
 fn every(n: u64, k: Option<u64>) -> bool {
@@ -384,6 +481,11 @@ fn json_error(status: u16, error: &str, description: &str) -> Response {
 async fn data(State(s): State<MockState>, uri: Uri, headers: HeaderMap) -> Response {
     let path = uri.path();
     let n = s.count(path);
+    match tenants::route(path) {
+        Route::Main => s.count_comments(None, path),
+        Route::Tenant { name, rest } => s.count_comments(Some(name), rest),
+        Route::BadName(_) => {}
+    }
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -487,6 +589,7 @@ async fn serve(
         visible_until: (!cfg.hide_newest.is_zero())
             .then(|| chrono::Utc::now().timestamp() - cfg.hide_newest.as_secs() as i64),
         cursor_ttl_ms: faults.cursor_ttl_secs.map(|t| t as i64 * 1000),
+        comments: &cfg.comments,
     };
     let reply = {
         let d = lock(data);
