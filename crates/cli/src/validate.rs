@@ -15,6 +15,29 @@ use crate::exit::Failure;
 pub fn run(path: &Path, out: &mut dyn Write) -> Result<Config, Failure> {
     let config = load_file(path).map_err(|e| Failure::usage(e.to_string()))?;
     let tenants = load_tenants(&config).map_err(|e| Failure::usage(e.to_string()))?;
+    // Each tenant's view of its source and feeds: its vars must fit where
+    // the templates put them (no other host, path or secret file).
+    let mut misfits = Vec::new();
+    for (name, list) in &tenants {
+        let (Some(source), feeds) = (
+            config.sources.get(name),
+            config.feeds.iter().filter(|f| &f.source == name),
+        ) else {
+            continue;
+        };
+        for t in list {
+            let feed_errors = feeds.clone().filter_map(|f| f.for_tenant(t).err());
+            misfits.extend(source.for_tenant(t).err().into_iter().chain(feed_errors));
+        }
+    }
+    if !misfits.is_empty() {
+        misfits.dedup();
+        return Err(Failure::usage(format!(
+            "{}: {}",
+            path.display(),
+            misfits.join(&format!("\n{}: ", path.display()))
+        )));
+    }
     let now = chrono::Utc::now();
     let mut jobs = 0usize;
     for f in &config.feeds {
@@ -40,12 +63,20 @@ pub fn run(path: &Path, out: &mut dyn Write) -> Result<Config, Failure> {
         );
     }
     for (name, source) in &config.sources {
-        let literal = source
-            .auth
-            .iter()
-            .flat_map(|a| a.secrets())
-            // A value that is only a tenant template (`{vars.email}/token`) names no secret.
-            .any(|s| s.is_literal() && tidemark_core::tenant::refs(s.template()).is_empty());
+        // The secret parts proper (not user names or client ids): written
+        // inline, or filled from a tenant's vars, they are stored with the
+        // config or the tenants, not read where the request is sent.
+        let literal = source.auth.iter().any(|a| {
+            let secrets = [
+                a.bearer.as_ref(),
+                a.basic.as_ref().map(|b| &b.password),
+                a.api_key.as_ref().map(|k| &k.value),
+                a.oauth2_client_credentials
+                    .as_ref()
+                    .map(|o| &o.client_secret),
+            ];
+            secrets.into_iter().flatten().any(|s| s.is_literal())
+        });
         if literal {
             let _ = writeln!(
                 out,

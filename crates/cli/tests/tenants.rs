@@ -94,6 +94,46 @@ async fn validate_checks_the_tenants_file_and_counts_the_jobs() {
         run.stdout
     );
 
+    // A var that would name another tenant's token file is refused.
+    std::fs::write(&tenants, "- acme\n- { name: sneaky, vars: { x: y } }\n").unwrap();
+    let sneaky = config("http://127.0.0.1:9", cfg.dir.path()).replace(
+        &format!("{}/{{tenant}}", cfg.dir.path().join("secrets").display()),
+        &format!("{}/{{vars.x}}", cfg.dir.path().join("secrets").display()),
+    );
+    std::fs::write(&cfg.path, &sneaky).unwrap();
+    std::fs::write(
+        &tenants,
+        "- { name: acme, vars: { x: acme } }\n- { name: sneaky, vars: { x: ../acme } }\n",
+    )
+    .unwrap();
+    let run = tidemark(&["validate", "--config", cfg.path.to_str().unwrap()], &[]).await;
+    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains(
+            "tenant sneaky: the value of vars.x (\"../acme\") cannot stand in a secret reference"
+        ),
+        "{}",
+        run.stderr
+    );
+    // A token filled from a var is a secret stored with the tenants: said so.
+    let inline = config("http://127.0.0.1:9", cfg.dir.path()).replace(
+        &format!(
+            "\"${{file:{}/{{tenant}}}}\"",
+            cfg.dir.path().join("secrets").display()
+        ),
+        "\"{vars.x}\"",
+    );
+    std::fs::write(&cfg.path, &inline).unwrap();
+    std::fs::write(&tenants, "- { name: acme, vars: { x: tok } }\n").unwrap();
+    let run = tidemark(&["validate", "--config", cfg.path.to_str().unwrap()], &[]).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("holds a literal secret"),
+        "{}",
+        run.stdout
+    );
+    std::fs::write(&cfg.path, config("http://127.0.0.1:9", cfg.dir.path())).unwrap();
+
     std::fs::write(&tenants, "- acme\n- Globex\n- acme\n").unwrap();
     let run = tidemark(&["validate", "--config", cfg.path.to_str().unwrap()], &[]).await;
     assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);

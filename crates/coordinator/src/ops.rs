@@ -695,8 +695,10 @@ pub async fn tenants(store: &dyn Operate, source: &str) -> Result<TenantsReport,
 /// and starts its jobs within one tick. True when it is new.
 pub async fn add_tenant(store: &dyn Operate, source: &str, t: &Tenant) -> Result<bool, OpError> {
     tenant::check_name(&t.name).map_err(OpError::Invalid)?;
-    for v in t.vars.keys() {
-        tenant::check_var_name(v).map_err(OpError::Invalid)?;
+    for (v, value) in &t.vars {
+        tenant::check_var_name(v)
+            .and_then(|()| tenant::check_var_value(v, value))
+            .map_err(OpError::Invalid)?;
     }
     let config = tenanted_source(store, source).await?;
     let missing: Vec<String> = tenant_vars_used(&config, source)

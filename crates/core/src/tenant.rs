@@ -74,6 +74,110 @@ pub fn check_var_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Why `value` cannot be the value of var `name`, if it cannot: no `$`,
+/// `{` or `}` (a var must not bring a `${VAR}` or `${file:}` reference, or
+/// a template, of its own) and no control characters.
+pub fn check_var_value(name: &str, value: &str) -> Result<(), String> {
+    if value
+        .chars()
+        .any(|c| matches!(c, '$' | '{' | '}') || c.is_control())
+    {
+        return Err(format!(
+            "vars.{name} may not hold '$', '{{', '}}' or control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// Where a template is filled in: what its values may hold there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// A base URL: a value must not move the host or the path (no `/ \ ? # @ : %`, no spaces).
+    BaseUrl,
+    /// A path: no `? # \ %`, spaces or `..`.
+    Path,
+    /// A secret: inside a `${…}` reference a value is one file or variable
+    /// name part (`A-Z a-z 0-9 _ . -`, no `..`); outside it, any text.
+    Secret,
+    /// Parameters and header values: any text.
+    Text,
+}
+
+/// Why `value` may not stand at `place`, if it may not.
+fn fits(place: Place, in_reference: bool, value: &str) -> Result<(), &'static str> {
+    let bad = |set: &str| value.chars().any(|c| set.contains(c) || c.is_whitespace());
+    match place {
+        Place::BaseUrl if bad("/\\?#@:%") => Err("a base URL (it would move the host or path)"),
+        Place::Path if bad("?#\\%") || value.contains("..") => Err("a path"),
+        Place::Secret
+            if in_reference
+                && (value.contains("..")
+                    || !value
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))) =>
+        {
+            Err("a secret reference (it would name another file or variable)")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// [`substitute`], checking that each value may stand where it goes
+/// ([`Place`]): a tenant's vars can then never reach another tenant's
+/// secret file, the environment, or another host.
+pub fn substitute_at(text: &str, tenant: &Tenant, place: Place) -> Result<String, String> {
+    // The byte ranges of the `${…}` references, braces nested.
+    let mut references = Vec::new();
+    if place == Place::Secret {
+        let b = text.as_bytes();
+        let mut i = 0;
+        while i + 1 < b.len() {
+            if b[i] == b'$' && b[i + 1] == b'{' {
+                let (start, mut depth, mut j) = (i, 0usize, i + 1);
+                while j < b.len() {
+                    match b[j] {
+                        b'{' => depth += 1,
+                        b'}' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                    j += 1;
+                }
+                references.push(start..j);
+                i = j;
+            }
+            i += 1;
+        }
+    }
+    for (range, r) in scan(text) {
+        let value = match r {
+            Ref::Tenant => tenant.name.as_str(),
+            Ref::Var(v) => match tenant.vars.get(v) {
+                Some(value) => value.as_str(),
+                None => continue, // substitute names it
+            },
+        };
+        let inside = references
+            .iter()
+            .any(|x| x.start < range.start && range.end <= x.end);
+        if let Err(why) = fits(place, inside, value) {
+            let what = match r {
+                Ref::Tenant => "{tenant}".to_string(),
+                Ref::Var(v) => format!("vars.{v}"),
+            };
+            return Err(format!(
+                "tenant {}: the value of {what} ({value:?}) cannot stand in {why}",
+                tenant.name
+            ));
+        }
+    }
+    substitute(text, tenant)
+}
+
 /// The job partition id of `partition` of `tenant`: `<tenant>/<partition>`.
 pub fn job_partition(tenant: &str, partition: &str) -> String {
     format!("{tenant}/{partition}")
@@ -273,6 +377,36 @@ mod tests {
             refs("{tenant}-{vars.a_1}-{vars.}-{vars.b c}"),
             vec![Ref::Tenant, Ref::Var("a_1")]
         );
+    }
+
+    #[test]
+    fn a_var_cannot_reach_another_secret_host_or_path() {
+        let t = |v: &str| Tenant::new("acme").with_var("x", v);
+        let secret = "${file:/run/secrets/{vars.x}}";
+        assert_eq!(
+            substitute_at(secret, &t("acme-01.token"), Place::Secret).unwrap(),
+            "${file:/run/secrets/acme-01.token}"
+        );
+        for evil in ["../globex", "a/b", "x y"] {
+            assert!(
+                substitute_at(secret, &t(evil), Place::Secret).is_err(),
+                "{evil}"
+            );
+        }
+        // Outside a reference, a secret may hold any text (an email, say).
+        assert!(substitute_at("{vars.x}/token", &t("me@acme.example"), Place::Secret).is_ok());
+        for evil in ["evil.io/x?", "a@b", "b:80"] {
+            assert!(
+                substitute_at("https://{vars.x}.example", &t(evil), Place::BaseUrl).is_err(),
+                "{evil}"
+            );
+        }
+        assert!(substitute_at("https://{vars.x}.example", &t("eu-1"), Place::BaseUrl).is_ok());
+        assert!(substitute_at("/api/{vars.x}", &t("../admin"), Place::Path).is_err());
+        assert!(substitute_at("/api/{vars.x}", &t("v2/eu"), Place::Path).is_ok());
+        assert!(check_var_value("x", "${AMQP_URL}").is_err());
+        assert!(check_var_value("x", "{tenant}").is_err());
+        assert!(check_var_value("x", "plain value/with: anything").is_ok());
     }
 
     #[test]

@@ -203,9 +203,9 @@ impl FeedConfig {
 
     /// This feed as `tenant` sees it: `path` and `params` filled in.
     pub fn for_tenant(&self, tenant: &crate::tenant::Tenant) -> Result<FeedConfig, String> {
-        use crate::tenant::substitute;
+        use crate::tenant::{Place, substitute, substitute_at};
         let mut out = self.clone();
-        out.path = substitute(&self.path, tenant)?;
+        out.path = substitute_at(&self.path, tenant, Place::Path)?;
         for v in out.params.values_mut() {
             *v = substitute(v, tenant)?;
         }

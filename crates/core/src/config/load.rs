@@ -548,8 +548,10 @@ pub(crate) fn check_tenants(
                 ));
             }
         }
-        for var in t.vars.keys() {
-            if let Err(e) = tenant::check_var_name(var) {
+        for (var, value) in &t.vars {
+            if let Err(e) =
+                tenant::check_var_name(var).and_then(|()| tenant::check_var_value(var, value))
+            {
                 out.push((format!("[{j}].vars"), e));
             }
         }

@@ -150,7 +150,7 @@ impl BaseUrl {
         if self.url.is_some() {
             return Ok(self.clone());
         }
-        let text = crate::tenant::substitute(&self.text, tenant)?;
+        let text = crate::tenant::substitute_at(&self.text, tenant, crate::tenant::Place::BaseUrl)?;
         let url = Url::parse(&text)
             .map_err(|e| format!("base_url of tenant {} ({text:?}): {e}", tenant.name))?;
         Ok(BaseUrl {
@@ -265,9 +265,10 @@ impl SourceConfig {
     /// This source as `tenant` sees it: its templates filled in.
     pub fn for_tenant(&self, tenant: &Tenant) -> Result<SourceConfig, String> {
         let fill = |s: &Secret| -> Result<Secret, String> {
-            Ok(Secret::new(crate::tenant::substitute(
+            Ok(Secret::new(crate::tenant::substitute_at(
                 s.template(),
                 tenant,
+                crate::tenant::Place::Secret,
             )?))
         };
         let mut out = self.clone();
