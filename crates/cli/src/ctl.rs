@@ -262,6 +262,11 @@ pub async fn tenants(cmd: &TenantsCommand, out: &mut dyn Write) -> Result<(), Fa
                 None => ops::remove_tenant(&*target.redis().await?, source, name, *purge).await?,
             };
             let mut text = String::new();
+            if !r.removed && !*purge {
+                text.push_str(&format!(
+                    "tenant {source}/{name}: not among the tenants added at run time (already removed?); its jobs stop within a tick of its removal\n"
+                ));
+            }
             if r.removed {
                 text.push_str(&format!(
                     "tenant {source}/{name}: removed (its jobs stop within a tick; their state is kept{})\n",

@@ -34,6 +34,13 @@ impl Out {
     }
 }
 
+/// The files a sink has open, each with when it was last written.
+#[derive(Default)]
+struct OpenFiles {
+    open: HashMap<String, (File, u64)>,
+    clock: u64,
+}
+
 /// Files a sink keeps open at once.
 const MAX_OPEN_FILES: usize = 256;
 
@@ -41,7 +48,7 @@ const MAX_OPEN_FILES: usize = 256;
 /// delivery) or one `{"records": [...]}` line per page (per-page delivery).
 pub struct JsonlSink {
     out: Out,
-    files: Mutex<HashMap<String, File>>,
+    files: Mutex<OpenFiles>,
 }
 
 impl JsonlSink {
@@ -51,7 +58,7 @@ impl JsonlSink {
         }
         Ok(Self {
             out,
-            files: Mutex::new(HashMap::new()),
+            files: Mutex::new(OpenFiles::default()),
         })
     }
 
@@ -96,22 +103,35 @@ impl JsonlSink {
                     .unwrap_or_default();
                 let key = path.display().to_string();
                 let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-                // A thousand tenants are thousands of files: keep at most
-                // this many open (closing one loses nothing, each page is synced).
-                if files.len() >= MAX_OPEN_FILES && !files.contains_key(&key) {
-                    files.clear();
+                let files = &mut *files;
+                files.clock += 1;
+                let clock = files.clock;
+                // A thousand tenants are thousands of files: keep the most
+                // recently written open (closing one loses nothing, each
+                // page is synced).
+                if files.open.len() >= MAX_OPEN_FILES && !files.open.contains_key(&key) {
+                    let oldest = files
+                        .open
+                        .iter()
+                        .min_by_key(|(_, (_, used))| *used)
+                        .map(|(k, _)| k.clone());
+                    if let Some(k) = oldest {
+                        files.open.remove(&k);
+                    }
                 }
-                let f = match files.entry(key.clone()) {
+                let (f, used) = match files.open.entry(key.clone()) {
                     std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => v.insert(
+                    std::collections::hash_map::Entry::Vacant(v) => v.insert((
                         open_repaired(&path).map_err(EmbeddedError::io("cannot open", &path))?,
-                    ),
+                        clock,
+                    )),
                 };
+                *used = clock;
                 let written = f.write_all(&buf).and_then(|_| f.sync_data());
                 if let Err(e) = written {
                     // Part of the page may be in the file: reopen (and so
                     // repair) it before the retry appends the page again.
-                    files.remove(&key);
+                    files.open.remove(&key);
                     return Err(EmbeddedError::io("cannot write", path)(e));
                 }
                 Ok(())
@@ -176,6 +196,42 @@ fn open_repaired(path: &Path) -> std::io::Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each tenant's records go to its own file; past the open-file bound
+    /// the least recently written is closed, and nothing is lost.
+    #[test]
+    fn tenants_write_their_own_files_within_the_open_file_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sink = JsonlSink::new(Out::Dir(dir.path().to_path_buf())).expect("sink");
+        let page = |tenant: &str, n: u64| OutPage {
+            feed: "tickets".into(),
+            tenant: Some(tenant.into()),
+            partition: "all".into(),
+            seq: n,
+            per: DeliveryPer::Record,
+            page_message_id: format!("{tenant}-{n}"),
+            records: vec![tidemark_bus::OutRecord {
+                key: n.to_string(),
+                message_id: format!("{tenant}-{n}"),
+                body: bytes::Bytes::from(format!("{{\"tenant\":\"{tenant}\",\"n\":{n}}}")),
+            }],
+        };
+        let count = MAX_OPEN_FILES + 44;
+        for round in 0..2 {
+            for t in 0..count {
+                sink.write_page(&page(&format!("t{t:03}"), round))
+                    .expect("write");
+            }
+        }
+        let open = sink.files.lock().expect("lock").open.len();
+        assert!(open <= MAX_OPEN_FILES, "{open} files open");
+        for t in [0, 1, count - 1] {
+            let text = std::fs::read_to_string(dir.path().join(format!("tickets.t{t:03}.jsonl")))
+                .expect("read");
+            assert_eq!(text.lines().count(), 2, "t{t:03}: {text}");
+            assert!(text.lines().all(|l| l.contains(&format!("t{t:03}"))));
+        }
+    }
 
     #[test]
     fn a_cut_off_last_line_is_removed_on_open() {
