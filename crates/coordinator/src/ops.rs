@@ -17,7 +17,7 @@ use tidemark_core::timefmt::parse_timestamp;
 use tidemark_core::{Config, config::tenant_vars_used};
 use tidemark_state::registry::load_config;
 use tidemark_state::{
-    ActiveTenant, Control, FeedCensus, JobQuery, Jobs, Operate, Rewind, StateError, TenantOrigin,
+    ActiveTenant, Control, FeedCensus, JobQuery, Operate, Rewind, StateError, TenantOrigin,
     feed_jobs, feed_jobs_with_prefix, high_water_ms,
 };
 
@@ -289,6 +289,23 @@ pub async fn status(store: &dyn Operate, q: &StatusQuery) -> Result<StatusReport
         (Some(t), None) => Some(tenant::job_partition(t, "")),
         (None, p) => p.clone(),
     };
+    // A tenant's jobs (or every tenant's, with `tenants`) in the feeds of
+    // tenanted sources, read once: the summaries come from them, and
+    // without a feed so does the list of jobs.
+    let tenant_jobs = if q.tenant.is_some() || q.tenants {
+        let tenanted = tenanted_feeds(store).await?;
+        let tenant_prefix = q.tenant.as_deref().map(|t| tenant::job_partition(t, ""));
+        let mut all = Vec::new();
+        for c in census
+            .iter()
+            .filter(|c| tenanted.as_ref().is_none_or(|t| t.contains(&c.feed)))
+        {
+            all.extend(feed_jobs_with_prefix(store, &c.feed, tenant_prefix.as_deref()).await?);
+        }
+        Some(all)
+    } else {
+        None
+    };
     let (jobs, next) = match &q.feed {
         Some(feed) if !census.is_empty() => {
             let page = store
@@ -302,21 +319,16 @@ pub async fn status(store: &dyn Operate, q: &StatusQuery) -> Result<StatusReport
             (page.jobs, page.next)
         }
         Some(_) => (Vec::new(), None),
-        None if q.tenant.is_some() => {
-            let tenanted = tenanted_feeds(store).await?;
-            let mut all = Vec::new();
-            for c in census
+        None if q.tenant.is_some() => (
+            tenant_jobs
                 .iter()
-                .filter(|c| tenanted.as_ref().is_none_or(|t| t.contains(&c.feed)))
-            {
-                all.extend(feed_jobs_with_prefix(store, &c.feed, prefix.as_deref()).await?);
-                if all.len() > limit {
-                    break;
-                }
-            }
-            all.truncate(limit);
-            (all, None)
-        }
+                .flatten()
+                .filter(|(j, _)| prefix.as_ref().is_none_or(|p| j.partition.starts_with(p)))
+                .take(limit)
+                .cloned()
+                .collect(),
+            None,
+        ),
         None if census.iter().map(FeedCensus::jobs).sum::<u64>() <= limit as u64 => {
             let mut all = Vec::new();
             for c in &census {
@@ -326,17 +338,10 @@ pub async fn status(store: &dyn Operate, q: &StatusQuery) -> Result<StatusReport
         }
         None => (Vec::new(), None),
     };
-    let tenants = if q.tenant.is_some() || q.tenants {
-        let tenanted = tenanted_feeds(store).await?;
-        let census: Vec<FeedCensus> = census
-            .iter()
-            .filter(|c| tenanted.as_ref().is_none_or(|t| t.contains(&c.feed)))
-            .cloned()
-            .collect();
-        tenant_summaries(store, &census, q.tenant.as_deref(), now).await?
-    } else {
-        Vec::new()
-    };
+    let tenants = tenant_jobs
+        .as_deref()
+        .map(|all| tenant_summaries(all, now))
+        .unwrap_or_default();
     Ok(StatusReport {
         now_ms: now,
         feeds,
@@ -349,30 +354,21 @@ pub async fn status(store: &dyn Operate, q: &StatusQuery) -> Result<StatusReport
     })
 }
 
-/// The summary of one tenant (or of every tenant) over the feeds of
-/// `census`: reads the jobs under `<tenant>/` (or every job).
-async fn tenant_summaries(
-    store: &dyn Jobs,
-    census: &[FeedCensus],
-    only: Option<&str>,
-    now: u64,
-) -> Result<Vec<TenantSummary>, StateError> {
-    let prefix = only.map(|t| tenant::job_partition(t, ""));
+/// Each tenant's summary over `jobs` (jobs of tenanted feeds).
+fn tenant_summaries(jobs: &[(JobId, Checkpoint)], now: u64) -> Vec<TenantSummary> {
     let mut by: std::collections::BTreeMap<String, TenantSummary> = Default::default();
-    for c in census {
-        for (job, cp) in feed_jobs_with_prefix(store, &c.feed, prefix.as_deref()).await? {
-            let Some((t, p)) = split_job_partition(&job.partition) else {
-                continue;
-            };
-            by.entry(t.to_string())
-                .or_insert_with(|| TenantSummary {
-                    tenant: t.to_string(),
-                    ..TenantSummary::default()
-                })
-                .add(&job, p, &cp, now);
-        }
+    for (job, cp) in jobs {
+        let Some((t, p)) = split_job_partition(&job.partition) else {
+            continue;
+        };
+        by.entry(t.to_string())
+            .or_insert_with(|| TenantSummary {
+                tenant: t.to_string(),
+                ..TenantSummary::default()
+            })
+            .add(job, p, cp, now);
     }
-    Ok(by.into_values().collect())
+    by.into_values().collect()
 }
 
 /// What an operator asks of a feed.
@@ -999,7 +995,7 @@ pub fn render(report: &StatusReport, q: &StatusQuery) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidemark_state::{EmbeddedStore, Leases};
+    use tidemark_state::{EmbeddedStore, Jobs, Leases};
 
     async fn store_with(jobs: &[(&str, &str, Phase)]) -> EmbeddedStore {
         let s = EmbeddedStore::in_memory();

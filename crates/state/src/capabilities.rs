@@ -262,28 +262,9 @@ impl<T> Operate for T where T: Jobs + TenantRegistry + FeedRegistry + ?Sized {}
 
 /// Every capability of a store, for wiring code that builds one store and
 /// hands it to a role. Functions take the narrow traits they use.
-pub trait StateStore:
-    Operate
-    + Jobs
-    + Schedule
-    + Fleet
-    + Leases
-    + FeedRegistry
-    + Leadership
-    + SourceLimits
-    + TenantRegistry
-{
-}
+pub trait StateStore: Operate + Schedule + Fleet + Leases + Leadership + SourceLimits {}
 
 impl<T> StateStore for T where
-    T: Jobs
-        + Schedule
-        + Fleet
-        + Leases
-        + FeedRegistry
-        + Leadership
-        + SourceLimits
-        + TenantRegistry
-        + ?Sized
+    T: Operate + Schedule + Fleet + Leases + Leadership + SourceLimits + ?Sized
 {
 }

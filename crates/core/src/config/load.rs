@@ -64,18 +64,25 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-/// Read and validate a config file.
-pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+/// The name (for errors) and text of the file at `path`, `what` naming it
+/// when it cannot be read.
+fn read(path: &Path, what: &str) -> Result<(String, String), ConfigErrors> {
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: name.clone(),
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((name, text)),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            file: name,
             line: 0,
             col: 0,
             path: String::new(),
-            reason: format!("cannot read the file: {e}"),
-        }])
-    })?;
+            reason: format!("cannot read {what}: {e}"),
+        }])),
+    }
+}
+
+/// Read and validate a config file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    let (name, text) = read(path, "the file")?;
     let mut config = load_str(&name, &text)?;
     // A relative tenants file is the config file's neighbour.
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -196,10 +203,18 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
     check_templates(config, &mut out);
     for (name, s) in &config.sources {
         let at = format!("sources.{name}");
+        // The vars this source's templates use: read once, and only where
+        // there can be templates.
+        let used = if s.is_tenanted() || s.base_url.is_template() {
+            tenant_vars_used(config, name)
+        } else {
+            Default::default()
+        };
         // A template is checked as a sample tenant would fill it.
-        let base = match s.base_url.fill(&tenant::sample(
-            &tenant_vars_used(config, name).into_keys().collect(),
-        )) {
+        let base = match s
+            .base_url
+            .fill(&tenant::sample(&used.keys().cloned().collect()))
+        {
             Ok(b) => b.url().ok().cloned(),
             Err(e) => {
                 out.push((format!("{at}.base_url"), e));
@@ -221,7 +236,7 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
             }
         }
         if let Some(t) = &s.tenants {
-            check_tenant_list(config, name, t, &at, &mut out);
+            check_tenant_list(&used, t, &at, &mut out);
         } else if s.rate_limit.as_ref().and_then(|r| r.per) == Some(RateScope::Tenant) {
             out.push((
                 format!("{at}.rate_limit.per"),
@@ -503,15 +518,13 @@ fn check_templates(config: &Config, out: &mut Vec<(String, String)>) {
 /// The tenants listed inline: valid, distinct names, with every var the
 /// templates use.
 fn check_tenant_list(
-    config: &Config,
-    source: &str,
+    used: &std::collections::BTreeMap<String, String>,
     t: &TenantsConfig,
     at: &str,
     out: &mut Vec<(String, String)>,
 ) {
-    let used = tenant_vars_used(config, source);
     out.extend(
-        check_tenants(&t.list, &used)
+        check_tenants(&t.list, used)
             .into_iter()
             .map(|(p, r)| (format!("{at}.tenants.list{p}"), r)),
     );
@@ -599,16 +612,7 @@ pub fn load_tenants_file(
     path: &Path,
     used: &std::collections::BTreeMap<String, String>,
 ) -> Result<Vec<Tenant>, ConfigErrors> {
-    let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: name.clone(),
-            line: 0,
-            col: 0,
-            path: String::new(),
-            reason: format!("cannot read the tenants file: {e}"),
-        }])
-    })?;
+    let (name, text) = read(path, "the tenants file")?;
     load_tenants_str(&name, &text, used)
 }
 
