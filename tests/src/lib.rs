@@ -175,6 +175,20 @@ pub fn spawn_to(
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The `feeds:` list of the tenant suites: the mock's tickets (Zendesk
+/// cursor), 5 records a page, polled every 2 s; with
+/// [`Cluster::start_tenanted`] it runs once per tenant.
+pub const TENANT_FEED: &str = r#"  - name: tickets
+    source: mock
+    path: /api/v2/incremental/tickets/cursor.json
+    records: /tickets
+    pagination: { preset: zendesk_cursor, page_size: 5 }
+    key: /id
+    version: /updated_at
+    start: { param: start_time, format: unix, from: "2024-01-01T00:00:00Z" }
+    every: 2s
+"#;
+
 /// One isolated deployment: mock API, config, names, processes.
 pub struct Cluster {
     pub prefix: String,

@@ -1014,16 +1014,7 @@ async fn tenants_added_while_a_worker_is_killed_and_the_broker_link_is_reset() {
     let key = |t: &str| format!("tickets.{t}.all");
     let first: Vec<String> = (0..30).map(tenant).collect();
     let all: Vec<String> = (0..50).map(tenant).collect();
-    let feed = r#"  - name: tickets
-    source: mock
-    path: /api/v2/incremental/tickets/cursor.json
-    records: /tickets
-    pagination: { preset: zendesk_cursor, page_size: 5 }
-    key: /id
-    version: /updated_at
-    start: { param: start_time, format: unix, from: "2024-01-01T00:00:00Z" }
-    every: 2s
-"#;
+    let feed = tidemark_tests::TENANT_FEED;
     let mut c = Cluster::start_tenanted(
         feed,
         &[

@@ -12,21 +12,9 @@ use std::time::{Duration, Instant};
 use tidemark_core::checkpoint::{JobId, Phase};
 use tidemark_mock::TruthRecord;
 use tidemark_state::Leases;
-use tidemark_tests::{Checker, Cluster, ctl, eventually, missing_by_key, tidemark};
+use tidemark_tests::{Checker, Cluster, TENANT_FEED, ctl, eventually, missing_by_key, tidemark};
 
 const RECORDS: usize = 12;
-
-/// One feed, polled every 2 s, 5 records a page: 3 pages per tenant.
-const FEED: &str = r#"  - name: tickets
-    source: mock
-    path: /api/v2/incremental/tickets/cursor.json
-    records: /tickets
-    pagination: { preset: zendesk_cursor, page_size: 5 }
-    key: /id
-    version: /updated_at
-    start: { param: start_time, format: unix, from: "2024-01-01T00:00:00Z" }
-    every: 2s
-"#;
 
 /// Names of one width: none is part of another's routing key.
 fn tenant(i: usize) -> String {
@@ -59,6 +47,14 @@ async fn requests_of(c: &Cluster, tenants: &[String]) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// After `settle`, no request of `tenants` reaches the mock for `watch`.
+async fn not_polled(c: &Cluster, tenants: &[String], settle: Duration, watch: Duration, who: &str) {
+    tokio::time::sleep(settle).await;
+    let before = requests_of(c, tenants).await;
+    tokio::time::sleep(watch).await;
+    assert_eq!(before, requests_of(c, tenants).await, "{who}: still polled");
+}
+
 fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
 }
@@ -74,7 +70,7 @@ async fn two_hundred_tenants_on_one_port_with_revocation_throttling_and_churn() 
     let revoked = tenant(3);
     let throttled = tenant(7);
     let mut c = Cluster::start_tenanted(
-        FEED,
+        TENANT_FEED,
         &["--tenant-records", &RECORDS.to_string()],
         &initial,
         "    rate_limit: { per_second: 50, per: tenant }\n",
@@ -238,10 +234,14 @@ async fn two_hundred_tenants_on_one_port_with_revocation_throttling_and_churn() 
     assert!(strays.is_empty(), "unexpected routing keys: {strays:?}");
 
     // The removed tenants: no request reaches the mock any more.
-    let before = requests_of(&c, &removed).await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let after = requests_of(&c, &removed).await;
-    assert_eq!(before, after, "removed tenants are still polled");
+    not_polled(
+        &c,
+        &removed,
+        Duration::ZERO,
+        Duration::from_secs(5),
+        "removed tenants",
+    )
+    .await;
     assert!(
         removed_served > 0,
         "no removed tenant had been served before the change: the check above proves little"
@@ -415,14 +415,15 @@ async fn two_hundred_tenants_on_one_port_with_revocation_throttling_and_churn() 
         store.get(&job(cli)).await.unwrap().is_some(),
         "a removed tenant's state is kept"
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = requests_of(&c, &[cli.to_string()]).await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(
-        before,
-        requests_of(&c, &[cli.to_string()]).await,
-        "a removed tenant is still polled"
-    );
+    let one = [cli.to_string()];
+    not_polled(
+        &c,
+        &one,
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+        "a removed tenant",
+    )
+    .await;
     let list = json(&ctl(&c, &["tenants", "list", "mock", "--json"], 0));
     assert!(
         !list["active"]
@@ -455,14 +456,14 @@ async fn two_hundred_tenants_on_one_port_with_revocation_throttling_and_churn() 
         store.get(&job(cli)).await.unwrap().is_none(),
         "--purge left {cli}'s state"
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = requests_of(&c, &[cli.to_string()]).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(
-        before,
-        requests_of(&c, &[cli.to_string()]).await,
-        "a purged tenant is still polled"
-    );
+    not_polled(
+        &c,
+        &one,
+        Duration::from_secs(1),
+        Duration::from_secs(4),
+        "a purged tenant",
+    )
+    .await;
     assert!(
         store.get(&job(cli)).await.unwrap().is_none(),
         "{cli}'s state came back after --purge"
