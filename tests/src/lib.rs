@@ -729,6 +729,8 @@ pub async fn assert_epoch_fenced(store: &dyn StateStore, job: &JobId, epoch: u64
         next_due_ms: 0,
         lease_ms: 1000,
         restart: None,
+        note: None,
+        triggers: Vec::new(),
     };
     assert_eq!(
         store.commit(job, &stale).await.unwrap(),

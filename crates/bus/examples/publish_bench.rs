@@ -114,6 +114,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         seq: 0,
         per: DeliveryPer::Record,
         page_message_id: "p".into(),
+        parent: None,
         records: (0..1000)
             .map(|i| OutRecord {
                 key: i.to_string(),

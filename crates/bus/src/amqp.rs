@@ -340,6 +340,10 @@ impl Downstream for AmqpBus {
             }
             h.insert(s("x-partition"), long(&page.partition));
             h.insert(s("x-page-seq"), AMQPValue::LongLongInt(page.seq as i64));
+            if let Some(p) = &page.parent {
+                h.insert(s("x-parent-feed"), long(&p.feed));
+                h.insert(s("x-parent-key"), long(&p.key));
+            }
         };
         let exchange = self.shared.cfg.records_exchange.clone();
         match page.per {

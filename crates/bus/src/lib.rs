@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tidemark_core::checkpoint::JobId;
 
-pub use message::{OutPage, OutRecord, routing_key};
+pub use message::{OutPage, OutRecord, ParentRecord, routing_key};
 
 /// "Fetch page `seq` of `job` at `cursor` under `epoch`."
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

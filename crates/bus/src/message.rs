@@ -27,6 +27,15 @@ pub struct OutPage {
     /// The message id of the whole page (per-page delivery).
     pub page_message_id: String,
     pub records: Vec<OutRecord>,
+    /// A child feed's page: its parent record (`x-parent-feed`, `x-parent-key`).
+    pub parent: Option<ParentRecord>,
+}
+
+/// The parent record of a child feed's page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentRecord {
+    pub feed: String,
+    pub key: String,
 }
 
 impl OutPage {

@@ -70,6 +70,7 @@ fn page(feed: &str, partition: &str, seq: u64, n: usize, per: DeliveryPer) -> Ou
         seq,
         per,
         page_message_id: format!("page-{partition}-{seq}"),
+        parent: None,
         records: (0..n)
             .map(|i| OutRecord {
                 key: format!("{partition}-{seq}-{i}"),

@@ -222,7 +222,8 @@ pub enum TenantsCommand {
     },
 }
 
-fn parse_var(s: &str) -> Result<(String, String), String> {
+/// A `NAME=VALUE` var of the command line.
+pub fn parse_var(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected NAME=VALUE"))?;

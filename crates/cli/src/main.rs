@@ -70,6 +70,10 @@ enum Command {
         /// Partition id (a partition value, or a window start); needed when the feed has several.
         #[arg(long)]
         partition: Option<String>,
+        /// A child feed's value of one of its parent vars, NAME=VALUE (repeat for each var):
+        /// pull the children of that one parent record.
+        #[arg(long = "var", value_parser = ctl::parse_var)]
+        vars: Vec<(String, String)>,
         /// Stop after this many pages.
         #[arg(long)]
         max_pages: Option<u64>,
@@ -184,6 +188,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             feed,
             tenant,
             partition,
+            vars,
             max_pages,
             from,
             cursor,
@@ -195,6 +200,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 feed,
                 tenant,
                 partition,
+                vars: vars.into_iter().collect(),
                 max_pages,
                 from,
                 cursor,

@@ -40,7 +40,7 @@ pub fn run(path: &Path, out: &mut dyn Write) -> Result<Config, Failure> {
     }
     let now = chrono::Utc::now();
     let mut jobs = 0usize;
-    for f in &config.feeds {
+    for f in config.feeds.iter().filter(|f| f.parent.is_none()) {
         let parts = f
             .partitions(now)
             .map_err(|e| Failure::usage(format!("{}: feed {}: {e}", path.display(), f.name)))?;
@@ -54,6 +54,15 @@ pub fn run(path: &Path, out: &mut dyn Write) -> Result<Config, Failure> {
         config.feeds.len(),
         jobs
     );
+    for f in &config.feeds {
+        if let Some(link) = &f.parent {
+            let _ = writeln!(
+                out,
+                "feed {}: a child of {}, one job per {} record (made as they are read)",
+                f.name, link.feed, link.feed
+            );
+        }
+    }
     for (name, list) in &tenants {
         let feeds = config.feeds.iter().filter(|f| &f.source == name).count();
         let _ = writeln!(

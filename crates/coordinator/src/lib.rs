@@ -255,11 +255,12 @@ impl Coordinator {
         let mut wanted: HashMap<String, Vec<JobId>> = HashMap::new();
         // After the first registration only growing feeds (time windows
         // without an end) can have new partitions.
+        // A child feed's jobs are made by its parent's commits, not here.
         for feed in self
             .config
             .feeds
             .iter()
-            .filter(|f| first || f.partitions_grow())
+            .filter(|f| f.parent.is_none() && (first || f.partitions_grow()))
         {
             let parts = match feed.partitions(Utc::now()) {
                 Ok(p) => p,
@@ -340,7 +341,7 @@ impl Coordinator {
                 .iter()
                 .filter(|f| f.source == change.source)
             {
-                if !change.came.is_empty() {
+                if !change.came.is_empty() && feed.parent.is_none() {
                     let parts = match feed.partitions(Utc::now()) {
                         Ok(p) => p,
                         Err(e) => {
@@ -383,6 +384,15 @@ impl Coordinator {
         let census = store.census().await?;
         let mut retired = 0;
         for c in census {
+            // A child feed's jobs come from its parent's records: it keeps
+            // them while it is configured.
+            if self
+                .config
+                .feed(&c.feed)
+                .is_some_and(|f| f.parent.is_some())
+            {
+                continue;
+            }
             let keep: HashSet<&JobId> = match wanted.get(&c.feed) {
                 Some(jobs) if jobs.len() as u64 >= c.jobs() => continue,
                 Some(jobs) => jobs.iter().collect(),

@@ -10,7 +10,7 @@
 
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use tidemark_core::checkpoint::{Checkpoint, JobId, Phase, Stage};
+use tidemark_core::checkpoint::{Checkpoint, JobId, NEVER_DUE_MS, Phase, Stage};
 use tidemark_core::clock::now_ms;
 use tidemark_core::tenant::{self, Tenant, split_job_partition};
 use tidemark_core::timefmt::parse_timestamp;
@@ -42,6 +42,9 @@ pub struct JobStatus {
     pub next_due_in_secs: Option<f64>,
     pub epoch: u64,
     pub recoveries: u64,
+    /// A child job: the parent record's version it last ran for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_version: Option<String>,
 }
 
 /// One feed at a glance, from the store's counters and indexes (never a
@@ -62,6 +65,9 @@ pub struct FeedSummary {
     pub worst_lag_secs: Option<f64>,
     /// The first failed jobs (at most [`FAILURES_SHOWN`]) with their errors.
     pub failures: Vec<Failure>,
+    /// A child feed: its parent feed (its jobs' partitions are parent keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// A failed job and why.
@@ -218,9 +224,12 @@ impl JobStatus {
             pages: cp.pages,
             records: cp.records,
             last_error: cp.last_error.clone(),
-            next_due_in_secs: (cp.phase == Phase::Idle).then(|| secs_between(cp.next_due_ms, now)),
+            // A child that has run is due only when its parent changes.
+            next_due_in_secs: (cp.phase == Phase::Idle && cp.next_due_ms < NEVER_DUE_MS)
+                .then(|| secs_between(cp.next_due_ms, now)),
             epoch: cp.epoch,
             recoveries: cp.recoveries,
+            parent_version: cp.parent_version.clone(),
         }
     }
 }
@@ -254,6 +263,14 @@ pub async fn status(store: &dyn Operate, q: &StatusQuery) -> Result<StatusReport
         .into_iter()
         .filter(|c| q.feed.as_ref().is_none_or(|f| *f == c.feed))
         .collect();
+    let config = load_config(store).await?.map(|(_, c)| c);
+    let parent_of = |feed: &str| {
+        config
+            .as_ref()
+            .and_then(|c| c.feed(feed))
+            .and_then(|f| f.parent.as_ref())
+            .map(|p| p.feed.clone())
+    };
     let mut feeds = Vec::with_capacity(census.len());
     for c in &census {
         let failures = if c.failed > 0 {
@@ -280,6 +297,7 @@ pub async fn status(store: &dyn Operate, q: &StatusQuery) -> Result<StatusReport
             oldest_cursor_age_secs: c.oldest_progress_ms.map(|t| secs_between(now, t)),
             worst_lag_secs: c.oldest_high_water_ms.map(|t| secs_between(now, t)),
             failures,
+            parent: parent_of(&c.feed),
         });
     }
     let limit = q.limit.max(1);
@@ -657,9 +675,23 @@ async fn purge_tenant(
 ) -> Result<usize, OpError> {
     let mut purged = 0;
     for feed in config.feeds.iter().filter(|f| f.source == source) {
-        let parts = feed.partitions(Utc::now()).map_err(OpError::Invalid)?;
-        for p in parts {
-            let job = JobId::new(&feed.name, tenant::job_partition(name, &p.id));
+        let jobs: Vec<JobId> = if feed.parent.is_some() {
+            // A child feed's jobs are its parents' records: those of the
+            // tenant still registered (a child retired earlier stays).
+            let prefix = tenant::job_partition(name, "");
+            tidemark_state::feed_jobs_with_prefix(store, &feed.name, Some(&prefix))
+                .await?
+                .into_iter()
+                .map(|(job, _)| job)
+                .collect()
+        } else {
+            let parts = feed.partitions(Utc::now()).map_err(OpError::Invalid)?;
+            parts
+                .iter()
+                .map(|p| JobId::new(&feed.name, tenant::job_partition(name, &p.id)))
+                .collect()
+        };
+        for job in jobs {
             store.retire(&job).await?;
             if store.purge(&job).await? == Some(true) {
                 purged += 1;
@@ -834,6 +866,9 @@ pub fn table(jobs: &[JobStatus]) -> String {
         .map(|j| {
             let phase = match (j.phase.as_str(), j.next_due_in_secs) {
                 ("idle", Some(d)) if d > 0.0 => format!("idle (next in {})", human_secs(d)),
+                ("idle", None) if j.parent_version.is_some() => {
+                    "idle (waits for its parent)".into()
+                }
                 (p, _) => p.to_string(),
             };
             vec![
@@ -869,7 +904,10 @@ pub fn feeds_table(feeds: &[FeedSummary]) -> String {
         .iter()
         .map(|f| {
             vec![
-                f.feed.clone(),
+                match &f.parent {
+                    Some(p) => format!("{} < {p}", f.feed),
+                    None => f.feed.clone(),
+                },
                 f.jobs.to_string(),
                 f.idle.to_string(),
                 f.running.to_string(),
@@ -884,8 +922,13 @@ pub fn feeds_table(feeds: &[FeedSummary]) -> String {
     let mut out = aligned(&header, &rows);
     for f in feeds {
         for x in &f.failures {
+            let whose = if f.parent.is_some() {
+                " (parent key)"
+            } else {
+                ""
+            };
             out.push_str(&format!(
-                "failed {}/{}: {}\n",
+                "failed {}/{}{whose}: {}\n",
                 f.feed,
                 x.partition,
                 clipped(x.error.as_deref().unwrap_or("(no error recorded)"), 100)

@@ -365,6 +365,8 @@ async fn admission_holds_the_bound_and_serves_every_feed() {
         next_due_ms: now_ms() + 3_600_000,
         lease_ms: 0,
         restart: None,
+        note: None,
+        triggers: Vec::new(),
     };
     assert_eq!(
         tidemark_state::Leases::commit(&*w.store, &done.job, &end)

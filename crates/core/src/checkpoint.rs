@@ -13,6 +13,7 @@
 //! their tests compare against it.
 
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -114,6 +115,90 @@ pub struct Checkpoint {
     /// When a commit last moved the cursor, unix ms (the cursor's age).
     #[serde(default)]
     pub last_commit_ms: Option<u64>,
+    /// A child job: the version of its parent record it last ran for (or
+    /// runs for), as [`trigger_version`] writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_version: Option<String>,
+    /// A child job: the values its templates take from its parent record.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vars: BTreeMap<String, String>,
+    /// A child job whose parent changed while its chain ran: due again at
+    /// the end of that chain.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rerun: bool,
+    /// How often this job was rewound: part of the parent version its
+    /// records give their children, so a rewound parent triggers them again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// An idle job's `next_due_ms` when nothing but its parent makes it due: a
+/// child job that has run. 2^53 - 1, exact in Lua's numbers; the stores
+/// keep such a job in no due index.
+pub const NEVER_DUE_MS: u64 = (1 << 53) - 1;
+
+/// A parent record seen in a committed page: its child job in one child
+/// feed, the record's version, and the values the child's templates take.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trigger {
+    pub job: JobId,
+    /// The parent record's version (or a digest of its bytes).
+    pub version: String,
+    pub vars: BTreeMap<String, String>,
+}
+
+/// The parent version a child job stores for `version` read by a parent
+/// job rewound `generation` times: a rewind changes it, so the records read
+/// again trigger their children again.
+pub fn trigger_version(generation: u64, version: &str) -> String {
+    if generation == 0 {
+        version.to_string()
+    } else {
+        format!("{generation}|{version}")
+    }
+}
+
+impl Trigger {
+    /// The specification of a trigger, applied in the parent's commit by
+    /// both stores: the child job `existing` (None: there is none yet) after
+    /// this trigger from a parent job rewound `generation` times, or `None`
+    /// when nothing changes (the parent version is the one it has). A new
+    /// child is idle and due now; a changed parent makes an idle child due
+    /// now and a running one run again when its chain ends; a paused or
+    /// failed child keeps its phase (resume and retry run it).
+    pub fn apply(
+        &self,
+        existing: Option<&Checkpoint>,
+        generation: u64,
+        now_ms: u64,
+    ) -> Option<Checkpoint> {
+        let version = trigger_version(generation, &self.version);
+        let mut next = match existing {
+            None => Checkpoint {
+                phase: Phase::Idle,
+                stage: Stage::Bulk,
+                next_due_ms: now_ms,
+                ..Checkpoint::default()
+            },
+            Some(cp) if cp.parent_version.as_deref() == Some(version.as_str()) => return None,
+            Some(cp) => {
+                let mut next = cp.clone();
+                match cp.phase {
+                    Phase::Idle => next.next_due_ms = now_ms,
+                    Phase::Running => next.rerun = true,
+                    Phase::Paused | Phase::Failed => {}
+                }
+                next
+            }
+        };
+        next.parent_version = Some(version);
+        next.vars = self.vars.clone();
+        Some(next)
+    }
 }
 
 /// One page's commit.
@@ -136,6 +221,14 @@ pub struct Commit {
     /// of the cursor (snapshots, the bulk→incremental handoff, page walks).
     #[serde(default)]
     pub restart: Option<Restart>,
+    /// With `end_of_stream`: kept as the job's `last_error` although the
+    /// commit succeeded (a child whose parent is gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// The child jobs this page's records trigger, applied in the same
+    /// atomic step ([`Trigger::apply`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<Trigger>,
 }
 
 /// Where the next chain of a job starts when it does not continue the cursor.
@@ -223,7 +316,10 @@ impl Checkpoint {
             next.phase = Phase::Idle;
             next.lease_until_ms = 0;
             next.last_end_of_stream_ms = Some(now_ms);
-            next.next_due_ms = c.next_due_ms;
+            next.last_error = c.note.clone();
+            // A child whose parent changed during the chain runs again now.
+            next.next_due_ms = if self.rerun { now_ms } else { c.next_due_ms };
+            next.rerun = false;
             if let Some(r) = &c.restart {
                 next.stage = r.stage;
                 next.start_from = r.start_from.clone();
@@ -316,6 +412,8 @@ mod tests {
             next_due_ms: 0,
             lease_ms: 1000,
             restart: None,
+            note: None,
+            triggers: Vec::new(),
         }
     }
 

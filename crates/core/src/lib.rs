@@ -6,6 +6,7 @@
 //! moment a request is sent, and record identity ([`record`]).
 
 pub mod checkpoint;
+pub mod child;
 pub mod clock;
 pub mod config;
 pub mod duration;

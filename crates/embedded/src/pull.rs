@@ -33,6 +33,8 @@ pub struct PullOptions {
     /// The tenant (a feed of a source with tenants): from the tenants file or list.
     pub tenant: Option<String>,
     pub partition: Option<String>,
+    /// A child feed's parent vars (`--var NAME=VALUE`): the children of one parent record.
+    pub vars: std::collections::BTreeMap<String, String>,
     pub max_pages: Option<u64>,
     /// Start at this time instead of the feed's `start.from`.
     pub from: Option<String>,
@@ -123,8 +125,47 @@ pub async fn run(
             )
         }
     };
+    // A child feed is pulled for one parent record, its vars given.
+    let (feed, partition) = match &feed.parent {
+        Some(link) => {
+            let missing: Vec<&str> = link
+                .vars
+                .keys()
+                .filter(|k| !opts.vars.contains_key(*k))
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() {
+                return Err(Failure::Usage(format!(
+                    "feed {} is a child of {}: give its parent's values with --var ({})",
+                    feed.name,
+                    link.feed,
+                    missing
+                        .iter()
+                        .map(|k| format!("--var {k}=…"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )));
+            }
+            let filled = tidemark_core::child::fill(&feed, &opts.vars).map_err(Failure::Usage)?;
+            let partition = Partition {
+                id: opts.partition.clone().unwrap_or_else(|| "pull".into()),
+                params: vec![],
+                from: None,
+            };
+            (filled, partition)
+        }
+        None if !opts.vars.is_empty() => {
+            return Err(Failure::Usage(format!(
+                "feed {} is not a child feed: drop --var",
+                feed.name
+            )));
+        }
+        None => {
+            let partition = choose_partition(&feed, opts.partition.as_deref())?;
+            (feed, partition)
+        }
+    };
     let (feed, source_cfg) = (&feed, &source_cfg);
-    let partition = choose_partition(feed, opts.partition.as_deref())?;
     let source =
         HttpSource::new(&feed.source, source_cfg).map_err(|e| Failure::Usage(e.to_string()))?;
     if opts.cursor.is_some() && opts.from.is_some() {

@@ -210,6 +210,7 @@ mod tests {
             seq: n,
             per: DeliveryPer::Record,
             page_message_id: format!("{tenant}-{n}"),
+            parent: None,
             records: vec![tidemark_bus::OutRecord {
                 key: n.to_string(),
                 message_id: format!("{tenant}-{n}"),

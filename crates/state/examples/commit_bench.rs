@@ -47,6 +47,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     next_due_ms: 0,
                     lease_ms: 60_000,
                     restart: None,
+                    note: None,
+                    triggers: Vec::new(),
                 };
                 if store.commit(&job, &c).await? == CommitOutcome::Ok {
                     seq += 1;

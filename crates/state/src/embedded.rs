@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tidemark_core::checkpoint::{
-    Checkpoint, Commit, CommitOutcome, JobId, Phase, Stage, next_epoch,
+    Checkpoint, Commit, CommitOutcome, JobId, NEVER_DUE_MS, Phase, Stage, next_epoch,
 };
 use tidemark_core::clock::now_ms;
 
@@ -87,6 +87,8 @@ impl Index {
         self.counts.entry(job.feed.clone()).or_default()[phase_slot(cp.phase)] += 1;
         let entry = |t: u64| (t, key.to_string());
         match cp.phase {
+            // A child that has run waits for its parent, in no due index.
+            Phase::Idle if cp.next_due_ms >= NEVER_DUE_MS => {}
             Phase::Idle => {
                 self.due
                     .entry(job.feed.clone())
@@ -373,6 +375,8 @@ impl Jobs for EmbeddedStore {
             .map(|(feed, c)| {
                 let jobs: Vec<&Checkpoint> =
                     Self::jobs_of(&inner, feed).map(|(_, (_, cp))| cp).collect();
+                // A child job's cursor does not age: it waits for its parent.
+                let ageing = || jobs.iter().filter(|cp| cp.parent_version.is_none());
                 FeedCensus {
                     feed: feed.clone(),
                     idle: c[0],
@@ -380,9 +384,8 @@ impl Jobs for EmbeddedStore {
                     paused: c[2],
                     failed: c[3],
                     records: jobs.iter().map(|cp| cp.records).sum(),
-                    oldest_progress_ms: jobs.iter().filter_map(|cp| cp.last_commit_ms).min(),
-                    oldest_high_water_ms: jobs
-                        .iter()
+                    oldest_progress_ms: ageing().filter_map(|cp| cp.last_commit_ms).min(),
+                    oldest_high_water_ms: ageing()
                         .filter_map(|cp| cp.high_water.as_deref().and_then(high_water_ms))
                         .min(),
                 }
@@ -448,6 +451,8 @@ impl Jobs for EmbeddedStore {
                     cp.last_error = None;
                 }
                 Control::Rewind(to) => {
+                    // Records read again give their children a new parent version.
+                    cp.generation += 1;
                     match to {
                         Rewind::Cursor(c) => {
                             cp.cursor = Some(c.clone());
@@ -626,17 +631,47 @@ impl Leases for EmbeddedStore {
     }
 
     async fn commit(&self, job: &JobId, c: &Commit) -> Result<CommitOutcome, StateError> {
-        let r = self.with_job(job, |cp, now| {
-            let (outcome, next) = cp.apply(c, now);
-            match next {
-                Some(n) => {
-                    *cp = n;
-                    (outcome, true)
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let now = now_ms();
+        let k = key(job);
+        let Some((_, cp)) = inner.data.jobs.get_mut(&k) else {
+            return Ok(CommitOutcome::Fenced);
+        };
+        let (outcome, next) = cp.apply(c, now);
+        let Some(next) = next else {
+            return Ok(outcome);
+        };
+        let before = std::mem::replace(cp, next);
+        let generation = cp.generation;
+        let after = cp.clone();
+        if !inner.data.retired.contains(&k) {
+            inner.index.leave(&k, job, &before);
+            inner.index.enter(&k, job, &after, now);
+        }
+        // The child jobs of the page's records, in the same step.
+        for t in &c.triggers {
+            let ck = key(&t.job);
+            let existing = inner.data.jobs.get(&ck).map(|(_, cp)| cp);
+            let registered = existing.is_some() && !inner.data.retired.contains(&ck);
+            if let Some(changed) = t.apply(existing, generation, now) {
+                if let (true, Some(old)) = (registered, existing) {
+                    inner.index.leave(&ck, &t.job, old);
                 }
-                None => (outcome, false),
+                if registered || existing.is_none() {
+                    inner.index.enter(&ck, &t.job, &changed, now);
+                }
+                inner.data.jobs.insert(ck.clone(), (t.job.clone(), changed));
             }
-        })?;
-        Ok(r.unwrap_or(CommitOutcome::Fenced))
+            // A child retired with its feed comes back when its parent is read.
+            if inner.data.retired.remove(&ck)
+                && let Some((_, cp)) = inner.data.jobs.get(&ck)
+            {
+                inner.index.enter(&ck, &t.job, cp, now);
+            }
+        }
+        self.persist(inner)?;
+        Ok(outcome)
     }
 
     async fn fail(&self, job: &JobId, epoch: u64, error: &str) -> Result<bool, StateError> {

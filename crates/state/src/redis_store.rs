@@ -161,6 +161,11 @@ impl RedisStore {
     }
 }
 
+/// A child job's vars as stored: a JSON object of strings.
+fn vars_json(vars: &std::collections::BTreeMap<String, String>) -> String {
+    serde_json::to_string(vars).unwrap_or_else(|_| "{}".into())
+}
+
 fn opt(v: &Option<String>) -> String {
     v.clone().unwrap_or_default()
 }
@@ -192,10 +197,20 @@ fn to_fields(job: &JobId, cp: &Checkpoint) -> Vec<(&'static str, String)> {
         ("high_water", &cp.high_water),
         ("t0", &cp.t0),
         ("last_error", &cp.last_error),
+        ("pv", &cp.parent_version),
     ] {
         if v.is_some() {
             f.push((name, opt(v)));
         }
+    }
+    if !cp.vars.is_empty() {
+        f.push(("vars", vars_json(&cp.vars)));
+    }
+    if cp.rerun {
+        f.push(("rerun", "1".into()));
+    }
+    if cp.generation > 0 {
+        f.push(("gen", cp.generation.to_string()));
     }
     if let Some(t) = cp.last_end_of_stream_ms {
         f.push(("last_eos_ms", t.to_string()));
@@ -256,6 +271,14 @@ fn from_fields(key: &str, h: &HashMap<String, String>) -> Result<(JobId, Checkpo
             .get("last_commit_ms")
             .map(|_| num("last_commit_ms"))
             .transpose()?,
+        parent_version: s("pv"),
+        vars: match h.get("vars") {
+            None => Default::default(),
+            Some(v) => serde_json::from_str(v)
+                .map_err(|e| corrupt(format!("field vars is not a JSON object of strings: {e}")))?,
+        },
+        rerun: h.get("rerun").is_some_and(|v| v == "1"),
+        generation: num("gen")?,
     };
     Ok((job, cp))
 }
@@ -634,9 +657,8 @@ impl Leases for RedisStore {
     async fn commit(&self, job: &JobId, c: &Commit) -> Result<CommitOutcome, StateError> {
         let hw = c.high_water.as_deref().map(normalize_version);
         let hw_ms = hw.as_deref().and_then(high_water_ms);
-        let out: String = self
-            .job_call(&self.scripts.commit, job)
-            .arg(c.epoch)
+        let mut inv = self.job_call(&self.scripts.commit, job);
+        inv.arg(c.epoch)
             .arg(c.expected_seq)
             .arg(if c.new_cursor.is_some() { "1" } else { "0" })
             .arg(c.new_cursor.clone().unwrap_or_default())
@@ -665,8 +687,16 @@ impl Leases for RedisStore {
                     .unwrap_or_default(),
             )
             .arg(hw_ms.map(|t| t.to_string()).unwrap_or_default())
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(c.note.clone().unwrap_or_default());
+        // Then per trigger: child feed, member, partition, parent version, vars.
+        for t in &c.triggers {
+            inv.arg(&t.job.feed)
+                .arg(member(&t.job.partition))
+                .arg(&t.job.partition)
+                .arg(&t.version)
+                .arg(vars_json(&t.vars));
+        }
+        let out: String = inv.invoke_async(&mut self.conn.clone()).await?;
         CommitOutcome::parse(&out).ok_or_else(|| StateError::Corrupt {
             job: job.to_string(),
             reason: format!("commit answered {out:?}"),

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
-use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId, Phase, Restart, Stage};
+use tidemark_core::checkpoint::{
+    Checkpoint, Commit, CommitOutcome, JobId, NEVER_DUE_MS, Phase, Restart, Stage, Trigger,
+};
 use tidemark_core::clock::now_ms;
 use tidemark_state::{
     Acquire, ActiveTenant, Control, FeedRegistry, Fleet, JobQuery, Jobs, Leadership, Leases,
@@ -29,6 +31,8 @@ fn commit(epoch: u64, seq: u64, cursor: &str) -> Commit {
         next_due_ms: 0,
         lease_ms: 30_000,
         restart: None,
+        note: None,
+        triggers: Vec::new(),
     }
 }
 
@@ -409,6 +413,119 @@ async fn tenants_and_purge<S: Jobs + Leases + Schedule + TenantRegistry>(s: Arc<
     assert_eq!((cp.cursor, cp.seq), (None, 0));
 }
 
+fn trigger(child: &JobId, version: &str) -> Trigger {
+    Trigger {
+        job: child.clone(),
+        version: version.to_string(),
+        vars: [("ticket_id".to_string(), child.partition.clone())].into(),
+    }
+}
+
+/// A parent page's commit creates, triggers or leaves its child jobs, in
+/// the same step: a new child is due now; the same parent version again
+/// triggers nothing; a changed one makes an idle child due and a running one
+/// run again when its chain ends; a child that ran waits in no due index; a
+/// rewound parent triggers its children again.
+async fn parents_trigger_children<S: Jobs + Leases + Schedule>(s: Arc<S>) {
+    let parent = new_job(&*s, "tickets").await;
+    let (a, b) = (JobId::new("comments", "1"), JobId::new("comments", "2/x y"));
+    let due = |s: Arc<S>| async move {
+        s.due_jobs(&[("comments".to_string(), 10)], now_ms() + 1000)
+            .await
+            .unwrap()
+    };
+    let e = granted(&*s, &parent, false).await;
+    let mut c = commit(e, 0, "c1");
+    c.triggers = vec![trigger(&a, "v1"), trigger(&b, "v1")];
+    assert_eq!(s.commit(&parent, &c).await.unwrap(), CommitOutcome::Ok);
+    // A retry of the same commit changes nothing.
+    assert_eq!(
+        s.commit(&parent, &c).await.unwrap(),
+        CommitOutcome::AlreadyApplied
+    );
+    let cp = s.get(&b).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            cp.phase,
+            cp.parent_version.as_deref(),
+            cp.vars["ticket_id"].as_str()
+        ),
+        (Phase::Idle, Some("v1"), "2/x y")
+    );
+    assert_eq!(due(s.clone()).await.len(), 2, "new children are due");
+
+    // Child a runs to its end: it waits for its parent, due never.
+    let ea = granted(&*s, &a, false).await;
+    let mut end = commit(ea, 0, "done");
+    end.end_of_stream = true;
+    end.next_due_ms = NEVER_DUE_MS;
+    assert_eq!(s.commit(&a, &end).await.unwrap(), CommitOutcome::Ok);
+    assert_eq!(due(s.clone()).await, vec![b.clone()]);
+    // Child b is running when its parent changes.
+    let eb = granted(&*s, &b, false).await;
+
+    let mut c = commit(e, 1, "c2");
+    c.triggers = vec![trigger(&a, "v1"), trigger(&b, "v2")];
+    assert_eq!(s.commit(&parent, &c).await.unwrap(), CommitOutcome::Ok);
+    assert!(due(s.clone()).await.is_empty(), "a is unchanged, b runs");
+    assert!(s.get(&b).await.unwrap().unwrap().rerun);
+    let mut end = commit(eb, 0, "done");
+    end.end_of_stream = true;
+    end.next_due_ms = NEVER_DUE_MS;
+    assert_eq!(s.commit(&b, &end).await.unwrap(), CommitOutcome::Ok);
+    let cp = s.get(&b).await.unwrap().unwrap();
+    assert!(
+        !cp.rerun && cp.next_due_ms <= now_ms(),
+        "b runs again at once"
+    );
+    assert_eq!(due(s.clone()).await, vec![b.clone()]);
+
+    // A changed parent makes the idle child a due.
+    let mut c = commit(e, 2, "c3");
+    c.triggers = vec![trigger(&a, "v2")];
+    assert_eq!(s.commit(&parent, &c).await.unwrap(), CommitOutcome::Ok);
+    assert_eq!(due(s.clone()).await.len(), 2);
+    let census = s.census().await.unwrap();
+    let comments = census.iter().find(|c| c.feed == "comments").unwrap();
+    assert_eq!(
+        (comments.idle, comments.oldest_progress_ms),
+        (2, None),
+        "a child's cursor does not age"
+    );
+
+    // The parent is rewound: the same records trigger their children again.
+    s.control(&parent, &Control::Rewind(Rewind::Start))
+        .await
+        .unwrap();
+    let ea = granted(&*s, &a, false).await;
+    let mut end = commit(ea, 1, "done");
+    end.end_of_stream = true;
+    end.next_due_ms = NEVER_DUE_MS;
+    assert_eq!(s.commit(&a, &end).await.unwrap(), CommitOutcome::Ok);
+    assert_eq!(due(s.clone()).await, vec![b.clone()]);
+    let e = granted(&*s, &parent, false).await;
+    let seq = s.get(&parent).await.unwrap().unwrap().seq;
+    let mut c = commit(e, seq, "c1");
+    c.triggers = vec![trigger(&a, "v2")];
+    assert_eq!(s.commit(&parent, &c).await.unwrap(), CommitOutcome::Ok);
+    assert_eq!(
+        due(s.clone()).await.len(),
+        2,
+        "the rewound parent triggered a again"
+    );
+
+    // A note rides an end of stream as the job's last error (a 404 child).
+    let eb = granted(&*s, &b, false).await;
+    let mut end = commit(eb, 1, "done");
+    end.end_of_stream = true;
+    end.next_due_ms = NEVER_DUE_MS;
+    end.note = Some(format!("parent gone: HTTP 404 {}", "x".repeat(80)));
+    assert_eq!(s.commit(&b, &end).await.unwrap(), CommitOutcome::Ok);
+    let cp = s.get(&b).await.unwrap().unwrap();
+    assert_eq!(cp.phase, Phase::Idle);
+    assert!(cp.last_error.unwrap().starts_with("parent gone"));
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         mod redis_backed {
@@ -660,6 +777,7 @@ async fn scheduling_indexes<S: Jobs + Leases + Schedule + Fleet>(s: Arc<S>) {
 }
 
 both!(
+    parents_trigger_children,
     scheduling_indexes,
     restarts_recovery_t0_and_registry,
     lifecycle,

@@ -30,6 +30,8 @@ fn commit(epoch: u64, seq: u64, cursor: &str) -> Commit {
         next_due_ms: 0,
         lease_ms: 60_000,
         restart: None,
+        note: None,
+        triggers: Vec::new(),
     }
 }
 

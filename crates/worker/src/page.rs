@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
-use tidemark_bus::{OutPage, OutRecord, PageTask};
+use tidemark_bus::{OutPage, OutRecord, PageTask, ParentRecord};
 use tidemark_core::SourceConfig;
-use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, Phase};
+use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, NEVER_DUE_MS, Phase};
+use tidemark_core::child::{self, fill, parent_key};
 use tidemark_core::clock::now_ms;
-use tidemark_core::config::{FeedConfig, Partition, RetryConfig};
+use tidemark_core::config::{FeedConfig, OnMissing, Partition, RetryConfig};
 use tidemark_core::pagination::{Next, redact_query};
 use tidemark_core::record::{page_message_id, positional_message_id, record_message_id};
 use tidemark_core::tenant::{Tenant, split_job_partition};
@@ -54,6 +55,14 @@ enum View {
     Tenant(Arc<TenantView>),
 }
 
+/// A child feed's job: the feed with its templates filled from the parent
+/// record, and that record.
+struct ChildJob {
+    feed: FeedConfig,
+    parent: ParentRecord,
+    on_missing: OnMissing,
+}
+
 /// Everything a page needs that comes from the registry: the snapshot it
 /// was read from, and where in it the feed and its source are.
 struct Resolved {
@@ -70,10 +79,19 @@ struct Resolved {
     limit_key: String,
     /// The source asks for per-tenant series (`tenants.metrics`).
     tenant_metrics: bool,
+    /// A child feed's job.
+    child: Option<ChildJob>,
 }
 
 impl Resolved {
     fn feed(&self) -> &FeedConfig {
+        match &self.child {
+            Some(c) => &c.feed,
+            None => self.unfilled_feed(),
+        }
+    }
+    /// The feed before a child's templates are filled.
+    fn unfilled_feed(&self) -> &FeedConfig {
         match &self.view {
             View::Plain(i) => &self.snap.config.feeds[*i],
             View::Tenant(v) => &v.feed,
@@ -110,6 +128,9 @@ struct ReadPage {
     page_cursor: String,
     /// The walk, already at the page after this one.
     walk: Walk,
+    /// Kept as the job's last error though the page commits (a child
+    /// whose parent is gone).
+    note: Option<String>,
 }
 
 impl Worker {
@@ -122,7 +143,7 @@ impl Worker {
 
     async fn life_of_a_page(&self, task: &PageTask) -> Result<Outcome, Outcome> {
         let cp = self.check(task).await?;
-        let r = self.resolve(task).await?;
+        let r = self.resolve(task, &cp).await?;
         // The lease outlives slow pages: renew it while this page works; a
         // refused renewal means a newer epoch owns the job, so stop.
         tokio::select! {
@@ -188,7 +209,7 @@ impl Worker {
     }
 
     /// The feed, partition and source client the task names, from the registry.
-    async fn resolve(&self, task: &PageTask) -> Result<Resolved, Outcome> {
+    async fn resolve(&self, task: &PageTask, cp: &Checkpoint) -> Result<Resolved, Outcome> {
         let job = &task.job;
         let mut snap = self
             .feeds
@@ -237,7 +258,13 @@ impl Worker {
         } else {
             (None, job.partition.as_str())
         };
+        // A child job's partition is its parent record: no params of its own.
         let partition = match cfg.partition(partition_id, Utc::now()) {
+            _ if cfg.parent.is_some() => Partition {
+                id: partition_id.to_string(),
+                params: vec![],
+                from: None,
+            },
             Ok(Some(p)) => p,
             Ok(None) => {
                 return Err(Outcome::Fail {
@@ -278,6 +305,28 @@ impl Worker {
         let retry = source.retry();
         let limit_key = source.limit_key(&cfg.source, tenant);
         let tenant_metrics = source.tenants.as_ref().is_some_and(|t| t.metrics);
+        let child = match &cfg.parent {
+            None => None,
+            Some(link) => {
+                let unfilled = match &view {
+                    View::Plain(i) => &snap.config.feeds[*i],
+                    View::Tenant(v) => &v.feed,
+                };
+                let feed = fill(unfilled, &cp.vars).map_err(|error| Outcome::Fail { error })?;
+                let key = match snap.config.feed(&link.feed) {
+                    Some(p) => parent_key(p, tenant.is_some(), &job.partition),
+                    None => partition_id,
+                };
+                Some(ChildJob {
+                    feed,
+                    parent: ParentRecord {
+                        feed: link.feed.clone(),
+                        key: key.to_string(),
+                    },
+                    on_missing: link.on_missing,
+                })
+            }
+        };
         let tenant = tenant.map(str::to_string);
         Ok(Resolved {
             snap,
@@ -289,6 +338,7 @@ impl Worker {
             tenant,
             limit_key,
             tenant_metrics,
+            child,
         })
     }
 
@@ -392,9 +442,26 @@ impl Worker {
         let page = match fetched {
             Ok(p) => p,
             Err(e) => {
-                return Err(self
-                    .fetch_failed(task, cp, r, walk.cursor().is_some(), e)
-                    .await);
+                let at_cursor = walk.cursor().is_some();
+                if let Some(note) = self.parent_gone(r, at_cursor, &e) {
+                    // The child is done for now: an empty end of stream
+                    // that keeps its cursor, with the 404 noted.
+                    return Ok(ReadPage {
+                        body: Bytes::new(),
+                        step: Step {
+                            records: vec![],
+                            identities: vec![],
+                            high_water: None,
+                            next: Next::End {
+                                resume: task.cursor.clone(),
+                            },
+                        },
+                        page_cursor: walk.page_cursor(),
+                        walk,
+                        note: Some(note),
+                    });
+                }
+                return Err(self.fetch_failed(task, cp, r, at_cursor, e).await);
             }
         };
         let page_cursor = walk.page_cursor();
@@ -437,7 +504,33 @@ impl Worker {
             step,
             page_cursor,
             walk,
+            note: None,
         })
+    }
+
+    /// A child's 404 that means its parent is gone (`on_missing: skip`, and
+    /// not an expired cursor): the note to keep on the job.
+    fn parent_gone(&self, r: &Resolved, at_cursor: bool, e: &FetchError) -> Option<String> {
+        let child = r.child.as_ref()?;
+        let FetchError::Status {
+            status: 404,
+            body_snippet,
+            ..
+        } = e
+        else {
+            return None;
+        };
+        if child.on_missing != OnMissing::Skip
+            || (at_cursor && r.feed().cursor_expired.matches(404, body_snippet))
+        {
+            return None;
+        }
+        self.metrics
+            .fetch_errors
+            .get_or_create(&Metrics::feed_kind(&r.feed().name, "parent_gone"))
+            .inc();
+        tracing::info!(feed = %r.feed().name, parent = %child.parent.key, "child answered 404: its parent is gone");
+        Some(format!("parent gone: {e}"))
     }
 
     /// Step 5: every record downstream, each confirmed by the broker.
@@ -471,6 +564,7 @@ impl Worker {
             per: feed.delivery.per,
             page_message_id: page_message_id(&feed.name, partition, &page.page_cursor),
             records,
+            parent: r.child.as_ref().map(|c| c.parent.clone()),
         };
         if let Err(e) = self.downstream.publish_page(&out).await {
             return Err(self.retry(
@@ -521,6 +615,20 @@ impl Worker {
             (None, false)
         };
         let every = u64::try_from(feed.every().as_millis()).unwrap_or(u64::MAX);
+        // The child jobs this page's records trigger, committed with it.
+        let children: Vec<&FeedConfig> = r.snap.config.children_of(&feed.name).collect();
+        let triggers = child::triggers(
+            r.unfilled_feed(),
+            &children,
+            r.tenant.is_some(),
+            &job.partition,
+            page.step
+                .records
+                .iter()
+                .map(|span| &page.body[span.clone()])
+                .zip(&page.step.identities),
+        )
+        .map_err(|error| Outcome::Fail { error })?;
         let commit = Commit {
             epoch: task.epoch,
             expected_seq: task.seq,
@@ -531,12 +639,17 @@ impl Worker {
             end_of_stream: eos,
             next_due_ms: if due_now {
                 now
+            } else if r.child.is_some() {
+                // A child waits for its parent to change.
+                NEVER_DUE_MS
             } else {
                 now.saturating_add(every)
             },
             // The next task waits in the queue until a worker takes it.
             lease_ms: self.opts.queue_lease.as_millis() as u64,
             restart,
+            note: page.note.clone(),
+            triggers,
         };
         let outcome = self
             .leases

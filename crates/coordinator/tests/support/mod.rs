@@ -243,6 +243,8 @@ impl World {
             next_due_ms: 0,
             lease_ms: lease.as_millis() as u64,
             restart: None,
+            note: None,
+            triggers: Vec::new(),
         };
         self.store.commit(job, &c).await.expect("commit")
     }

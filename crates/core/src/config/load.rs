@@ -375,8 +375,84 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
             ));
         }
         validate_feed(feed, &at, &mut out);
+        if let Some(link) = &feed.parent {
+            check_parent(config, feed, link, &at, &mut out);
+        }
     }
     out
+}
+
+/// A child feed's `parent` block, and what a child feed cannot have.
+fn check_parent(
+    config: &Config,
+    feed: &FeedConfig,
+    link: &super::ParentConfig,
+    at: &str,
+    out: &mut Vec<(String, String)>,
+) {
+    let Some(parent) = config.feed(&link.feed) else {
+        out.push((
+            format!("{at}.parent.feed"),
+            format!("unknown feed {:?}", link.feed),
+        ));
+        return;
+    };
+    // The chain of parents must end: no feed is its own ancestor.
+    let mut up = Some(parent);
+    for _ in 0..=config.feeds.len() {
+        match up {
+            Some(p) if p.name == feed.name => {
+                out.push((
+                    format!("{at}.parent.feed"),
+                    format!(
+                        "{:?} is its own ancestor: parents may not form a cycle",
+                        feed.name
+                    ),
+                ));
+                break;
+            }
+            Some(p) => up = p.parent.as_ref().and_then(|l| config.feed(&l.feed)),
+            None => break,
+        }
+    }
+    let tenanted = |name: &str| config.sources.get(name).is_some_and(|s| s.is_tenanted());
+    if (tenanted(&parent.source) || tenanted(&feed.source)) && parent.source != feed.source {
+        out.push((
+            format!("{at}.source"),
+            format!(
+                "a child of a feed with tenants runs per tenant of its parent: it must use the parent's source {:?}",
+                parent.source
+            ),
+        ));
+    }
+    if link.vars.is_empty() {
+        out.push((
+            format!("{at}.parent.vars"),
+            "name at least one value of the parent record (e.g. { ticket_id: /id }) for the path or params".into(),
+        ));
+    }
+    for name in link.vars.keys() {
+        if let Err(e) = tenant::check_var_name(name) {
+            out.push((format!("{at}.parent.vars.{name}"), e));
+        } else if matches!(name.as_str(), "tenant" | "vars") {
+            out.push((
+                format!("{at}.parent.vars.{name}"),
+                format!("{{{name}}} is a tenant template; choose another name"),
+            ));
+        }
+    }
+    if feed.every.is_some() {
+        out.push((
+            format!("{at}.every"),
+            "a child feed runs when its parent record is new or changed, not on a schedule: remove every".into(),
+        ));
+    }
+    if feed.partitions.is_some() {
+        out.push((
+            format!("{at}.partitions"),
+            "a child feed has one job per parent record: it cannot have partitions".into(),
+        ));
+    }
 }
 
 /// True when a template may stand at `rel`, a field path inside a source

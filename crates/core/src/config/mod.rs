@@ -52,6 +52,12 @@ impl Config {
     pub fn feed(&self, name: &str) -> Option<&FeedConfig> {
         self.feeds.iter().find(|f| f.name == name)
     }
+    /// The child feeds of `parent`, in config order.
+    pub fn children_of<'a>(&'a self, parent: &'a str) -> impl Iterator<Item = &'a FeedConfig> + 'a {
+        self.feeds
+            .iter()
+            .filter(move |f| f.parent.as_ref().is_some_and(|p| p.feed == parent))
+    }
     pub fn source_of(&self, feed: &FeedConfig) -> Option<&SourceConfig> {
         self.sources.get(&feed.source)
     }
@@ -499,6 +505,52 @@ pub struct FeedConfig {
     /// its high-water mark minus `lag`.
     #[serde(default)]
     pub cursor_expired: CursorExpiredConfig,
+    /// Makes this a child feed: one job per record of the parent feed, run
+    /// when that record is new or changed, its `{name}` templates filled
+    /// from the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentConfig>,
+}
+
+/// A child feed's link to its parent (DESIGN.md, "Parent and child feeds").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ParentConfig {
+    /// The parent feed's name (a feed of this config; it may be a child itself).
+    pub feed: String,
+    /// Values taken from each parent record, by name: `{name}` in this
+    /// feed's `path` and `params` is replaced with the value at the JSON
+    /// pointer (percent-encoded in the path).
+    pub vars: BTreeMap<String, JsonPointer>,
+    /// When a child runs: `change`, when its parent record is new or its
+    /// version changed.
+    #[serde(default)]
+    pub on: ParentTrigger,
+    /// What a 404 answer to a child's request means: `skip` (its parent was
+    /// deleted: the child is idle with the error noted, nothing fails) or
+    /// `fail` (the child job fails).
+    #[serde(default)]
+    pub on_missing: OnMissing,
+}
+
+/// When a child job runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ParentTrigger {
+    /// When its parent record is new or its version (else its bytes) changed.
+    #[default]
+    Change,
+}
+
+/// What a child's 404 means.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMissing {
+    /// The parent is gone: note it on the child, which waits for its parent again.
+    #[default]
+    Skip,
+    /// Fail the child job.
+    Fail,
 }
 
 /// Default pause between two polls of a feed.

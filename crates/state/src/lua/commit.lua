@@ -8,11 +8,15 @@
 -- ARGV[15] restart 0/1 (with end_of_stream: the next chain starts from a start point)
 -- ARGV[16] restart stage     ARGV[17] has_start_from 0/1    ARGV[18] start_from
 -- ARGV[19] the page's high-water mark as unix ms, or '' when it is not a time
+-- ARGV[20] with end_of_stream: a note kept as last_error, or ''
+-- ARGV[21 ..] per child job the page's records trigger: child feed, member,
+--   partition, parent version, vars (JSON); applied as tidemark_core's
+--   Trigger::apply specifies, in this same step.
 -- Returns OK | ALREADY_APPLIED | FENCED | CONFLICT (same as Checkpoint::apply in tidemark-core).
 local J = ctx(ARGV[2], ARGV[3])
 local h = J.hash
 if redis.call('EXISTS', h) == 0 then return 'FENCED' end
-local f = redis.call('HMGET', h, 'epoch', 'seq', 'cursor', 'phase', 'high_water')
+local f = redis.call('HMGET', h, 'epoch', 'seq', 'cursor', 'phase', 'high_water', 'pv')
 f[3] = value(J, 'cursor')
 local seq = tonumber(f[2]) or 0
 local expected = tonumber(ARGV[5])
@@ -46,13 +50,18 @@ drop(J, 'last_error')
 redis.call('HSET', h, 'last_commit_ms', fmt(now))
 if registered(J) then
   add_records(J, tonumber(ARGV[11]))
-  redis.call('ZADD', J.progress, fmt(now), J.member)
-  if ARGV[19] ~= '' then redis.call('ZADD', J.hw, 'GT', ARGV[19], J.member) end
+  if not f[6] then
+    redis.call('ZADD', J.progress, fmt(now), J.member)
+    if ARGV[19] ~= '' then redis.call('ZADD', J.hw, 'GT', ARGV[19], J.member) end
+  end
 end
 if ARGV[12] == '1' then
   local due = tonumber(ARGV[13])
+  -- A child whose parent changed while this chain ran runs again now.
+  if redis.call('HDEL', h, 'rerun') == 1 then due = now end
   redis.call('HSET', h, 'phase', 'idle', 'lease_until_ms', '0', 'last_eos_ms', fmt(now),
-    'next_due_ms', ARGV[13])
+    'next_due_ms', fmt(due))
+  if ARGV[20] ~= '' then put(J, 'last_error', ARGV[20]) end
   if restart then
     redis.call('HSET', h, 'stage', ARGV[16])
     if ARGV[17] == '1' then redis.call('HSET', h, 'start_from', ARGV[18]) else redis.call('HDEL', h, 'start_from') end
@@ -62,5 +71,34 @@ else
   local deadline = now + tonumber(ARGV[14])
   redis.call('HSET', h, 'lease_until_ms', fmt(deadline))
   extend(J, deadline)
+end
+
+-- The child jobs of this page's records. A rewind of this job changed its
+-- generation, so records read again differ from what their children saw.
+local gen = redis.call('HGET', h, 'gen')
+for i = 21, #ARGV, 5 do
+  local c = ctx(ARGV[i], ARGV[i + 1])
+  local pv = ARGV[i + 3]
+  if gen and gen ~= '0' then pv = gen .. '|' .. pv end
+  if redis.call('EXISTS', c.hash) == 0 then
+    redis.call('HSET', c.hash, 'feed', ARGV[i], 'partition', ARGV[i + 2], 'phase', 'idle',
+      'next_due_ms', fmt(now), 'pv', pv)
+    put(c, 'vars', ARGV[i + 4])
+  else
+    local cf = redis.call('HMGET', c.hash, 'pv', 'phase')
+    if cf[1] ~= pv then
+      redis.call('HSET', c.hash, 'pv', pv)
+      put(c, 'vars', ARGV[i + 4])
+      local phase = cf[2] or 'idle'
+      if phase == 'idle' then
+        redis.call('HSET', c.hash, 'next_due_ms', fmt(now))
+        move(c, 'idle', 'idle', now, 0, now)
+      elseif phase == 'running' then
+        redis.call('HSET', c.hash, 'rerun', '1')
+      end
+    end
+  end
+  -- A child retired with its feed comes back when its parent is read.
+  join(c, now)
 end
 return 'OK'

@@ -21,6 +21,8 @@ elseif op == 'resume' then
   redis.call('HSET', h, 'next_due_ms', n)
   drop(J, 'last_error')
 elseif op == 'rewind' then
+  -- Records read again give their children a new parent version.
+  redis.call('HINCRBY', h, 'gen', 1)
   if ARGV[5] == 'cursor' then
     put(J, 'cursor', ARGV[6])
     redis.call('HDEL', h, 'start_from')

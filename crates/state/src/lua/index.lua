@@ -10,17 +10,19 @@
 --   <P>feed:F:failed    zset, failed at ms     the failed jobs
 --   <P>feed:F:progress  zset, ms               when the cursor last moved (or the job was made)
 --   <P>feed:F:hw        zset, ms               the high-water mark, when it is a time
+--                                              (neither for a child job, its hash has 'pv': an idle
+--                                              child's cursor does not age, it waits for its parent)
 --   <P>counts           hash 'F|phase' -> n    jobs per feed and phase; 'F|records': records committed
 --   <P>due_feeds        zset, ms               feeds with an idle job: the earliest next_due_ms
 --   <P>feeds            set                    feeds with registered jobs
 -- A paused job is in no phase index. A retired job (its feed or partition
 -- left the config) keeps its hash and is in no index at all.
 --
--- A cursor or an error text longer than LONG bytes is kept beside the hash
+-- A cursor, an error text or a child's vars longer than LONG bytes is kept beside the hash
 -- in '<hash>:<field>', never in it: one long value would turn the hash from
 -- Redis's compact listpack (about 300 bytes a job) into a hashtable (about
 -- 1,000) for good, even after the value is gone. put/drop/value know this;
--- nothing else writes or reads those two fields.
+-- nothing else writes or reads those three fields.
 local P = ARGV[1]
 local RUNNING, COUNTS, DUE_FEEDS, FEEDS = P .. 'running', P .. 'counts', P .. 'due_feeds', P .. 'feeds'
 
@@ -32,6 +34,10 @@ end
 local function fmt(n) return string.format('%.0f', n) end
 
 local LONG = 64
+
+-- An idle job due at NEVER (a child job that has run: only its parent makes
+-- it due again) is in no due index. tidemark_core::checkpoint::NEVER_DUE_MS.
+local NEVER = 9007199254740991
 
 local function side(j, field) return j.hash .. ':' .. field end
 
@@ -60,7 +66,7 @@ end
 local function whole(j)
   local h = redis.call('HGETALL', j.hash)
   if #h == 0 then return h end
-  for _, field in ipairs({'cursor', 'last_error'}) do
+  for _, field in ipairs({'cursor', 'last_error', 'vars'}) do
     local v = redis.call('GET', side(j, field))
     if v then h[#h + 1] = field; h[#h + 1] = v end
   end
@@ -76,7 +82,7 @@ local function compact(j)
   local keep = {}
   for i = 1, #h, 2 do
     local f, v = h[i], h[i + 1]
-    if (f == 'cursor' or f == 'last_error') and #v > LONG then
+    if (f == 'cursor' or f == 'last_error' or f == 'vars') and #v > LONG then
       redis.call('SET', side(j, f), v)
     else
       keep[#keep + 1] = f
@@ -123,8 +129,10 @@ end
 local function enter(j, phase, due, deadline, now)
   count(j, phase, 1)
   if phase == 'idle' then
-    redis.call('ZADD', j.due, fmt(due), j.member)
-    refresh_due_feed(j)
+    if due < NEVER then
+      redis.call('ZADD', j.due, fmt(due), j.member)
+      refresh_due_feed(j)
+    end
   elseif phase == 'running' then
     redis.call('ZADD', RUNNING, fmt(deadline), j.global)
   elseif phase == 'failed' then
@@ -149,12 +157,12 @@ end
 local function join(j, now)
   if registered(j) then return 0 end
   compact(j)
-  local f = redis.call('HMGET', j.hash, 'phase', 'next_due_ms', 'lease_until_ms', 'last_commit_ms', 'records')
+  local f = redis.call('HMGET', j.hash, 'phase', 'next_due_ms', 'lease_until_ms', 'last_commit_ms', 'records', 'pv')
   redis.call('ZADD', j.jobs, 0, j.member)
   add_records(j, tonumber(f[5]) or 0)
   redis.call('SADD', FEEDS, j.feed)
   enter(j, f[1] or 'idle', tonumber(f[2]) or 0, tonumber(f[3]) or 0, now)
-  redis.call('ZADD', j.progress, fmt(tonumber(f[4]) or now), j.member)
+  if not f[6] then redis.call('ZADD', j.progress, fmt(tonumber(f[4]) or now), j.member) end
   return 1
 end
 

@@ -474,6 +474,8 @@ pub async fn commit(
         next_due_ms: 0,
         lease_ms: LEASE.as_millis() as u64,
         restart: None,
+        note: None,
+        triggers: Vec::new(),
     };
     store.commit(job, &c).await.expect("commit")
 }
