@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use support::*;
-use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, JobId, Phase};
+use tidemark_core::checkpoint::{
+    Checkpoint, Commit, CommitOutcome, JobId, NEVER_DUE_MS, Phase, Trigger,
+};
 use tidemark_core::clock::now_ms;
 use tidemark_harness::redis_server::RedisServer;
 use tidemark_state::{
@@ -160,7 +162,12 @@ enum Op {
         hw: u8,
         /// A cursor too long for Redis's compact hash encoding.
         long: bool,
+        /// The page's record triggers the child job, with this version.
+        trigger: Option<u8>,
     },
+    /// The child job's chain starts, and ends (waiting for its parent).
+    ChildStart,
+    ChildEnd,
     Fail {
         stale: bool,
     },
@@ -186,18 +193,22 @@ fn op() -> impl Strategy<Value = Op> {
             prop::bool::weighted(0.8),
             prop::bool::weighted(0.2),
             0u8..20,
-            any::<bool>()
+            any::<bool>(),
+            prop::option::of(0u8..3),
         )
-            .prop_map(
-                |(stale, seq_offset, same_cursor, eos, hw, long)| Op::Commit {
+            .prop_map(|(stale, seq_offset, same_cursor, eos, hw, long, trigger)| {
+                Op::Commit {
                     stale,
                     seq_offset,
                     same_cursor,
                     eos,
                     hw,
-                    long
+                    long,
+                    trigger,
                 }
-            ),
+            }),
+        Just(Op::ChildStart),
+        Just(Op::ChildEnd),
         any::<bool>().prop_map(|stale| Op::Fail { stale }),
         Just(Op::Pause),
         Just(Op::Resume),
@@ -244,6 +255,7 @@ async fn run<S: Jobs + Leases + Schedule + ?Sized>(
             eos,
             hw,
             long,
+            trigger,
         } => {
             let seq = s.get(job).await.unwrap().unwrap().seq;
             let expected = (seq as i64 + i64::from(*seq_offset)).max(0) as u64;
@@ -264,6 +276,13 @@ async fn run<S: Jobs + Leases + Schedule + ?Sized>(
             ));
             c.end_of_stream = *eos;
             c.high_water = Some(hw.to_string());
+            if let Some(v) = trigger {
+                c.triggers = vec![Trigger {
+                    job: child(),
+                    version: format!("v{v}"),
+                    vars: [("id".to_string(), "k".repeat(70))].into(),
+                }];
+            }
             format!("{:?}", s.commit(job, &c).await.unwrap())
         }
         Op::Fail { stale } => s
@@ -310,7 +329,53 @@ async fn run<S: Jobs + Leases + Schedule + ?Sized>(
             .await
             .unwrap()
             .to_string(),
+        Op::ChildStart => match s.acquire(&child(), lease, false).await.unwrap() {
+            Acquire::Granted { .. } => "granted".into(),
+            other => format!("{other:?}"),
+        },
+        Op::ChildEnd => match s.get(&child()).await.unwrap() {
+            None => "none".into(),
+            Some(cp) => {
+                let mut c = commit(cp.epoch, cp.seq, "end");
+                c.end_of_stream = true;
+                c.next_due_ms = NEVER_DUE_MS;
+                format!("{:?}", s.commit(&child(), &c).await.unwrap())
+            }
+        },
     }
+}
+
+/// The child job the parent's commits trigger.
+fn child() -> JobId {
+    JobId::new("prop_child", "k/1")
+}
+
+/// What both stores must agree on about the child job: its phase, parent
+/// version, rerun flag, whether it waits for its parent, and whether it is
+/// due or running in the indexes.
+async fn child_state<S: Jobs + Leases + Schedule + ?Sized>(s: &S) -> String {
+    let Some(cp) = s.get(&child()).await.unwrap() else {
+        return "none".into();
+    };
+    let due = s
+        .due_jobs(&[("prop_child".to_string(), 10)], u64::MAX - 1)
+        .await
+        .unwrap()
+        .contains(&child());
+    let running = s.expired(u64::MAX, 10).await.unwrap().contains(&child());
+    let waits = cp.next_due_ms >= NEVER_DUE_MS;
+    assert_eq!(
+        (due, running),
+        (
+            cp.phase == Phase::Idle && !waits,
+            cp.phase == Phase::Running
+        ),
+        "the child's indexes say what its checkpoint says: {cp:?}"
+    );
+    format!(
+        "{:?} {:?} rerun={} waits={waits} vars={:?} due={due}",
+        cp.phase, cp.parent_version, cp.rerun, cp.vars
+    )
 }
 
 /// Where the job is in the store's indexes: (registered, phase counts,
@@ -361,7 +426,7 @@ fn comparable(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
     #[test]
     fn redis_and_the_embedded_store_answer_alike(ops in prop::collection::vec(op(), 1..40)) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -378,6 +443,7 @@ proptest! {
                 assert_eq!(a, b, "step {i} {op:?}");
                 let (x, y) = (redis.get(&job).await.unwrap().unwrap(), embedded.get(&job).await.unwrap().unwrap());
                 assert_eq!(comparable(&x), comparable(&y), "state after step {i} {op:?}");
+                assert_eq!(child_state(&*redis).await, child_state(&embedded).await, "the child after step {i} {op:?}");
                 // The indexes say what the checkpoint says, in both stores.
                 let (ix, iy) = (indexed(&*redis, &job).await, indexed(&embedded, &job).await);
                 assert_eq!(ix, iy, "indexes after step {i} {op:?}");

@@ -529,6 +529,12 @@ impl Worker {
             .fetch_errors
             .get_or_create(&Metrics::feed_kind(&r.feed().name, "parent_gone"))
             .inc();
+        if let Some((f, t)) = r.tenant_labels() {
+            self.metrics
+                .tenant_fetch_errors
+                .get_or_create(&Metrics::feed_tenant_kind(f, t, "parent_gone"))
+                .inc();
+        }
         tracing::info!(feed = %r.feed().name, parent = %child.parent.key, "child answered 404: its parent is gone");
         Some(format!("parent gone: {e}"))
     }
