@@ -421,6 +421,14 @@ fn trigger(child: &JobId, version: &str) -> Trigger {
     }
 }
 
+/// A child's last commit: it waits for its parent.
+fn child_end(epoch: u64, seq: u64) -> Commit {
+    let mut end = commit(epoch, seq, "done");
+    end.end_of_stream = true;
+    end.next_due_ms = NEVER_DUE_MS;
+    end
+}
+
 /// A parent page's commit creates, triggers or leaves its child jobs, in
 /// the same step: a new child is due now; the same parent version again
 /// triggers nothing; a changed one makes an idle child due and a running one
@@ -456,9 +464,7 @@ async fn parents_trigger_children<S: Jobs + Leases + Schedule>(s: Arc<S>) {
 
     // Child a runs to its end: it waits for its parent, due never.
     let ea = granted(&*s, &a, false).await;
-    let mut end = commit(ea, 0, "done");
-    end.end_of_stream = true;
-    end.next_due_ms = NEVER_DUE_MS;
+    let end = child_end(ea, 0);
     assert_eq!(s.commit(&a, &end).await.unwrap(), CommitOutcome::Ok);
     assert_eq!(due(s.clone()).await, vec![b.clone()]);
     // Child b is running when its parent changes.
@@ -469,9 +475,7 @@ async fn parents_trigger_children<S: Jobs + Leases + Schedule>(s: Arc<S>) {
     assert_eq!(s.commit(&parent, &c).await.unwrap(), CommitOutcome::Ok);
     assert!(due(s.clone()).await.is_empty(), "a is unchanged, b runs");
     assert!(s.get(&b).await.unwrap().unwrap().rerun);
-    let mut end = commit(eb, 0, "done");
-    end.end_of_stream = true;
-    end.next_due_ms = NEVER_DUE_MS;
+    let end = child_end(eb, 0);
     assert_eq!(s.commit(&b, &end).await.unwrap(), CommitOutcome::Ok);
     let cp = s.get(&b).await.unwrap().unwrap();
     assert!(
@@ -498,9 +502,7 @@ async fn parents_trigger_children<S: Jobs + Leases + Schedule>(s: Arc<S>) {
         .await
         .unwrap();
     let ea = granted(&*s, &a, false).await;
-    let mut end = commit(ea, 1, "done");
-    end.end_of_stream = true;
-    end.next_due_ms = NEVER_DUE_MS;
+    let end = child_end(ea, 1);
     assert_eq!(s.commit(&a, &end).await.unwrap(), CommitOutcome::Ok);
     assert_eq!(due(s.clone()).await, vec![b.clone()]);
     let e = granted(&*s, &parent, false).await;
@@ -516,9 +518,7 @@ async fn parents_trigger_children<S: Jobs + Leases + Schedule>(s: Arc<S>) {
 
     // A note rides an end of stream as the job's last error (a 404 child).
     let eb = granted(&*s, &b, false).await;
-    let mut end = commit(eb, 1, "done");
-    end.end_of_stream = true;
-    end.next_due_ms = NEVER_DUE_MS;
+    let mut end = child_end(eb, 1);
     end.note = Some(format!("parent gone: HTTP 404 {}", "x".repeat(80)));
     assert_eq!(s.commit(&b, &end).await.unwrap(), CommitOutcome::Ok);
     let cp = s.get(&b).await.unwrap().unwrap();
