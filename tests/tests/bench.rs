@@ -285,3 +285,73 @@ async fn a_scenario_that_cannot_finish_fails_with_the_logs() {
     assert!(err.contains("----- coordinator -----"), "{err}");
     assert_eq!(bench_keys().await, Vec::<String>::new(), "keys left behind");
 }
+
+/// The `children` scenario, small: 300 parent records, each making a child
+/// job of two pages, every child record counted once, the child jobs'
+/// Redis memory and the coordinator's CPU per child filled in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_children_scenario_counts_every_child_record_once() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = vec![
+        ("REDIS_URL".to_string(), redis_url()),
+        ("AMQP_URL".to_string(), amqp_url()),
+    ];
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        tidemark(
+            &[
+                "bench",
+                "e2e",
+                "--json",
+                "--scenario",
+                "children",
+                "--children-parents",
+                "300",
+                "--timeout",
+                "120s",
+            ],
+            &env,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "bench failed:\n{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    let runs = r["children"].as_array().unwrap();
+    assert_eq!(runs.len(), 1);
+    let run = &runs[0];
+    assert_eq!(
+        (
+            run["parents"].as_u64(),
+            run["per_parent"].as_u64(),
+            run["workers"].as_u64()
+        ),
+        (Some(300), Some(10), Some(2)),
+        "{run}"
+    );
+    assert_eq!(run["parent_records"], 300, "{run}");
+    assert_eq!(run["child_records"], 300 * 10, "{run}");
+    assert_eq!(run["duplicates"], 0, "{run}");
+    assert_eq!(run["missing"], 0, "{run}");
+    assert_eq!(run["unexpected"], 0, "{run}");
+    assert_eq!(run["child_jobs"], 300, "{run}");
+    assert_eq!(run["child_jobs_failed"], 0, "{run}");
+    // Two pages a child, each fetched once.
+    assert_eq!(run["expected_child_page_requests"], 600, "{run}");
+    assert!(run["child_page_requests"].as_u64().unwrap() >= 600, "{run}");
+    assert!(run["children_per_sec"].as_f64().unwrap() > 0.0, "{run}");
+    assert!(
+        run["child_records_per_sec"].as_f64().unwrap() > 0.0,
+        "{run}"
+    );
+    assert!(
+        run["coordinator_cpu_us_per_child"].as_f64().is_some(),
+        "{run}"
+    );
+    let redis = &run["redis"];
+    assert_eq!(redis["child_job_hashes"], 300, "{run}");
+    assert!(
+        redis["child_key_bytes_per_child"].as_f64().unwrap() > 0.0,
+        "{run}"
+    );
+    assert_eq!(bench_keys().await, Vec::<String>::new(), "keys left behind");
+}

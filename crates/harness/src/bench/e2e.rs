@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::prom::{Buckets, Scrape};
 use super::sink::{self, Ceiling, Sink};
-use super::{scale, tenants};
+use super::{children, scale, tenants};
 use crate::HarnessError;
 use crate::proc::{Proc, Spawn, tail};
 use crate::services::{self, Service};
@@ -37,12 +37,16 @@ pub enum Scenario {
     /// tenants added to the tenants file one at a time: how soon a new
     /// tenant's first record arrives.
     Tenants,
+    /// 100,000 parent records, each with a child job of two pages (a
+    /// parent feed and a child feed): children/s, coordinator CPU and
+    /// Redis memory per child, duplicates and missing child records.
+    Children,
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct E2eBench {
     /// Scenarios to run, comma-separated (default: throughput, scale-out
-    /// and many-jobs; `scale` and `tenants` run only when named).
+    /// and many-jobs; `scale`, `tenants` and `children` run only when named).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub scenario: Vec<Scenario>,
     /// Redis URL (default: REDIS_URL, else the local server).
@@ -149,6 +153,30 @@ pub struct E2eBench {
     /// Tenants: the coordinator's --tick, how often it looks at the file.
     #[arg(long, default_value = "1s")]
     pub tenants_tick: tidemark_core::Duration,
+
+    /// Children: parent records (tickets of the parent feed), each making
+    /// one child job (its comments, the child feed).
+    #[arg(long, default_value_t = 100_000)]
+    pub children_parents: usize,
+    /// Children: child records of every parent (the mock's
+    /// --comments-per-ticket).
+    #[arg(long, default_value_t = 10)]
+    pub children_per_parent: usize,
+    /// Children: the child feed's page size (10 records in pages of 5: two
+    /// pages a child).
+    #[arg(long, default_value_t = 5)]
+    pub children_page_size: usize,
+    /// Children: the parent feed's page size (the parent records one commit
+    /// triggers children for).
+    #[arg(long, default_value_t = 100)]
+    pub children_parent_page_size: usize,
+    #[arg(long, default_value_t = 2)]
+    pub children_workers: usize,
+    #[arg(long, default_value_t = 32)]
+    pub children_concurrency: usize,
+    /// Children: the API's latency per request, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub children_latency_ms: u64,
 
     /// Also run bench/compare.py (dlt's RESTClient, a Singer SDK tap) over
     /// the throughput scenario's pages; needs bench/setup-python.sh.
@@ -271,6 +299,7 @@ pub struct Report {
     pub many_jobs: Vec<RunResult>,
     pub scale: Vec<RunResult>,
     pub tenants: Vec<RunResult>,
+    pub children: Vec<children::ChildrenRun>,
     pub compare: Vec<ToolResult>,
 }
 
@@ -310,6 +339,7 @@ pub async fn run(
         Scenario::ManyJobs,
         Scenario::Scale,
         Scenario::Tenants,
+        Scenario::Children,
     ];
     let scenarios: Vec<Scenario> = if b.scenario.is_empty() {
         all[..3].to_vec()
@@ -346,6 +376,7 @@ pub async fn run(
             Scenario::Tenants => report
                 .tenants
                 .push(run_system(b, exe, &tenants::spec(b)).await?),
+            Scenario::Children => report.children.push(children::run(b, exe).await?),
         }
     }
     if b.json {
@@ -488,17 +519,17 @@ fn many_jobs_spec(b: &E2eBench) -> Spec {
 }
 
 /// Names and environment of one run's deployment.
-struct Deployment {
-    prefix: String,
-    amqp_url: String,
-    redis_url: String,
+pub(super) struct Deployment {
+    pub prefix: String,
+    pub amqp_url: String,
+    pub redis_url: String,
     /// `--tls-ca-file`: handed to the processes, and its checked bundle.
     tls_ca_file: Option<std::path::PathBuf>,
-    tls_ca_pem: Option<String>,
+    pub tls_ca_pem: Option<String>,
 }
 
 impl Deployment {
-    fn new(b: &E2eBench) -> Result<Self, HarnessError> {
+    pub(super) fn new(b: &E2eBench) -> Result<Self, HarnessError> {
         Ok(Deployment {
             prefix: format!(
                 "tmbench{}",
@@ -520,10 +551,10 @@ impl Deployment {
                 .transpose()?,
         })
     }
-    fn exchange(&self) -> String {
+    pub(super) fn exchange(&self) -> String {
         format!("{}.records", self.prefix)
     }
-    fn env(&self) -> Vec<(String, String)> {
+    pub(super) fn env(&self) -> Vec<(String, String)> {
         [
             ("REDIS_URL", self.redis_url.clone()),
             ("AMQP_URL", self.amqp_url.clone()),
@@ -545,7 +576,7 @@ impl Deployment {
     }
 
     /// Delete the run's Redis keys, queues and exchange.
-    async fn cleanup(&self) {
+    pub(super) async fn cleanup(&self) {
         if let Ok(store) = tidemark_state::RedisStore::connect_with_ca(
             &self.redis_url,
             &format!("{}:", self.prefix),
@@ -564,14 +595,14 @@ impl Deployment {
 }
 
 /// Start a child on a blocking thread: its start-up waits for a ready line.
-async fn start(spawn: Spawn) -> Result<Proc, HarnessError> {
+pub(super) async fn start(spawn: Spawn) -> Result<Proc, HarnessError> {
     tokio::task::spawn_blocking(move || spawn.start())
         .await
         .map_err(|e| HarnessError::bench(format!("a start-up task failed: {e}")))?
 }
 
 /// Stop children on blocking threads, all at once.
-async fn stop(procs: Vec<Proc>, within: Duration) {
+pub(super) async fn stop(procs: Vec<Proc>, within: Duration) {
     let stopping = procs
         .into_iter()
         .map(|p| tokio::task::spawn_blocking(move || p.stop(within)));
@@ -614,7 +645,7 @@ async fn start_mock(
     .await
 }
 
-async fn scrape(client: &reqwest::Client, role: &Proc) -> Result<Scrape, HarnessError> {
+pub(super) async fn scrape(client: &reqwest::Client, role: &Proc) -> Result<Scrape, HarnessError> {
     let text = client
         .get(format!("{}/metrics", role.url()?))
         .send()
@@ -628,7 +659,7 @@ async fn scrape(client: &reqwest::Client, role: &Proc) -> Result<Scrape, Harness
 }
 
 /// A run's label as a file-name part: "throughput, per page" -> "throughput-per-page".
-fn slug(label: &str) -> String {
+pub(super) fn slug(label: &str) -> String {
     label
         .split(|c: char| !c.is_ascii_alphanumeric())
         .filter(|w| !w.is_empty())
@@ -636,7 +667,7 @@ fn slug(label: &str) -> String {
         .join("-")
 }
 
-fn ms(s: Option<f64>) -> Option<f64> {
+pub(super) fn ms(s: Option<f64>) -> Option<f64> {
     s.map(|s| s * 1000.0)
 }
 
@@ -875,7 +906,12 @@ async fn run_in(
 }
 
 /// A run's error with the tails of its roles' logs.
-fn with_logs(e: HarnessError, label: &str, workers: &[Proc], coordinator: &Proc) -> HarnessError {
+pub(super) fn with_logs(
+    e: HarnessError,
+    label: &str,
+    workers: &[Proc],
+    coordinator: &Proc,
+) -> HarnessError {
     let logs: String = workers
         .iter()
         .chain([coordinator])
@@ -1101,6 +1137,7 @@ pub fn render(r: &Report) -> String {
     }
     s.push_str(&scale::render(&r.scale));
     s.push_str(&tenants::render(&r.tenants));
+    s.push_str(&children::render(&r.children));
     s.push_str(&targets(r));
     for x in &r.many_jobs {
         s.push_str(&format!(
@@ -1171,6 +1208,7 @@ fn targets(r: &Report) -> String {
     }
     rows.extend(scale::targets(&r.scale));
     rows.extend(tenants::targets(&r.tenants));
+    rows.extend(children::targets(&r.children));
     if rows.is_empty() {
         return String::new();
     }

@@ -9,6 +9,7 @@
 //! Both start the `tidemark` binary they are given (the CLI passes itself)
 //! as separate processes, through [`crate::proc`].
 
+mod children;
 mod e2e;
 mod prom;
 mod pull;
@@ -19,6 +20,7 @@ mod tenants;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+pub use children::{ChildrenRun, RedisCost};
 pub use e2e::{E2eBench, Report, RunResult, Scenario, ToolResult, render};
 pub use pull::{PullBench, RunResult as PullResult};
 pub use tenants::TenantAdd;
