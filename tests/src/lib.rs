@@ -731,6 +731,7 @@ pub async fn assert_epoch_fenced(store: &dyn StateStore, job: &JobId, epoch: u64
         restart: None,
         note: None,
         triggers: Vec::new(),
+        batches: Vec::new(),
     };
     assert_eq!(
         store.commit(job, &stale).await.unwrap(),

@@ -1610,3 +1610,154 @@ async fn an_incremental_child_continues_from_its_cursor() {
         started.elapsed()
     );
 }
+
+// ---------------------------------------------------------------- batches
+
+/// A batched child feed of `tickets`: the mock's batch endpoint, `{ids}` the
+/// keys of up to `size` changed tickets, two batches at a time.
+fn batched_child_feed(size: usize) -> String {
+    format!(
+        r#"  - name: {CHILD}
+    source: mock
+    parent: {{ feed: {PARENT}, batch: {{ size: {size}, parent_key: /ticket_id, parallel: 2 }} }}
+    path: /api/v2/comments
+    params: {{ ticket_ids: "{{ids}}", "page[size]": "{PAGE}" }}
+    records: /comments
+    pagination: {{ next_url: /links/next }}
+    key: /id
+    version: /updated_at
+    mode: snapshot
+"#
+    )
+}
+
+/// Per ticket, the batch requests that named it.
+async fn batch_requests(c: &Cluster) -> BTreeMap<String, u64> {
+    serde_json::from_value(c.stats().await["batch_comment_requests_by_ticket"].clone())
+        .expect("batch_comment_requests_by_ticket")
+}
+
+/// Comment messages that arrived, per ticket (by the record's ticket_id).
+fn messages_per_ticket(down: &Downstream) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for g in down.comments() {
+        *m.entry(g.ticket_id).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Wait until every comment of the truth has arrived (ticket, id, version).
+async fn wait_for_truth(c: &Cluster, down: &Downstream, what: &str) -> Vec<CommentTruth> {
+    let main = Scope::main();
+    let mut truth = Vec::new();
+    let done = eventually(Duration::from_secs(60), async || {
+        truth = main.comments(c).await;
+        let got: HashSet<(String, String, String)> = down
+            .comments()
+            .into_iter()
+            .map(|g| (g.ticket_id, g.id, g.updated_at))
+            .collect();
+        versions_of(&truth).iter().all(|v| got.contains(v))
+    })
+    .await;
+    assert!(done, "{what}: not every comment arrived");
+    truth
+}
+
+/// Tickets in batches of 7 through the batch endpoint: every comment
+/// arrives once per version with x-parent-key its own ticket (read from the
+/// record) and an id per ticket; after 10 tickets change, only batches
+/// naming those 10 are asked for, and only their comments are published
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batched_child_feed_asks_for_many_parents_at_once() {
+    let started = Instant::now();
+    let feeds = format!("{}{}", parent_feed("mock", 20, "2s"), batched_child_feed(7));
+    let (c, down) = start_main(&feeds, &["--records", "60"]).await;
+    let main = Scope::main();
+    let tickets = main.tickets(&c).await;
+    let truth = wait_for_truth(&c, &down, "the first walk").await;
+
+    // Every ticket was named by a batch request; far fewer requests than tickets.
+    let named = batch_requests(&c).await;
+    assert_eq!(
+        named.keys().cloned().collect::<BTreeSet<_>>(),
+        tickets
+            .iter()
+            .map(|t| t.id.clone())
+            .collect::<BTreeSet<_>>(),
+        "every ticket asked for in some batch"
+    );
+    assert!(
+        requests_by_ticket(&c).await.is_empty(),
+        "no ticket asked for alone"
+    );
+    // Headers name each record's own parent; one message id per version.
+    let arrived = down.comments();
+    let mut ids: HashMap<(String, String, String), BTreeSet<String>> = HashMap::new();
+    for g in &arrived {
+        assert_eq!(
+            g.headers.get("x-parent-feed").map(String::as_str),
+            Some(PARENT),
+            "{g:?}"
+        );
+        assert_eq!(g.headers.get("x-parent-key"), Some(&g.ticket_id), "{g:?}");
+        ids.entry((g.ticket_id.clone(), g.id.clone(), g.updated_at.clone()))
+            .or_default()
+            .insert(g.message_id.clone());
+    }
+    let split: Vec<_> = ids.iter().filter(|(_, m)| m.len() > 1).collect();
+    assert!(
+        split.is_empty(),
+        "versions under two message ids: {split:?}"
+    );
+    assert_eq!(ids.len(), truth.len(), "exactly the truth's comments");
+
+    // The slots wait for the next changed tickets.
+    let st = status_json(&c, &["--feed", CHILD]);
+    let f = feed_summary(&st, CHILD);
+    assert_eq!(
+        (f["failed"].as_u64(), f["running"].as_u64()),
+        (Some(0), Some(0)),
+        "{f:#}"
+    );
+
+    // 10 tickets change: only batches naming them are asked for.
+    let before = main.tickets(&c).await;
+    let named_before = batch_requests(&c).await;
+    let messages_before = messages_per_ticket(&down);
+    c.admin("/_admin/update?n=10", None).await;
+    let after = main.tickets(&c).await;
+    let changed: BTreeSet<String> = after
+        .iter()
+        .filter(|t| !before.contains(t))
+        .map(|t| t.id.clone())
+        .collect();
+    assert_eq!(changed.len(), 10);
+    wait_for_truth(&c, &down, "after the update").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let named_again: BTreeSet<String> = batch_requests(&c)
+        .await
+        .into_iter()
+        .filter(|(id, n)| *n > named_before.get(id).copied().unwrap_or(0))
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(
+        named_again, changed,
+        "batches named exactly the changed tickets"
+    );
+    let republished: Vec<_> = messages_per_ticket(&down)
+        .into_iter()
+        .filter(|(id, n)| !changed.contains(id) && messages_before.get(id) != Some(n))
+        .collect();
+    assert!(
+        republished.is_empty(),
+        "unchanged tickets published again: {republished:?}"
+    );
+    eprintln!(
+        "children: batches of 7: {} tickets, {} comments, then 10 changed re-read, {:?}",
+        tickets.len(),
+        truth.len(),
+        started.elapsed()
+    );
+}

@@ -117,6 +117,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         parent: None,
         records: (0..1000)
             .map(|i| OutRecord {
+                parent_key: None,
                 key: i.to_string(),
                 message_id: format!("m-{i}"),
                 body: record(i),

@@ -342,7 +342,9 @@ impl Downstream for AmqpBus {
             h.insert(s("x-page-seq"), AMQPValue::LongLongInt(page.seq as i64));
             if let Some(p) = &page.parent {
                 h.insert(s("x-parent-feed"), long(&p.feed));
-                h.insert(s("x-parent-key"), long(&p.key));
+                if let Some(k) = &p.key {
+                    h.insert(s("x-parent-key"), long(k));
+                }
             }
         };
         let exchange = self.shared.cfg.records_exchange.clone();
@@ -352,6 +354,9 @@ impl Downstream for AmqpBus {
                     let mut h = FieldTable::default();
                     base_headers(&mut h);
                     h.insert(s("x-record-key"), long(&r.key));
+                    if let Some(k) = &r.parent_key {
+                        h.insert(s("x-parent-key"), long(k));
+                    }
                     (
                         r.body.to_vec(),
                         persistent()

@@ -12,6 +12,9 @@ pub struct OutRecord {
     pub message_id: String,
     /// The record exactly as the API sent it.
     pub body: Bytes,
+    /// A batched child feed's record: its parent record's key
+    /// (`x-parent-key`), read from the record.
+    pub parent_key: Option<String>,
 }
 
 /// One page on its way downstream.
@@ -35,7 +38,8 @@ pub struct OutPage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParentRecord {
     pub feed: String,
-    pub key: String,
+    /// `None` for a batched child feed, whose records name their parents.
+    pub key: Option<String>,
 }
 
 impl OutPage {

@@ -73,6 +73,7 @@ fn page(feed: &str, partition: &str, seq: u64, n: usize, per: DeliveryPer) -> Ou
         parent: None,
         records: (0..n)
             .map(|i| OutRecord {
+                parent_key: None,
                 key: format!("{partition}-{seq}-{i}"),
                 message_id: format!("m-{partition}-{seq}-{i}"),
                 body: bytes::Bytes::from(format!(

@@ -55,12 +55,22 @@ pub fn run(path: &Path, out: &mut dyn Write) -> Result<Config, Failure> {
         jobs
     );
     for f in &config.feeds {
-        if let Some(link) = &f.parent {
-            let _ = writeln!(
-                out,
-                "feed {}: a child of {}, one job per {} record (made as they are read)",
-                f.name, link.feed, link.feed
-            );
+        match f.parent.as_ref().map(|l| (l, &l.batch)) {
+            Some((link, None)) => {
+                let _ = writeln!(
+                    out,
+                    "feed {}: a child of {}, one job per {} record (made as they are read)",
+                    f.name, link.feed, link.feed
+                );
+            }
+            Some((link, Some(b))) => {
+                let _ = writeln!(
+                    out,
+                    "feed {}: a child of {}, its changed records in batches of {}, {} at a time",
+                    f.name, link.feed, b.size, b.parallel
+                );
+            }
+            None => {}
         }
     }
     for (name, list) in &tenants {

@@ -367,6 +367,7 @@ async fn admission_holds_the_bound_and_serves_every_feed() {
         restart: None,
         note: None,
         triggers: Vec::new(),
+        batches: Vec::new(),
     };
     assert_eq!(
         tidemark_state::Leases::commit(&*w.store, &done.job, &end)

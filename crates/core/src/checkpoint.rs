@@ -130,6 +130,14 @@ pub struct Checkpoint {
     /// records give their children, so a rewound parent triggers them again.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub generation: u64,
+    /// A batch slot of a batched child feed: how many parent records it
+    /// claims at a time (0: not a slot).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub batch_size: u64,
+    /// A batch slot: the child partitions (parent records) its chain runs
+    /// for, claimed from the feed's pending parents; empty while it waits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub batch: Vec<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -229,6 +237,28 @@ pub struct Commit {
     /// atomic step ([`Trigger::apply`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub triggers: Vec<Trigger>,
+    /// The parent records this page's records give each batched child
+    /// feed, applied in the same step ([`BatchTriggers`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub batches: Vec<BatchTriggers>,
+}
+
+/// The parent records of one committed page for one batched child feed (of
+/// one tenant). Each whose version differs from the one stored for it
+/// (`trigger_version`, as for [`Trigger`]) takes the new version and joins
+/// the feed's pending parents, unless it is pending already; then every
+/// idle slot without a batch claims up to `size` pending parents, oldest
+/// first, and is due at once. A slot's last commit claims its next batch
+/// (due at once) or, with none pending, waits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchTriggers {
+    pub feed: String,
+    pub tenant: Option<String>,
+    pub size: u64,
+    /// The feed's batch slots (of the tenant): jobs `[<tenant>/]batch-<i>`.
+    pub slots: Vec<JobId>,
+    /// Each parent record's child partition and version.
+    pub parents: Vec<(String, String)>,
 }
 
 /// Where the next chain of a job starts when it does not continue the cursor.
@@ -320,6 +350,8 @@ impl Checkpoint {
             // A child whose parent changed during the chain runs again now.
             next.next_due_ms = if self.rerun { now_ms } else { c.next_due_ms };
             next.rerun = false;
+            // A batch slot's batch is done (the store claims the next).
+            next.batch.clear();
             if let Some(r) = &c.restart {
                 next.stage = r.stage;
                 next.start_from = r.start_from.clone();
@@ -414,6 +446,7 @@ mod tests {
             restart: None,
             note: None,
             triggers: Vec::new(),
+            batches: Vec::new(),
         }
     }
 

@@ -15,11 +15,11 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint::{JobId, Trigger};
+use crate::checkpoint::{BatchTriggers, JobId, Trigger};
 use crate::config::{FeedConfig, ParentConfig};
 use crate::pointer::JsonPointer;
 use crate::record::Identity;
-use crate::tenant::split_job_partition;
+use crate::tenant::{job_partition, split_job_partition};
 
 /// What a path segment keeps unencoded: RFC 3986's unreserved characters.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -107,27 +107,82 @@ pub fn read_vars(record: &Value, vars: &BTreeMap<String, JsonPointer>) -> BTreeM
         .collect()
 }
 
-/// The triggers of one committed parent page: for every record, one per
-/// child feed. `records` are the page's record bytes with their identities.
+/// What one committed parent page gives its child feeds: a trigger per
+/// record and child feed, or for a batched child feed its records as
+/// pending parents.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Triggers {
+    pub jobs: Vec<Trigger>,
+    pub batches: Vec<BatchTriggers>,
+}
+
+/// The partition id of batch slot `i` of a batched child feed (of `tenant`).
+pub fn batch_slot(tenant: Option<&str>, i: u32) -> String {
+    let slot = format!("batch-{i}");
+    match tenant {
+        Some(t) => job_partition(t, &slot),
+        None => slot,
+    }
+}
+
+/// A batched child record's parent key: the text at `ptr` in the record.
+pub fn record_parent_key(record: &[u8], ptr: &JsonPointer) -> Option<String> {
+    let v: Value = serde_json::from_slice(record).ok()?;
+    match ptr.get(&v)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The triggers of one committed parent page. `records` are the page's
+/// record bytes with their identities.
 pub fn triggers<'a>(
     parent: &FeedConfig,
     children: &[&FeedConfig],
     tenanted: bool,
     parent_partition: &str,
     records: impl Iterator<Item = (&'a [u8], &'a Identity)>,
-) -> Result<Vec<Trigger>, String> {
-    let mut out = Vec::new();
+) -> Result<Triggers, String> {
+    let mut out = Triggers::default();
     if children.is_empty() {
         return Ok(out);
     }
+    let tenant = tenanted
+        .then(|| split_job_partition(parent_partition).map(|(t, _)| t))
+        .flatten();
+    for child in children {
+        if let Some(b) = child.parent.as_ref().and_then(|l| l.batch.as_ref()) {
+            out.batches.push(BatchTriggers {
+                feed: child.name.clone(),
+                tenant: tenant.map(str::to_string),
+                size: u64::from(b.size),
+                slots: (0..b.parallel)
+                    .map(|i| JobId::new(&child.name, batch_slot(tenant, i)))
+                    .collect(),
+                parents: Vec::new(),
+            });
+        }
+    }
+    let plain: Vec<&FeedConfig> = children
+        .iter()
+        .copied()
+        .filter(|c| c.parent.as_ref().is_some_and(|l| l.batch.is_none()))
+        .collect();
     for (bytes, id) in records {
-        let record: Value = serde_json::from_slice(bytes)
-            .map_err(|e| format!("record {} is not JSON: {e}", id.key))?;
         let partition = child_partition(parent, tenanted, parent_partition, &id.key);
         let version = parent_version(id.version.as_deref(), bytes);
-        for child in children {
+        for b in &mut out.batches {
+            b.parents.push((partition.clone(), version.clone()));
+        }
+        if plain.is_empty() {
+            continue;
+        }
+        let record: Value = serde_json::from_slice(bytes)
+            .map_err(|e| format!("record {} is not JSON: {e}", id.key))?;
+        for child in &plain {
             let Some(link) = &child.parent else { continue };
-            out.push(Trigger {
+            out.jobs.push(Trigger {
                 job: JobId::new(&child.name, &partition),
                 version: version.clone(),
                 vars: read_vars(&record, &link.vars),
@@ -135,6 +190,32 @@ pub fn triggers<'a>(
         }
     }
     Ok(out)
+}
+
+/// A batched child feed as one batch runs it: `{ids}` filled with the
+/// parent keys joined by the separator (each key percent-encoded in the
+/// path, as text in params).
+pub fn fill_batch(feed: &FeedConfig, keys: &[&str]) -> FeedConfig {
+    let Some(batch) = feed.parent.as_ref().and_then(|l| l.batch.as_ref()) else {
+        return feed.clone();
+    };
+    let encoded: Vec<String> = keys
+        .iter()
+        .map(|k| utf8_percent_encode(k, SEGMENT).to_string())
+        .collect();
+    let in_path = encoded.join(&batch.separator);
+    let in_params = keys.join(&batch.separator);
+    let mut out = feed.clone();
+    out.path = feed.path.replace("{ids}", &in_path);
+    for v in out.params.values_mut() {
+        *v = v.replace("{ids}", &in_params);
+    }
+    if let Some(inc) = out.incremental.as_mut() {
+        for v in inc.params.values_mut() {
+            *v = v.replace("{ids}", &in_params);
+        }
+    }
+    out
 }
 
 /// The child feed `feed` as one child job runs it: its `{name}` templates
@@ -296,6 +377,8 @@ feeds:
             recs.iter().copied().zip(ids.iter()),
         )
         .unwrap();
+        assert!(t.batches.is_empty());
+        let t = t.jobs;
         assert_eq!(t.len(), 2);
         assert_eq!(t[1].job, JobId::new("comments", "2"));
         assert_eq!(t[1].version, "u2");

@@ -146,7 +146,20 @@ pub async fn run(
                         .join(" ")
                 )));
             }
-            let filled = tidemark_core::child::fill(&feed, &opts.vars).map_err(Failure::Usage)?;
+            let filled = match &link.batch {
+                // A batched child feed: `--var ids=K1,K2,…` names its parents.
+                Some(b) => {
+                    let Some(ids) = opts.vars.get("ids") else {
+                        return Err(Failure::Usage(format!(
+                            "feed {} takes its parents in batches: name them with --var ids=K1{}K2…",
+                            feed.name, b.separator
+                        )));
+                    };
+                    let keys: Vec<&str> = ids.split(b.separator.as_str()).collect();
+                    tidemark_core::child::fill_batch(&feed, &keys)
+                }
+                None => tidemark_core::child::fill(&feed, &opts.vars).map_err(Failure::Usage)?,
+            };
             let partition = Partition {
                 id: opts.partition.clone().unwrap_or_else(|| "pull".into()),
                 params: vec![],

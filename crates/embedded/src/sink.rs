@@ -212,6 +212,7 @@ mod tests {
             page_message_id: format!("{tenant}-{n}"),
             parent: None,
             records: vec![tidemark_bus::OutRecord {
+                parent_key: None,
                 key: n.to_string(),
                 message_id: format!("{tenant}-{n}"),
                 body: bytes::Bytes::from(format!("{{\"tenant\":\"{tenant}\",\"n\":{n}}}")),

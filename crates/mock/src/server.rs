@@ -42,6 +42,7 @@ struct Shared {
     comment_requests: AtomicU64,
     /// Requests to a ticket's comments endpoint, by ticket key.
     comments_by_ticket: Mutex<HashMap<String, u64>>,
+    batch_comments_by_ticket: Mutex<HashMap<String, u64>>,
 }
 
 /// A handle on the mock's state, for tests in the same process.
@@ -69,6 +70,10 @@ pub struct Stats {
     /// not counted here), by ticket: the id for the main dataset,
     /// `{tenant}/{id}` for a tenant's.
     pub comment_requests_by_ticket: BTreeMap<String, u64>,
+    /// Per ticket (`[tenant/]id`): the batch requests
+    /// (`/api/v2/comments?ticket_ids=…`) that named it.
+    #[serde(default)]
+    pub batch_comment_requests_by_ticket: BTreeMap<String, u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -92,6 +97,7 @@ impl MockState {
             refused_by_tenant: Mutex::new(BTreeMap::new()),
             comment_requests: AtomicU64::new(0),
             comments_by_ticket: Mutex::new(HashMap::new()),
+            batch_comments_by_ticket: Mutex::new(HashMap::new()),
         }))
     }
     pub fn insert(&self, n: usize) {
@@ -189,17 +195,32 @@ impl MockState {
     }
     /// Count a request to `path` (without its tenant prefix) if it is a
     /// comments endpoint.
-    fn count_comments(&self, tenant: Option<&str>, path: &str) {
+    fn count_comments(&self, tenant: Option<&str>, path: &str, query: Option<&str>) {
         if !comments::is_comments_path(path) {
             return;
         }
         self.0.comment_requests.fetch_add(1, Ordering::SeqCst);
+        let key = |id: &str| match tenant {
+            Some(t) => format!("{t}/{id}"),
+            None => id.to_string(),
+        };
         if let Some(id) = comments::ticket_of_path(path) {
-            let key = match tenant {
-                Some(t) => format!("{t}/{id}"),
-                None => id.to_string(),
-            };
-            *lock(&self.0.comments_by_ticket).entry(key).or_insert(0) += 1;
+            *lock(&self.0.comments_by_ticket).entry(key(id)).or_insert(0) += 1;
+            return;
+        }
+        let ids = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .filter(|(k, _)| k == "ticket_ids")
+            .flat_map(|(_, v)| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect::<std::collections::BTreeSet<String>>();
+        let mut counts = lock(&self.0.batch_comments_by_ticket);
+        for id in ids {
+            *counts.entry(key(&id)).or_insert(0) += 1;
         }
     }
     fn count_tenant(&self, tenant: &str) {
@@ -222,6 +243,10 @@ impl MockState {
             refused_by_tenant: lock(&self.0.refused_by_tenant).clone(),
             comment_requests: self.0.comment_requests.load(Ordering::SeqCst),
             comment_requests_by_ticket: lock(&self.0.comments_by_ticket)
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            batch_comment_requests_by_ticket: lock(&self.0.batch_comments_by_ticket)
                 .iter()
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
@@ -482,8 +507,8 @@ async fn data(State(s): State<MockState>, uri: Uri, headers: HeaderMap) -> Respo
     let path = uri.path();
     let n = s.count(path);
     match tenants::route(path) {
-        Route::Main => s.count_comments(None, path),
-        Route::Tenant { name, rest } => s.count_comments(Some(name), rest),
+        Route::Main => s.count_comments(None, path, uri.query()),
+        Route::Tenant { name, rest } => s.count_comments(Some(name), rest, uri.query()),
         Route::BadName(_) => {}
     }
     let host = headers

@@ -49,6 +49,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     restart: None,
                     note: None,
                     triggers: Vec::new(),
+                    batches: Vec::new(),
                 };
                 if store.commit(&job, &c).await? == CommitOutcome::Ok {
                     seq += 1;

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tidemark_core::checkpoint::{
     Checkpoint, Commit, CommitOutcome, JobId, NEVER_DUE_MS, Phase, Stage, next_epoch,
+    trigger_version,
 };
 use tidemark_core::clock::now_ms;
 
@@ -42,6 +43,31 @@ struct Persisted {
     /// The tenants the coordinator runs, by source.
     #[serde(default)]
     tenants_active: BTreeMap<String, Vec<ActiveTenant>>,
+    /// Batched child feeds: each parent record's version, by feed and child partition.
+    #[serde(default)]
+    parent_versions: BTreeMap<String, BTreeMap<String, String>>,
+    /// Batched child feeds: the parents waiting for a batch, oldest first,
+    /// by `feed\u{1f}tenant`.
+    #[serde(default)]
+    pending: BTreeMap<String, Vec<String>>,
+}
+
+impl Persisted {
+    /// A batch slot (idle, without a batch) of `feed` (of `tenant`) claims
+    /// up to `size` pending parents; true when it got any.
+    fn claim(&mut self, feed: &str, tenant: &str, size: u64, cp: &mut Checkpoint) -> bool {
+        let Some(q) = self.pending.get_mut(&format!("{feed}\u{1f}{tenant}")) else {
+            return false;
+        };
+        let n = q.len().min(usize::try_from(size).unwrap_or(usize::MAX));
+        cp.batch = q.drain(..n).collect();
+        !cp.batch.is_empty()
+    }
+}
+
+/// The tenant of a batch slot's partition (`<tenant>/batch-<i>`), or "".
+fn slot_tenant(partition: &str) -> &str {
+    partition.rsplit_once('/').map_or("", |(t, _)| t)
 }
 
 #[derive(Default)]
@@ -639,8 +665,21 @@ impl Leases for EmbeddedStore {
             return Ok(CommitOutcome::Fenced);
         };
         let (outcome, next) = cp.apply(c, now);
-        let Some(next) = next else {
+        let Some(mut next) = next else {
             return Ok(outcome);
+        };
+        // A batch slot's batch is done: it claims the next, if any is pending.
+        if c.end_of_stream && next.batch_size > 0 {
+            let size = next.batch_size;
+            if inner
+                .data
+                .claim(&job.feed, slot_tenant(&job.partition), size, &mut next)
+            {
+                next.next_due_ms = now;
+            }
+        }
+        let Some((_, cp)) = inner.data.jobs.get_mut(&k) else {
+            return Ok(CommitOutcome::Fenced);
         };
         let before = std::mem::replace(cp, next);
         let generation = cp.generation;
@@ -668,6 +707,60 @@ impl Leases for EmbeddedStore {
                 && let Some((_, cp)) = inner.data.jobs.get(&ck)
             {
                 inner.index.enter(&ck, &t.job, cp, now);
+            }
+        }
+        // Batched child feeds: changed parents wait until a slot claims them.
+        for b in &c.batches {
+            let tenant = b.tenant.as_deref().unwrap_or("");
+            let pending = format!("{}\u{1f}{tenant}", b.feed);
+            for (partition, version) in &b.parents {
+                let pv = trigger_version(generation, version);
+                let stored = inner
+                    .data
+                    .parent_versions
+                    .entry(b.feed.clone())
+                    .or_default();
+                if stored.get(partition) != Some(&pv) {
+                    stored.insert(partition.clone(), pv);
+                    let q = inner.data.pending.entry(pending.clone()).or_default();
+                    if !q.contains(partition) {
+                        q.push(partition.clone());
+                    }
+                }
+            }
+            for slot in &b.slots {
+                if inner.data.pending.get(&pending).is_none_or(Vec::is_empty) {
+                    break;
+                }
+                let sk = key(slot);
+                if !inner.data.jobs.contains_key(&sk) {
+                    let cp = Checkpoint {
+                        phase: Phase::Idle,
+                        next_due_ms: NEVER_DUE_MS,
+                        batch_size: b.size,
+                        ..Checkpoint::default()
+                    };
+                    inner.index.enter(&sk, slot, &cp, now);
+                    inner.data.jobs.insert(sk.clone(), (slot.clone(), cp));
+                } else if inner.data.retired.remove(&sk)
+                    && let Some((_, cp)) = inner.data.jobs.get(&sk)
+                {
+                    inner.index.enter(&sk, slot, cp, now);
+                }
+                let Some((_, cp)) = inner.data.jobs.get(&sk) else {
+                    continue;
+                };
+                if cp.phase != Phase::Idle || !cp.batch.is_empty() {
+                    continue;
+                }
+                let before = cp.clone();
+                let mut next = cp.clone();
+                if inner.data.claim(&b.feed, tenant, b.size, &mut next) {
+                    next.next_due_ms = now;
+                    inner.index.leave(&sk, slot, &before);
+                    inner.index.enter(&sk, slot, &next, now);
+                    inner.data.jobs.insert(sk, (slot.clone(), next));
+                }
             }
         }
         self.persist(inner)?;

@@ -212,6 +212,15 @@ fn to_fields(job: &JobId, cp: &Checkpoint) -> Vec<(&'static str, String)> {
     if cp.generation > 0 {
         f.push(("gen", cp.generation.to_string()));
     }
+    if cp.batch_size > 0 {
+        f.push(("bsize", cp.batch_size.to_string()));
+    }
+    if !cp.batch.is_empty() {
+        f.push((
+            "batch",
+            serde_json::to_string(&cp.batch).unwrap_or_else(|_| "[]".into()),
+        ));
+    }
     if let Some(t) = cp.last_end_of_stream_ms {
         f.push(("last_eos_ms", t.to_string()));
     }
@@ -279,6 +288,12 @@ fn from_fields(key: &str, h: &HashMap<String, String>) -> Result<(JobId, Checkpo
         },
         rerun: h.get("rerun").is_some_and(|v| v == "1"),
         generation: num("gen")?,
+        batch_size: num("bsize")?,
+        batch: match h.get("batch") {
+            None => Vec::new(),
+            Some(v) => serde_json::from_str(v)
+                .map_err(|e| corrupt(format!("field batch is not a JSON list of strings: {e}")))?,
+        },
     };
     Ok((job, cp))
 }
@@ -688,13 +703,29 @@ impl Leases for RedisStore {
             )
             .arg(hw_ms.map(|t| t.to_string()).unwrap_or_default())
             .arg(c.note.clone().unwrap_or_default());
-        // Then per trigger: child feed, member, partition, parent version, vars.
+        // Then the triggers: how many, and per trigger: child feed, member,
+        // partition, parent version, vars.
+        inv.arg(c.triggers.len());
         for t in &c.triggers {
             inv.arg(&t.job.feed)
                 .arg(member(&t.job.partition))
                 .arg(&t.job.partition)
                 .arg(&t.version)
                 .arg(vars_json(&t.vars));
+        }
+        // Then per batched child feed: feed, tenant, size, its slots, its parents.
+        for b in &c.batches {
+            inv.arg(&b.feed)
+                .arg(b.tenant.as_deref().unwrap_or(""))
+                .arg(b.size)
+                .arg(b.slots.len());
+            for slot in &b.slots {
+                inv.arg(member(&slot.partition)).arg(&slot.partition);
+            }
+            inv.arg(b.parents.len());
+            for (partition, version) in &b.parents {
+                inv.arg(partition).arg(version);
+            }
         }
         let out: String = inv.invoke_async(&mut self.conn.clone()).await?;
         CommitOutcome::parse(&out).ok_or_else(|| StateError::Corrupt {

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use support::*;
 use tidemark_core::checkpoint::{
-    Checkpoint, Commit, CommitOutcome, JobId, NEVER_DUE_MS, Phase, Restart, Stage, Trigger,
+    BatchTriggers, Checkpoint, Commit, CommitOutcome, JobId, NEVER_DUE_MS, Phase, Restart, Stage,
+    Trigger,
 };
 use tidemark_core::clock::now_ms;
 use tidemark_state::{
@@ -33,6 +34,7 @@ fn commit(epoch: u64, seq: u64, cursor: &str) -> Commit {
         restart: None,
         note: None,
         triggers: Vec::new(),
+        batches: Vec::new(),
     }
 }
 
@@ -526,6 +528,93 @@ async fn parents_trigger_children<S: Jobs + Leases + Schedule>(s: Arc<S>) {
     assert!(cp.last_error.unwrap().starts_with("parent gone"));
 }
 
+fn parents(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(p, v)| (p.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A batched child feed: changed parents wait as pending until an idle
+/// slot without a batch claims up to `size` of them, oldest first; a slot's
+/// last commit claims the next batch; an unchanged parent is not pending
+/// again; a parent that changes while its batch runs is pending again.
+async fn batched_children<S: Jobs + Leases + Schedule>(s: Arc<S>) {
+    let parent = new_job(&*s, "orders").await;
+    let slots = vec![
+        JobId::new("items", "batch-0"),
+        JobId::new("items", "batch-1"),
+    ];
+    let group = |list: &[(&str, &str)]| BatchTriggers {
+        feed: "items".into(),
+        tenant: None,
+        size: 2,
+        slots: slots.clone(),
+        parents: parents(list),
+    };
+    let due = |s: Arc<S>| async move {
+        let mut d = s
+            .due_jobs(&[("items".to_string(), 10)], now_ms() + 1000)
+            .await
+            .unwrap();
+        d.sort();
+        d
+    };
+    let e = granted(&*s, &parent, false).await;
+    let mut c = commit(e, 0, "c1");
+    c.batches = vec![group(&[("o1", "v1"), ("o2", "v1"), ("o3", "v1")])];
+    assert_eq!(s.commit(&parent, &c).await.unwrap(), CommitOutcome::Ok);
+    let batch = |s: Arc<S>, i: usize| {
+        let slot = slots[i].clone();
+        async move { s.get(&slot).await.unwrap().unwrap().batch }
+    };
+    assert_eq!(batch(s.clone(), 0).await, ["o1", "o2"]);
+    assert_eq!(batch(s.clone(), 1).await, ["o3"]);
+    assert_eq!(due(s.clone()).await, slots);
+
+    // The same versions again: nothing pending, the batches unchanged.
+    let mut c = commit(e, 1, "c2");
+    c.batches = vec![group(&[("o1", "v1"), ("o2", "v1"), ("o3", "v1")])];
+    assert_eq!(s.commit(&parent, &c).await.unwrap(), CommitOutcome::Ok);
+    assert_eq!(batch(s.clone(), 0).await, ["o1", "o2"]);
+
+    // Slot 0 runs its batch to the end: nothing pending, it waits.
+    let e0 = granted(&*s, &slots[0], false).await;
+    assert_eq!(
+        s.commit(&slots[0], &child_end(e0, 0)).await.unwrap(),
+        CommitOutcome::Ok
+    );
+    assert!(batch(s.clone(), 0).await.is_empty());
+    assert_eq!(due(s.clone()).await, vec![slots[1].clone()]);
+
+    // o1 changed and o4 came: slot 0 claims them; slot 1 keeps its batch.
+    let mut c = commit(e, 2, "c3");
+    c.batches = vec![group(&[("o1", "v2"), ("o4", "v1")])];
+    assert_eq!(s.commit(&parent, &c).await.unwrap(), CommitOutcome::Ok);
+    assert_eq!(batch(s.clone(), 0).await, ["o1", "o4"]);
+    assert_eq!(batch(s.clone(), 1).await, ["o3"]);
+
+    // o3 changes while slot 1 runs it: pending again, claimed by slot 1's end.
+    let e1 = granted(&*s, &slots[1], false).await;
+    let mut c = commit(e, 3, "c4");
+    c.batches = vec![group(&[("o3", "v2")])];
+    assert_eq!(s.commit(&parent, &c).await.unwrap(), CommitOutcome::Ok);
+    assert_eq!(batch(s.clone(), 1).await, ["o3"]);
+    assert_eq!(
+        s.commit(&slots[1], &child_end(e1, 0)).await.unwrap(),
+        CommitOutcome::Ok
+    );
+    let cp = s.get(&slots[1]).await.unwrap().unwrap();
+    assert_eq!(
+        (cp.batch.as_slice(), cp.phase),
+        (["o3".to_string()].as_slice(), Phase::Idle)
+    );
+    assert_eq!(
+        due(s.clone()).await,
+        slots,
+        "both slots have a batch to run"
+    );
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         mod redis_backed {
@@ -778,6 +867,7 @@ async fn scheduling_indexes<S: Jobs + Leases + Schedule + Fleet>(s: Arc<S>) {
 
 both!(
     parents_trigger_children,
+    batched_children,
     scheduling_indexes,
     restarts_recovery_t0_and_registry,
     lifecycle,

@@ -34,6 +34,7 @@ fn commit(epoch: u64, seq: u64, cursor: &str) -> Commit {
         restart: None,
         note: None,
         triggers: Vec::new(),
+        batches: Vec::new(),
     }
 }
 

@@ -7,6 +7,7 @@
 //! `Result<_, Outcome>`: an `Err` ends the page there and says what the
 //! caller does with the delivery; acking it (8) is the caller's.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,12 +16,13 @@ use chrono::Utc;
 use tidemark_bus::{OutPage, OutRecord, PageTask, ParentRecord};
 use tidemark_core::SourceConfig;
 use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, NEVER_DUE_MS, Phase};
-use tidemark_core::child::{self, fill, parent_key};
+use tidemark_core::child::{self, fill, fill_batch, parent_key};
 use tidemark_core::clock::now_ms;
 use tidemark_core::config::{FeedConfig, OnMissing, Partition, RetryConfig};
 use tidemark_core::pagination::{Next, redact_query};
+use tidemark_core::pointer::JsonPointer;
 use tidemark_core::record::{page_message_id, positional_message_id, record_message_id};
-use tidemark_core::tenant::{Tenant, split_job_partition};
+use tidemark_core::tenant::{Tenant, job_partition, split_job_partition};
 use tidemark_core::walk::{Step, Walk, WalkError, restart_at_end, restart_point};
 use tidemark_source::{FetchError, HttpSource, backoff_delay};
 use tidemark_telemetry::Metrics;
@@ -61,6 +63,15 @@ struct ChildJob {
     feed: FeedConfig,
     parent: ParentRecord,
     on_missing: OnMissing,
+    /// A batch slot's run: many parents at once.
+    batch: Option<BatchRun>,
+}
+
+/// The parents of one batch, and where each record names its parent.
+struct BatchRun {
+    parent_key: JsonPointer,
+    /// Parent key -> child partition (the identity its records' ids hash).
+    by_key: HashMap<String, String>,
 }
 
 /// Everything a page needs that comes from the registry: the snapshot it
@@ -117,6 +128,24 @@ impl Resolved {
             (Some(t), true) => Some((self.feed().name.as_str(), t.as_str())),
             _ => None,
         }
+    }
+}
+
+/// An end of stream without a request: nothing read, the cursor kept.
+fn empty_end(task: &PageTask, walk: Walk, note: Option<String>) -> ReadPage {
+    ReadPage {
+        body: Bytes::new(),
+        step: Step {
+            records: vec![],
+            identities: vec![],
+            high_water: None,
+            next: Next::End {
+                resume: task.cursor.clone(),
+            },
+        },
+        page_cursor: walk.page_cursor(),
+        walk,
+        note,
     }
 }
 
@@ -312,19 +341,42 @@ impl Worker {
                     View::Plain(i) => &snap.config.feeds[*i],
                     View::Tenant(v) => &v.feed,
                 };
-                let feed = fill(unfilled, &cp.vars).map_err(|error| Outcome::Fail { error })?;
-                let key = match snap.config.feed(&link.feed) {
-                    Some(p) => parent_key(p, tenant.is_some(), &job.partition),
-                    None => partition_id,
+                let parent_cfg = snap.config.feed(&link.feed);
+                let key_of = |p: &'_ str| -> String {
+                    match parent_cfg {
+                        Some(pc) => parent_key(pc, tenant.is_some(), p).to_string(),
+                        None => p.to_string(),
+                    }
                 };
-                Some(ChildJob {
-                    feed,
-                    parent: ParentRecord {
-                        feed: link.feed.clone(),
-                        key: key.to_string(),
-                    },
-                    on_missing: link.on_missing,
-                })
+                match &link.batch {
+                    None => Some(ChildJob {
+                        feed: fill(unfilled, &cp.vars).map_err(|error| Outcome::Fail { error })?,
+                        parent: ParentRecord {
+                            feed: link.feed.clone(),
+                            key: Some(key_of(&job.partition)),
+                        },
+                        on_missing: link.on_missing,
+                        batch: None,
+                    }),
+                    Some(b) => {
+                        let by_key: HashMap<String, String> =
+                            cp.batch.iter().map(|p| (key_of(p), p.clone())).collect();
+                        let keys: Vec<String> = cp.batch.iter().map(|p| key_of(p)).collect();
+                        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                        Some(ChildJob {
+                            feed: fill_batch(unfilled, &keys),
+                            parent: ParentRecord {
+                                feed: link.feed.clone(),
+                                key: None,
+                            },
+                            on_missing: link.on_missing,
+                            batch: Some(BatchRun {
+                                parent_key: b.parent_key.clone(),
+                                by_key,
+                            }),
+                        })
+                    }
+                }
             }
         };
         let tenant = tenant.map(str::to_string);
@@ -430,6 +482,14 @@ impl Worker {
             .at(task.cursor.clone())
             .after_empty_pages(task.empty_run)
             .identifying(feed.key.clone(), feed.version.clone());
+        // A batch slot resumed or retried without a batch has nothing to ask.
+        if r.child
+            .as_ref()
+            .and_then(|c| c.batch.as_ref())
+            .is_some_and(|b| b.by_key.is_empty())
+        {
+            return Ok(empty_end(task, walk, None));
+        }
         let req = walk
             .request()
             .map_err(|e| fail(format!("cannot build the request: {e}")))?;
@@ -444,22 +504,8 @@ impl Worker {
             Err(e) => {
                 let at_cursor = walk.cursor().is_some();
                 if let Some(note) = self.parent_gone(r, at_cursor, &e) {
-                    // The child is done for now: an empty end of stream
-                    // that keeps its cursor, with the 404 noted.
-                    return Ok(ReadPage {
-                        body: Bytes::new(),
-                        step: Step {
-                            records: vec![],
-                            identities: vec![],
-                            high_water: None,
-                            next: Next::End {
-                                resume: task.cursor.clone(),
-                            },
-                        },
-                        page_cursor: walk.page_cursor(),
-                        walk,
-                        note: Some(note),
-                    });
+                    // The child is done for now, the 404 noted.
+                    return Ok(empty_end(task, walk, Some(note)));
                 }
                 return Err(self.fetch_failed(task, cp, r, at_cursor, e).await);
             }
@@ -535,7 +581,7 @@ impl Worker {
                 .get_or_create(&Metrics::feed_tenant_kind(f, t, "parent_gone"))
                 .inc();
         }
-        tracing::info!(feed = %r.feed().name, parent = %child.parent.key, "child answered 404: its parent is gone");
+        tracing::info!(feed = %r.feed().name, parent = child.parent.key.as_deref().unwrap_or("-"), "child answered 404: its parent is gone");
         Some(format!("parent gone: {e}"))
     }
 
@@ -549,13 +595,32 @@ impl Worker {
             .iter()
             .zip(&page.step.identities)
             .enumerate()
-            .map(|(i, (span, id))| OutRecord {
-                key: id.key.clone(),
-                message_id: match &id.version {
-                    Some(v) => record_message_id(&feed.name, partition, &id.key, v),
-                    None => positional_message_id(&feed.name, partition, &page.page_cursor, i),
-                },
-                body: page.body.slice(span.clone()),
+            .map(|(i, (span, id))| {
+                // A batched child's record names its parent, whose child
+                // partition its id hashes (as if it had run alone).
+                let batch = r.child.as_ref().and_then(|c| c.batch.as_ref());
+                let parent_key = batch.and_then(|b| {
+                    child::record_parent_key(&page.body[span.clone()], &b.parent_key)
+                });
+                let own = match (batch, &parent_key) {
+                    (Some(b), Some(k)) => {
+                        Some(b.by_key.get(k).cloned().unwrap_or_else(|| match &r.tenant {
+                            Some(t) => job_partition(t, k),
+                            None => k.clone(),
+                        }))
+                    }
+                    _ => None,
+                };
+                let partition = own.as_deref().unwrap_or(partition);
+                OutRecord {
+                    key: id.key.clone(),
+                    message_id: match &id.version {
+                        Some(v) => record_message_id(&feed.name, partition, &id.key, v),
+                        None => positional_message_id(&feed.name, partition, &page.page_cursor, i),
+                    },
+                    body: page.body.slice(span.clone()),
+                    parent_key,
+                }
             })
             .collect();
         let count = records.len() as u64;
@@ -635,6 +700,7 @@ impl Worker {
                 .zip(&page.step.identities),
         )
         .map_err(|error| Outcome::Fail { error })?;
+        let (triggers, batches) = (triggers.jobs, triggers.batches);
         let commit = Commit {
             epoch: task.epoch,
             expected_seq: task.seq,
@@ -656,6 +722,7 @@ impl Worker {
             restart,
             note: page.note.clone(),
             triggers,
+            batches,
         };
         let outcome = self
             .leases

@@ -245,6 +245,7 @@ impl World {
             restart: None,
             note: None,
             triggers: Vec::new(),
+            batches: Vec::new(),
         };
         self.store.commit(job, &c).await.expect("commit")
     }

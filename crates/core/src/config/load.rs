@@ -382,6 +382,59 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
     out
 }
 
+/// A batched child feed: `{ids}` where the parent keys go, and no
+/// per-parent vars (one request names many parents).
+fn check_batch(
+    feed: &FeedConfig,
+    link: &super::ParentConfig,
+    batch: &super::BatchConfig,
+    at: &str,
+    out: &mut Vec<(String, String)>,
+) {
+    if !(1..=1000).contains(&batch.size) {
+        out.push((
+            format!("{at}.parent.batch.size"),
+            "must be 1 to 1000".into(),
+        ));
+    }
+    if !(1..=64).contains(&batch.parallel) {
+        out.push((
+            format!("{at}.parent.batch.parallel"),
+            "must be 1 to 64".into(),
+        ));
+    }
+    if batch.separator.is_empty() {
+        out.push((
+            format!("{at}.parent.batch.separator"),
+            "must not be empty".into(),
+        ));
+    }
+    if !link.vars.is_empty() {
+        out.push((
+            format!("{at}.parent.vars"),
+            "a batched request names many parents at once: put {ids} (their keys) in the path or params instead of vars".into(),
+        ));
+    }
+    let uses_ids = feed.path.contains("{ids}")
+        || feed.params.values().any(|v| v.contains("{ids}"))
+        || feed
+            .incremental
+            .as_ref()
+            .is_some_and(|i| i.params.values().any(|v| v.contains("{ids}")));
+    if !uses_ids {
+        out.push((
+            format!("{at}.parent.batch"),
+            "a batched child feed must put {ids} (the parent keys, joined by the separator) in its path or params".into(),
+        ));
+    }
+    if feed.delivery.per == super::DeliveryPer::Page {
+        out.push((
+            format!("{at}.delivery.per"),
+            "a batched child feed delivers per record (each record names its own parent)".into(),
+        ));
+    }
+}
+
 /// A child feed's `parent` block, and what a child feed cannot have.
 fn check_parent(
     config: &Config,
@@ -425,7 +478,9 @@ fn check_parent(
             ),
         ));
     }
-    if link.vars.is_empty() {
+    if let Some(batch) = &link.batch {
+        check_batch(feed, link, batch, at, out);
+    } else if link.vars.is_empty() {
         out.push((
             format!("{at}.parent.vars"),
             "name at least one value of the parent record (e.g. { ticket_id: /id }) for the path or params".into(),

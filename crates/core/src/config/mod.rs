@@ -520,7 +520,8 @@ pub struct ParentConfig {
     pub feed: String,
     /// Values taken from each parent record, by name: `{name}` in this
     /// feed's `path` and `params` is replaced with the value at the JSON
-    /// pointer (percent-encoded in the path).
+    /// pointer (percent-encoded in the path). Required unless `batch`.
+    #[serde(default)]
     pub vars: BTreeMap<String, JsonPointer>,
     /// When a child runs: `change`, when its parent record is new or its
     /// version changed.
@@ -531,6 +532,35 @@ pub struct ParentConfig {
     /// `fail` (the child job fails).
     #[serde(default)]
     pub on_missing: OnMissing,
+    /// Many parents in one request: `{ids}` in the path or params is the
+    /// keys of up to `size` changed parent records, joined by `separator`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchConfig>,
+}
+
+/// A batched child feed: one request chain for many parent records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Parent records per request chain, 1 to 1000.
+    pub size: u32,
+    /// What joins the keys in `{ids}`.
+    #[serde(default = "default_separator")]
+    pub separator: String,
+    /// JSON pointer to the parent's key in each child record: its
+    /// `x-parent-key` and part of its message id.
+    pub parent_key: JsonPointer,
+    /// Batches that run at once (per tenant), 1 to 64.
+    #[serde(default = "default_parallel")]
+    pub parallel: u32,
+}
+
+fn default_separator() -> String {
+    ",".into()
+}
+
+fn default_parallel() -> u32 {
+    4
 }
 
 /// When a child job runs.

@@ -9,9 +9,12 @@
 -- ARGV[16] restart stage     ARGV[17] has_start_from 0/1    ARGV[18] start_from
 -- ARGV[19] the page's high-water mark as unix ms, or '' when it is not a time
 -- ARGV[20] with end_of_stream: a note kept as last_error, or ''
--- ARGV[21 ..] per child job the page's records trigger: child feed, member,
---   partition, parent version, vars (JSON); applied as tidemark_core's
---   Trigger::apply specifies, in this same step.
+-- ARGV[21] n: the child jobs the page's records trigger, then per each (5n
+--   values): child feed, member, partition, parent version, vars (JSON);
+--   applied as tidemark_core's Trigger::apply specifies, in this same step.
+-- Then per batched child feed (tidemark_core's BatchTriggers): feed, tenant
+--   (or ''), size, the number of slots, per slot: member, partition; the
+--   number of parents, per parent: child partition, parent version.
 -- Returns OK | ALREADY_APPLIED | FENCED | CONFLICT (same as Checkpoint::apply in tidemark-core).
 local J = ctx(ARGV[2], ARGV[3])
 local h = J.hash
@@ -59,6 +62,13 @@ if ARGV[12] == '1' then
   local due = tonumber(ARGV[13])
   -- A child whose parent changed while this chain ran runs again now.
   if redis.call('HDEL', h, 'rerun') == 1 then due = now end
+  -- A batch slot's batch is done: it claims the next, if any is pending.
+  local bsize = redis.call('HGET', h, 'bsize')
+  if bsize then
+    drop(J, 'batch')
+    local pend = P .. 'feed:' .. J.feed .. ':pending:' .. (redis.call('HGET', h, 'btenant') or '')
+    if claim(J, pend, tonumber(bsize)) then due = now end
+  end
   redis.call('HSET', h, 'phase', 'idle', 'lease_until_ms', '0', 'last_eos_ms', fmt(now),
     'next_due_ms', fmt(due))
   if ARGV[20] ~= '' then put(J, 'last_error', ARGV[20]) end
@@ -76,7 +86,8 @@ end
 -- The child jobs of this page's records. A rewind of this job changed its
 -- generation, so records read again differ from what their children saw.
 local gen = redis.call('HGET', h, 'gen')
-for i = 21, #ARGV, 5 do
+local plain = tonumber(ARGV[21]) or 0
+for i = 22, 21 + 5 * plain, 5 do
   local c = ctx(ARGV[i], ARGV[i + 1])
   local pv = ARGV[i + 3]
   if gen and gen ~= '0' then pv = gen .. '|' .. pv end
@@ -100,5 +111,40 @@ for i = 21, #ARGV, 5 do
   end
   -- A child retired with its feed comes back when its parent is read.
   join(c, now)
+end
+
+-- Batched child feeds: changed parents wait in the feed's pending set (per
+-- tenant) until an idle slot without a batch claims them.
+local i = 22 + 5 * plain
+while i <= #ARGV do
+  local feed, tenant, size, nslots = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local slots = i + 4
+  local np = tonumber(ARGV[slots + 2 * nslots])
+  local first = slots + 2 * nslots + 1
+  local pvs = P .. 'feed:' .. feed .. ':pv'
+  local pend = P .. 'feed:' .. feed .. ':pending:' .. tenant
+  for k = first, first + 2 * np - 1, 2 do
+    local pv = ARGV[k + 1]
+    if gen and gen ~= '0' then pv = gen .. '|' .. pv end
+    if redis.call('HGET', pvs, ARGV[k]) ~= pv then
+      redis.call('HSET', pvs, ARGV[k], pv)
+      redis.call('ZADD', pend, 'NX', fmt(now), ARGV[k])
+    end
+  end
+  for k = slots, slots + 2 * nslots - 1, 2 do
+    if redis.call('ZCARD', pend) == 0 then break end
+    local s = ctx(feed, ARGV[k])
+    if redis.call('EXISTS', s.hash) == 0 then
+      redis.call('HSET', s.hash, 'feed', feed, 'partition', ARGV[k + 1], 'phase', 'idle',
+        'next_due_ms', fmt(NEVER), 'bsize', fmt(size), 'btenant', tenant)
+    end
+    join(s, now)
+    if redis.call('HGET', s.hash, 'phase') == 'idle' and not value(s, 'batch')
+      and claim(s, pend, size) then
+      redis.call('HSET', s.hash, 'next_due_ms', fmt(now))
+      move(s, 'idle', 'idle', now, 0, now)
+    end
+  end
+  i = first + 2 * np
 end
 return 'OK'

@@ -18,11 +18,11 @@
 -- A paused job is in no phase index. A retired job (its feed or partition
 -- left the config) keeps its hash and is in no index at all.
 --
--- A cursor, an error text or a child's vars longer than LONG bytes is kept beside the hash
+-- A cursor, an error text, a child's vars or a batch slot's batch longer than LONG bytes is kept beside the hash
 -- in '<hash>:<field>', never in it: one long value would turn the hash from
 -- Redis's compact listpack (about 300 bytes a job) into a hashtable (about
 -- 1,000) for good, even after the value is gone. put/drop/value know this;
--- nothing else writes or reads those three fields.
+-- nothing else writes or reads those four fields.
 local P = ARGV[1]
 local RUNNING, COUNTS, DUE_FEEDS, FEEDS = P .. 'running', P .. 'counts', P .. 'due_feeds', P .. 'feeds'
 
@@ -66,7 +66,7 @@ end
 local function whole(j)
   local h = redis.call('HGETALL', j.hash)
   if #h == 0 then return h end
-  for _, field in ipairs({'cursor', 'last_error', 'vars'}) do
+  for _, field in ipairs({'cursor', 'last_error', 'vars', 'batch'}) do
     local v = redis.call('GET', side(j, field))
     if v then h[#h + 1] = field; h[#h + 1] = v end
   end
@@ -82,7 +82,7 @@ local function compact(j)
   local keep = {}
   for i = 1, #h, 2 do
     local f, v = h[i], h[i + 1]
-    if (f == 'cursor' or f == 'last_error' or f == 'vars') and #v > LONG then
+    if (f == 'cursor' or f == 'last_error' or f == 'vars' or f == 'batch') and #v > LONG then
       redis.call('SET', side(j, f), v)
     else
       keep[#keep + 1] = f
@@ -150,6 +150,17 @@ end
 -- A running chain's new deadline.
 local function extend(j, deadline)
   if registered(j) then redis.call('ZADD', RUNNING, fmt(deadline), j.global) end
+end
+
+-- A batch slot (idle, without a batch) claims up to `size` of the parents
+-- pending in `pending`, oldest first: true when it got any.
+local function claim(slot, pending, size)
+  local got = redis.call('ZPOPMIN', pending, size)
+  if #got == 0 then return false end
+  local ids = {}
+  for k = 1, #got, 2 do ids[#ids + 1] = got[k] end
+  put(slot, 'batch', cjson.encode(ids))
+  return true
 end
 
 -- Register a job whose hash exists, by what the hash says: 1 when it joined,

@@ -476,6 +476,7 @@ pub async fn commit(
         restart: None,
         note: None,
         triggers: Vec::new(),
+        batches: Vec::new(),
     };
     store.commit(job, &c).await.expect("commit")
 }
