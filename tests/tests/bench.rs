@@ -18,6 +18,32 @@ async fn bench_keys() -> Vec<String> {
         .unwrap()
 }
 
+/// Run `tidemark bench e2e --json --scenario <scenario>` with `args`; the
+/// report's one run of that scenario.
+async fn one_run(scenario: &'static str, args: &[&str]) -> serde_json::Value {
+    let env = vec![
+        ("REDIS_URL".to_string(), redis_url()),
+        ("AMQP_URL".to_string(), amqp_url()),
+    ];
+    let mut all: Vec<String> = ["bench", "e2e", "--json", "--scenario", scenario]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    all.extend(args.iter().map(|a| a.to_string()));
+    all.extend(["--timeout".to_string(), "120s".to_string()]);
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = all.iter().map(String::as_str).collect();
+        tidemark(&args, &env)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "bench failed:\n{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    let runs = r[scenario].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{r}");
+    runs[0].clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_counts_every_record_and_cleans_up() {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -180,39 +206,20 @@ async fn the_scale_scenario_measures_memory_and_idle_passes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tenants_scenario_times_a_new_tenants_first_record() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let env = vec![
-        ("REDIS_URL".to_string(), redis_url()),
-        ("AMQP_URL".to_string(), amqp_url()),
-    ];
-    let (code, out, err) = tokio::task::spawn_blocking(move || {
-        tidemark(
-            &[
-                "bench",
-                "e2e",
-                "--json",
-                "--scenario",
-                "tenants",
-                "--tenants",
-                "40",
-                "--tenants-feeds",
-                "3",
-                "--tenants-records",
-                "10",
-                "--tenants-adds",
-                "2",
-                "--timeout",
-                "120s",
-            ],
-            &env,
-        )
-    })
-    .await
-    .unwrap();
-    assert_eq!(code, 0, "bench failed:\n{err}");
-    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
-    let runs = r["tenants"].as_array().unwrap();
-    assert_eq!(runs.len(), 1);
-    let run = &runs[0];
+    let run = &one_run(
+        "tenants",
+        &[
+            "--tenants",
+            "40",
+            "--tenants-feeds",
+            "3",
+            "--tenants-records",
+            "10",
+            "--tenants-adds",
+            "2",
+        ],
+    )
+    .await;
     assert_eq!(
         (
             run["tenants"].as_u64(),
@@ -292,33 +299,7 @@ async fn a_scenario_that_cannot_finish_fails_with_the_logs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_children_scenario_counts_every_child_record_once() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let env = vec![
-        ("REDIS_URL".to_string(), redis_url()),
-        ("AMQP_URL".to_string(), amqp_url()),
-    ];
-    let (code, out, err) = tokio::task::spawn_blocking(move || {
-        tidemark(
-            &[
-                "bench",
-                "e2e",
-                "--json",
-                "--scenario",
-                "children",
-                "--children-parents",
-                "300",
-                "--timeout",
-                "120s",
-            ],
-            &env,
-        )
-    })
-    .await
-    .unwrap();
-    assert_eq!(code, 0, "bench failed:\n{err}");
-    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
-    let runs = r["children"].as_array().unwrap();
-    assert_eq!(runs.len(), 1);
-    let run = &runs[0];
+    let run = &one_run("children", &["--children-parents", "300"]).await;
     assert_eq!(
         (
             run["parents"].as_u64(),
