@@ -1761,3 +1761,80 @@ async fn a_batched_child_feed_asks_for_many_parents_at_once() {
         started.elapsed()
     );
 }
+
+/// `tidemark run --once` with a parent and a child feed ends once every
+/// child has run, with every comment written; a second `--once` after 5
+/// tickets changed asks only for those 5 tickets' comments (a child that
+/// waits for its parent is not walked again just because the run is new).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_once_walks_the_children_that_changed_and_ends() {
+    const TICKETS: usize = 30;
+    let feeds = format!(
+        "{}{}",
+        parent_feed("mock", 20, "1h"),
+        child_feed(CHILD, "mock", Paging::NextUrl, "snapshot", "")
+    );
+    let c = Cluster::start(&feeds, &["--records", &TICKETS.to_string()]);
+    let main = Scope::main();
+    let state = c.dir.path().join("state");
+    let out = c.dir.path().join("out");
+    // One `run --once`, killed (and the test failed) if it does not end.
+    let once = |what: &str| {
+        let args = [
+            "run",
+            "--config",
+            &s(&c.config),
+            "--state-dir",
+            &s(&state),
+            "--out",
+            &s(&out),
+            "--tick",
+            "200ms",
+            "--once",
+        ];
+        let mut run = spawn("run", &args, &[], c.dir.path(), "tidemark run:");
+        let ended = tokio::task::block_in_place(|| run.wait(Duration::from_secs(60)));
+        assert!(
+            ended.is_some_and(|st| st.success()),
+            "{what}: `run --once` did not end well ({ended:?})\n{}",
+            run.log_tail(30)
+        );
+    };
+    once("the first run");
+    let file = out.join(format!("{CHILD}.jsonl"));
+    let written: BTreeSet<_> = file_comments(&file).into_iter().collect();
+    assert_eq!(
+        written,
+        versions_of(&main.comments(&c).await),
+        "every comment written"
+    );
+
+    let before = main.tickets(&c).await;
+    let requests_before = main.requests(&c).await;
+    c.admin("/_admin/update?n=5", None).await;
+    let after = main.tickets(&c).await;
+    let changed: BTreeSet<String> = after
+        .iter()
+        .filter(|t| !before.contains(t))
+        .map(|t| t.id.clone())
+        .collect();
+    once("the run after the update");
+    let comments = main.comments(&c).await;
+    let n = counts(&after, &comments);
+    let want: BTreeMap<String, u64> = n
+        .iter()
+        .filter(|(id, _)| changed.contains(*id))
+        .map(|(id, k)| (id.clone(), pages(*k)))
+        .collect();
+    let wrong = request_mismatches(&requests_before, &main.requests(&c).await, &want);
+    assert!(
+        wrong.is_empty(),
+        "requests since the update (ticket, got, want): {wrong:?}"
+    );
+    let written: BTreeSet<_> = file_comments(&file).into_iter().collect();
+    assert_eq!(
+        written,
+        versions_of(&comments),
+        "the new comments written too"
+    );
+}

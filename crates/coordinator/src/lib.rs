@@ -37,7 +37,7 @@ use tidemark_bus::{PageTask, TaskQueue};
 use tidemark_core::Config;
 use tidemark_core::checkpoint::{Checkpoint, JobId, Phase, Stage};
 use tidemark_core::clock::now_ms;
-use tidemark_core::config::Mode;
+use tidemark_core::config::{DEFAULT_PARTITION, Mode};
 use tidemark_core::options::parse_duration;
 use tidemark_core::tenant::{job_partition, split_job_partition};
 use tidemark_state::registry::publish_config;
@@ -281,7 +281,7 @@ impl Coordinator {
         let created = store.ensure_many(&fresh, &fresh_checkpoint()).await?;
         self.known.extend(fresh);
         let retired = if first {
-            self.retire_unwanted(&wanted).await?
+            self.retire_unwanted(&wanted).await? + self.register_children().await?
         } else {
             0
         };
@@ -341,7 +341,16 @@ impl Coordinator {
                 .iter()
                 .filter(|f| f.source == change.source)
             {
-                if !change.came.is_empty() && feed.parent.is_none() {
+                if !change.came.is_empty() && feed.parent.is_some() {
+                    // A child feed's jobs come from its parents' records;
+                    // those retired with the tenant come back with it.
+                    for t in &change.came {
+                        let back = store
+                            .retired_children(&feed.name, Some(&job_partition(t, "")))
+                            .await?;
+                        created += store.ensure_many(&back, &fresh_checkpoint()).await?;
+                    }
+                } else if !change.came.is_empty() {
                     let parts = match feed.partitions(Utc::now()) {
                         Ok(p) => p,
                         Err(e) => {
@@ -371,6 +380,53 @@ impl Coordinator {
             }
         }
         Ok(created)
+    }
+
+    /// The child feeds on taking the leadership: their retired child jobs
+    /// and batch slots of running tenants rejoin (a child feed back in the
+    /// config, a tenant back while its children waited), with their state
+    /// and their pending runs; and a feed that became a child feed retires
+    /// the jobs it had as an ordinary feed (a child job has a parent
+    /// version, a slot a batch size). Returns how many it retired.
+    async fn register_children(&mut self) -> Result<usize, StateError> {
+        let store = self.deps.store.clone();
+        let mut retired = 0;
+        for feed in self.config.feeds.iter().filter(|f| f.parent.is_some()) {
+            let tenanted = self.tenants.is_tenanted(&feed.source);
+            let back: Vec<JobId> = store
+                .retired_children(&feed.name, None)
+                .await?
+                .into_iter()
+                .filter(|j| {
+                    !tenanted
+                        || split_job_partition(&j.partition)
+                            .is_some_and(|(t, _)| self.tenants.get(&feed.source, t).is_some())
+                })
+                .collect();
+            if !back.is_empty() {
+                let n = store.ensure_many(&back, &fresh_checkpoint()).await?;
+                tracing::info!(feed = %feed.name, jobs = n, "retired child jobs joined again");
+            }
+            let ordinary: Vec<JobId> = match tenanted {
+                false => vec![JobId::new(&feed.name, DEFAULT_PARTITION)],
+                true => self
+                    .tenants
+                    .active(&feed.source)
+                    .map(|t| JobId::new(&feed.name, job_partition(t, DEFAULT_PARTITION)))
+                    .collect(),
+            };
+            for job in ordinary {
+                let was_ordinary = store
+                    .get(&job)
+                    .await?
+                    .is_some_and(|cp| cp.parent_version.is_none() && cp.batch_size == 0);
+                if was_ordinary && store.retire(&job).await? {
+                    tracing::info!(job = %job, "job retired: its feed is a child feed now");
+                    retired += 1;
+                }
+            }
+        }
+        Ok(retired)
     }
 
     /// Retire the jobs the config no longer has: every job of a feed that

@@ -675,15 +675,22 @@ async fn purge_tenant(
 ) -> Result<usize, OpError> {
     let mut purged = 0;
     for feed in config.feeds.iter().filter(|f| f.source == source) {
-        let jobs: Vec<JobId> = if feed.parent.is_some() {
-            // A child feed's jobs are its parents' records: those of the
-            // tenant still registered (a child retired earlier stays).
+        let jobs: Vec<JobId> = if let Some(link) = &feed.parent {
+            // A child feed's jobs are its parents' records: the tenant's
+            // registered ones and those retired already.
             let prefix = tenant::job_partition(name, "");
-            tidemark_state::feed_jobs_with_prefix(store, &feed.name, Some(&prefix))
-                .await?
-                .into_iter()
-                .map(|(job, _)| job)
-                .collect()
+            let mut jobs: Vec<JobId> =
+                tidemark_state::feed_jobs_with_prefix(store, &feed.name, Some(&prefix))
+                    .await?
+                    .into_iter()
+                    .map(|(job, _)| job)
+                    .collect();
+            jobs.extend(store.retired_children(&feed.name, Some(&prefix)).await?);
+            // A batched feed's parents: their versions and those pending.
+            if link.batch.is_some() {
+                store.purge_parents(&feed.name, Some(name)).await?;
+            }
+            jobs
         } else {
             let parts = feed.partitions(Utc::now()).map_err(OpError::Invalid)?;
             parts

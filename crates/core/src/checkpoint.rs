@@ -176,8 +176,8 @@ impl Trigger {
     /// this trigger from a parent job rewound `generation` times, or `None`
     /// when nothing changes (the parent version is the one it has). A new
     /// child is idle and due now; a changed parent makes an idle child due
-    /// now and a running one run again when its chain ends; a paused or
-    /// failed child keeps its phase (resume and retry run it).
+    /// now, and a running or paused one run again when its chain ends or it
+    /// is resumed (`rerun`); a failed child keeps its phase (retry runs it).
     pub fn apply(
         &self,
         existing: Option<&Checkpoint>,
@@ -197,8 +197,9 @@ impl Trigger {
                 let mut next = cp.clone();
                 match cp.phase {
                     Phase::Idle => next.next_due_ms = now_ms,
-                    Phase::Running => next.rerun = true,
-                    Phase::Paused | Phase::Failed => {}
+                    // Runs again when its chain ends, or when resumed.
+                    Phase::Running | Phase::Paused => next.rerun = true,
+                    Phase::Failed => {}
                 }
                 next
             }

@@ -10,7 +10,7 @@ use tidemark_bus::TaskQueue;
 use tidemark_bus::memory::MemoryQueue;
 use tidemark_coordinator::{CoordinatorDeps, CoordinatorOptions};
 use tidemark_core::Config;
-use tidemark_core::checkpoint::Phase;
+use tidemark_core::checkpoint::{NEVER_DUE_MS, Phase};
 use tidemark_core::clock::now_ms;
 use tidemark_state::StateStore;
 use tidemark_telemetry::Metrics;
@@ -67,7 +67,10 @@ pub async fn sync(
             store.release(&job, cp.epoch).await?;
             tracing::info!(job = %job, seq = cp.seq, "resuming a chain left running by the last run");
         }
-        if opts.once && cp.phase == Phase::Idle && cp.next_due_ms > started_ms {
+        // A child waiting for its parent stays waiting: its parent's walk
+        // makes it due if the parent changed.
+        let waits = cp.next_due_ms >= NEVER_DUE_MS;
+        if opts.once && cp.phase == Phase::Idle && cp.next_due_ms > started_ms && !waits {
             // --once: every job walks now, whatever its schedule says.
             store
                 .control(&job, &tidemark_state::Control::Resume)
@@ -107,8 +110,10 @@ pub async fn sync(
         .feeds
         .iter()
         .filter(|f| {
-            f.partitions(chrono::Utc::now())
-                .is_ok_and(|p| !p.is_empty())
+            // A child feed's jobs come from its parents' records, if any.
+            f.parent.is_none()
+                && f.partitions(chrono::Utc::now())
+                    .is_ok_and(|p| !p.is_empty())
         })
         .map(|f| f.name.clone())
         .collect();
@@ -155,6 +160,15 @@ async fn all_done(store: &dyn StateStore, feeds: &[String], since_ms: u64) -> bo
     let now = now_ms();
     let mut seen: Vec<&str> = Vec::new();
     for (job, cp) in &jobs {
+        // A child job (or batch slot) is done when nothing makes it due:
+        // it may not have run in this walk, its parent unchanged.
+        if cp.phase == Phase::Running
+            || (cp.phase == Phase::Idle
+                && cp.next_due_ms <= now
+                && (cp.parent_version.is_some() || cp.batch_size > 0))
+        {
+            return false;
+        }
         let Some(f) = feeds.iter().find(|f| **f == job.feed) else {
             continue;
         };

@@ -44,6 +44,18 @@ pub trait Jobs: Send + Sync {
     /// --purge`). Refused (`Err` not raised: `Ok(None)`) while the job is
     /// registered; `Ok(Some(false))` when there was nothing to delete.
     async fn purge(&self, job: &JobId) -> Result<Option<bool>, StateError>;
+    /// The retired child jobs and batch slots of `feed` whose partition
+    /// starts with `prefix` (made by parents' commits, not by the config,
+    /// they are found here to come back or to be purged), sorted.
+    async fn retired_children(
+        &self,
+        feed: &str,
+        prefix: Option<&str>,
+    ) -> Result<Vec<JobId>, StateError>;
+    /// Forget the parent versions and the pending parents of batched child
+    /// feed `feed` of `tenant` (`None`: a feed without tenants), for
+    /// `tenants remove --purge`; returns how many parents it forgot.
+    async fn purge_parents(&self, feed: &str, tenant: Option<&str>) -> Result<u64, StateError>;
     /// The feeds that have registered jobs, sorted.
     async fn feeds(&self) -> Result<Vec<String>, StateError>;
     /// One page of a feed's jobs in partition order (of the encoded

@@ -46,10 +46,46 @@ struct Persisted {
     /// Batched child feeds: each parent record's version, by feed and child partition.
     #[serde(default)]
     parent_versions: BTreeMap<String, BTreeMap<String, String>>,
-    /// Batched child feeds: the parents waiting for a batch, oldest first,
-    /// by `feed\u{1f}tenant`.
+    /// Batched child feeds: the parents waiting for a batch, by
+    /// `feed\u{1f}tenant`.
     #[serde(default)]
-    pending: BTreeMap<String, Vec<String>>,
+    pending: BTreeMap<String, Pending>,
+    /// Batched child feeds: (size, slots) as the parent's last commit gave them.
+    #[serde(default)]
+    batch_conf: BTreeMap<String, (u64, usize)>,
+}
+
+/// The parents of a batched child feed waiting for a batch: by the time
+/// they came, then by name (the order of Redis's zset), and by name.
+#[derive(Default, Serialize, Deserialize)]
+struct Pending {
+    order: BTreeSet<(u64, String)>,
+    since: BTreeMap<String, u64>,
+}
+
+impl Pending {
+    /// Add `partition` unless it waits already (it keeps its place).
+    fn add(&mut self, partition: &str, now: u64) {
+        if !self.since.contains_key(partition) {
+            self.since.insert(partition.to_string(), now);
+            self.order.insert((now, partition.to_string()));
+        }
+    }
+    /// Take up to `n`, those that came first first.
+    fn take(&mut self, n: usize) -> Vec<String> {
+        let mut out = Vec::with_capacity(n.min(self.order.len()));
+        while out.len() < n {
+            let Some((_, p)) = self.order.pop_first() else {
+                break;
+            };
+            self.since.remove(&p);
+            out.push(p);
+        }
+        out
+    }
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
 }
 
 impl Persisted {
@@ -59,8 +95,7 @@ impl Persisted {
         let Some(q) = self.pending.get_mut(&format!("{feed}\u{1f}{tenant}")) else {
             return false;
         };
-        let n = q.len().min(usize::try_from(size).unwrap_or(usize::MAX));
-        cp.batch = q.drain(..n).collect();
+        cp.batch = q.take(usize::try_from(size).unwrap_or(usize::MAX));
         !cp.batch.is_empty()
     }
 }
@@ -357,6 +392,51 @@ impl Jobs for EmbeddedStore {
         Ok(true)
     }
 
+    async fn retired_children(
+        &self,
+        feed: &str,
+        prefix: Option<&str>,
+    ) -> Result<Vec<JobId>, StateError> {
+        let inner = self.lock();
+        let mut out: Vec<JobId> = inner
+            .data
+            .retired
+            .iter()
+            .filter_map(|k| inner.data.jobs.get(k))
+            .filter(|(job, cp)| {
+                job.feed == feed
+                    && prefix.is_none_or(|p| job.partition.starts_with(p))
+                    && (cp.parent_version.is_some() || cp.batch_size > 0)
+            })
+            .map(|(job, _)| job.clone())
+            .collect();
+        out.sort_by_key(|j| crate::member(&j.partition));
+        Ok(out)
+    }
+
+    async fn purge_parents(&self, feed: &str, tenant: Option<&str>) -> Result<u64, StateError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        inner
+            .data
+            .pending
+            .remove(&format!("{feed}\u{1f}{}", tenant.unwrap_or("")));
+        let mut forgot = 0u64;
+        if let Some(versions) = inner.data.parent_versions.get_mut(feed) {
+            let before = versions.len();
+            match tenant {
+                Some(t) => {
+                    let prefix = tidemark_core::tenant::job_partition(t, "");
+                    versions.retain(|p, _| !p.starts_with(&prefix));
+                }
+                None => versions.clear(),
+            }
+            forgot = (before - versions.len()) as u64;
+        }
+        self.persist(inner)?;
+        Ok(forgot)
+    }
+
     async fn purge(&self, job: &JobId) -> Result<Option<bool>, StateError> {
         let mut guard = self.lock();
         let inner = &mut *guard;
@@ -402,7 +482,10 @@ impl Jobs for EmbeddedStore {
                 let jobs: Vec<&Checkpoint> =
                     Self::jobs_of(&inner, feed).map(|(_, (_, cp))| cp).collect();
                 // A child job's cursor does not age: it waits for its parent.
-                let ageing = || jobs.iter().filter(|cp| cp.parent_version.is_none());
+                let ageing = || {
+                    jobs.iter()
+                        .filter(|cp| cp.parent_version.is_none() && cp.batch_size == 0)
+                };
                 FeedCensus {
                     feed: feed.clone(),
                     idle: c[0],
@@ -473,7 +556,12 @@ impl Jobs for EmbeddedStore {
                 Control::Pause => cp.phase = Phase::Paused,
                 Control::Resume => {
                     cp.phase = Phase::Idle;
-                    cp.next_due_ms = now;
+                    // A child that was waiting for its parent, and whose
+                    // parent did not change meanwhile, waits on.
+                    if cp.next_due_ms < NEVER_DUE_MS || cp.rerun {
+                        cp.next_due_ms = now;
+                    }
+                    cp.rerun = false;
                     cp.last_error = None;
                 }
                 Control::Rewind(to) => {
@@ -669,11 +757,23 @@ impl Leases for EmbeddedStore {
             return Ok(outcome);
         };
         // A batch slot's batch is done: it claims the next, if any is pending.
+        // As in Redis: with the feed's size and slot count in force; a slot
+        // beyond the count claims no more.
         if c.end_of_stream && next.batch_size > 0 {
-            let size = next.batch_size;
-            if inner
+            let (size, slots) = inner
                 .data
-                .claim(&job.feed, slot_tenant(&job.partition), size, &mut next)
+                .batch_conf
+                .get(&job.feed)
+                .copied()
+                .unwrap_or((next.batch_size, 1));
+            let index = job
+                .partition
+                .rsplit_once("batch-")
+                .and_then(|(_, i)| i.parse::<usize>().ok());
+            if index.is_some_and(|i| i < slots)
+                && inner
+                    .data
+                    .claim(&job.feed, slot_tenant(&job.partition), size, &mut next)
             {
                 next.next_due_ms = now;
             }
@@ -713,6 +813,10 @@ impl Leases for EmbeddedStore {
         for b in &c.batches {
             let tenant = b.tenant.as_deref().unwrap_or("");
             let pending = format!("{}\u{1f}{tenant}", b.feed);
+            inner
+                .data
+                .batch_conf
+                .insert(b.feed.clone(), (b.size, b.slots.len()));
             for (partition, version) in &b.parents {
                 let pv = trigger_version(generation, version);
                 let stored = inner
@@ -722,17 +826,30 @@ impl Leases for EmbeddedStore {
                     .or_default();
                 if stored.get(partition) != Some(&pv) {
                     stored.insert(partition.clone(), pv);
-                    let q = inner.data.pending.entry(pending.clone()).or_default();
-                    if !q.contains(partition) {
-                        q.push(partition.clone());
-                    }
+                    inner
+                        .data
+                        .pending
+                        .entry(pending.clone())
+                        .or_default()
+                        .add(partition, now);
                 }
             }
             for slot in &b.slots {
-                if inner.data.pending.get(&pending).is_none_or(Vec::is_empty) {
-                    break;
-                }
                 let sk = key(slot);
+                // A slot retired with its tenant (its batch kept) comes back.
+                if inner.data.retired.remove(&sk)
+                    && let Some((_, cp)) = inner.data.jobs.get(&sk)
+                {
+                    inner.index.enter(&sk, slot, cp, now);
+                }
+                if inner
+                    .data
+                    .pending
+                    .get(&pending)
+                    .is_none_or(Pending::is_empty)
+                {
+                    continue;
+                }
                 if !inner.data.jobs.contains_key(&sk) {
                     let cp = Checkpoint {
                         phase: Phase::Idle,
@@ -742,10 +859,6 @@ impl Leases for EmbeddedStore {
                     };
                     inner.index.enter(&sk, slot, &cp, now);
                     inner.data.jobs.insert(sk.clone(), (slot.clone(), cp));
-                } else if inner.data.retired.remove(&sk)
-                    && let Some((_, cp)) = inner.data.jobs.get(&sk)
-                {
-                    inner.index.enter(&sk, slot, cp, now);
                 }
                 let Some((_, cp)) = inner.data.jobs.get(&sk) else {
                     continue;

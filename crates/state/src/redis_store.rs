@@ -341,6 +341,72 @@ impl Jobs for RedisStore {
         Ok(r == 1)
     }
 
+    async fn retired_children(
+        &self,
+        feed: &str,
+        prefix: Option<&str>,
+    ) -> Result<Vec<JobId>, StateError> {
+        let (min, max) = match prefix.map(member) {
+            Some(p) => (format!("[{p}"), format!("[{p}\u{7f}")),
+            None => ("-".to_string(), "+".to_string()),
+        };
+        let members: Vec<String> = redis::cmd("ZRANGEBYLEX")
+            .arg(self.keys.feed_index(feed, "retired"))
+            .arg(&min)
+            .arg(&max)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(members
+            .iter()
+            .map(|m| JobId::new(feed, crate::keys::partition(m)))
+            .collect())
+    }
+
+    async fn purge_parents(&self, feed: &str, tenant: Option<&str>) -> Result<u64, StateError> {
+        let mut c = self.conn.clone();
+        let versions = self.keys.feed_index(feed, "pv");
+        let pending = self
+            .keys
+            .feed_index(feed, &format!("pending:{}", tenant.unwrap_or("")));
+        let _: i64 = redis::cmd("DEL").arg(&pending).query_async(&mut c).await?;
+        let Some(t) = tenant else {
+            let n: u64 = redis::cmd("HLEN")
+                .arg(&versions)
+                .query_async(&mut c)
+                .await?;
+            let _: i64 = redis::cmd("DEL").arg(&versions).query_async(&mut c).await?;
+            return Ok(n);
+        };
+        // A tenant's parents are the fields under `<tenant>/`.
+        let pattern = format!("{}*", tidemark_core::tenant::job_partition(t, ""));
+        let mut cursor = 0u64;
+        let mut forgot = 0u64;
+        loop {
+            let (next, page): (u64, Vec<String>) = redis::cmd("HSCAN")
+                .arg(&versions)
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await?;
+            let fields: Vec<&String> = page.iter().step_by(2).collect();
+            if !fields.is_empty() {
+                let n: u64 = redis::cmd("HDEL")
+                    .arg(&versions)
+                    .arg(&fields)
+                    .query_async(&mut c)
+                    .await?;
+                forgot += n;
+            }
+            if next == 0 {
+                return Ok(forgot);
+            }
+            cursor = next;
+        }
+    }
+
     async fn purge(&self, job: &JobId) -> Result<Option<bool>, StateError> {
         let r: i64 = self
             .job_call(&self.scripts.purge, job)

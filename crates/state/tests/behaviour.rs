@@ -526,6 +526,58 @@ async fn parents_trigger_children<S: Jobs + Leases + Schedule>(s: Arc<S>) {
     let cp = s.get(&b).await.unwrap().unwrap();
     assert_eq!(cp.phase, Phase::Idle);
     assert!(cp.last_error.unwrap().starts_with("parent gone"));
+
+    // Paused while waiting, resumed: it waits on; changed while paused, it runs.
+    s.control(&b, &Control::Pause).await.unwrap();
+    s.control(&b, &Control::Resume).await.unwrap();
+    assert!(
+        !due(s.clone()).await.contains(&b),
+        "a waiting child waits on"
+    );
+    s.control(&b, &Control::Pause).await.unwrap();
+    let mut c = commit(e, seq + 1, "c2");
+    c.triggers = vec![trigger(&b, "v9")];
+    assert_eq!(s.commit(&parent, &c).await.unwrap(), CommitOutcome::Ok);
+    s.control(&b, &Control::Resume).await.unwrap();
+    assert!(due(s.clone()).await.contains(&b), "changed while paused");
+
+    // Retired (its tenant went), a child is findable, comes back with its
+    // state, and is gone from the list once purged.
+    assert!(s.retire(&b).await.unwrap());
+    assert_eq!(
+        s.retired_children("comments", Some("2/")).await.unwrap(),
+        vec![b.clone()]
+    );
+    assert!(
+        s.retired_children("comments", Some("1"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.ensure_many(std::slice::from_ref(&b), &Checkpoint::default())
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(
+        s.retired_children("comments", None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        due(s.clone()).await.contains(&b),
+        "back with its pending run"
+    );
+    assert!(s.retire(&b).await.unwrap());
+    assert_eq!(s.purge(&b).await.unwrap(), Some(true));
+    assert!(
+        s.retired_children("comments", None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 fn parents(list: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -612,6 +664,36 @@ async fn batched_children<S: Jobs + Leases + Schedule>(s: Arc<S>) {
         due(s.clone()).await,
         slots,
         "both slots have a batch to run"
+    );
+
+    // Forgotten parents (a purge) are pending again when read again.
+    assert_eq!(s.purge_parents("items", None).await.unwrap(), 4);
+    // One slot now (parallel: 1): slot 1 runs its batch and claims no more.
+    let one = |list: &[(&str, &str)]| BatchTriggers {
+        slots: vec![slots[0].clone()],
+        ..group(list)
+    };
+    let mut c = commit(e, 4, "c5");
+    c.batches = vec![one(&[("o2", "v1")])];
+    assert_eq!(s.commit(&parent, &c).await.unwrap(), CommitOutcome::Ok);
+    let e1 = granted(&*s, &slots[1], false).await;
+    assert_eq!(
+        s.commit(&slots[1], &child_end(e1, 1)).await.unwrap(),
+        CommitOutcome::Ok
+    );
+    assert!(
+        batch(s.clone(), 1).await.is_empty(),
+        "slot 1 is beyond the slots in force"
+    );
+    let e0 = granted(&*s, &slots[0], false).await;
+    assert_eq!(
+        s.commit(&slots[0], &child_end(e0, 1)).await.unwrap(),
+        CommitOutcome::Ok
+    );
+    assert_eq!(
+        batch(s.clone(), 0).await,
+        ["o2"],
+        "slot 0 claims the forgotten parent"
     );
 }
 

@@ -557,7 +557,9 @@ impl Worker {
     /// A child's 404 that means its parent is gone (`on_missing: skip`, and
     /// not an expired cursor): the note to keep on the job.
     fn parent_gone(&self, r: &Resolved, at_cursor: bool, e: &FetchError) -> Option<String> {
-        let child = r.child.as_ref()?;
+        // A batch names many parents: a 404 is the request's, not one
+        // parent's, and fails the batch like any permanent error.
+        let child = r.child.as_ref().filter(|c| c.batch.is_none())?;
         let FetchError::Status {
             status: 404,
             body_snippet,

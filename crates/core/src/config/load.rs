@@ -433,6 +433,13 @@ fn check_batch(
             "a batched child feed delivers per record (each record names its own parent)".into(),
         ));
     }
+    // Each batch is other parents: a cursor of one batch means nothing to the next.
+    if feed.mode != super::Mode::Snapshot {
+        out.push((
+            format!("{at}.mode"),
+            "a batched child feed walks each batch from its start: set mode: snapshot".into(),
+        ));
+    }
 }
 
 /// A child feed's `parent` block, and what a child feed cannot have.
@@ -480,6 +487,19 @@ fn check_parent(
     }
     if let Some(batch) = &link.batch {
         check_batch(feed, link, batch, at, out);
+        if parent
+            .partitions
+            .as_ref()
+            .is_some_and(|p| p.values.is_some())
+        {
+            out.push((
+                format!("{at}.parent.batch"),
+                format!(
+                    "{:?} is partitioned by values, whose keys may repeat across partitions: a batch of keys could not tell them apart",
+                    parent.name
+                ),
+            ));
+        }
     } else if link.vars.is_empty() {
         out.push((
             format!("{at}.parent.vars"),

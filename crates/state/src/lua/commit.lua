@@ -19,7 +19,7 @@
 local J = ctx(ARGV[2], ARGV[3])
 local h = J.hash
 if redis.call('EXISTS', h) == 0 then return 'FENCED' end
-local f = redis.call('HMGET', h, 'epoch', 'seq', 'cursor', 'phase', 'high_water', 'pv')
+local f = redis.call('HMGET', h, 'epoch', 'seq', 'cursor', 'phase', 'high_water', 'pv', 'bsize')
 f[3] = value(J, 'cursor')
 local seq = tonumber(f[2]) or 0
 local expected = tonumber(ARGV[5])
@@ -53,7 +53,7 @@ drop(J, 'last_error')
 redis.call('HSET', h, 'last_commit_ms', fmt(now))
 if registered(J) then
   add_records(J, tonumber(ARGV[11]))
-  if not f[6] then
+  if not f[6] and not f[7] then
     redis.call('ZADD', J.progress, fmt(now), J.member)
     if ARGV[19] ~= '' then redis.call('ZADD', J.hw, 'GT', ARGV[19], J.member) end
   end
@@ -63,11 +63,16 @@ if ARGV[12] == '1' then
   -- A child whose parent changed while this chain ran runs again now.
   if redis.call('HDEL', h, 'rerun') == 1 then due = now end
   -- A batch slot's batch is done: it claims the next, if any is pending.
+  -- The feed's batch size and slot count as its parent's last commit gave
+  -- them (the config in force); a slot beyond the count claims no more.
   local bsize = redis.call('HGET', h, 'bsize')
   if bsize then
     drop(J, 'batch')
+    local conf = redis.call('HMGET', P .. 'feed:' .. J.feed .. ':batch', 'size', 'slots')
+    local index = tonumber(string.match(redis.call('HGET', h, 'partition') or '', 'batch%-(%d+)$'))
+    local size = tonumber(conf[1]) or tonumber(bsize)
     local pend = P .. 'feed:' .. J.feed .. ':pending:' .. (redis.call('HGET', h, 'btenant') or '')
-    if claim(J, pend, tonumber(bsize)) then due = now end
+    if index and index < (tonumber(conf[2]) or 1) and claim(J, pend, size) then due = now end
   end
   redis.call('HSET', h, 'phase', 'idle', 'lease_until_ms', '0', 'last_eos_ms', fmt(now),
     'next_due_ms', fmt(due))
@@ -104,7 +109,7 @@ for i = 22, 21 + 5 * plain, 5 do
       if phase == 'idle' then
         redis.call('HSET', c.hash, 'next_due_ms', fmt(now))
         move(c, 'idle', 'idle', now, 0, now)
-      elseif phase == 'running' then
+      elseif phase == 'running' or phase == 'paused' then
         redis.call('HSET', c.hash, 'rerun', '1')
       end
     end
@@ -123,6 +128,7 @@ while i <= #ARGV do
   local first = slots + 2 * nslots + 1
   local pvs = P .. 'feed:' .. feed .. ':pv'
   local pend = P .. 'feed:' .. feed .. ':pending:' .. tenant
+  redis.call('HSET', P .. 'feed:' .. feed .. ':batch', 'size', fmt(size), 'slots', fmt(nslots))
   for k = first, first + 2 * np - 1, 2 do
     local pv = ARGV[k + 1]
     if gen and gen ~= '0' then pv = gen .. '|' .. pv end
@@ -132,17 +138,21 @@ while i <= #ARGV do
     end
   end
   for k = slots, slots + 2 * nslots - 1, 2 do
-    if redis.call('ZCARD', pend) == 0 then break end
     local s = ctx(feed, ARGV[k])
-    if redis.call('EXISTS', s.hash) == 0 then
-      redis.call('HSET', s.hash, 'feed', feed, 'partition', ARGV[k + 1], 'phase', 'idle',
-        'next_due_ms', fmt(NEVER), 'bsize', fmt(size), 'btenant', tenant)
-    end
-    join(s, now)
-    if redis.call('HGET', s.hash, 'phase') == 'idle' and not value(s, 'batch')
-      and claim(s, pend, size) then
-      redis.call('HSET', s.hash, 'next_due_ms', fmt(now))
-      move(s, 'idle', 'idle', now, 0, now)
+    local exists = redis.call('EXISTS', s.hash) == 1
+    -- A slot retired with its tenant (its batch kept) comes back.
+    if exists then join(s, now) end
+    if redis.call('ZCARD', pend) > 0 then
+      if not exists then
+        redis.call('HSET', s.hash, 'feed', feed, 'partition', ARGV[k + 1], 'phase', 'idle',
+          'next_due_ms', fmt(NEVER), 'bsize', fmt(size), 'btenant', tenant)
+        join(s, now)
+      end
+      if redis.call('HGET', s.hash, 'phase') == 'idle' and not value(s, 'batch')
+        and claim(s, pend, size) then
+        redis.call('HSET', s.hash, 'next_due_ms', fmt(now))
+        move(s, 'idle', 'idle', now, 0, now)
+      end
     end
   end
   i = first + 2 * np

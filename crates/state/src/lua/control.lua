@@ -12,13 +12,20 @@ local now = now_ms()
 local e = fmt(math.max((tonumber(f[1]) or 0) + 1, now * 1024))
 redis.call('HSET', h, 'epoch', e, 'lease_until_ms', '0')
 local n = fmt(now)
+local due = now
 local op = ARGV[4]
 local to
 if op == 'pause' then
   to = 'paused'
 elseif op == 'resume' then
   to = 'idle'
-  redis.call('HSET', h, 'next_due_ms', n)
+  -- A child that was waiting for its parent, and whose parent did not
+  -- change meanwhile, waits on.
+  local rerun = redis.call('HDEL', h, 'rerun') == 1
+  if (tonumber(redis.call('HGET', h, 'next_due_ms')) or 0) >= NEVER and not rerun then
+    due = NEVER
+  end
+  redis.call('HSET', h, 'next_due_ms', fmt(due))
   drop(J, 'last_error')
 elseif op == 'rewind' then
   -- Records read again give their children a new parent version.
@@ -43,5 +50,5 @@ else
   return redis.error_reply('unknown control op ' .. op)
 end
 redis.call('HSET', h, 'phase', to)
-move(J, f[2], to, now, 0, now)
+move(J, f[2], to, due, 0, now)
 return e

@@ -10,13 +10,15 @@
 --   <P>feed:F:failed    zset, failed at ms     the failed jobs
 --   <P>feed:F:progress  zset, ms               when the cursor last moved (or the job was made)
 --   <P>feed:F:hw        zset, ms               the high-water mark, when it is a time
---                                              (neither for a child job, its hash has 'pv': an idle
---                                              child's cursor does not age, it waits for its parent)
+--                                              (neither for a child job, its hash has 'pv', nor a batch
+--                                              slot, 'bsize': an idle one does not age, it waits for its parent)
 --   <P>counts           hash 'F|phase' -> n    jobs per feed and phase; 'F|records': records committed
 --   <P>due_feeds        zset, ms               feeds with an idle job: the earliest next_due_ms
 --   <P>feeds            set                    feeds with registered jobs
 -- A paused job is in no phase index. A retired job (its feed or partition
--- left the config) keeps its hash and is in no index at all.
+-- left the config) keeps its hash and is in no index at all, but for a
+-- retired child job or batch slot, which is in
+--   <P>feed:F:retired   zset, score 0          retired child jobs and slots (lexicographic)
 --
 -- A cursor, an error text, a child's vars or a batch slot's batch longer than LONG bytes is kept beside the hash
 -- in '<hash>:<field>', never in it: one long value would turn the hash from
@@ -97,7 +99,7 @@ local function ctx(feed, member)
   local f = P .. 'feed:' .. feed .. ':'
   return { feed = feed, member = member, global = feed .. ':' .. member,
     hash = P .. 'job:' .. feed .. ':' .. member, jobs = f .. 'jobs', due = f .. 'due',
-    failed = f .. 'failed', progress = f .. 'progress', hw = f .. 'hw' }
+    failed = f .. 'failed', progress = f .. 'progress', hw = f .. 'hw', retired = f .. 'retired' }
 end
 
 local function registered(j) return redis.call('ZSCORE', j.jobs, j.member) ~= false end
@@ -167,13 +169,14 @@ end
 -- 0 when it was registered already.
 local function join(j, now)
   if registered(j) then return 0 end
+  redis.call('ZREM', j.retired, j.member)
   compact(j)
-  local f = redis.call('HMGET', j.hash, 'phase', 'next_due_ms', 'lease_until_ms', 'last_commit_ms', 'records', 'pv')
+  local f = redis.call('HMGET', j.hash, 'phase', 'next_due_ms', 'lease_until_ms', 'last_commit_ms', 'records', 'pv', 'bsize')
   redis.call('ZADD', j.jobs, 0, j.member)
   add_records(j, tonumber(f[5]) or 0)
   redis.call('SADD', FEEDS, j.feed)
   enter(j, f[1] or 'idle', tonumber(f[2]) or 0, tonumber(f[3]) or 0, now)
-  if not f[6] then redis.call('ZADD', j.progress, fmt(tonumber(f[4]) or now), j.member) end
+  if not f[6] and not f[7] then redis.call('ZADD', j.progress, fmt(tonumber(f[4]) or now), j.member) end
   return 1
 end
 

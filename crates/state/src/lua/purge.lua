@@ -7,6 +7,7 @@
 -- is registered.
 local J = ctx(ARGV[2], ARGV[3])
 if registered(J) then return -1 end
+redis.call('ZREM', J.retired, J.member)
 local n = redis.call('DEL', J.hash, side(J, 'cursor'), side(J, 'last_error'), side(J, 'vars'), side(J, 'batch'))
 if n > 0 then return 1 end
 return 0
