@@ -234,13 +234,10 @@ impl JobStatus {
     }
 }
 
-/// Every feed's summary (or one feed's) and the page of jobs `q` asks for.
 /// The feeds of tenanted sources, from the registered config (`None`
 /// without one: then every feed is taken to be one).
-async fn tenanted_feeds(
-    store: &dyn Operate,
-) -> Result<Option<std::collections::HashSet<String>>, StateError> {
-    Ok(load_config(store).await?.map(|(_, config)| {
+fn tenanted_feeds(config: Option<&Config>) -> Option<std::collections::HashSet<String>> {
+    config.map(|config| {
         config
             .feeds
             .iter()
@@ -252,9 +249,10 @@ async fn tenanted_feeds(
             })
             .map(|f| f.name.clone())
             .collect()
-    }))
+    })
 }
 
+/// Every feed's summary (or one feed's) and the page of jobs `q` asks for.
 pub async fn status(store: &dyn Operate, q: &StatusQuery) -> Result<StatusReport, StateError> {
     let now = now_ms();
     let census: Vec<FeedCensus> = store
@@ -311,7 +309,7 @@ pub async fn status(store: &dyn Operate, q: &StatusQuery) -> Result<StatusReport
     // tenanted sources, read once: the summaries come from them, and
     // without a feed so does the list of jobs.
     let tenant_jobs = if q.tenant.is_some() || q.tenants {
-        let tenanted = tenanted_feeds(store).await?;
+        let tenanted = tenanted_feeds(config.as_ref());
         let tenant_prefix = q.tenant.as_deref().map(|t| tenant::job_partition(t, ""));
         let mut all = Vec::new();
         for c in census
@@ -540,7 +538,7 @@ pub async fn apply(
         tenant::check_name(t).map_err(OpError::Invalid)?;
     }
     let tenanted = match &sel.tenant {
-        Some(_) => tenanted_feeds(store).await?,
+        Some(_) => tenanted_feeds(load_config(store).await?.map(|(_, c)| c).as_ref()),
         None => None,
     };
     let feeds = match (&sel.feed, &sel.tenant) {

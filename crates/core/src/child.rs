@@ -125,6 +125,13 @@ pub fn batch_slot(tenant: Option<&str>, i: u32) -> String {
     }
 }
 
+/// The tenant (`""` for none) and index of a batch slot's partition id,
+/// as [`batch_slot`] makes it (commit.lua reads it the same way).
+pub fn split_batch_slot(partition: &str) -> Option<(&str, u32)> {
+    let (tenant, slot) = partition.rsplit_once('/').unwrap_or(("", partition));
+    Some((tenant, slot.strip_prefix("batch-")?.parse().ok()?))
+}
+
 /// A batched child record's parent key: the text at `ptr` in the record.
 pub fn record_parent_key(record: &[u8], ptr: &JsonPointer) -> Option<String> {
     let v: Value = serde_json::from_slice(record).ok()?;
@@ -322,6 +329,16 @@ feeds:
             "acme/b/1/7"
         );
         assert_eq!(parent_key(tickets, true, "acme/b/1/7"), "1/7");
+    }
+
+    #[test]
+    fn batch_slots_name_their_tenant_and_index() {
+        assert_eq!(split_batch_slot(&batch_slot(None, 3)), Some(("", 3)));
+        assert_eq!(
+            split_batch_slot(&batch_slot(Some("acme"), 0)),
+            Some(("acme", 0))
+        );
+        assert_eq!(split_batch_slot("acme/17"), None);
     }
 
     #[test]

@@ -12,9 +12,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tidemark_core::checkpoint::{
-    Checkpoint, Commit, CommitOutcome, JobId, NEVER_DUE_MS, Phase, Stage, next_epoch,
-    trigger_version,
+    BatchTriggers, Checkpoint, Commit, CommitOutcome, JobId, NEVER_DUE_MS, Phase, Stage, Trigger,
+    next_epoch, trigger_version,
 };
+use tidemark_core::child::split_batch_slot;
 use tidemark_core::clock::now_ms;
 
 use tidemark_core::tenant::Tenant;
@@ -88,21 +89,21 @@ impl Pending {
     }
 }
 
+/// Where a batched child feed's pending parents of `tenant` ("" for none) are.
+fn pending_key(feed: &str, tenant: &str) -> String {
+    format!("{feed}\u{1f}{tenant}")
+}
+
 impl Persisted {
     /// A batch slot (idle, without a batch) of `feed` (of `tenant`) claims
     /// up to `size` pending parents; true when it got any.
     fn claim(&mut self, feed: &str, tenant: &str, size: u64, cp: &mut Checkpoint) -> bool {
-        let Some(q) = self.pending.get_mut(&format!("{feed}\u{1f}{tenant}")) else {
+        let Some(q) = self.pending.get_mut(&pending_key(feed, tenant)) else {
             return false;
         };
         cp.batch = q.take(usize::try_from(size).unwrap_or(usize::MAX));
         !cp.batch.is_empty()
     }
-}
-
-/// The tenant of a batch slot's partition (`<tenant>/batch-<i>`), or "".
-fn slot_tenant(partition: &str) -> &str {
-    partition.rsplit_once('/').map_or("", |(t, _)| t)
 }
 
 #[derive(Default)]
@@ -198,6 +199,97 @@ impl Index {
                 }
             }
             Phase::Paused => {}
+        }
+    }
+}
+
+impl Inner {
+    /// Bring job `k` back into the indexes if it was retired; true when it was.
+    fn rejoin(&mut self, k: &str, job: &JobId, now: u64) -> bool {
+        if !self.data.retired.remove(k) {
+            return false;
+        }
+        if let Some((_, cp)) = self.data.jobs.get(k) {
+            self.index.enter(k, job, cp, now);
+        }
+        true
+    }
+
+    /// Apply a parent commit's trigger (`Trigger::apply`) to its child job;
+    /// a child retired with its feed comes back when its parent is read.
+    fn trigger(&mut self, t: &Trigger, generation: u64, now: u64) {
+        let ck = key(&t.job);
+        let existing = self.data.jobs.get(&ck).map(|(_, cp)| cp);
+        let registered = existing.is_some() && !self.data.retired.contains(&ck);
+        if let Some(changed) = t.apply(existing, generation, now) {
+            if let (true, Some(old)) = (registered, existing) {
+                self.index.leave(&ck, &t.job, old);
+            }
+            if registered || existing.is_none() {
+                self.index.enter(&ck, &t.job, &changed, now);
+            }
+            self.data.jobs.insert(ck.clone(), (t.job.clone(), changed));
+        }
+        self.rejoin(&ck, &t.job, now);
+    }
+
+    /// A parent commit's records for a batched child feed: each changed one
+    /// is pending; then every idle slot without a batch claims some (as
+    /// commit.lua does).
+    fn enqueue(&mut self, b: &BatchTriggers, generation: u64, now: u64) {
+        let tenant = b.tenant.as_deref().unwrap_or("");
+        let pending = pending_key(&b.feed, tenant);
+        self.data
+            .batch_conf
+            .insert(b.feed.clone(), (b.size, b.slots.len()));
+        for (partition, version) in &b.parents {
+            let pv = trigger_version(generation, version);
+            let stored = self.data.parent_versions.entry(b.feed.clone()).or_default();
+            if stored.get(partition) != Some(&pv) {
+                stored.insert(partition.clone(), pv);
+                self.data
+                    .pending
+                    .entry(pending.clone())
+                    .or_default()
+                    .add(partition, now);
+            }
+        }
+        for slot in &b.slots {
+            let sk = key(slot);
+            // A slot retired with its tenant (its batch kept) comes back.
+            self.rejoin(&sk, slot, now);
+            if self
+                .data
+                .pending
+                .get(&pending)
+                .is_none_or(Pending::is_empty)
+            {
+                continue;
+            }
+            if !self.data.jobs.contains_key(&sk) {
+                let cp = Checkpoint {
+                    phase: Phase::Idle,
+                    next_due_ms: NEVER_DUE_MS,
+                    batch_size: b.size,
+                    ..Checkpoint::default()
+                };
+                self.index.enter(&sk, slot, &cp, now);
+                self.data.jobs.insert(sk.clone(), (slot.clone(), cp));
+            }
+            let Some((_, cp)) = self.data.jobs.get(&sk) else {
+                continue;
+            };
+            if cp.phase != Phase::Idle || !cp.batch.is_empty() {
+                continue;
+            }
+            let before = cp.clone();
+            let mut next = cp.clone();
+            if self.data.claim(&b.feed, tenant, b.size, &mut next) {
+                next.next_due_ms = now;
+                self.index.leave(&sk, slot, &before);
+                self.index.enter(&sk, slot, &next, now);
+                self.data.jobs.insert(sk, (slot.clone(), next));
+            }
         }
     }
 }
@@ -349,18 +441,14 @@ impl Jobs for EmbeddedStore {
         let mut joined = 0;
         for job in jobs {
             let k = key(job);
-            match inner.data.jobs.get(&k) {
-                Some((_, cp)) => {
-                    if inner.data.retired.remove(&k) {
-                        inner.index.enter(&k, job, cp, now);
-                        joined += 1;
-                    }
-                }
-                None => {
-                    inner.index.enter(&k, job, init, now);
-                    inner.data.jobs.insert(k, (job.clone(), init.clone()));
+            if inner.data.jobs.contains_key(&k) {
+                if inner.rejoin(&k, job, now) {
                     joined += 1;
                 }
+            } else {
+                inner.index.enter(&k, job, init, now);
+                inner.data.jobs.insert(k, (job.clone(), init.clone()));
+                joined += 1;
             }
         }
         if joined > 0 {
@@ -420,7 +508,7 @@ impl Jobs for EmbeddedStore {
         inner
             .data
             .pending
-            .remove(&format!("{feed}\u{1f}{}", tenant.unwrap_or("")));
+            .remove(&pending_key(feed, tenant.unwrap_or("")));
         let mut forgot = 0u64;
         if let Some(versions) = inner.data.parent_versions.get_mut(feed) {
             let before = versions.len();
@@ -766,115 +854,28 @@ impl Leases for EmbeddedStore {
                 .get(&job.feed)
                 .copied()
                 .unwrap_or((next.batch_size, 1));
-            let index = job
-                .partition
-                .rsplit_once("batch-")
-                .and_then(|(_, i)| i.parse::<usize>().ok());
-            if index.is_some_and(|i| i < slots)
-                && inner
-                    .data
-                    .claim(&job.feed, slot_tenant(&job.partition), size, &mut next)
+            if let Some((tenant, index)) = split_batch_slot(&job.partition)
+                && (index as usize) < slots
+                && inner.data.claim(&job.feed, tenant, size, &mut next)
             {
                 next.next_due_ms = now;
             }
         }
+        let generation = next.generation;
         let Some((_, cp)) = inner.data.jobs.get_mut(&k) else {
             return Ok(CommitOutcome::Fenced);
         };
         let before = std::mem::replace(cp, next);
-        let generation = cp.generation;
-        let after = cp.clone();
         if !inner.data.retired.contains(&k) {
             inner.index.leave(&k, job, &before);
-            inner.index.enter(&k, job, &after, now);
+            inner.index.enter(&k, job, cp, now);
         }
         // The child jobs of the page's records, in the same step.
         for t in &c.triggers {
-            let ck = key(&t.job);
-            let existing = inner.data.jobs.get(&ck).map(|(_, cp)| cp);
-            let registered = existing.is_some() && !inner.data.retired.contains(&ck);
-            if let Some(changed) = t.apply(existing, generation, now) {
-                if let (true, Some(old)) = (registered, existing) {
-                    inner.index.leave(&ck, &t.job, old);
-                }
-                if registered || existing.is_none() {
-                    inner.index.enter(&ck, &t.job, &changed, now);
-                }
-                inner.data.jobs.insert(ck.clone(), (t.job.clone(), changed));
-            }
-            // A child retired with its feed comes back when its parent is read.
-            if inner.data.retired.remove(&ck)
-                && let Some((_, cp)) = inner.data.jobs.get(&ck)
-            {
-                inner.index.enter(&ck, &t.job, cp, now);
-            }
+            inner.trigger(t, generation, now);
         }
-        // Batched child feeds: changed parents wait until a slot claims them.
         for b in &c.batches {
-            let tenant = b.tenant.as_deref().unwrap_or("");
-            let pending = format!("{}\u{1f}{tenant}", b.feed);
-            inner
-                .data
-                .batch_conf
-                .insert(b.feed.clone(), (b.size, b.slots.len()));
-            for (partition, version) in &b.parents {
-                let pv = trigger_version(generation, version);
-                let stored = inner
-                    .data
-                    .parent_versions
-                    .entry(b.feed.clone())
-                    .or_default();
-                if stored.get(partition) != Some(&pv) {
-                    stored.insert(partition.clone(), pv);
-                    inner
-                        .data
-                        .pending
-                        .entry(pending.clone())
-                        .or_default()
-                        .add(partition, now);
-                }
-            }
-            for slot in &b.slots {
-                let sk = key(slot);
-                // A slot retired with its tenant (its batch kept) comes back.
-                if inner.data.retired.remove(&sk)
-                    && let Some((_, cp)) = inner.data.jobs.get(&sk)
-                {
-                    inner.index.enter(&sk, slot, cp, now);
-                }
-                if inner
-                    .data
-                    .pending
-                    .get(&pending)
-                    .is_none_or(Pending::is_empty)
-                {
-                    continue;
-                }
-                if !inner.data.jobs.contains_key(&sk) {
-                    let cp = Checkpoint {
-                        phase: Phase::Idle,
-                        next_due_ms: NEVER_DUE_MS,
-                        batch_size: b.size,
-                        ..Checkpoint::default()
-                    };
-                    inner.index.enter(&sk, slot, &cp, now);
-                    inner.data.jobs.insert(sk.clone(), (slot.clone(), cp));
-                }
-                let Some((_, cp)) = inner.data.jobs.get(&sk) else {
-                    continue;
-                };
-                if cp.phase != Phase::Idle || !cp.batch.is_empty() {
-                    continue;
-                }
-                let before = cp.clone();
-                let mut next = cp.clone();
-                if inner.data.claim(&b.feed, tenant, b.size, &mut next) {
-                    next.next_due_ms = now;
-                    inner.index.leave(&sk, slot, &before);
-                    inner.index.enter(&sk, slot, &next, now);
-                    inner.data.jobs.insert(sk, (slot.clone(), next));
-                }
-            }
+            inner.enqueue(b, generation, now);
         }
         self.persist(inner)?;
         Ok(outcome)

@@ -57,6 +57,16 @@ enum View {
     Tenant(Arc<TenantView>),
 }
 
+impl View {
+    /// The feed this view is of (a tenant's view: its templates filled).
+    fn feed<'a>(&'a self, snap: &'a Snapshot) -> &'a FeedConfig {
+        match self {
+            View::Plain(i) => &snap.config.feeds[*i],
+            View::Tenant(v) => &v.feed,
+        }
+    }
+}
+
 /// A child feed's job: the feed with its templates filled from the parent
 /// record, and that record.
 struct ChildJob {
@@ -103,10 +113,7 @@ impl Resolved {
     }
     /// The feed before a child's templates are filled.
     fn unfilled_feed(&self) -> &FeedConfig {
-        match &self.view {
-            View::Plain(i) => &self.snap.config.feeds[*i],
-            View::Tenant(v) => &v.feed,
-        }
+        self.view.feed(&self.snap)
     }
     fn source_name(&self) -> &str {
         &self.feed().source
@@ -337,10 +344,7 @@ impl Worker {
         let child = match &cfg.parent {
             None => None,
             Some(link) => {
-                let unfilled = match &view {
-                    View::Plain(i) => &snap.config.feeds[*i],
-                    View::Tenant(v) => &v.feed,
-                };
+                let unfilled = view.feed(&snap);
                 let parent_cfg = snap.config.feed(&link.feed);
                 let key_of = |p: &'_ str| -> String {
                     match parent_cfg {
@@ -359,12 +363,15 @@ impl Worker {
                         batch: None,
                     }),
                     Some(b) => {
-                        let by_key: HashMap<String, String> =
-                            cp.batch.iter().map(|p| (key_of(p), p.clone())).collect();
                         let keys: Vec<String> = cp.batch.iter().map(|p| key_of(p)).collect();
-                        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                        let feed = fill_batch(
+                            unfilled,
+                            &keys.iter().map(String::as_str).collect::<Vec<_>>(),
+                        );
+                        let by_key: HashMap<String, String> =
+                            keys.into_iter().zip(cp.batch.iter().cloned()).collect();
                         Some(ChildJob {
-                            feed: fill_batch(unfilled, &keys),
+                            feed,
                             parent: ParentRecord {
                                 feed: link.feed.clone(),
                                 key: None,
@@ -516,16 +523,7 @@ impl Worker {
             Err(e) => {
                 let error = match &e {
                     WalkError::Read(e) => {
-                        self.metrics
-                            .fetch_errors
-                            .get_or_create(&Metrics::feed_kind(&feed.name, "unreadable"))
-                            .inc();
-                        if let Some((f, t)) = r.tenant_labels() {
-                            self.metrics
-                                .tenant_fetch_errors
-                                .get_or_create(&Metrics::feed_tenant_kind(f, t, "unreadable"))
-                                .inc();
-                        }
+                        self.count_fetch_error(r, "unreadable");
                         format!("page {} ({}): {e}", task.seq, redact_query(&req.url))
                     }
                     WalkError::Identity { .. } => format!("page {} {e}", task.seq),
@@ -554,6 +552,21 @@ impl Worker {
         })
     }
 
+    /// Count a failed fetch of `kind`, per feed (and per tenant when the
+    /// source asks for it).
+    fn count_fetch_error(&self, r: &Resolved, kind: &str) {
+        self.metrics
+            .fetch_errors
+            .get_or_create(&Metrics::feed_kind(&r.feed().name, kind))
+            .inc();
+        if let Some((f, t)) = r.tenant_labels() {
+            self.metrics
+                .tenant_fetch_errors
+                .get_or_create(&Metrics::feed_tenant_kind(f, t, kind))
+                .inc();
+        }
+    }
+
     /// A child's 404 that means its parent is gone (`on_missing: skip`, and
     /// not an expired cursor): the note to keep on the job.
     fn parent_gone(&self, r: &Resolved, at_cursor: bool, e: &FetchError) -> Option<String> {
@@ -573,16 +586,7 @@ impl Worker {
         {
             return None;
         }
-        self.metrics
-            .fetch_errors
-            .get_or_create(&Metrics::feed_kind(&r.feed().name, "parent_gone"))
-            .inc();
-        if let Some((f, t)) = r.tenant_labels() {
-            self.metrics
-                .tenant_fetch_errors
-                .get_or_create(&Metrics::feed_tenant_kind(f, t, "parent_gone"))
-                .inc();
-        }
+        self.count_fetch_error(r, "parent_gone");
         tracing::info!(feed = %r.feed().name, parent = child.parent.key.as_deref().unwrap_or("-"), "child answered 404: its parent is gone");
         Some(format!("parent gone: {e}"))
     }
@@ -591,6 +595,7 @@ impl Worker {
     async fn publish(&self, task: &PageTask, r: &Resolved, page: &ReadPage) -> Result<(), Outcome> {
         let feed = r.feed();
         let partition = &task.job.partition;
+        let batch = r.child.as_ref().and_then(|c| c.batch.as_ref());
         let records: Vec<OutRecord> = page
             .step
             .records
@@ -600,7 +605,6 @@ impl Worker {
             .map(|(i, (span, id))| {
                 // A batched child's record names its parent, whose child
                 // partition its id hashes (as if it had run alone).
-                let batch = r.child.as_ref().and_then(|c| c.batch.as_ref());
                 let parent_key = batch.and_then(|b| {
                     child::record_parent_key(&page.body[span.clone()], &b.parent_key)
                 });
@@ -824,18 +828,7 @@ impl Worker {
     ) -> Outcome {
         let feed = r.feed();
         let source = r.source_name();
-        let kind = |k: &str| {
-            self.metrics
-                .fetch_errors
-                .get_or_create(&Metrics::feed_kind(&feed.name, k))
-                .inc();
-            if let Some((f, t)) = r.tenant_labels() {
-                self.metrics
-                    .tenant_fetch_errors
-                    .get_or_create(&Metrics::feed_tenant_kind(f, t, k))
-                    .inc();
-            }
-        };
+        let kind = |k: &str| self.count_fetch_error(r, k);
         if let FetchError::Status {
             status,
             body_snippet,

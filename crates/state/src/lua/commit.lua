@@ -17,6 +17,17 @@
 --   number of parents, per parent: child partition, parent version.
 -- Returns OK | ALREADY_APPLIED | FENCED | CONFLICT (same as Checkpoint::apply in tidemark-core).
 local J = ctx(ARGV[2], ARGV[3])
+
+-- A batched child feed's keys: its parents pending (per tenant, '' for
+-- none) and the size and slot count its parent's last commit gave.
+local function pending_key(feed, tenant) return P .. 'feed:' .. feed .. ':pending:' .. tenant end
+local function batch_key(feed) return P .. 'feed:' .. feed .. ':batch' end
+-- A batch slot's tenant ('' for none) and index, from its partition
+-- (tidemark_core::child::batch_slot makes it, split_batch_slot reads it).
+local function slot_of(partition)
+  local tenant, index = string.match(partition or '', '^(.-)/?batch%-(%d+)$')
+  return tenant, tonumber(index)
+end
 local h = J.hash
 if redis.call('EXISTS', h) == 0 then return 'FENCED' end
 local f = redis.call('HMGET', h, 'epoch', 'seq', 'cursor', 'phase', 'high_water', 'pv', 'bsize')
@@ -68,11 +79,12 @@ if ARGV[12] == '1' then
   local bsize = redis.call('HGET', h, 'bsize')
   if bsize then
     drop(J, 'batch')
-    local conf = redis.call('HMGET', P .. 'feed:' .. J.feed .. ':batch', 'size', 'slots')
-    local index = tonumber(string.match(redis.call('HGET', h, 'partition') or '', 'batch%-(%d+)$'))
+    local conf = redis.call('HMGET', batch_key(J.feed), 'size', 'slots')
+    local tenant, index = slot_of(redis.call('HGET', h, 'partition'))
     local size = tonumber(conf[1]) or tonumber(bsize)
-    local pend = P .. 'feed:' .. J.feed .. ':pending:' .. (redis.call('HGET', h, 'btenant') or '')
-    if index and index < (tonumber(conf[2]) or 1) and claim(J, pend, size) then due = now end
+    if index and index < (tonumber(conf[2]) or 1) and claim(J, pending_key(J.feed, tenant), size) then
+      due = now
+    end
   end
   redis.call('HSET', h, 'phase', 'idle', 'lease_until_ms', '0', 'last_eos_ms', fmt(now),
     'next_due_ms', fmt(due))
@@ -91,11 +103,15 @@ end
 -- The child jobs of this page's records. A rewind of this job changed its
 -- generation, so records read again differ from what their children saw.
 local gen = redis.call('HGET', h, 'gen')
+-- The version a child stores for a parent record's version (Rust's trigger_version).
+local function versioned(v)
+  if gen and gen ~= '0' then return gen .. '|' .. v end
+  return v
+end
 local plain = tonumber(ARGV[21]) or 0
 for i = 22, 21 + 5 * plain, 5 do
   local c = ctx(ARGV[i], ARGV[i + 1])
-  local pv = ARGV[i + 3]
-  if gen and gen ~= '0' then pv = gen .. '|' .. pv end
+  local pv = versioned(ARGV[i + 3])
   if redis.call('EXISTS', c.hash) == 0 then
     redis.call('HSET', c.hash, 'feed', ARGV[i], 'partition', ARGV[i + 2], 'phase', 'idle',
       'next_due_ms', fmt(now), 'pv', pv)
@@ -127,11 +143,10 @@ while i <= #ARGV do
   local np = tonumber(ARGV[slots + 2 * nslots])
   local first = slots + 2 * nslots + 1
   local pvs = P .. 'feed:' .. feed .. ':pv'
-  local pend = P .. 'feed:' .. feed .. ':pending:' .. tenant
-  redis.call('HSET', P .. 'feed:' .. feed .. ':batch', 'size', fmt(size), 'slots', fmt(nslots))
+  local pend = pending_key(feed, tenant)
+  redis.call('HSET', batch_key(feed), 'size', fmt(size), 'slots', fmt(nslots))
   for k = first, first + 2 * np - 1, 2 do
-    local pv = ARGV[k + 1]
-    if gen and gen ~= '0' then pv = gen .. '|' .. pv end
+    local pv = versioned(ARGV[k + 1])
     if redis.call('HGET', pvs, ARGV[k]) ~= pv then
       redis.call('HSET', pvs, ARGV[k], pv)
       redis.call('ZADD', pend, 'NX', fmt(now), ARGV[k])
@@ -145,7 +160,7 @@ while i <= #ARGV do
     if redis.call('ZCARD', pend) > 0 then
       if not exists then
         redis.call('HSET', s.hash, 'feed', feed, 'partition', ARGV[k + 1], 'phase', 'idle',
-          'next_due_ms', fmt(NEVER), 'bsize', fmt(size), 'btenant', tenant)
+          'next_due_ms', fmt(NEVER), 'bsize', fmt(size))
         join(s, now)
       end
       if redis.call('HGET', s.hash, 'phase') == 'idle' and not value(s, 'batch')
