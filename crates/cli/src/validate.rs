@@ -72,6 +72,26 @@ pub fn run(path: &Path, out: &mut dyn Write) -> Result<Config, Failure> {
             }
             None => {}
         }
+        if f.method.is_some() || f.cursor_is_json() {
+            let _ = writeln!(
+                out,
+                "feed {}: {}{}{}",
+                f.name,
+                f.method().as_str(),
+                match (f.method(), f.read_only()) {
+                    (tidemark_core::config::Method::Post, true) =>
+                        " (only reads: retried like a GET)",
+                    (tidemark_core::config::Method::Post, false) =>
+                        " (not only a read: never sent again after it may have been processed)",
+                    _ => "",
+                },
+                if f.cursor_is_json() {
+                    ", its cursor kept and sent as JSON in the body"
+                } else {
+                    ""
+                }
+            );
+        }
     }
     for (name, list) in &tenants {
         let feeds = config.feeds.iter().filter(|f| &f.source == name).count();

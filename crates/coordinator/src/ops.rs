@@ -30,6 +30,10 @@ pub struct JobStatus {
     pub stage: String,
     /// Where the chain continues (query strings of next URLs redacted).
     pub cursor: Option<String>,
+    /// The cursor as the JSON value it is, for a feed whose cursor goes
+    /// into the request body (`cursor_param: body:/…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor_json: Option<serde_json::Value>,
     /// Seconds since a commit last moved the cursor.
     pub cursor_age_secs: Option<f64>,
     pub high_water: Option<String>,
@@ -214,6 +218,7 @@ impl JobStatus {
                 Stage::Incremental => "incremental".into(),
             },
             cursor: cp.cursor.as_deref().map(display_cursor),
+            cursor_json: None,
             cursor_age_secs: cp.last_commit_ms.map(|t| secs_between(now, t)),
             high_water: cp.high_water.clone(),
             lag_secs: cp
@@ -358,12 +363,27 @@ pub async fn status(store: &dyn Operate, q: &StatusQuery) -> Result<StatusReport
         .as_deref()
         .map(|all| tenant_summaries(all, now))
         .unwrap_or_default();
+    let json_cursor = |feed: &str| {
+        config
+            .as_ref()
+            .and_then(|c| c.feed(feed))
+            .is_some_and(|f| f.cursor_is_json())
+    };
     Ok(StatusReport {
         now_ms: now,
         feeds,
         jobs: jobs
             .iter()
-            .map(|(j, cp)| JobStatus::new(j, cp, now))
+            .map(|(j, cp)| {
+                let mut s = JobStatus::new(j, cp, now);
+                if json_cursor(&j.feed) {
+                    s.cursor_json = cp
+                        .cursor
+                        .as_deref()
+                        .and_then(|c| serde_json::from_str(c).ok());
+                }
+                s
+            })
             .collect(),
         next,
         tenants,
@@ -533,9 +553,22 @@ pub async fn apply(
     sel: &Selection,
     action: &Action,
 ) -> Result<ActionReport, OpError> {
-    let control = action.control()?;
+    let mut control = action.control()?;
     if let Some(t) = &sel.tenant {
         tenant::check_name(t).map_err(OpError::Invalid)?;
+    }
+    if let Control::Rewind(Rewind::Cursor(c)) = &mut control
+        && let Some(feed) = &sel.feed
+        && let Some((_, config)) = load_config(store).await?
+        && config.feed(feed).is_some_and(|f| f.cursor_is_json())
+    {
+        // Kept as JSON text: checked, and written the way the chain writes it.
+        let v: serde_json::Value = serde_json::from_str(c).map_err(|e| {
+            OpError::Invalid(format!(
+                "feed {feed:?} sends its cursor in the request body, as JSON: give --cursor as JSON, e.g. '\"abc\"' or '[1704067200,\"r-1\"]' ({e})"
+            ))
+        })?;
+        *c = v.to_string();
     }
     let tenanted = match &sel.tenant {
         Some(_) => tenanted_feeds(load_config(store).await?.map(|(_, c)| c).as_ref()),

@@ -217,9 +217,17 @@ pub fn fill_batch(feed: &FeedConfig, keys: &[&str]) -> FeedConfig {
     for v in out.params.values_mut() {
         *v = v.replace("{ids}", &in_params);
     }
+    let mut ids = |s: &str| Ok(s.replace("{ids}", &in_params));
+    if let Some(b) = out.body.as_mut() {
+        // Infallible: the closure never fails.
+        let _ = crate::config::map_strings(b, &mut ids);
+    }
     if let Some(inc) = out.incremental.as_mut() {
         for v in inc.params.values_mut() {
             *v = v.replace("{ids}", &in_params);
+        }
+        if let Some(b) = inc.body.as_mut() {
+            let _ = crate::config::map_strings(b, &mut ids);
         }
     }
     out
@@ -237,9 +245,16 @@ pub fn fill(feed: &FeedConfig, vars: &BTreeMap<String, String>) -> Result<FeedCo
     for v in out.params.values_mut() {
         *v = substitute(v, link, vars, false)?;
     }
+    let mut text = |s: &str| substitute(s, link, vars, false);
+    if let Some(b) = out.body.as_mut() {
+        crate::config::map_strings(b, &mut text)?;
+    }
     if let Some(inc) = out.incremental.as_mut() {
         for v in inc.params.values_mut() {
             *v = substitute(v, link, vars, false)?;
+        }
+        if let Some(b) = inc.body.as_mut() {
+            crate::config::map_strings(b, &mut text)?;
         }
     }
     Ok(out)

@@ -481,3 +481,106 @@ feeds:
         .expect("windows");
     assert_eq!(windows.len(), 3, "the last window is cut at `to`");
 }
+
+#[test]
+fn request_dialect_mistakes() {
+    // A body without a method.
+    let msg = one(&edit(
+        "    path: /api/v2",
+        "    path: /api/v2/search\n    body: { query: x }",
+    ));
+    assert!(
+        msg.starts_with("feeds.yaml:11:5: feeds[0].body: sends a body: write the method too"),
+        "{msg}"
+    );
+    // A POST that does not say whether it only reads.
+    let msg = one(&edit(
+        "    path: /api/v2",
+        "    path: /api/v2/search\n    method: POST",
+    ));
+    assert!(
+        msg.starts_with("feeds.yaml:11:13: feeds[0].method: say whether this POST only reads"),
+        "{msg}"
+    );
+    // read_only on a GET.
+    let msg = one(&edit(
+        "    path: /api/v2",
+        "    path: /x\n    read_only: true",
+    ));
+    assert!(
+        msg.starts_with("feeds.yaml:11:16: feeds[0].read_only: only for method: POST"),
+        "{msg}"
+    );
+    // A body that is not a mapping; a method that does not exist.
+    let msg = one(&edit(
+        "    path: /api/v2",
+        "    path: /x\n    method: GET\n    body: [1, 2]",
+    ));
+    assert!(
+        msg.starts_with("feeds.yaml:12:5: feeds[0].body: must be a mapping"),
+        "{msg}"
+    );
+    let msg = one(&edit(
+        "    path: /api/v2",
+        "    path: /x\n    method: DELETE",
+    ));
+    assert!(
+        msg.starts_with("feeds.yaml:11:13: feeds[0].method: unknown variant `DELETE`"),
+        "{msg}"
+    );
+    // A body place with a broken pointer; a body value in params.
+    let msg = one(&edit(
+        "      preset: zendesk_cursor",
+        "      preset: zendesk_cursor\n      cursor_param: \"body:variables\"",
+    ));
+    assert!(
+        msg.starts_with("feeds.yaml:15:21: feeds[0].pagination.cursor_param: malformed JSON pointer \"variables\""),
+        "{msg}"
+    );
+    let msg = one(&edit(
+        "    params: { per_page: 1000 }",
+        "    params: { \"body:/x\": 1 }",
+    ));
+    assert!(
+        msg.contains("feeds[0].params.body:/x: params are query parameters"),
+        "{msg}"
+    );
+    // A header next URL with a bad name.
+    let msg = one(&edit(
+        "      preset: zendesk_cursor",
+        "      next_url: \"header:Next Page\"",
+    ));
+    assert!(
+        msg.starts_with(
+            "feeds.yaml:14:17: feeds[0].pagination.next_url: header:NAME needs a valid header name"
+        ),
+        "{msg}"
+    );
+    // error_when: neither condition, retry_after on a permanent rule, a
+    // pointer into the records.
+    let e = errors(&edit(
+        "    delivery: { per: record }",
+        "    delivery: { per: record }\n    error_when:\n      - { pointer: /error }\n      - { pointer: /ok, equals: false, retry_after: /wait }\n      - { pointer: /tickets/0/error, not_empty: true }",
+    ));
+    let all: Vec<String> = e.iter().map(ToString::to_string).collect();
+    assert_eq!(all.len(), 3, "{all:#?}");
+    assert!(
+        all[0].contains(
+            "feeds.yaml:24:11: feeds[0].error_when[0]: set equals (a value) or not_empty: true"
+        ),
+        "{all:#?}"
+    );
+    assert!(
+        all[1].contains(
+            "feeds.yaml:25:53: feeds[0].error_when[1].retry_after: only for transient: true"
+        ),
+        "{all:#?}"
+    );
+    assert!(all[2].contains("feeds.yaml:26:20: feeds[0].error_when[2].pointer: /tickets/0/error lies inside the records array"), "{all:#?}");
+    // record: "" is the element itself.
+    let msg = one(&edit("    key: /id", "    key: /id\n    record: \"\""));
+    assert!(
+        msg.contains("feeds[0].record: \"\" is the element itself"),
+        "{msg}"
+    );
+}

@@ -201,6 +201,9 @@ pub async fn run(
     let (mut pages, mut records, mut bytes) = (0u64, 0u64, 0u64);
     let mut end = EndReason::EndOfStream;
     let mut resume: Option<String> = None;
+    let retry = source_cfg.retry();
+    // Attempts at the current page that `error_when` called transient.
+    let mut api_attempt = 1u32;
     let failure = loop {
         if opts.max_pages.is_some_and(|m| pages >= m) {
             end = EndReason::MaxPages;
@@ -229,14 +232,31 @@ pub async fn run(
         let step = match walk.advance(&req, &page, &page.body) {
             Ok(step) => step,
             Err(e @ WalkError::EmptyRun) => break Some(format!("page {}: {e}", pages + 1)),
+            Err(WalkError::Read(e)) if e.is_transient() && api_attempt < retry.max_attempts => {
+                let wait = e.retry_after().map_or_else(
+                    || {
+                        tidemark_source::backoff_delay(
+                            api_attempt,
+                            retry.base_delay.std(),
+                            retry.max_delay.std(),
+                        )
+                    },
+                    |d| d.min(retry.max_retry_after.std()),
+                );
+                tracing::warn!(page = pages + 1, attempt = api_attempt, delay_ms = wait.as_millis() as u64, error = %page.scrub(&e.to_string()), "the API answered a transient error; retrying");
+                tokio::time::sleep(wait).await;
+                api_attempt += 1;
+                continue;
+            }
             Err(e) => {
-                break Some(format!(
+                break Some(page.scrub(&format!(
                     "page {} ({}): {e}",
                     pages + 1,
                     redact_query(&req.url)
-                ));
+                )));
             }
         };
+        api_attempt = 1;
         pages += 1;
         records += step.records.len() as u64;
         bytes += page.body.len() as u64;

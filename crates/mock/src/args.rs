@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::{CommentsConfig, Faults, MockConfig};
+use crate::{CommentsConfig, Faults, MockConfig, RateLimitStyle};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct MockArgs {
@@ -57,6 +57,21 @@ pub struct MockArgs {
     pub mutate_every: Option<u64>,
     #[arg(long, default_value_t = 1)]
     pub mutate_count: usize,
+    /// Answer every Nth data request to /graphql or /slack/... with an
+    /// error inside a 200 (RATE_LIMITED / ratelimited).
+    #[arg(long)]
+    pub error_200_every: Option<u64>,
+    /// A fixed-window budget of data requests (per tenant, else global):
+    /// 2xx answers carry rate-limit headers, requests beyond it get 429.
+    #[arg(long)]
+    pub ratelimit_limit: Option<u64>,
+    /// The rate-limit window.
+    #[arg(long, default_value_t = 1000)]
+    pub ratelimit_window_ms: u64,
+    /// The rate-limit headers: x (X-RateLimit-*, Reset in unix seconds) or
+    /// ietf (RateLimit-*, Reset in seconds from now).
+    #[arg(long, value_enum, default_value_t = RateLimitStyle::X)]
+    pub ratelimit_style: RateLimitStyle,
     /// Default page size of the comments endpoints (`page[size]`).
     #[arg(long, default_value_t = 5)]
     pub comments_page_size: usize,
@@ -92,6 +107,10 @@ impl MockArgs {
                 cursor_ttl_secs: self.cursor_ttl_secs,
                 mutate_every: self.mutate_every,
                 mutate_count: self.mutate_count,
+                error_200_every: self.error_200_every,
+                ratelimit_limit: self.ratelimit_limit,
+                ratelimit_window_ms: self.ratelimit_window_ms,
+                ratelimit_style: self.ratelimit_style,
             },
             comments: CommentsConfig {
                 page_size: self.comments_page_size.max(1),
@@ -100,5 +119,47 @@ impl MockArgs {
             },
             ..MockConfig::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        mock: MockArgs,
+    }
+
+    #[test]
+    fn the_dialect_fault_flags_reach_the_config() {
+        let f = Cli::parse_from(["mock"]).mock.to_config().faults;
+        assert_eq!(
+            (f.error_200_every, f.ratelimit_limit, f.ratelimit_window_ms),
+            (None, None, 1000)
+        );
+        assert_eq!(f.ratelimit_style, RateLimitStyle::X);
+        let f = Cli::parse_from([
+            "mock",
+            "--error-200-every",
+            "3",
+            "--ratelimit-limit",
+            "10",
+            "--ratelimit-window-ms",
+            "60000",
+            "--ratelimit-style",
+            "ietf",
+        ])
+        .mock
+        .to_config()
+        .faults;
+        assert_eq!(
+            (f.error_200_every, f.ratelimit_limit, f.ratelimit_window_ms),
+            (Some(3), Some(10), 60_000)
+        );
+        assert_eq!(f.ratelimit_style, RateLimitStyle::Ietf);
     }
 }

@@ -175,11 +175,7 @@ pub(crate) fn is_comments_path(path: &str) -> bool {
 }
 
 fn bad(description: impl Into<String>) -> ApiError {
-    ApiError {
-        status: 400,
-        error: "invalid_request",
-        description: description.into(),
-    }
+    ApiError::new(400, "invalid_request", description)
 }
 
 fn page_size(q: &Query, ctx: &Ctx) -> Result<usize, ApiError> {
@@ -205,11 +201,11 @@ fn after(q: &Query, ctx: &Ctx) -> Result<Option<(usize, String)>, ApiError> {
     if let Some(ttl) = ctx.cursor_ttl_ms
         && cursor::now_ms() - d.iat_ms > ttl
     {
-        return Err(ApiError {
-            status: 400,
-            error: "cursor_expired",
-            description: "the cursor has expired; start again".into(),
-        });
+        return Err(ApiError::new(
+            400,
+            "cursor_expired",
+            "the cursor has expired; start again",
+        ));
     }
     match d.after {
         None => Ok(None),
@@ -256,11 +252,9 @@ pub(crate) fn ticket_comments(
         Some((n, t)) if t == id => n,
         Some(_) => return Err(bad("page[after] is a cursor of another ticket")),
     };
-    let p = ds.parent(id).ok_or_else(|| ApiError {
-        status: 404,
-        error: "not_found",
-        description: format!("no ticket {id}"),
-    })?;
+    let p = ds
+        .parent(id)
+        .ok_or_else(|| ApiError::new(404, "not_found", format!("no ticket {id}")))?;
     let base = ctx.comments.base_count(id);
     let total = base + p.updates.len();
     let start = start.min(total);

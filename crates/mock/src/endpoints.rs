@@ -7,6 +7,7 @@ use crate::CommentsConfig;
 use crate::comments;
 use crate::cursor::{self, Decoded};
 use crate::dataset::{Dataset, Pos, Rec};
+use crate::dialects;
 
 pub type Query = HashMap<String, String>;
 
@@ -22,6 +23,10 @@ pub struct Ctx<'a> {
     pub cursor_ttl_ms: Option<i64>,
     /// Comment counts and their default page size.
     pub comments: &'a CommentsConfig,
+    /// The request's method, upper case (`GET`, `POST`, ...).
+    pub method: &'a str,
+    /// The request body parsed as JSON; None when the body was empty.
+    pub body: Option<&'a serde_json::Value>,
 }
 
 pub struct Reply {
@@ -29,22 +34,52 @@ pub struct Reply {
     pub headers: Vec<(&'static str, String)>,
 }
 
+impl Reply {
+    /// A 200 with this JSON body and no extra headers.
+    pub fn json(body: String) -> Self {
+        Reply {
+            body,
+            headers: vec![],
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: u16,
     pub error: &'static str,
     pub description: String,
+    /// The exact JSON body to answer instead of
+    /// `{"error":…,"description":…}` (for dialects with their own error shape).
+    pub body: Option<String>,
 }
 
-fn bad(description: impl Into<String>) -> ApiError {
-    ApiError {
-        status: 400,
-        error: "invalid_request",
-        description: description.into(),
+impl ApiError {
+    pub fn new(status: u16, error: &'static str, description: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            error,
+            description: description.into(),
+            body: None,
+        }
+    }
+
+    /// An error answered with exactly `body`.
+    pub fn raw(status: u16, error: &'static str, body: &serde_json::Value) -> Self {
+        ApiError {
+            status,
+            error,
+            description: String::new(),
+            body: Some(body.to_string()),
+        }
     }
 }
 
-fn records(recs: &[Rec]) -> String {
+pub(crate) fn bad(description: impl Into<String>) -> ApiError {
+    ApiError::new(400, "invalid_request", description)
+}
+
+pub(crate) fn records(recs: &[Rec]) -> String {
     let mut s = String::with_capacity(recs.iter().map(|r| r.json.len() + 1).sum::<usize>() + 2);
     s.push('[');
     for (i, r) in recs.iter().enumerate() {
@@ -57,15 +92,15 @@ fn records(recs: &[Rec]) -> String {
     s
 }
 
-fn js(s: &str) -> String {
+pub(crate) fn js(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
-fn pos(r: &Rec) -> Pos {
+pub(crate) fn pos(r: &Rec) -> Pos {
     (r.updated_at, r.id.clone())
 }
 
-fn num<T: std::str::FromStr>(q: &Query, name: &str) -> Result<Option<T>, ApiError> {
+pub(crate) fn num<T: std::str::FromStr>(q: &Query, name: &str) -> Result<Option<T>, ApiError> {
     match q.get(name) {
         None => Ok(None),
         Some(v) if v.is_empty() => Ok(None),
@@ -85,7 +120,7 @@ fn time(q: &Query, name: &str) -> Result<Option<i64>, ApiError> {
     }
 }
 
-fn limit(q: &Query, name: &str, ctx: &Ctx) -> Result<usize, ApiError> {
+pub(crate) fn limit(q: &Query, name: &str, ctx: &Ctx) -> Result<usize, ApiError> {
     let n: usize = num(q, name)?.unwrap_or(ctx.default_page_size);
     if n == 0 {
         return Err(bad(format!("{name} must be at least 1")));
@@ -93,15 +128,19 @@ fn limit(q: &Query, name: &str, ctx: &Ctx) -> Result<usize, ApiError> {
     Ok(n.min(ctx.max_page_size))
 }
 
-fn check_age(d: &Decoded, ctx: &Ctx) -> Result<(), ApiError> {
-    if let Some(ttl) = ctx.cursor_ttl_ms
-        && cursor::now_ms() - d.iat_ms > ttl
-    {
-        return Err(ApiError {
-            status: 400,
-            error: "cursor_expired",
-            description: "the cursor has expired; start again from a time".into(),
-        });
+/// Whether the cursor TTL fault refuses `d`.
+pub(crate) fn expired(d: &Decoded, ctx: &Ctx) -> bool {
+    ctx.cursor_ttl_ms
+        .is_some_and(|ttl| cursor::now_ms() - d.iat_ms > ttl)
+}
+
+pub(crate) fn check_age(d: &Decoded, ctx: &Ctx) -> Result<(), ApiError> {
+    if expired(d, ctx) {
+        return Err(ApiError::new(
+            400,
+            "cursor_expired",
+            "the cursor has expired; start again from a time",
+        ));
     }
     Ok(())
 }
@@ -119,7 +158,7 @@ fn opaque(q: &Query, name: &str, ctx: &Ctx) -> Result<Option<Option<Pos>>, ApiEr
 }
 
 /// The upper bound of a time-ordered walk: the end filter and the hidden newest records.
-fn upper(end: Option<i64>, ctx: &Ctx) -> Option<i64> {
+pub(crate) fn upper(end: Option<i64>, ctx: &Ctx) -> Option<i64> {
     match (end, ctx.visible_until.map(|t| t + 1)) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -422,34 +461,109 @@ pub fn offset(ds: &Dataset, q: &Query, ctx: &Ctx) -> Result<Reply, ApiError> {
     })
 }
 
-/// Route a data path to its endpoint.
-pub fn serve(ds: &Dataset, path: &str, q: &Query, ctx: &Ctx) -> Result<Reply, ApiError> {
-    if let Some(id) = comments::ticket_of_path(path) {
-        return comments::ticket_comments(ds, id, q, ctx);
-    }
-    match path {
-        "/api/v2/incremental/tickets/cursor.json" => zendesk(ds, q, ctx),
-        "/v1/events" => events(ds, q, ctx),
-        "/items" => items(ds, q, ctx),
-        "/sync/records" => sync(ds, q, ctx),
-        "/jsonapi/records" => jsonapi(ds, q, ctx),
-        "/github/records" => github(ds, q, ctx),
-        "/paged/records" => paged(ds, q, ctx),
-        "/offset/records" => offset(ds, q, ctx),
-        comments::BATCH_PATH => comments::batch(ds, q, ctx),
-        // An endpoint that is always down, for failure tests.
-        "/broken/records" => Err(ApiError {
-            status: 500,
-            error: "internal_error",
-            description: "this endpoint always fails".into(),
-        }),
-        p if p.starts_with("/v2/clients/") && p.ends_with("/inspections") => {
-            inspections(ds, q, ctx)
+/// The data endpoints, by path.
+enum Endpoint<'p> {
+    Zendesk,
+    Events,
+    Items,
+    Sync,
+    JsonApi,
+    Github,
+    Paged,
+    Offset,
+    TicketComments(&'p str),
+    BatchComments,
+    Broken,
+    Inspections,
+    GraphQl,
+    Notion,
+    Search,
+    Kinto,
+    Slack,
+}
+
+impl Endpoint<'_> {
+    fn of(path: &str) -> Option<Endpoint<'_>> {
+        if let Some(id) = comments::ticket_of_path(path) {
+            return Some(Endpoint::TicketComments(id));
         }
-        _ => Err(ApiError {
-            status: 404,
-            error: "not_found",
-            description: format!("no endpoint {path}; GET / lists them"),
-        }),
+        Some(match path {
+            "/api/v2/incremental/tickets/cursor.json" => Endpoint::Zendesk,
+            "/v1/events" => Endpoint::Events,
+            "/items" => Endpoint::Items,
+            "/sync/records" => Endpoint::Sync,
+            "/jsonapi/records" => Endpoint::JsonApi,
+            "/github/records" => Endpoint::Github,
+            "/paged/records" => Endpoint::Paged,
+            "/offset/records" => Endpoint::Offset,
+            comments::BATCH_PATH => Endpoint::BatchComments,
+            "/broken/records" => Endpoint::Broken,
+            dialects::GRAPHQL_PATH => Endpoint::GraphQl,
+            dialects::SEARCH_PATH => Endpoint::Search,
+            dialects::KINTO_PATH => Endpoint::Kinto,
+            dialects::SLACK_PATH => Endpoint::Slack,
+            p if p.starts_with("/v2/clients/") && p.ends_with("/inspections") => {
+                Endpoint::Inspections
+            }
+            p if dialects::is_notion_path(p) => Endpoint::Notion,
+            _ => return None,
+        })
+    }
+
+    /// Whether the endpoint is read with POST (else GET).
+    fn is_post(&self) -> bool {
+        matches!(
+            self,
+            Endpoint::GraphQl | Endpoint::Notion | Endpoint::Search
+        )
+    }
+}
+
+/// Route a data request to its endpoint: 404 for an unknown path, 405 for
+/// a method the endpoint does not take (GET endpoints also take HEAD).
+pub fn serve(ds: &Dataset, path: &str, q: &Query, ctx: &Ctx) -> Result<Reply, ApiError> {
+    let Some(endpoint) = Endpoint::of(path) else {
+        return Err(ApiError::new(
+            404,
+            "not_found",
+            format!("no endpoint {path}; GET / lists them"),
+        ));
+    };
+    let allowed = if endpoint.is_post() {
+        ctx.method == "POST"
+    } else {
+        matches!(ctx.method, "GET" | "HEAD")
+    };
+    if !allowed {
+        let want = if endpoint.is_post() { "POST" } else { "GET" };
+        return Err(ApiError::new(
+            405,
+            "method_not_allowed",
+            format!("{path} takes {want}, not {}", ctx.method),
+        ));
+    }
+    match endpoint {
+        Endpoint::Zendesk => zendesk(ds, q, ctx),
+        Endpoint::Events => events(ds, q, ctx),
+        Endpoint::Items => items(ds, q, ctx),
+        Endpoint::Sync => sync(ds, q, ctx),
+        Endpoint::JsonApi => jsonapi(ds, q, ctx),
+        Endpoint::Github => github(ds, q, ctx),
+        Endpoint::Paged => paged(ds, q, ctx),
+        Endpoint::Offset => offset(ds, q, ctx),
+        Endpoint::TicketComments(id) => comments::ticket_comments(ds, id, q, ctx),
+        Endpoint::BatchComments => comments::batch(ds, q, ctx),
+        // An endpoint that is always down, for failure tests.
+        Endpoint::Broken => Err(ApiError::new(
+            500,
+            "internal_error",
+            "this endpoint always fails",
+        )),
+        Endpoint::Inspections => inspections(ds, q, ctx),
+        Endpoint::GraphQl => dialects::graphql(ds, ctx),
+        Endpoint::Notion => dialects::notion(ds, ctx),
+        Endpoint::Search => dialects::search(ds, ctx),
+        Endpoint::Kinto => dialects::kinto(ds, q, ctx),
+        Endpoint::Slack => dialects::slack(ds, q, ctx),
     }
 }

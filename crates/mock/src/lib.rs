@@ -9,11 +9,35 @@
 //! Every ticket also has comments, a child resource for parent→child feeds:
 //! `/api/v2/tickets/{id}/comments` and `/api/v2/comments?ticket_ids=`
 //! (see `comments`).
+//!
+//! The same records are also served through request dialects (see
+//! `dialects`), each a full walk of the current records in change order:
+//! - `POST /graphql` `{"query":"…records…","variables":{"first","after","since"}}`:
+//!   Relay edges, `pageInfo.endCursor`/`hasNextPage`; errors as 200s with
+//!   `errors[].extensions.code` (`GRAPHQL_PARSE_FAILED`, `INVALID_CURSOR`,
+//!   `CURSOR_EXPIRED`, `BAD_USER_INPUT`).
+//! - `POST /notion/v1/databases/{id}/query` `{"page_size","start_cursor"}`:
+//!   `{"object":"list","results","next_cursor","has_more"}`;
+//!   `start_cursor: null` is refused with Notion's 400 `validation_error`.
+//! - `POST /es/records/_search` `{"size","search_after":[t,id],"query":{"range":{"updated_at":{"gte":t}}}}`:
+//!   Elasticsearch hits, each with `"sort":[updated_at unix seconds, id]`.
+//! - `GET /kinto/records?_limit=&_since=&_token=`: `{"data":[…]}` and the
+//!   next page's full URL in a `Next-Page` header.
+//! - `GET /slack/conversations.history?channel=&limit=&cursor=&oldest=`:
+//!   `{"ok":true,"messages","has_more","response_metadata":{"next_cursor"}}`,
+//!   errors as 200 `{"ok":false,"error"}`.
+//!
+//! Data endpoints take any method: a GET endpoint answers POST with 405 and
+//! vice versa; a request body (at most 1 MiB, else 413) must be JSON (else
+//! 400). Besides the faults on every Nth request, [`Faults`] sets errors
+//! inside a 200 (`error_200_every`) and a fixed-window rate-limit budget
+//! with `X-RateLimit-*` or IETF `RateLimit-*` headers (`ratelimit_limit`).
 
 mod args;
 mod comments;
 mod cursor;
 mod dataset;
+mod dialects;
 mod endpoints;
 mod server;
 mod tenants;
@@ -91,6 +115,37 @@ pub struct Faults {
     /// After every N data requests, insert and update `mutate_count` records.
     pub mutate_every: Option<u64>,
     pub mutate_count: usize,
+    /// Data request number N, M·N, … (the same count as the faults above)
+    /// answers an error inside a 200 if it goes to `/graphql`
+    /// (`{"data":null,"errors":[{…"code":"RATE_LIMITED","retryAfter":…}]}`)
+    /// or `/slack/…` (`{"ok":false,"error":"ratelimited"}`); other
+    /// endpoints ignore it. Counted in `Stats::errors_200`.
+    pub error_200_every: Option<u64>,
+    /// A fixed-window request budget: at most this many data requests per
+    /// `ratelimit_window_ms` (per tenant under `/t/{tenant}/`, else one
+    /// budget for the main dataset). 2xx answers carry the budget's headers
+    /// (see `ratelimit_style`); a request beyond it answers 429 with
+    /// `Retry-After` (counted in `Stats::rate_limited_429`). None: no budget.
+    pub ratelimit_limit: Option<u64>,
+    /// The budget's window; it starts with the first request after the
+    /// previous window ended.
+    pub ratelimit_window_ms: u64,
+    /// Which headers carry the budget.
+    pub ratelimit_style: RateLimitStyle,
+}
+
+/// The headers that announce the rate-limit budget.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitStyle {
+    /// `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset`
+    /// (unix seconds when the window ends, rounded up), GitHub style.
+    #[default]
+    X,
+    /// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`
+    /// (seconds until the window ends, rounded up; at least 1 when nothing
+    /// remains), the IETF draft's.
+    Ietf,
 }
 
 impl Default for Faults {
@@ -107,6 +162,10 @@ impl Default for Faults {
             cursor_ttl_secs: None,
             mutate_every: None,
             mutate_count: 0,
+            error_200_every: None,
+            ratelimit_limit: None,
+            ratelimit_window_ms: 1000,
+            ratelimit_style: RateLimitStyle::X,
         }
     }
 }

@@ -9,16 +9,17 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
 
 use crate::comments::{self, CommentsTruth};
 use crate::dataset::{Dataset, Truth};
+use crate::dialects;
 use crate::endpoints::{self, Ctx};
 use crate::tenants::{self, Refusal, Route, Tenant};
-use crate::{Faults, MockConfig};
+use crate::{Faults, MockConfig, RateLimitStyle};
 
 // Declared here rather than in lib.rs; the file is src/hostile.rs.
 #[path = "hostile.rs"]
@@ -43,6 +44,28 @@ struct Shared {
     /// Requests to a ticket's comments endpoint, by ticket key.
     comments_by_ticket: Mutex<HashMap<String, u64>>,
     batch_comments_by_ticket: Mutex<HashMap<String, u64>>,
+    /// Errors inside a 200 injected by `error_200_every`.
+    errors_200: AtomicU64,
+    /// Data requests refused with 429 because the rate-limit budget was used up.
+    rate_limited_429: AtomicU64,
+    /// The rate-limit window of each budget: `""` for the main dataset,
+    /// else the tenant's name.
+    windows: Mutex<HashMap<String, Window>>,
+}
+
+/// One budget's current fixed window.
+struct Window {
+    start_ms: i64,
+    used: u64,
+}
+
+/// Where a request stands against its rate-limit budget.
+struct Budget {
+    limit: u64,
+    remaining: u64,
+    /// Unix ms when the window ends.
+    reset_ms: i64,
+    style: RateLimitStyle,
 }
 
 /// A handle on the mock's state, for tests in the same process.
@@ -74,6 +97,11 @@ pub struct Stats {
     /// (`/api/v2/comments?ticket_ids=…`) that named it.
     #[serde(default)]
     pub batch_comment_requests_by_ticket: BTreeMap<String, u64>,
+    /// Errors inside a 200 injected by the `error_200_every` fault.
+    pub errors_200: u64,
+    /// Data requests answered 429 because the `ratelimit_limit` budget of
+    /// their window was used up.
+    pub rate_limited_429: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -98,6 +126,9 @@ impl MockState {
             comment_requests: AtomicU64::new(0),
             comments_by_ticket: Mutex::new(HashMap::new()),
             batch_comments_by_ticket: Mutex::new(HashMap::new()),
+            errors_200: AtomicU64::new(0),
+            rate_limited_429: AtomicU64::new(0),
+            windows: Mutex::new(HashMap::new()),
         }))
     }
     pub fn insert(&self, n: usize) {
@@ -250,7 +281,40 @@ impl MockState {
                 .iter()
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
+            errors_200: self.0.errors_200.load(Ordering::SeqCst),
+            rate_limited_429: self.0.rate_limited_429.load(Ordering::SeqCst),
         }
+    }
+    /// Take one request from budget `key`'s window: None when no budget is
+    /// set, Ok while the window has room (now counted), Err when it is used
+    /// up (not counted).
+    fn take_budget(&self, key: &str, faults: &Faults) -> Option<Result<Budget, Budget>> {
+        let limit = faults.ratelimit_limit?;
+        let window = i64::try_from(faults.ratelimit_window_ms.max(1)).unwrap_or(i64::MAX);
+        let now = crate::cursor::now_ms();
+        let mut windows = lock(&self.0.windows);
+        let w = windows.entry(key.to_string()).or_insert(Window {
+            start_ms: now,
+            used: 0,
+        });
+        if now >= w.start_ms.saturating_add(window) {
+            *w = Window {
+                start_ms: now,
+                used: 0,
+            };
+        }
+        let mut budget = Budget {
+            limit,
+            remaining: 0,
+            reset_ms: w.start_ms.saturating_add(window),
+            style: faults.ratelimit_style,
+        };
+        if w.used >= limit {
+            return Some(Err(budget));
+        }
+        w.used += 1;
+        budget.remaining = limit - w.used;
+        Some(Ok(budget))
     }
     pub fn faults(&self) -> Faults {
         self.0.faults.read().map(|f| f.clone()).unwrap_or_default()
@@ -475,17 +539,34 @@ async fn index() -> &'static str {
      GET /hostile/{loop|huge|utf8|types|empty_more}?cursor=                               a good page, then a bad one\n\
      GET /api/v2/tickets/{id}/comments?page[size]=&page[after]=                           a ticket's comments (404: no such ticket)\n\
      GET /api/v2/comments?ticket_ids=id1,id2,...&page[size]=&page[after]=                comments of up to 100 tickets\n\
+     \n\
+     Request dialects (the same records in change order):\n\
+     POST /graphql {\"query\":\"...records...\",\"variables\":{\"first\":N,\"after\":c,\"since\":rfc3339}}\n\
+          -> {\"data\":{\"records\":{\"edges\":[{\"cursor\",\"node\"}],\"pageInfo\":{\"endCursor\",\"hasNextPage\"}}}}   GraphQL, Relay edges\n\
+     POST /notion/v1/databases/{id}/query {\"page_size\":N,\"start_cursor\":c}                     cursor in the body (null refused)\n\
+          -> {\"object\":\"list\",\"results\",\"next_cursor\",\"has_more\",\"type\":\"page_or_database\"}\n\
+     POST /es/records/_search {\"size\":N,\"search_after\":[t,id],\"query\":{\"range\":{\"updated_at\":{\"gte\":t}}}}\n\
+          -> {\"hits\":{\"total\":{\"value\"},\"hits\":[{\"_id\",\"_source\",\"sort\":[t,id]}]}}     Elasticsearch search_after\n\
+     GET /kinto/records?_limit=&_since=&_token=                                          next URL in a Next-Page header\n\
+     GET /slack/conversations.history?channel=&limit=&cursor=&oldest=                    Slack: errors inside a 200 (ok:false)\n\
+     (a GET endpoint answers POST with 405 and vice versa; POST bodies are JSON, at most 1 MiB)\n\
      GET /_truth  GET /_truth/comments  GET /_stats  POST /_admin/faults\n\
      POST /_admin/insert?n=  POST /_admin/update?n=  POST /_admin/delete?n= (the n oldest tickets)\n\
      \n\
-     Tenants: GET /t/{tenant}/<any endpoint above>, e.g. /t/acme/api/v2/incremental/tickets/cursor.json,\n\
+     Tenants: /t/{tenant}/<any endpoint above>, e.g. /t/acme/api/v2/incremental/tickets/cursor.json,\n\
      serves that tenant's own dataset (created on first use; --tenant-records); tenant names match\n\
      [a-z0-9_-]{1,63}; every request needs Authorization: Bearer tok-{tenant} (else 401 invalid_token).\n\
      GET /_truth?tenant=   GET /_truth/comments?tenant=\n\
      POST /_admin/tenants/{tenant}/revoke   POST /_admin/tenants/{tenant}/restore\n\
      POST /_admin/tenants/{tenant}/throttle?secs=   POST /_admin/tenants/{tenant}/insert?n=\n\
      POST /_admin/tenants/{tenant}/update?n=   POST /_admin/tenants/{tenant}/delete?n=\n\
-     (/_stats: by_tenant, refused_by_tenant, comment_requests, comment_requests_by_ticket)\n"
+     (/_stats: by_tenant, refused_by_tenant, comment_requests, comment_requests_by_ticket,\n\
+      errors_200, rate_limited_429)\n\
+     \n\
+     Faults (POST /_admin/faults, or flags): fail_429_every, fail_429_first, fail_500_every, slow_every,\n\
+     truncate_every, corrupt_every, cursor_ttl_secs, mutate_every, error_200_every (errors inside a 200\n\
+     on /graphql and /slack/), ratelimit_limit + ratelimit_window_ms + ratelimit_style x|ietf (a fixed-window\n\
+     budget per tenant, else global: X-RateLimit-* or RateLimit-* headers, 429 + Retry-After when used up)\n"
 }
 
 fn every(n: u64, k: Option<u64>) -> bool {
@@ -501,9 +582,95 @@ fn json_error(status: u16, error: &str, description: &str) -> Response {
         .into_response()
 }
 
+/// A JSON body answered as is.
+fn json_body(status: u16, body: String) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+    (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// The largest request body a data endpoint reads.
+const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// A data request's body: None when empty, else its JSON.
+type ParsedBody = Result<Option<serde_json::Value>, BodyError>;
+
+/// Why a data request's body was refused.
+enum BodyError {
+    /// Over [`MAX_BODY_BYTES`] (or unreadable): 413.
+    TooLarge,
+    /// Not JSON: 400, with the parser's complaint.
+    NotJson(String),
+}
+
+impl BodyError {
+    fn response(&self) -> Response {
+        match self {
+            BodyError::TooLarge => json_error(
+                413,
+                "payload_too_large",
+                &format!("the request body is over {MAX_BODY_BYTES} bytes"),
+            ),
+            BodyError::NotJson(why) => (
+                StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({
+                    "error": "invalid_request",
+                    "error_description": format!("the request body is not JSON: {why}"),
+                })),
+            )
+                .into_response(),
+        }
+    }
+}
+
+async fn read_body(body: Body) -> ParsedBody {
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| BodyError::TooLarge)?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| BodyError::NotJson(e.to_string()))
+}
+
+/// Whole seconds from now until unix ms `t`, rounded up (0 once past).
+fn secs_until(t: i64) -> i64 {
+    let left = t.saturating_sub(crate::cursor::now_ms()).max(0);
+    left.saturating_add(999) / 1000
+}
+
+/// Announce `b` in `r`'s headers, in its style.
+fn budget_headers(r: &mut Response, b: &Budget) {
+    let h = r.headers_mut();
+    let names = match b.style {
+        RateLimitStyle::X => [
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+        ],
+        RateLimitStyle::Ietf => ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"],
+    };
+    let reset = match b.style {
+        RateLimitStyle::X => b.reset_ms.saturating_add(999).div_euclid(1000),
+        RateLimitStyle::Ietf if b.remaining == 0 => secs_until(b.reset_ms).max(1),
+        RateLimitStyle::Ietf => secs_until(b.reset_ms),
+    };
+    h.insert(names[0], header::HeaderValue::from(b.limit));
+    h.insert(names[1], header::HeaderValue::from(b.remaining));
+    h.insert(names[2], header::HeaderValue::from(reset));
+}
+
 /// Every request no other route takes: a data endpoint of the main dataset,
-/// or of a tenant's under `/t/{tenant}/`.
-async fn data(State(s): State<MockState>, uri: Uri, headers: HeaderMap) -> Response {
+/// or of a tenant's under `/t/{tenant}/`, with any method (each endpoint
+/// takes GET or POST and answers 405 to the others).
+async fn data(
+    State(s): State<MockState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let path = uri.path();
     let n = s.count(path);
     match tenants::route(path) {
@@ -511,6 +678,7 @@ async fn data(State(s): State<MockState>, uri: Uri, headers: HeaderMap) -> Respo
         Route::Tenant { name, rest } => s.count_comments(Some(name), rest, uri.query()),
         Route::BadName(_) => {}
     }
+    let body = read_body(body).await;
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -528,7 +696,16 @@ async fn data(State(s): State<MockState>, uri: Uri, headers: HeaderMap) -> Respo
                 return json_error(401, "invalid_token", "this token was not issued here");
             }
             let base = format!("http://{host}");
-            serve(&s, n, &s.0.data, path, uri.query(), &base).await
+            let req = DataRequest {
+                n,
+                method: method.as_str(),
+                path,
+                query: uri.query(),
+                body: &body,
+                base: &base,
+                budget: "",
+            };
+            serve(&s, &s.0.data, req).await
         }
         Route::BadName(name) => json_error(
             404,
@@ -559,7 +736,16 @@ async fn data(State(s): State<MockState>, uri: Uri, headers: HeaderMap) -> Respo
                 }
                 Ok(()) => {
                     let base = format!("http://{host}{}{name}", tenants::TENANT_PREFIX);
-                    serve(&s, n, &tenant.data, rest, uri.query(), &base).await
+                    let req = DataRequest {
+                        n,
+                        method: method.as_str(),
+                        path: rest,
+                        query: uri.query(),
+                        body: &body,
+                        base: &base,
+                        budget: name,
+                    };
+                    serve(&s, &tenant.data, req).await
                 }
             };
             if matches!(reply.status().as_u16(), 401 | 429) {
@@ -570,17 +756,61 @@ async fn data(State(s): State<MockState>, uri: Uri, headers: HeaderMap) -> Respo
     }
 }
 
-/// Serve data request number `n` to `path` from `data`, after the faults
-/// and latency; next URLs start with `base`.
-async fn serve(
-    s: &MockState,
+/// A data request on its way to an endpoint.
+struct DataRequest<'a> {
+    /// Its number among all data requests (what the faults count).
     n: u64,
-    data: &Mutex<Dataset>,
-    path: &str,
-    query: Option<&str>,
-    base: &str,
-) -> Response {
+    method: &'a str,
+    /// The endpoint's path, without a tenant prefix.
+    path: &'a str,
+    query: Option<&'a str>,
+    body: &'a ParsedBody,
+    /// Next URLs start with this.
+    base: &'a str,
+    /// Its rate-limit budget: `""` for the main dataset, else the tenant.
+    budget: &'a str,
+}
+
+/// Serve `req` from `data`: the rate-limit budget first (429 when used
+/// up; 2xx answers carry its headers), then [`answer`].
+async fn serve(s: &MockState, data: &Mutex<Dataset>, req: DataRequest<'_>) -> Response {
     let faults = s.faults();
+    let budget = match s.take_budget(req.budget, &faults) {
+        None => None,
+        Some(Ok(b)) => Some(b),
+        Some(Err(b)) => {
+            s.0.rate_limited_429.fetch_add(1, Ordering::SeqCst);
+            let mut r = json_error(
+                429,
+                "rate_limited",
+                "the rate limit of this window is used up",
+            );
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(secs_until(b.reset_ms).max(1)),
+            );
+            budget_headers(&mut r, &b);
+            return r;
+        }
+    };
+    let mut r = answer(s, data, &req, &faults).await;
+    if let Some(b) = budget
+        && r.status().is_success()
+    {
+        budget_headers(&mut r, &b);
+    }
+    r
+}
+
+/// Answer `req` from `data`, after the latency, the body check and the
+/// faults.
+async fn answer(
+    s: &MockState,
+    data: &Mutex<Dataset>,
+    req: &DataRequest<'_>,
+    faults: &Faults,
+) -> Response {
+    let n = req.n;
     let cfg = &s.0.config;
     if !cfg.latency.is_zero() {
         tokio::time::sleep(cfg.latency).await;
@@ -601,28 +831,46 @@ async fn serve(
     if every(n, faults.fail_500_every) {
         return json_error(500, "internal", "injected server error");
     }
+    if every(n, faults.error_200_every)
+        && let Some(body) = dialects::error_200_body(req.path, faults.retry_after_secs)
+    {
+        s.0.errors_200.fetch_add(1, Ordering::SeqCst);
+        return json_body(200, body);
+    }
+    let body = match req.body {
+        Ok(b) => b.as_ref(),
+        Err(e) => return e.response(),
+    };
     if every(n, faults.slow_every) {
         tokio::time::sleep(Duration::from_millis(faults.slow_ms)).await;
     }
-    let q: HashMap<String, String> = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .into_owned()
-        .collect();
+    let q: HashMap<String, String> =
+        url::form_urlencoded::parse(req.query.unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
     let ctx = Ctx {
-        base,
+        base: req.base,
         default_page_size: cfg.page_size.max(1),
         max_page_size: cfg.max_page_size.max(1),
         visible_until: (!cfg.hide_newest.is_zero())
             .then(|| chrono::Utc::now().timestamp() - cfg.hide_newest.as_secs() as i64),
         cursor_ttl_ms: faults.cursor_ttl_secs.map(|t| t as i64 * 1000),
         comments: &cfg.comments,
+        method: req.method,
+        body,
     };
     let reply = {
         let d = lock(data);
-        endpoints::serve(&d, path, &q, &ctx)
+        endpoints::serve(&d, req.path, &q, &ctx)
     };
     let reply = match reply {
         Ok(r) => r,
-        Err(e) => return json_error(e.status, e.error, &e.description),
+        Err(e) => {
+            return match e.body {
+                Some(body) => json_body(e.status, body),
+                None => json_error(e.status, e.error, &e.description),
+            };
+        }
     };
     if every(n, faults.corrupt_every) {
         return (

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use reqwest::header::{
-    ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, LOCATION, RETRY_AFTER, USER_AGENT,
+    ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, LOCATION, RETRY_AFTER, USER_AGENT,
 };
-use tidemark_core::config::{AuthConfig, RetryConfig, SourceConfig};
+use tidemark_core::config::{AuthConfig, Method, RateLimitHeaders, RetryConfig, SourceConfig};
 use tidemark_core::pagination::{Headers, PageRequest, redact_query};
 use tidemark_core::secret::Secret;
 use url::Url;
@@ -29,6 +29,19 @@ pub struct FetchedPage {
     /// Attempts it took, the successful one included.
     pub attempts: u32,
     pub elapsed: Duration,
+    /// How long to stop sending to the source: its rate-limit headers say
+    /// the remaining requests are at the floor (`rate_limit_headers`).
+    pub pause: Option<Duration>,
+    /// The secret values the request carried (`Debug` prints `***`).
+    sent: crate::auth::Sent,
+}
+
+impl FetchedPage {
+    /// `text` (taken from the body) without any secret the request carried.
+    pub fn scrub(&self, text: &str) -> String {
+        let sent: Vec<&str> = self.sent.iter().map(|s| s.expose()).collect();
+        crate::auth::scrub(text, &sent)
+    }
 }
 
 impl Headers for FetchedPage {
@@ -61,6 +74,9 @@ struct Inner {
     max_headers: usize,
     /// Origins a redirect may lead to, without credentials.
     redirects_to: Vec<url::Origin>,
+    rate_headers: Option<RateLimitHeaders>,
+    /// Until when [`HttpSource::fetch`] sends nothing (rate-limit headers).
+    paused_until: std::sync::Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for HttpSource {
@@ -134,6 +150,8 @@ impl HttpSource {
                 max_body: cfg.max_body_bytes(),
                 max_headers: cfg.max_header_bytes(),
                 redirects_to: cfg.redirects_allowed_to.iter().map(Url::origin).collect(),
+                rate_headers: cfg.rate_limit_headers.clone(),
+                paused_until: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -146,19 +164,32 @@ impl HttpSource {
         &self.inner.base
     }
 
-    /// Fetch with retries on transient failures.
+    /// Fetch with retries on transient failures (a request that is not
+    /// [`PageRequest::retriable`] only when it surely was not processed),
+    /// after any pause the source's rate-limit headers asked for.
     pub async fn fetch(&self, req: &PageRequest) -> Result<FetchedPage, FetchError> {
         let retry = &self.inner.retry;
         let started = Instant::now();
         let mut attempt = 1u32;
         loop {
+            let until = *lock(&self.inner.paused_until);
+            if let Some(until) = until {
+                tokio::time::sleep_until(until.into()).await;
+            }
             match self.fetch_once(req).await {
                 Ok(mut page) => {
                     page.attempts = attempt;
                     page.elapsed = started.elapsed();
+                    if let Some(p) = page.pause {
+                        *lock(&self.inner.paused_until) = Some(Instant::now() + p);
+                    }
                     return Ok(page);
                 }
-                Err(e) if e.is_transient() && attempt < retry.max_attempts => {
+                Err(e)
+                    if e.is_transient()
+                        && (req.retriable() || e.surely_unprocessed())
+                        && attempt < retry.max_attempts =>
+                {
                     let delay = match e.retry_after() {
                         Some(d) => d.min(retry.max_retry_after.std()),
                         None => {
@@ -191,7 +222,7 @@ impl HttpSource {
             });
         }
         let started = Instant::now();
-        let (resp, sent) = self.send(&req.url, &shown).await?;
+        let (resp, sent) = self.send(req, &shown).await?;
         let status = resp.status().as_u16();
         let resp_headers = resp.headers().clone();
         if !resp.status().is_success() {
@@ -220,12 +251,21 @@ impl HttpSource {
             });
         }
         let body = self.read_body(resp, &shown).await?;
+        let pause = self.inner.rate_headers.as_ref().and_then(|h| {
+            rate_pause(h, &resp_headers, SystemTime::now())
+                .map(|d| d.min(self.inner.retry.max_retry_after.std()))
+        });
+        if let Some(p) = pause {
+            tracing::info!(source = %self.inner.name, pause_ms = p.as_millis() as u64, "rate-limit headers: remaining at the floor; pausing until the reset");
+        }
         Ok(FetchedPage {
             status,
             headers: resp_headers,
             body,
             attempts: 1,
             elapsed: started.elapsed(),
+            pause,
+            sent,
         })
     }
 
@@ -236,11 +276,13 @@ impl HttpSource {
     /// token. Returns the response and the secret values sent to the source.
     async fn send(
         &self,
-        first: &Url,
+        req: &PageRequest,
         shown: &str,
     ) -> Result<(reqwest::Response, crate::auth::Sent), FetchError> {
         let inner = &self.inner;
-        let mut url = first.clone();
+        let mut url = req.url.clone();
+        let mut method = req.method;
+        let mut body = req.body.clone();
         let mut hops = 0usize;
         let mut refused_token: Option<String> = None;
         loop {
@@ -252,6 +294,9 @@ impl HttpSource {
                 HeaderValue::from_static(concat!("tidemark/", env!("CARGO_PKG_VERSION"))),
             );
             headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+            if body.is_some() {
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
             let mut sent = crate::auth::Sent::new();
             let mut token = None;
             if on_source {
@@ -268,14 +313,15 @@ impl HttpSource {
                     token = Some(t);
                 }
             }
-            tracing::debug!(source = %inner.name, url = %redact_query(&url), "GET");
-            let resp = inner
+            tracing::debug!(source = %inner.name, method = method.as_str(), url = %redact_query(&url), "request");
+            let mut request = inner
                 .client
-                .get(target)
-                .headers(headers)
-                .send()
-                .await
-                .map_err(|e| classify(e, shown))?;
+                .request(http_method(method), target)
+                .headers(headers);
+            if let Some(b) = &body {
+                request = request.body(b.clone());
+            }
+            let resp = request.send().await.map_err(|e| classify(e, shown))?;
             let status = resp.status();
             if status.is_redirection()
                 && let Some(location) = resp.headers().get(LOCATION)
@@ -299,6 +345,12 @@ impl HttpSource {
                         "redirect to another origin ({}) is not followed; list it in redirects_allowed_to to follow it without credentials",
                         origin.ascii_serialization()
                     )));
+                }
+                // 307 and 308 repeat the request as it was; the others
+                // turn it into a GET without a body (RFC 9110 15.4).
+                if !matches!(status.as_u16(), 307 | 308) {
+                    method = Method::Get;
+                    body = None;
                 }
                 url = next;
                 continue;
@@ -373,9 +425,71 @@ fn classify(e: reqwest::Error, shown: &str) -> FetchError {
         FetchError::Redirect { url, reason }
     } else if e.is_body() || e.is_decode() {
         FetchError::Body { url, reason }
-    } else {
+    } else if e.is_connect() {
         FetchError::Connect { url, reason }
+    } else {
+        FetchError::Send { url, reason }
     }
+}
+
+fn http_method(m: Method) -> reqwest::Method {
+    match m {
+        Method::Get => reqwest::Method::GET,
+        Method::Post => reqwest::Method::POST,
+        // A valid token: the constant cannot fail to parse.
+        Method::Query => reqwest::Method::from_bytes(b"QUERY").unwrap_or(reqwest::Method::POST),
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Values above this in a reset header are unix times, below it seconds
+/// from now (a billion seconds is 31 years; 2001-09-09 as a unix time).
+const UNIX_TIME_FLOOR: f64 = 1_000_000_000.0;
+
+/// How long the source's rate-limit headers ask to wait: until the reset,
+/// when the remaining count is at `cfg.floor` or below.
+pub fn rate_pause(
+    cfg: &RateLimitHeaders,
+    headers: &HeaderMap,
+    now: SystemTime,
+) -> Option<Duration> {
+    let get = |names: &[&str]| {
+        names.iter().find_map(|n| {
+            headers
+                .get(*n)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.trim().to_string())
+        })
+    };
+    let remaining = match &cfg.remaining {
+        Some(n) => get(&[n.as_str()]),
+        None => get(&["ratelimit-remaining", "x-ratelimit-remaining"]),
+    }?;
+    // A list (`100, 100;w=60`) names the tightest budget first.
+    let remaining: f64 = remaining.split(',').next()?.trim().parse().ok()?;
+    if remaining > cfg.floor as f64 {
+        return None;
+    }
+    let reset = match &cfg.reset {
+        Some(n) => get(&[n.as_str()]),
+        None => get(&["ratelimit-reset", "x-ratelimit-reset"]),
+    };
+    let secs = match reset.and_then(|r| r.split(',').next()?.trim().parse::<f64>().ok()) {
+        Some(r) if r >= UNIX_TIME_FLOOR => {
+            let now = now
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .ok()?
+                .as_secs_f64();
+            (r - now).max(0.0)
+        }
+        Some(r) if r >= 0.0 => r,
+        // No reset said: a second, then the next answer tells more.
+        _ => 1.0,
+    };
+    Some(Duration::from_secs_f64(secs.max(0.05)))
 }
 
 /// An error and its causes, without any URL.

@@ -17,6 +17,10 @@ pub enum FetchError {
     Timeout { url: String },
     #[error("cannot reach {url}: {reason}")]
     Connect { url: String, reason: String },
+    /// The connection failed after it was made: the request may have been
+    /// received, and even processed.
+    #[error("request to {url} failed: {reason}")]
+    Send { url: String, reason: String },
     #[error("response body from {url} was cut off: {reason}")]
     Body { url: String, reason: String },
     #[error("redirect refused for {url}: {reason}")]
@@ -51,9 +55,10 @@ impl FetchError {
     /// failures, cut-off bodies, 5xx, 408 and 429.
     pub fn is_transient(&self) -> bool {
         match self {
-            FetchError::Timeout { .. } | FetchError::Connect { .. } | FetchError::Body { .. } => {
-                true
-            }
+            FetchError::Timeout { .. }
+            | FetchError::Connect { .. }
+            | FetchError::Send { .. }
+            | FetchError::Body { .. } => true,
             FetchError::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
             FetchError::Token { transient, .. } => *transient,
             // A mounted secret file that is not there (yet): a Kubernetes
@@ -61,6 +66,22 @@ impl FetchError {
             // rotation swaps the files. Retried within the source's policy;
             // an unset variable or a relative path never mends itself.
             FetchError::Secret(SecretError::File { .. }) => true,
+            _ => false,
+        }
+    }
+
+    /// True when the server surely did not act on the request: it was
+    /// never sent (no connection, a secret or token missing), or the
+    /// server refused it unread (429). Only then is a request that is not
+    /// read-only sent again.
+    pub fn surely_unprocessed(&self) -> bool {
+        match self {
+            FetchError::Connect { .. }
+            | FetchError::CrossOrigin { .. }
+            | FetchError::Secret(_)
+            | FetchError::Config(_)
+            | FetchError::Token { .. } => true,
+            FetchError::Status { status, .. } => *status == 429,
             _ => false,
         }
     }

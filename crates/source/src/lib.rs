@@ -13,6 +13,6 @@ mod error;
 mod oauth;
 mod retry;
 
-pub use client::{FetchedPage, HttpSource, Pool};
+pub use client::{FetchedPage, HttpSource, Pool, rate_pause};
 pub use error::FetchError;
 pub use retry::{backoff_delay, parse_retry_after};

@@ -45,9 +45,7 @@ fn source(base: &str, extra: &str) -> SourceConfig {
 }
 
 fn req(url: &str) -> PageRequest {
-    PageRequest {
-        url: url.parse().unwrap(),
-    }
+    PageRequest::get(url.parse().unwrap())
 }
 
 fn ok(body: &'static str) -> Response {
@@ -565,4 +563,233 @@ async fn oauth2_endpoint_errors_are_clear_and_never_show_the_secret() {
     );
     assert!(!msg.contains("client-s3cret"), "{msg}");
     assert_eq!(hits.load(Ordering::SeqCst), 0, "no request without a token");
+}
+
+/// A server that answers every request with `f(n, method, body)`.
+async fn echo_server(
+    f: impl Fn(usize, &str, &[u8]) -> Response + Send + Sync + 'static,
+) -> (String, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let f = Arc::new(f);
+    let app = axum::Router::new().fallback(
+        move |method: axum::http::Method, headers: HeaderMap, body: axum::body::Bytes| {
+            let n = h.fetch_add(1, Ordering::SeqCst);
+            let f = f.clone();
+            async move {
+                if !body.is_empty() {
+                    assert_eq!(
+                        headers.get("content-type").and_then(|v| v.to_str().ok()),
+                        Some("application/json")
+                    );
+                }
+                f(n, method.as_str(), &body)
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, hits)
+}
+
+fn post(url: &str, body: &str, read_only: bool) -> PageRequest {
+    PageRequest {
+        method: tidemark_core::pagination::Method::Post,
+        url: url.parse().unwrap(),
+        body: Some(body.as_bytes().to_vec()),
+        read_only,
+    }
+}
+
+#[tokio::test]
+async fn a_post_sends_its_body_and_is_retried_only_when_it_only_reads() {
+    let (url, hits) = echo_server(|n, method, body| {
+        if n % 2 == 0 {
+            return StatusCode::BAD_GATEWAY.into_response();
+        }
+        let echoed = format!(
+            r#"{{"method":"{method}","body":{}}}"#,
+            std::str::from_utf8(body).unwrap()
+        );
+        ([("content-type", "application/json")], echoed).into_response()
+    })
+    .await;
+    let s = HttpSource::new("s", &source(&url, "")).unwrap();
+    // A read (a GraphQL query, a search): retried after the 502.
+    let page = s
+        .fetch(&post(&format!("{url}/graphql"), r#"{"query":"q"}"#, true))
+        .await
+        .unwrap();
+    assert_eq!(page.attempts, 2);
+    assert_eq!(&page.body[..], br#"{"method":"POST","body":{"query":"q"}}"#);
+    // Not marked as a read: the 502 came after the request was received,
+    // which may have acted on it. Never sent again.
+    hits.store(0, Ordering::SeqCst);
+    let e = s
+        .fetch(&post(&format!("{url}/orders"), r#"{"a":1}"#, false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(502));
+    assert!(!e.surely_unprocessed());
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "sent once");
+}
+
+#[tokio::test]
+async fn a_post_refused_with_429_is_sent_again_even_when_not_a_read() {
+    let (url, hits) = echo_server(|n, _, _| {
+        if n == 0 {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "0")],
+                "slow down",
+            )
+                .into_response();
+        }
+        ok("[]")
+    })
+    .await;
+    let s = HttpSource::new("s", &source(&url, "")).unwrap();
+    let page = s
+        .fetch(&post(&format!("{url}/x"), "{}", false))
+        .await
+        .unwrap();
+    assert_eq!(page.attempts, 2);
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn rate_limit_headers_say_when_to_stop() {
+    use tidemark_core::config::RateLimitHeaders;
+    use tidemark_source::rate_pause;
+    let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let h = |pairs: &[(&'static str, &str)]| {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.insert(*k, v.parse().unwrap());
+        }
+        m
+    };
+    let default = RateLimitHeaders::default();
+    // Some left: no pause.
+    assert_eq!(
+        rate_pause(
+            &default,
+            &h(&[
+                ("x-ratelimit-remaining", "3"),
+                ("x-ratelimit-reset", "1800000010")
+            ]),
+            now
+        ),
+        None
+    );
+    // None left, the reset as a unix time: until then.
+    assert_eq!(
+        rate_pause(
+            &default,
+            &h(&[
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "1800000010")
+            ]),
+            now
+        ),
+        Some(Duration::from_secs(10))
+    );
+    // The IETF draft's headers, the reset in seconds from now; they win over X-.
+    assert_eq!(
+        rate_pause(
+            &default,
+            &h(&[
+                ("ratelimit-remaining", "0"),
+                ("ratelimit-reset", "7"),
+                ("x-ratelimit-remaining", "50")
+            ]),
+            now
+        ),
+        Some(Duration::from_secs(7))
+    );
+    // A floor leaves room for requests in flight.
+    let floor = RateLimitHeaders {
+        floor: 5,
+        ..Default::default()
+    };
+    assert_eq!(
+        rate_pause(
+            &floor,
+            &h(&[("x-ratelimit-remaining", "4"), ("x-ratelimit-reset", "2")]),
+            now
+        ),
+        Some(Duration::from_secs(2))
+    );
+    // Named headers (HubSpot's, GitHub's): only those are read.
+    let named = RateLimitHeaders {
+        remaining: Some("X-HubSpot-RateLimit-Remaining".into()),
+        reset: Some("X-HubSpot-RateLimit-Reset".into()),
+        floor: 0,
+    };
+    assert_eq!(
+        rate_pause(
+            &named,
+            &h(&[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "9")]),
+            now
+        ),
+        None
+    );
+    assert_eq!(
+        rate_pause(
+            &named,
+            &h(&[
+                ("x-hubspot-ratelimit-remaining", "0"),
+                ("x-hubspot-ratelimit-reset", "3")
+            ]),
+            now
+        ),
+        Some(Duration::from_secs(3))
+    );
+    // No reset given: a second. A reset in the past: a moment.
+    assert_eq!(
+        rate_pause(&default, &h(&[("x-ratelimit-remaining", "0")]), now),
+        Some(Duration::from_secs(1))
+    );
+    assert_eq!(
+        rate_pause(
+            &default,
+            &h(&[
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "1700000000")
+            ]),
+            now
+        ),
+        Some(Duration::from_millis(50))
+    );
+    // Garbage is no pause.
+    assert_eq!(
+        rate_pause(&default, &h(&[("x-ratelimit-remaining", "lots")]), now),
+        None
+    );
+}
+
+#[tokio::test]
+async fn fetch_waits_for_the_reset_the_headers_announce() {
+    let (url, _) = server(|_, _, _| {
+        (
+            [
+                ("content-type", "application/json"),
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "1"),
+            ],
+            "[]",
+        )
+            .into_response()
+    })
+    .await;
+    let s = HttpSource::new("s", &source(&url, "    rate_limit_headers: {}\n")).unwrap();
+    let first = s.fetch(&req(&format!("{url}/x"))).await.unwrap();
+    assert_eq!(first.pause, Some(Duration::from_secs(1)));
+    let started = Instant::now();
+    s.fetch(&req(&format!("{url}/x"))).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "the second request waited for the reset"
+    );
 }

@@ -19,7 +19,7 @@ use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, NEVER_DUE_MS,
 use tidemark_core::child::{self, fill, fill_batch, parent_key};
 use tidemark_core::clock::now_ms;
 use tidemark_core::config::{FeedConfig, OnMissing, Partition, RetryConfig};
-use tidemark_core::pagination::{Next, redact_query};
+use tidemark_core::pagination::{Next, ReadError, redact_query};
 use tidemark_core::pointer::JsonPointer;
 use tidemark_core::record::{page_message_id, positional_message_id, record_message_id};
 use tidemark_core::tenant::{Tenant, job_partition, split_job_partition};
@@ -514,14 +514,40 @@ impl Worker {
                     // The child is done for now, the 404 noted.
                     return Ok(empty_end(task, walk, Some(note)));
                 }
+                if e.is_transient() && !req.retriable() && !e.surely_unprocessed() {
+                    // The API may have acted on it: never sent again on purpose.
+                    self.count_fetch_error(r, "permanent");
+                    return Err(fail(format!(
+                        "page {}: {e}; not retried: the {} request may have been processed, and the feed does not say it only reads (read_only: true)",
+                        task.seq,
+                        req.method.as_str()
+                    )));
+                }
                 return Err(self.fetch_failed(task, cp, r, at_cursor, e).await);
             }
         };
+        if let Some(pause) = page.pause {
+            self.pause_for(r, pause).await;
+        }
         let page_cursor = walk.page_cursor();
         let step = match walk.advance(&req, &page, &page.body) {
             Ok(step) => step,
             Err(e) => {
                 let error = match &e {
+                    WalkError::Read(e @ ReadError::Api { .. }) => {
+                        let error = page.scrub(&format!("page {}: {e}", task.seq));
+                        if e.is_transient() {
+                            self.count_fetch_error(r, "api_error_transient");
+                            let wait = e.retry_after().map(|d| d.min(r.max_pause()));
+                            if let Some(w) = wait {
+                                self.pause_for(r, w).await;
+                            }
+                            let delay = self.backoff(task, r).max(wait.unwrap_or_default());
+                            return Err(self.retry(task, r, delay, error));
+                        }
+                        self.count_fetch_error(r, "api_error");
+                        error
+                    }
                     WalkError::Read(e) => {
                         self.count_fetch_error(r, "unreadable");
                         format!("page {} ({}): {e}", task.seq, redact_query(&req.url))
@@ -550,6 +576,19 @@ impl Worker {
             walk,
             note: None,
         })
+    }
+
+    /// Pause the page's source (or tenant) for `wait`, across every worker:
+    /// the pause a 429's Retry-After sets.
+    async fn pause_for(&self, r: &Resolved, wait: Duration) {
+        let until = now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+        if let Err(err) = self.limits.pause_source(&r.limit_key, until).await {
+            tracing::warn!(source = r.source_name(), limit = %r.limit_key, error = %err, "cannot set the source pause");
+        }
+        self.metrics
+            .source_pauses
+            .get_or_create(&Metrics::source(r.source_name()))
+            .inc();
     }
 
     /// Count a failed fetch of `kind`, per feed (and per tenant when the
@@ -827,7 +866,6 @@ impl Worker {
         e: FetchError,
     ) -> Outcome {
         let feed = r.feed();
-        let source = r.source_name();
         let kind = |k: &str| self.count_fetch_error(r, k);
         if let FetchError::Status {
             status,
@@ -846,15 +884,7 @@ impl Worker {
             kind("rate_limited");
             let wait = retry_after.unwrap_or_else(|| self.backoff(task, r));
             if retry_after.is_some() {
-                let until =
-                    now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
-                if let Err(err) = self.limits.pause_source(&r.limit_key, until).await {
-                    tracing::warn!(source, limit = %r.limit_key, error = %err, "cannot set the source pause");
-                }
-                self.metrics
-                    .source_pauses
-                    .get_or_create(&Metrics::source(source))
-                    .inc();
+                self.pause_for(r, wait).await;
             }
             return self.retry(task, r, wait, e.to_string());
         }

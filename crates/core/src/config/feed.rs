@@ -180,11 +180,13 @@ impl FeedConfig {
         partition: &Partition,
         stage: Stage,
     ) -> Result<Paginator, String> {
-        let (spec, fixed) = match &self.incremental {
-            Some(inc) if self.uses_incremental_block(stage) => {
-                (self.incremental_spec(inc).map_err(join)?, &inc.params)
-            }
-            _ => (self.pagination_spec()?, &self.params),
+        let (spec, fixed, body) = match &self.incremental {
+            Some(inc) if self.uses_incremental_block(stage) => (
+                self.incremental_spec(inc).map_err(join)?,
+                &inc.params,
+                inc.body.as_ref().or(self.body.as_ref()),
+            ),
+            _ => (self.pagination_spec()?, &self.params, self.body.as_ref()),
         };
         let mut params: Vec<(String, String)> =
             fixed.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -198,7 +200,37 @@ impl FeedConfig {
         )
         .with_max_cursor_len(source.max_cursor_bytes())
         .with_max_records(source.max_records_per_page())
-        .with_secret_params(source.secret_query_params()))
+        .with_secret_params(source.secret_query_params())
+        .with_request(self.method(), body.cloned(), self.read_only())
+        .with_record(self.record.clone())
+        .with_errors(self.error_when.clone()))
+    }
+
+    /// The method in force (GET unless written).
+    pub fn method(&self) -> super::Method {
+        self.method.unwrap_or_default()
+    }
+
+    /// True when the feed's requests only read: GET and QUERY, and a POST
+    /// marked `read_only: true`.
+    pub fn read_only(&self) -> bool {
+        match self.method() {
+            super::Method::Post => self.read_only == Some(true),
+            _ => true,
+        }
+    }
+
+    /// True when the chain's cursor is a JSON value written into the body
+    /// (`cursor_param: body:/…`): stored, shown and taken as JSON text.
+    pub fn cursor_is_json(&self) -> bool {
+        let mut specs = vec![self.pagination_spec().ok()];
+        if let Some(inc) = &self.incremental {
+            specs.push(self.incremental_spec(inc).ok());
+        }
+        specs.into_iter().flatten().any(|s| {
+            matches!(&s.strategy, crate::pagination::Strategy::Cursor { param, .. }
+                if crate::pagination::Place::in_body(param))
+        })
     }
 
     /// This feed as `tenant` sees it: `path` and `params` filled in.
@@ -209,9 +241,15 @@ impl FeedConfig {
         for v in out.params.values_mut() {
             *v = substitute(v, tenant)?;
         }
+        if let Some(b) = out.body.as_mut() {
+            map_strings(b, &mut |s| substitute(s, tenant))?;
+        }
         if let Some(inc) = out.incremental.as_mut() {
             for v in inc.params.values_mut() {
                 *v = substitute(v, tenant)?;
+            }
+            if let Some(b) = inc.body.as_mut() {
+                map_strings(b, &mut |s| substitute(s, tenant))?;
             }
         }
         Ok(out)
@@ -301,6 +339,28 @@ fn window_bounds(
         return Err("partitions.windows.every must be above 0".into());
     }
     Ok((from, to, step))
+}
+
+/// Replace every string of `v` (a body template) with `f` of it.
+pub(crate) fn map_strings(
+    v: &mut serde_json::Value,
+    f: &mut dyn FnMut(&str) -> Result<String, String>,
+) -> Result<(), String> {
+    match v {
+        serde_json::Value::String(s) => *s = f(s)?,
+        serde_json::Value::Array(items) => {
+            for item in items {
+                map_strings(item, f)?;
+            }
+        }
+        serde_json::Value::Object(m) => {
+            for item in m.values_mut() {
+                map_strings(item, f)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn join(problems: Vec<(String, String)>) -> String {

@@ -546,7 +546,13 @@ fn template_allowed(in_source: bool, rel: &str) -> bool {
                     | "auth.oauth2_client_credentials.client_secret"
             )
     } else {
-        rel == "path" || rel.starts_with("params.") || rel.starts_with("incremental.params.")
+        rel == "path"
+            || rel.starts_with("params.")
+            || rel.starts_with("incremental.params.")
+            || rel == "body"
+            || rel.starts_with("body.")
+            || rel.starts_with("body[")
+            || rel.starts_with("incremental.body")
     }
 }
 
@@ -776,6 +782,7 @@ fn validate_feed(feed: &FeedConfig, at: &str, out: &mut Vec<(String, String)>) {
                 .map(|(p, r)| (format!("{at}.{p}"), r.clone())),
         );
     }
+    check_request(feed, spec.as_ref().ok(), at, out);
     if let Some(start) = &feed.start
         && let Some(from) = &start.from
         && let Err(e) = parse_timestamp(from)
@@ -887,6 +894,163 @@ fn validate_feed(feed: &FeedConfig, at: &str, out: &mut Vec<(String, String)>) {
                 format!("{at}.partitions"),
                 "set exactly one of values (with param) or windows".into(),
             )),
+        }
+    }
+}
+
+/// A feed's request dialect: method and body, where each value goes
+/// (`name` or `body:/pointer`), `record` and `error_when`.
+fn check_request(
+    feed: &FeedConfig,
+    spec: Option<&PaginationSpec>,
+    at: &str,
+    out: &mut Vec<(String, String)>,
+) {
+    use crate::pagination::Place;
+    let mut places: Vec<(String, String)> = Vec::new();
+    let mut pagination = |prefix: &str, p: &super::PaginationConfig| {
+        for (name, v) in [
+            ("cursor_param", &p.cursor_param),
+            ("page_param", &p.page_param),
+            ("offset_param", &p.offset_param),
+            ("page_size_param", &p.page_size_param),
+        ] {
+            if let Some(v) = v {
+                places.push((format!("{prefix}pagination.{name}"), v.clone()));
+            }
+        }
+    };
+    pagination("", &feed.pagination);
+    if let Some(inc) = &feed.incremental {
+        pagination("incremental.", &inc.pagination);
+        if let Some(s) = &inc.start {
+            places.push(("incremental.start.param".into(), s.param.clone()));
+        }
+    }
+    if let Some(s) = &feed.start {
+        places.push(("start.param".into(), s.param.clone()));
+    }
+    if let Some(p) = &feed.partitions {
+        if let Some(param) = &p.param {
+            places.push(("partitions.param".into(), param.clone()));
+        }
+        if let Some(w) = &p.windows {
+            places.push(("partitions.windows.end_param".into(), w.end_param.clone()));
+        }
+    }
+    let mut in_body = None;
+    for (field, name) in &places {
+        match Place::parse(name) {
+            Err(e) => out.push((format!("{at}.{field}"), e)),
+            Ok(Place::Body(_)) => in_body = in_body.or(Some(field.clone())),
+            Ok(Place::Query(_)) => {}
+        }
+    }
+    for k in feed
+        .params
+        .keys()
+        .chain(feed.incremental.iter().flat_map(|i| i.params.keys()))
+    {
+        if Place::in_body(k) {
+            out.push((
+                format!("{at}.params.{k}"),
+                "params are query parameters: write fixed body values into body".into(),
+            ));
+        }
+    }
+    let bodies = [
+        ("body", feed.body.as_ref()),
+        (
+            "incremental.body",
+            feed.incremental.as_ref().and_then(|i| i.body.as_ref()),
+        ),
+    ];
+    for (field, b) in bodies {
+        if let Some(b) = b
+            && !b.is_object()
+        {
+            out.push((
+                format!("{at}.{field}"),
+                "must be a mapping (a JSON object), the template values are written into".into(),
+            ));
+        }
+    }
+    let with_body = bodies
+        .iter()
+        .find(|(_, b)| b.is_some())
+        .map(|(f, _)| f.to_string())
+        .or(in_body);
+    if let Some(field) = &with_body
+        && feed.method.is_none()
+    {
+        out.push((
+            format!("{at}.{field}"),
+            "sends a body: write the method too (method: POST for most APIs, or GET or QUERY)"
+                .into(),
+        ));
+    }
+    match (feed.method, feed.read_only) {
+        (Some(super::Method::Post), None) => out.push((
+            format!("{at}.method"),
+            "say whether this POST only reads with read_only (true: a GraphQL query or a search, retried and prefetched like a GET) or not (false: never sent twice on purpose)".into(),
+        )),
+        (Some(super::Method::Post), Some(_)) => {}
+        (_, Some(_)) => out.push((
+            format!("{at}.read_only"),
+            "only for method: POST (GET and QUERY always only read)".into(),
+        )),
+        _ => {}
+    }
+    if let Some(r) = &feed.record
+        && r.is_root()
+    {
+        out.push((
+            format!("{at}.record"),
+            "\"\" is the element itself: remove record, or point inside the element (e.g. /node)"
+                .into(),
+        ));
+    }
+    let records = spec.map(|s| &s.records);
+    for (i, rule) in feed.error_when.iter().enumerate() {
+        let here = format!("{at}.error_when[{i}]");
+        match (&rule.equals, rule.not_empty) {
+            (Some(_), true) => out.push((
+                here.clone(),
+                "set one of equals and not_empty, not both".into(),
+            )),
+            (None, false) => out.push((
+                here.clone(),
+                "set equals (a value) or not_empty: true: the condition on the value at pointer"
+                    .into(),
+            )),
+            _ => {}
+        }
+        if rule.retry_after.is_some() && !rule.transient {
+            out.push((
+                format!("{here}.retry_after"),
+                "only for transient: true (a permanent error is not retried)".into(),
+            ));
+        }
+        for (name, p) in [
+            ("pointer", Some(&rule.pointer)),
+            ("message", rule.message.as_ref()),
+            ("retry_after", rule.retry_after.as_ref()),
+        ] {
+            let Some(p) = p else { continue };
+            if let Some(records) = records
+                && !p.is_root()
+                && (records.is_root() || p.segments().starts_with(records.segments()))
+            {
+                out.push((
+                    format!("{here}.{name}"),
+                    format!("{p} lies inside the records array at {records}: error_when reads the rest of the body"),
+                ));
+            } else if p.is_root() {
+                out.push((
+                    format!("{here}.{name}"),
+                    "must point inside the body, not at the whole body (\"\")".into(),
+                ));
+            }
         }
     }
 }

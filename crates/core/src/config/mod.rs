@@ -23,6 +23,7 @@ use crate::secret::Secret;
 use crate::tenant::Tenant;
 use crate::timefmt::TimeFormat;
 
+pub(crate) use feed::map_strings;
 pub use feed::{DEFAULT_PARTITION, MAX_PARTITIONS, Partition};
 pub use load::{
     ConfigError, ConfigErrors, load_file, load_str, load_tenants, load_tenants_file,
@@ -108,6 +109,28 @@ pub struct SourceConfig {
     /// file, a list, or `tidemark tenants add`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenants: Option<TenantsConfig>,
+    /// Slow down before a 429: when a response says the remaining requests
+    /// are at `floor` or below, pause the source (or tenant) until the
+    /// reset, across every worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_headers: Option<RateLimitHeaders>,
+}
+
+/// The rate-limit headers a source sends, and when to stop for them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitHeaders {
+    /// The header with the requests left. Default: `RateLimit-Remaining`,
+    /// else `X-RateLimit-Remaining`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<String>,
+    /// The header with when the budget resets: seconds from now, or a unix
+    /// time in seconds (a value above 1,000,000,000). Default:
+    /// `RateLimit-Reset`, else `X-RateLimit-Reset`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset: Option<String>,
+    /// Pause when the remaining count is at or below this. Default 0.
+    pub floor: u64,
 }
 
 /// The tenants of a source. Those of `file` and `list` and those added with
@@ -510,6 +533,79 @@ pub struct FeedConfig {
     /// from the record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentConfig>,
+    /// The HTTP method of every request: `GET` (the default), `POST` or
+    /// `QUERY`. A body (`body:`, or a value placed with `body:/pointer`)
+    /// needs the method written out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<Method>,
+    /// A JSON body sent with every request (a GraphQL query and its
+    /// variables, a search). Values the chain places with `body:/pointer`
+    /// (cursor, page size, start time, partition) are written into a copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<serde_json::Value>,
+    /// This request only reads (a GraphQL query, a search): it may be
+    /// retried after a response may have been produced. `GET` and `QUERY`
+    /// always are; a `POST` is retried only when this is `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    /// JSON pointer applied to each element of the records array to choose
+    /// what is delivered (`/node` of a GraphQL edge, `/_source` of a search
+    /// hit). `key` and `version` read the record as delivered;
+    /// `last_record:` reads the element as the API sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<JsonPointer>,
+    /// Conditions on the body of a 2xx answer that make it an error (Slack's
+    /// `ok: false`, GraphQL's `errors`); the first that holds decides.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub error_when: Vec<ErrorWhen>,
+}
+
+/// The HTTP method of a feed's requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Method {
+    #[default]
+    Get,
+    Post,
+    /// The safe method with a body (draft-ietf-httpbis-safe-method-w-body).
+    Query,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Query => "QUERY",
+        }
+    }
+}
+
+/// A condition on the body of a 2xx answer that makes it an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorWhen {
+    /// The body value the condition reads.
+    pub pointer: JsonPointer,
+    /// The condition holds when the value equals this (JSON equality:
+    /// `false` is not `"false"`). Set this or `not_empty`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equals: Option<serde_json::Value>,
+    /// The condition holds when the value is present and not null, `""`,
+    /// `[]` or `{}`. Set this or `equals`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_empty: bool,
+    /// Body pointer to the error's message (shown in the job's error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<JsonPointer>,
+    /// `true`: retried with backoff (a rate limit, a timeout); `false` (the
+    /// default): the job fails.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transient: bool,
+    /// Body pointer to seconds to wait before retrying (transient only);
+    /// the source is paused that long across every worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<JsonPointer>,
 }
 
 /// A child feed's link to its parent (DESIGN.md, "Parent and child feeds").
@@ -720,6 +816,9 @@ pub struct IncrementalConfig {
     pub pagination: PaginationConfig,
     #[serde(default)]
     pub records: Option<JsonPointer>,
+    /// The body of the incremental syncs' requests (instead of the feed's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<serde_json::Value>,
 }
 
 /// Independent chains (jobs) of one feed: `values` with `param`, or

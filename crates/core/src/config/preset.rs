@@ -286,6 +286,16 @@ impl PaginationSpec {
                 Some(Strategy::NextUrl {
                     from: NextUrlFrom::LinkNext,
                 })
+            } else if let Some(name) = nu.strip_prefix("header:") {
+                match header_name(name) {
+                    Ok(name) => Some(Strategy::NextUrl {
+                        from: NextUrlFrom::Header(name),
+                    }),
+                    Err(e) => {
+                        problems.push(("pagination.next_url".to_string(), e));
+                        None
+                    }
+                }
             } else {
                 match nu.parse::<JsonPointer>() {
                     Ok(ptr) => Some(Strategy::NextUrl {
@@ -294,7 +304,7 @@ impl PaginationSpec {
                     Err(e) => {
                         problems.push((
                             "pagination.next_url".to_string(),
-                            format!("{e}, or \"link:next\""),
+                            format!("{e}, or \"link:next\", or header:NAME"),
                         ));
                         None
                     }
@@ -420,15 +430,7 @@ fn parse_cursor_source(s: &str) -> Result<Source, String> {
         return Ok(Source::Url);
     }
     if let Some(name) = s.strip_prefix("header:") {
-        let name = name.trim();
-        if name.is_empty()
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(format!("header:NAME needs a valid header name, got {s:?}"));
-        }
-        return Ok(Source::Cursor(CursorFrom::Header(name.to_string())));
+        return header_name(name).map(|n| Source::Cursor(CursorFrom::Header(n)));
     }
     if let Some(ptr) = s.strip_prefix("last_record:") {
         return ptr
@@ -439,4 +441,20 @@ fn parse_cursor_source(s: &str) -> Result<Source, String> {
     s.parse::<JsonPointer>()
         .map(|p| Source::Cursor(CursorFrom::Body(p)))
         .map_err(|e| format!("{e}, or one of link:next, header:NAME, last_record:/pointer"))
+}
+
+/// The NAME of `header:NAME`, if it is a header name.
+fn header_name(name: &str) -> Result<String, String> {
+    let name = name.trim();
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!(
+            "header:NAME needs a valid header name, got {:?}",
+            format!("header:{name}")
+        ));
+    }
+    Ok(name.to_string())
 }

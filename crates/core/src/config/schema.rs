@@ -114,12 +114,12 @@ pub(super) fn next_cursor(_: &mut SchemaGenerator) -> Schema {
     })
 }
 
-/// `link:next` or a non-empty body pointer, as `PaginationSpec::resolve` reads `next_url`.
+/// `link:next`, `header:NAME` or a non-empty body pointer, as `PaginationSpec::resolve` reads `next_url`.
 pub(super) fn next_url(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": ["string", "null"],
-        "pattern": format!("^(?:link:next|{NON_EMPTY_PATTERN})$"),
-        "examples": ["/links/next", "link:next"]
+        "pattern": format!(r"^(?:link:next|header:\s*[A-Za-z0-9_-]+\s*|{NON_EMPTY_PATTERN})$"),
+        "examples": ["/links/next", "link:next", "header:Next-Page"]
     })
 }
 
@@ -306,7 +306,9 @@ mod tests {
             ("link:next", true),
             ("", false),
             ("links/next", false),
-            ("header:Next", false),
+            ("header:Next-Page", true),
+            ("header:", false),
+            ("header:Next Page", false),
         ] {
             let p = PaginationConfig {
                 next_url: Some(form.into()),

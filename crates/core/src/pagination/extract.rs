@@ -91,6 +91,53 @@ impl Plan {
     }
 }
 
+/// The value at `ptr` inside `json` (one record), borrowed from it; `None`
+/// when the pointer finds nothing.
+pub fn raw_at<'a>(
+    json: &'a str,
+    ptr: &JsonPointer,
+) -> Result<Option<&'a RawValue>, serde_json::Error> {
+    ValuePlan::new(ptr).run(json)
+}
+
+/// A reusable plan that picks one value out of a small document (a
+/// record): built once per paginator, run once per record.
+#[derive(Clone)]
+pub(crate) struct ValuePlan {
+    root: Node,
+    whole: bool,
+}
+
+impl ValuePlan {
+    pub fn new(ptr: &JsonPointer) -> Self {
+        let mut root = Node::default();
+        root.insert(ptr.segments(), 0);
+        ValuePlan {
+            root,
+            whole: ptr.is_root(),
+        }
+    }
+
+    pub fn run<'a>(&self, json: &'a str) -> Result<Option<&'a RawValue>, serde_json::Error> {
+        if self.whole {
+            return serde_json::from_str::<&RawValue>(json).map(Some);
+        }
+        let mut out = Extracted {
+            records: None,
+            records_wrong_kind: None,
+            values: vec![None],
+        };
+        let mut de = serde_json::Deserializer::from_str(json);
+        Walk {
+            node: &self.root,
+            out: &mut out,
+        }
+        .deserialize(&mut de)?;
+        de.end()?;
+        Ok(out.values[0])
+    }
+}
+
 struct Walk<'n, 'o, 'a> {
     node: &'n Node,
     out: &'o mut Extracted<'a>,

@@ -20,12 +20,17 @@ use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 use url::Url;
 
+use serde_json::Value;
+
+use crate::config::ErrorWhen;
 use crate::jsonbytes::nested_deeper_than;
 use crate::pointer::JsonPointer;
 use crate::timefmt::TimeFormat;
 
-use extract::Plan;
-pub use spec::{CursorFrom, NextUrlFrom, PageStyle, PaginationSpec, Strategy};
+pub use crate::config::Method;
+pub use extract::raw_at;
+use extract::{Plan, ValuePlan};
+pub use spec::{BODY_PREFIX, CursorFrom, NextUrlFrom, PageStyle, PaginationSpec, Place, Strategy};
 
 /// Default longest cursor accepted from an API.
 pub const DEFAULT_MAX_CURSOR_LEN: usize = 8 * 1024;
@@ -44,10 +49,34 @@ pub enum Position {
     At(String),
 }
 
-/// The request for one page: a GET of this URL (auth is added by the source).
+/// The request for one page (auth is added by the source).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageRequest {
+    pub method: Method,
     pub url: Url,
+    /// The JSON body, serialized.
+    pub body: Option<Vec<u8>>,
+    /// A `POST` marked `read_only`: it only reads.
+    pub read_only: bool,
+}
+
+impl PageRequest {
+    /// A GET of `url`.
+    pub fn get(url: Url) -> PageRequest {
+        PageRequest {
+            method: Method::Get,
+            url,
+            body: None,
+            read_only: true,
+        }
+    }
+
+    /// True when sending it twice is harmless: a `GET`, a `QUERY`, or a
+    /// `POST` marked `read_only`. Only such a request is retried after a
+    /// response may have been produced.
+    pub fn retriable(&self) -> bool {
+        self.method != Method::Post || self.read_only
+    }
 }
 
 /// Response headers as the engine sees them. Repeated headers are joined
@@ -130,7 +159,45 @@ pub enum ReadError {
     BadUrl { url: String, reason: String },
     #[error("{field}: {reason}")]
     BadPosition { field: &'static str, reason: String },
+    /// A 2xx answer that `error_when` takes for an error.
+    #[error("the API answered an error{}: {message}", if *transient { " (transient)" } else { "" })]
+    Api {
+        message: String,
+        transient: bool,
+        /// Seconds to wait, from the rule's `retry_after` pointer.
+        retry_after: Option<u64>,
+    },
+    #[error("record {index} has no value at {ptr} (record:)")]
+    RecordPart { index: usize, ptr: String },
 }
+
+impl ReadError {
+    /// True for an answer that may read differently later: an `error_when`
+    /// rule marked transient.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ReadError::Api {
+                transient: true,
+                ..
+            }
+        )
+    }
+
+    /// The seconds an `error_when` rule asked to wait.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            ReadError::Api {
+                retry_after: Some(s),
+                ..
+            } => Some(std::time::Duration::from_secs(*s)),
+            _ => None,
+        }
+    }
+}
+
+/// The longest message taken from an error answer.
+const MAX_API_MESSAGE_CHARS: usize = 300;
 
 /// What every strategy reads from a response before deciding what comes next.
 struct Seen<'b> {
@@ -162,6 +229,18 @@ pub struct Paginator {
     /// query): removed from next URLs the API hands out, so a URL that
     /// echoes the key is never stored; the client adds the key to each request.
     secret_params: Vec<String>,
+    /// `page_size_param` and `page_size`.
+    page_size: Option<(String, u64)>,
+    method: Method,
+    /// The body template.
+    body: Option<Value>,
+    read_only: bool,
+    /// What each element of the records array delivers, and its plan.
+    record: Option<(JsonPointer, ValuePlan)>,
+    /// `error_when`, each with the plan slots of its pointer, message and retry_after.
+    errors: Vec<(ErrorWhen, usize, Option<usize>, Option<usize>)>,
+    /// The cursor is a JSON value written into the body.
+    cursor_in_body: bool,
 }
 
 #[derive(Default, Clone)]
@@ -200,10 +279,37 @@ impl Paginator {
 
         let mut all = spec.preset_params.clone();
         all.extend(params);
-        if let (Some(name), Some(size)) = (&spec.page_size_param, spec.page_size) {
-            all.push((name.clone(), size.to_string()));
-        }
+        let page_size = match (&spec.page_size_param, spec.page_size) {
+            (Some(name), Some(size)) => Some((name.clone(), size)),
+            _ => None,
+        };
+        let cursor_in_body =
+            matches!(&spec.strategy, Strategy::Cursor { param, .. } if Place::in_body(param));
+        let mut p = Paginator {
+            base,
+            params: all,
+            start,
+            plan: Plan::new(&spec.records, &[]),
+            slots: Slots::default(),
+            spec,
+            max_cursor_len: DEFAULT_MAX_CURSOR_LEN,
+            max_records: usize::MAX,
+            secret_params: Vec::new(),
+            page_size,
+            method: Method::Get,
+            body: None,
+            read_only: true,
+            record: None,
+            errors: Vec::new(),
+            cursor_in_body,
+        };
+        p.plan_reads();
+        p
+    }
 
+    /// The one-pass plan of every body value the paginator reads.
+    fn plan_reads(&mut self) {
+        let spec = &self.spec;
         let mut ptrs: Vec<&JsonPointer> = Vec::new();
         let mut slots = Slots::default();
         fn add<'p>(
@@ -212,8 +318,14 @@ impl Paginator {
             slot: &mut Option<usize>,
         ) {
             if let Some(p) = p {
-                *slot = Some(ptrs.len());
-                ptrs.push(p);
+                // One slot per pointer: the plan keeps one value per place.
+                *slot = Some(match ptrs.iter().position(|q| *q == p) {
+                    Some(i) => i,
+                    None => {
+                        ptrs.push(p);
+                        ptrs.len() - 1
+                    }
+                });
             }
         }
         let next_ptr = match &spec.strategy {
@@ -236,19 +348,48 @@ impl Paginator {
         );
         add(&mut ptrs, spec.total_pages.as_ref(), &mut slots.total_pages);
         add(&mut ptrs, spec.total_count.as_ref(), &mut slots.total_count);
-        let plan = Plan::new(&spec.records, &ptrs);
-
-        Paginator {
-            base,
-            params: all,
-            start,
-            plan,
-            slots,
-            spec,
-            max_cursor_len: DEFAULT_MAX_CURSOR_LEN,
-            max_records: usize::MAX,
-            secret_params: Vec::new(),
+        let mut errors = Vec::with_capacity(self.errors.len());
+        for (rule, ..) in &self.errors {
+            let mut at = None;
+            add(&mut ptrs, Some(&rule.pointer), &mut at);
+            let (mut message, mut retry_after) = (None, None);
+            add(&mut ptrs, rule.message.as_ref(), &mut message);
+            add(&mut ptrs, rule.retry_after.as_ref(), &mut retry_after);
+            errors.push((rule.clone(), at.unwrap_or_default(), message, retry_after));
         }
+        self.plan = Plan::new(&spec.records, &ptrs);
+        self.slots = slots;
+        self.errors = errors;
+    }
+
+    /// Send `method` with `body` (a template the chain's `body:/` values
+    /// are written into); `read_only` marks a POST that only reads.
+    pub fn with_request(mut self, method: Method, body: Option<Value>, read_only: bool) -> Self {
+        self.method = method;
+        self.body = body;
+        self.read_only = read_only;
+        self
+    }
+
+    /// Deliver the value at `ptr` of each element of the records array.
+    pub fn with_record(mut self, ptr: Option<JsonPointer>) -> Self {
+        self.record = ptr.map(|p| {
+            let plan = ValuePlan::new(&p);
+            (p, plan)
+        });
+        self
+    }
+
+    /// Take a 2xx answer for an error when one of `rules` holds.
+    pub fn with_errors(mut self, rules: Vec<ErrorWhen>) -> Self {
+        self.errors = rules.into_iter().map(|r| (r, 0, None, None)).collect();
+        self.plan_reads();
+        self
+    }
+
+    /// True when the cursor is a JSON value in the body (stored as its JSON text).
+    pub fn cursor_in_body(&self) -> bool {
+        self.cursor_in_body
     }
 
     pub fn with_max_cursor_len(mut self, n: usize) -> Self {
@@ -294,55 +435,87 @@ impl Paginator {
         pos: &Position,
         chain_from: Option<DateTime<Utc>>,
     ) -> Result<PageRequest, ReadError> {
+        let mut out = Values::new(self.body.clone());
         if let (Strategy::NextUrl { .. }, Position::At(u)) = (&self.spec.strategy, pos) {
-            return Ok(PageRequest {
-                url: self.same_origin(u, &self.base)?,
-            });
+            // The URL carries the query; the body is sent again with the
+            // values placed in it.
+            for (k, v) in &self.params {
+                if Place::in_body(k) {
+                    out.put(k, Value::String(v.clone()))?;
+                }
+            }
+            if let Some((k, n)) = &self.page_size
+                && Place::in_body(k)
+            {
+                out.put(k, Value::from(*n))?;
+            }
+            let url = self.same_origin(u, &self.base)?;
+            return Ok(self.finish(url, out.body));
+        }
+        for (k, v) in &self.params {
+            out.put(k, Value::String(v.clone()))?;
+        }
+        if let Some((k, n)) = &self.page_size {
+            out.put(k, Value::from(*n))?;
+        }
+        match (pos, &self.spec.strategy) {
+            (Position::Start { from }, strategy) => {
+                if let (Some(from), Some((param, fmt))) = (from, &self.start) {
+                    out.put(param, time_value(*fmt, *from))?;
+                }
+                if let Strategy::Pages(style) = strategy {
+                    match style {
+                        PageStyle::Number { param, first } => {
+                            out.put(param, Value::from(*first))?
+                        }
+                        PageStyle::Offset { param } => out.put(param, Value::from(0u64))?,
+                    };
+                }
+            }
+            (Position::At(c), Strategy::Cursor { param, .. }) => {
+                let value = if self.cursor_in_body {
+                    serde_json::from_str(c).map_err(|e| ReadError::BadPosition {
+                        field: "cursor",
+                        reason: format!("{c:?} is not JSON ({e}); a cursor placed in the body is stored as JSON text"),
+                    })?
+                } else {
+                    Value::String(c.clone())
+                };
+                out.put(param, value)?;
+            }
+            (Position::At(n), Strategy::Pages(style)) => {
+                let (param, field) = match style {
+                    PageStyle::Number { param, .. } => (param, "page"),
+                    PageStyle::Offset { param } => (param, "offset"),
+                };
+                let n = n.parse::<u64>().map_err(|_| ReadError::BadPosition {
+                    field,
+                    reason: format!("{n:?} is not a {field} number"),
+                })?;
+                if let (Some(from), Some((start, fmt))) = (chain_from, &self.start) {
+                    out.put(start, time_value(*fmt, from))?;
+                }
+                out.put(param, Value::from(n))?;
+            }
+            (Position::At(_), Strategy::NextUrl { .. }) => unreachable_next_url(),
         }
         let mut url = self.base.clone();
-        {
-            let mut q = url.query_pairs_mut();
-            for (k, v) in &self.params {
-                q.append_pair(k, v);
-            }
-            match (pos, &self.spec.strategy) {
-                (Position::Start { from }, strategy) => {
-                    if let (Some(from), Some((param, fmt))) = (from, &self.start) {
-                        q.append_pair(param, &fmt.format(*from));
-                    }
-                    if let Strategy::Pages(style) = strategy {
-                        match style {
-                            PageStyle::Number { param, first } => {
-                                q.append_pair(param, &first.to_string())
-                            }
-                            PageStyle::Offset { param } => q.append_pair(param, "0"),
-                        };
-                    }
-                }
-                (Position::At(c), Strategy::Cursor { param, .. }) => {
-                    q.append_pair(param, c);
-                }
-                (Position::At(n), Strategy::Pages(style)) => {
-                    let (param, field) = match style {
-                        PageStyle::Number { param, .. } => (param, "page"),
-                        PageStyle::Offset { param } => (param, "offset"),
-                    };
-                    n.parse::<u64>().map_err(|_| ReadError::BadPosition {
-                        field,
-                        reason: format!("{n:?} is not a {field} number"),
-                    })?;
-                    if let (Some(from), Some((start, fmt))) = (chain_from, &self.start) {
-                        q.append_pair(start, &fmt.format(from));
-                    }
-                    q.append_pair(param, n);
-                }
-                (Position::At(_), Strategy::NextUrl { .. }) => unreachable_next_url(),
-            }
+        if !out.query.is_empty() {
+            url.query_pairs_mut().extend_pairs(&out.query);
         }
         if url.query() == Some("") {
             url.set_query(None);
         }
-        Ok(PageRequest { url })
+        Ok(self.finish(url, out.body))
+    }
+
+    fn finish(&self, url: Url, body: Option<Value>) -> PageRequest {
+        PageRequest {
+            method: self.method,
+            url,
+            body: body.map(|b| serde_json::to_vec(&b).unwrap_or_default()),
+            read_only: self.read_only,
+        }
     }
 
     fn same_origin(&self, candidate: &str, relative_to: &Url) -> Result<Url, ReadError> {
@@ -378,19 +551,41 @@ impl Paginator {
             .plan
             .run(body)
             .map_err(|e| ReadError::NotJson(e.to_string()))?;
+        let value = |slot: Option<usize>| slot.and_then(|i| got.values[i]);
+        // An error answer first: its body has no records to speak of.
+        for (rule, at, message, retry_after) in &self.errors {
+            if rule_holds(rule, got.values[*at]) {
+                return Err(api_error(rule, value(*message), value(*retry_after)));
+            }
+        }
         let ptr = self.spec.records.to_string();
-        let records = match (got.records, got.records_wrong_kind) {
+        let elements = match (got.records, got.records_wrong_kind) {
             (Some(r), _) => r,
             (None, Some(kind)) => return Err(ReadError::RecordsNotArray { ptr, kind }),
             (None, None) => return Err(ReadError::RecordsMissing(ptr)),
         };
-        if records.len() > self.max_records {
+        if elements.len() > self.max_records {
             return Err(ReadError::TooManyRecords {
-                count: records.len(),
+                count: elements.len(),
                 limit: self.max_records,
             });
         }
-        let value = |slot: Option<usize>| slot.and_then(|i| got.values[i]);
+        let last_element = elements.last().copied();
+        let records = match &self.record {
+            None => elements,
+            Some((part, plan)) => elements
+                .iter()
+                .enumerate()
+                .map(|(index, e)| match plan.run(e.get()) {
+                    Ok(Some(r)) => Ok(r),
+                    Ok(None) => Err(ReadError::RecordPart {
+                        index,
+                        ptr: part.to_string(),
+                    }),
+                    Err(err) => Err(ReadError::NotJson(err.to_string())),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         let has_more = self.bool_at(
             "has_more",
             self.spec.has_more.as_ref(),
@@ -415,7 +610,7 @@ impl Paginator {
         let next = match &self.spec.strategy {
             Strategy::Cursor { from, .. } => {
                 let self_cursor = value(self.slots.self_cursor);
-                self.next_cursor(from, &seen, headers, records.last().copied(), self_cursor)?
+                self.next_cursor(from, &seen, headers, last_element, self_cursor)?
             }
             Strategy::NextUrl { from } => self.next_url(from, &seen, headers, req)?,
             Strategy::Pages(style) => self.next_page(
@@ -439,11 +634,18 @@ impl Paginator {
         last: Option<&RawValue>,
         self_raw: Option<&RawValue>,
     ) -> Result<Next, ReadError> {
+        let json = self.cursor_in_body;
         let next = match from {
-            CursorFrom::Body(p) => self.string_at("next_cursor", p, seen.next)?,
-            CursorFrom::Header(name) => headers.header(name).filter(|s| !s.is_empty()),
+            CursorFrom::Body(p) => self.cursor_at("next_cursor", p, seen.next)?,
+            CursorFrom::Header(name) => headers.header(name).filter(|s| !s.is_empty()).map(|h| {
+                if json {
+                    Value::String(h).to_string()
+                } else {
+                    h
+                }
+            }),
             CursorFrom::LastRecord(p) => match last {
-                Some(r) => record_string(r, p)?,
+                Some(r) => record_cursor(r, p, json)?,
                 None => None,
             },
         };
@@ -451,7 +653,7 @@ impl Paginator {
             self.check_len(n)?;
         }
         let self_cursor = match &self.spec.self_cursor {
-            Some(p) => self.string_at("self_cursor", p, self_raw)?,
+            Some(p) => self.cursor_at("self_cursor", p, self_raw)?,
             None => None,
         };
         // It may become the stored resume point: the same limit.
@@ -501,6 +703,10 @@ impl Paginator {
             NextUrlFrom::LinkNext => headers
                 .header("link")
                 .and_then(|h| link::find_rel(&h, "next").map(str::to_string)),
+            NextUrlFrom::Header(name) => headers
+                .header(name)
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty()),
         };
         let here = req.url.to_string();
         if seen.declared_end || (seen.empty && self.spec.stop_on_empty_page) {
@@ -673,6 +879,206 @@ impl Paginator {
     }
 }
 
+impl Paginator {
+    /// A cursor at `ptr` of the body: its text, or its JSON text when the
+    /// cursor goes into the body.
+    fn cursor_at(
+        &self,
+        field: &'static str,
+        ptr: &JsonPointer,
+        raw: Option<&RawValue>,
+    ) -> Result<Option<String>, ReadError> {
+        let Some(raw) = raw else {
+            return Ok(None);
+        };
+        let wrong = |kind| ReadError::WrongType {
+            field,
+            ptr: ptr.to_string(),
+            kind,
+            expected: if self.cursor_in_body {
+                "a JSON value other than a boolean"
+            } else {
+                "a string or number (an array or object needs cursor_param: body:/…)"
+            },
+        };
+        let v: Value = serde_json::from_str(raw.get()).map_err(|_| wrong("broken JSON"))?;
+        cursor_text(&v, self.cursor_in_body).map_err(wrong)
+    }
+}
+
+/// A cursor value as the chain stores it. Null and `""` mean none. Placed
+/// in the body (`json`), it is its JSON text, so a string, a number, an
+/// array or an object goes back exactly as it came (`[]` and `{}` mean
+/// none); in a query parameter a string or a number is its text.
+fn cursor_text(v: &Value, json: bool) -> Result<Option<String>, &'static str> {
+    Ok(match v {
+        Value::Null => None,
+        Value::Bool(_) => return Err("a boolean"),
+        Value::String(s) if s.is_empty() => None,
+        Value::String(s) if !json => Some(s.clone()),
+        // In a query parameter only text goes back as it came: an array or
+        // an object needs `cursor_param: body:/…`.
+        Value::Array(_) if !json => return Err("an array"),
+        Value::Object(_) if !json => return Err("an object"),
+        Value::Array(a) if a.is_empty() => None,
+        Value::Object(o) if o.is_empty() => None,
+        other => Some(other.to_string()),
+    })
+}
+
+/// The value of one request: query parameters and the body, each value
+/// put where its name says (`name` or `body:/pointer`).
+struct Values {
+    query: Vec<(String, String)>,
+    body: Option<Value>,
+}
+
+impl Values {
+    fn new(body: Option<Value>) -> Values {
+        Values {
+            query: Vec::new(),
+            body,
+        }
+    }
+
+    fn put(&mut self, name: &str, v: Value) -> Result<(), ReadError> {
+        match Place::parse(name).map_err(|reason| ReadError::BadPosition {
+            field: "parameter",
+            reason,
+        })? {
+            Place::Query(k) => {
+                let text = match v {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                self.query.push((k, text));
+                Ok(())
+            }
+            Place::Body(ptr) => {
+                let root = self
+                    .body
+                    .get_or_insert_with(|| Value::Object(Default::default()));
+                set_at(root, &ptr, v).map_err(|reason| ReadError::BadPosition {
+                    field: "body",
+                    reason,
+                })
+            }
+        }
+    }
+}
+
+/// Write `v` at `ptr` inside `root`, making objects on the way (a `null`
+/// on the way becomes one); an array index must exist or be the next one.
+pub fn set_at(root: &mut Value, ptr: &JsonPointer, v: Value) -> Result<(), String> {
+    let mut cur = root;
+    let segs = ptr.segments();
+    for (i, seg) in segs.iter().enumerate() {
+        let last = i + 1 == segs.len();
+        if cur.is_null() {
+            *cur = Value::Object(Default::default());
+        }
+        cur = match cur {
+            Value::Object(m) => {
+                if last {
+                    m.insert(seg.clone(), v);
+                    return Ok(());
+                }
+                m.entry(seg.clone()).or_insert(Value::Null)
+            }
+            Value::Array(a) => {
+                let idx: usize = seg
+                    .parse()
+                    .map_err(|_| format!("{ptr}: {seg:?} is not an index of the array there"))?;
+                if idx == a.len() {
+                    a.push(Value::Null);
+                }
+                let Some(slot) = a.get_mut(idx) else {
+                    return Err(format!(
+                        "{ptr}: index {idx} is past the end of the array there"
+                    ));
+                };
+                if last {
+                    *slot = v;
+                    return Ok(());
+                }
+                slot
+            }
+            _ => {
+                return Err(format!(
+                    "{ptr} passes through a value that is not an object or array"
+                ));
+            }
+        };
+    }
+    *cur = v;
+    Ok(())
+}
+
+/// A time as a request value: RFC 3339 text, or a number of (milli)seconds.
+fn time_value(fmt: TimeFormat, t: DateTime<Utc>) -> Value {
+    match fmt {
+        TimeFormat::Iso8601 => Value::String(fmt.format(t)),
+        TimeFormat::Unix => Value::from(t.timestamp()),
+        TimeFormat::UnixMs => Value::from(t.timestamp_millis()),
+    }
+}
+
+/// True when an `error_when` rule holds for the value at its pointer.
+fn rule_holds(rule: &ErrorWhen, raw: Option<&RawValue>) -> bool {
+    let Some(raw) = raw else {
+        return false;
+    };
+    if let Some(want) = &rule.equals {
+        return serde_json::from_str::<Value>(raw.get()).is_ok_and(|v| &v == want);
+    }
+    rule.not_empty
+        && !matches!(raw.get().trim(), "null" | "\"\"" | "[]" | "{}")
+        && !is_blank_container(raw.get())
+}
+
+/// `[ ]` or `{ }` with whitespace inside.
+fn is_blank_container(s: &str) -> bool {
+    let s = s.trim();
+    (s.starts_with('[') && s.ends_with(']') || s.starts_with('{') && s.ends_with('}'))
+        && s[1..s.len() - 1].trim().is_empty()
+}
+
+/// The error a rule that holds makes of the answer.
+fn api_error(
+    rule: &ErrorWhen,
+    message: Option<&RawValue>,
+    retry_after: Option<&RawValue>,
+) -> ReadError {
+    let text = match message.map(|m| serde_json::from_str::<Value>(m.get())) {
+        Some(Ok(Value::String(s))) => s,
+        Some(Ok(Value::Null)) | None => match &rule.equals {
+            Some(v) => format!("{} is {v}", rule.pointer),
+            None => format!("{} is present", rule.pointer),
+        },
+        Some(Ok(other)) => other.to_string(),
+        Some(Err(_)) => "an unreadable message".into(),
+    };
+    let mut message: String = text.chars().take(MAX_API_MESSAGE_CHARS).collect();
+    if text.chars().count() > MAX_API_MESSAGE_CHARS {
+        message.push('…');
+    }
+    let retry_after = retry_after.and_then(|r| match serde_json::from_str::<Value>(r.get()) {
+        Ok(Value::Number(n)) => n.as_f64().filter(|s| *s >= 0.0).map(|s| s.ceil() as u64),
+        Ok(Value::String(s)) => s
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| *s >= 0.0)
+            .map(|s| s.ceil() as u64),
+        _ => None,
+    });
+    ReadError::Api {
+        message,
+        transient: rule.transient,
+        retry_after: if rule.transient { retry_after } else { None },
+    }
+}
+
 fn unreachable_next_url() {
     // `request` returns early for NextUrl positions; nothing to add here.
 }
@@ -699,19 +1105,25 @@ fn raw_to_string(raw: &RawValue) -> Result<Option<String>, &'static str> {
     }
 }
 
-fn record_string(record: &RawValue, ptr: &JsonPointer) -> Result<Option<String>, ReadError> {
+fn record_cursor(
+    record: &RawValue,
+    ptr: &JsonPointer,
+    json: bool,
+) -> Result<Option<String>, ReadError> {
     // Records are small: a Value parse is simplest and exact.
-    let v: serde_json::Value =
+    let v: Value =
         serde_json::from_str(record.get()).map_err(|e| ReadError::NotJson(e.to_string()))?;
     match ptr.get(&v) {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(s)) => Ok((!s.is_empty()).then(|| s.clone())),
-        Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(other) => Err(ReadError::WrongType {
+        None => Ok(None),
+        Some(c) => cursor_text(c, json).map_err(|kind| ReadError::WrongType {
             field: "next_cursor",
             ptr: format!("last_record:{ptr}"),
-            kind: kind_of(&other.to_string()),
-            expected: "a string or number",
+            kind,
+            expected: if json {
+                "a JSON value other than a boolean"
+            } else {
+                "a string or number (an array or object needs cursor_param: body:/…)"
+            },
         }),
     }
 }

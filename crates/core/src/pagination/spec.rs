@@ -17,6 +17,41 @@ pub enum CursorFrom {
 pub enum NextUrlFrom {
     Body(JsonPointer),
     LinkNext,
+    /// A full URL in this response header (Kinto's `Next-Page`).
+    Header(String),
+}
+
+/// Where a value the chain sends goes: a query parameter, or (a name
+/// written `body:/pointer`) a place in the JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    Query(String),
+    Body(JsonPointer),
+}
+
+/// The prefix that places a value in the body.
+pub const BODY_PREFIX: &str = "body:";
+
+impl Place {
+    /// `name`, or `body:/pointer`.
+    pub fn parse(name: &str) -> Result<Place, String> {
+        match name.strip_prefix(BODY_PREFIX) {
+            Some(ptr) => {
+                let ptr: JsonPointer = ptr.parse()?;
+                if ptr.is_root() {
+                    return Err("body: needs a pointer to a place inside the body (e.g. body:/variables/after)".into());
+                }
+                Ok(Place::Body(ptr))
+            }
+            None if name.is_empty() => Err("a query parameter name cannot be empty".into()),
+            None => Ok(Place::Query(name.to_string())),
+        }
+    }
+
+    /// True when `name` places its value in the body.
+    pub fn in_body(name: &str) -> bool {
+        name.starts_with(BODY_PREFIX)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,6 +3,11 @@
 //! times `tidemark pull` over them as a separate process, and, with `--dlt`,
 //! dlt's RESTClient walking the same pages (bench/compare.py; run
 //! bench/setup-python.sh first).
+//!
+//! With `--dialects` it also serves the same records as a GraphQL
+//! connection (each record an edge's `node`), both as a `POST /graphql`
+//! with the cursor in the body's variables and as a `GET` with the cursor in
+//! the query, and times `pull` on each: what a request dialect costs.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,6 +41,10 @@ pub struct PullBench {
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also time `pull` on the same records as a GraphQL connection, over
+    /// POST (cursor in the body) and over GET (cursor in the query).
+    #[arg(long)]
+    pub dialects: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -108,7 +117,8 @@ pub async fn pull_bench(
     let base = format!("http://{addr}");
     let bytes = write_pages(dir.path(), &base, b)
         .map_err(|e| HarnessError::bench(format!("cannot write pages: {e}")))?;
-    let app = static_files(dir.path())
+    let graphql = std::sync::Arc::new(graphql_pages(b));
+    let app = static_files(dir.path(), graphql)
         .map_err(|e| HarnessError::bench(format!("cannot load pages: {e}")))?;
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
@@ -116,7 +126,7 @@ pub async fn pull_bench(
     std::fs::write(
         &config,
         format!(
-            "sources:\n  static: {{ base_url: \"{base}\" }}\nfeeds:\n  - name: bench\n    source: static\n    path: /pages/1.json\n    records: /data\n    pagination: {{ next_url: /next }}\n    key: /id\n"
+            "sources:\n  static: {{ base_url: \"{base}\" }}\nfeeds:\n  - name: bench\n    source: static\n    path: /pages/1.json\n    records: /data\n    pagination: {{ next_url: /next }}\n    key: /id\n{GRAPHQL_FEEDS}"
         ),
     )
     .map_err(|e| HarnessError::bench(e.to_string()))?;
@@ -124,7 +134,29 @@ pub async fn pull_bench(
 
     let mut results: Vec<RunResult> = Vec::new();
     for _ in 0..b.runs {
-        results.push(run_tidemark(exe, &config, dir.path()).await?);
+        results.push(run_tidemark(exe, &config, dir.path(), "bench", "tidemark pull").await?);
+        if b.dialects {
+            results.push(
+                run_tidemark(
+                    exe,
+                    &config,
+                    dir.path(),
+                    "graphql_get",
+                    "tidemark pull, GraphQL edges over GET",
+                )
+                .await?,
+            );
+            results.push(
+                run_tidemark(
+                    exe,
+                    &config,
+                    dir.path(),
+                    "graphql_post",
+                    "tidemark pull, GraphQL over POST",
+                )
+                .await?,
+            );
+        }
     }
     if b.dlt {
         for _ in 0..b.runs {
@@ -149,13 +181,18 @@ pub async fn pull_bench(
             .cloned()
     };
     let tm = best("tidemark pull");
+    let gql_get = best("tidemark pull, GraphQL edges over GET");
+    let gql_post = best("tidemark pull, GraphQL over POST");
     let dlt = best("dlt RESTClient");
     let dlt_walk = best("dlt RESTClient (walk only)");
     if b.json {
         let v = serde_json::json!({
             "pages": b.pages, "page_size": b.page_size, "record_bytes": b.record_bytes,
             "dataset_mib": bytes as f64 / 1048576.0, "runs": results,
-            "best": { "tidemark": tm, "dlt": dlt, "dlt_walk_only": dlt_walk },
+            "best": { "tidemark": tm, "dlt": dlt, "dlt_walk_only": dlt_walk,
+                      "graphql_get": gql_get, "graphql_post": gql_post },
+            "post_vs_get": match (&gql_post, &gql_get) { (Some(p), Some(g)) => Some(p.records_per_sec / g.records_per_sec), _ => None },
+            "post_vs_plain_get": match (&gql_post, &tm) { (Some(p), Some(g)) => Some(p.records_per_sec / g.records_per_sec), _ => None },
             "ratio_vs_dlt": match (&tm, &dlt) { (Some(t), Some(d)) => Some(t.records_per_sec / d.records_per_sec), _ => None },
         });
         let _ = writeln!(
@@ -179,7 +216,16 @@ pub async fn pull_bench(
         "| tool | records | seconds | records/s | wall seconds | peak RSS MiB | vs dlt |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
-    for r in [tm, dlt.clone(), dlt_walk].into_iter().flatten() {
+    for r in [
+        tm.clone(),
+        gql_get.clone(),
+        gql_post.clone(),
+        dlt.clone(),
+        dlt_walk,
+    ]
+    .into_iter()
+    .flatten()
+    {
         let ratio = match &dlt {
             Some(d) => format!("{:.2}x", r.records_per_sec / d.records_per_sec),
             None => "-".into(),
@@ -194,12 +240,79 @@ pub async fn pull_bench(
             r.tool, r.records, r.seconds, r.records_per_sec, r.wall_seconds
         );
     }
+    if let (Some(p), Some(g), Some(t)) = (&gql_post, &gql_get, &tm) {
+        let _ = writeln!(
+            out,
+            "GraphQL over POST: {:.2}x the same pages over GET, {:.2}x the plain GET pages",
+            p.records_per_sec / g.records_per_sec,
+            p.records_per_sec / t.records_per_sec
+        );
+    }
     Ok(())
 }
 
+/// The feeds of `--dialects`: the same records as a GraphQL connection.
+const GRAPHQL_FEEDS: &str = r#"  - name: graphql_post
+    source: static
+    path: /graphql
+    method: POST
+    read_only: true
+    body: { query: "query($first: Int!, $after: String) { records(first: $first, after: $after) { edges { cursor node } pageInfo { endCursor hasNextPage } } }", variables: { first: 1000 } }
+    records: /data/records/edges
+    record: /node
+    key: /id
+    pagination: { cursor_param: "body:/variables/after", next_cursor: /data/records/pageInfo/endCursor, has_more: /data/records/pageInfo/hasNextPage }
+    error_when:
+      - { pointer: /errors, not_empty: true, message: /errors/0/message }
+  - name: graphql_get
+    source: static
+    path: /graphql
+    records: /data/records/edges
+    record: /node
+    key: /id
+    pagination: { cursor_param: after, next_cursor: /data/records/pageInfo/endCursor, has_more: /data/records/pageInfo/hasNextPage }
+    error_when:
+      - { pointer: /errors, not_empty: true, message: /errors/0/message }
+"#;
+
+/// The pages as a GraphQL connection, by cursor (`""` for the first).
+fn graphql_pages(b: &PullBench) -> std::collections::HashMap<String, bytes::Bytes> {
+    let mut out = std::collections::HashMap::new();
+    for p in 1..=b.pages {
+        let mut body = String::with_capacity(b.page_size * (b.record_bytes + 40) + 128);
+        body.push_str(r#"{"data":{"records":{"edges":["#);
+        for r in 0..b.page_size {
+            if r > 0 {
+                body.push(',');
+            }
+            let i = (p - 1) * b.page_size + r;
+            body.push_str(&format!(r#"{{"cursor":"r{i}","node":"#));
+            body.push_str(&record(i, b.record_bytes));
+            body.push('}');
+        }
+        let more = p < b.pages;
+        body.push_str(&format!(
+            r#"],"pageInfo":{{"endCursor":"p{}","hasNextPage":{more}}}}}}}}}"#,
+            p + 1
+        ));
+        let key = if p == 1 {
+            String::new()
+        } else {
+            format!("p{p}")
+        };
+        out.insert(key, bytes::Bytes::from(body));
+    }
+    out
+}
+
 /// A static file server that loads every file under `dir` once and serves it
-/// from memory, so the benchmark measures the clients, not disk reads.
-fn static_files(dir: &Path) -> std::io::Result<axum::Router> {
+/// from memory, so the benchmark measures the clients, not disk reads; and
+/// `/graphql`, the GraphQL pages by the cursor in the query (`after`) or in
+/// the POST body (`variables.after`).
+fn static_files(
+    dir: &Path,
+    graphql: std::sync::Arc<std::collections::HashMap<String, bytes::Bytes>>,
+) -> std::io::Result<axum::Router> {
     let mut files = std::collections::HashMap::new();
     for entry in std::fs::read_dir(dir.join("pages"))? {
         let path = entry?.path();
@@ -211,27 +324,57 @@ fn static_files(dir: &Path) -> std::io::Result<axum::Router> {
         }
     }
     let files = std::sync::Arc::new(files);
-    Ok(axum::Router::new().fallback(move |uri: axum::http::Uri| {
-        let files = files.clone();
-        async move {
-            use axum::response::IntoResponse;
-            match files.get(uri.path()) {
-                Some(b) => (
-                    [(axum::http::header::CONTENT_TYPE, "application/json")],
-                    b.clone(),
-                )
-                    .into_response(),
-                None => axum::http::StatusCode::NOT_FOUND.into_response(),
+    Ok(
+        axum::Router::new().fallback(move |uri: axum::http::Uri, body: bytes::Bytes| {
+            let files = files.clone();
+            let graphql = graphql.clone();
+            async move {
+                use axum::response::IntoResponse;
+                if uri.path() == "/graphql" {
+                    let after = if body.is_empty() {
+                        // The bench's cursors (`p2`, `p3`, …) need no decoding.
+                        uri.query()
+                            .unwrap_or("")
+                            .split('&')
+                            .find_map(|kv| kv.strip_prefix("after=").map(str::to_string))
+                    } else {
+                        serde_json::from_slice::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|v| v["variables"]["after"].as_str().map(str::to_string))
+                    };
+                    return match graphql.get(after.as_deref().unwrap_or("")) {
+                        Some(b) => (
+                            [(axum::http::header::CONTENT_TYPE, "application/json")],
+                            b.clone(),
+                        )
+                            .into_response(),
+                        None => axum::http::StatusCode::NOT_FOUND.into_response(),
+                    };
+                }
+                match files.get(uri.path()) {
+                    Some(b) => (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        b.clone(),
+                    )
+                        .into_response(),
+                    None => axum::http::StatusCode::NOT_FOUND.into_response(),
+                }
             }
-        }
-    }))
+        }),
+    )
 }
 
-async fn run_tidemark(exe: &Path, config: &Path, dir: &Path) -> Result<RunResult, HarnessError> {
+async fn run_tidemark(
+    exe: &Path,
+    config: &Path,
+    dir: &Path,
+    feed: &str,
+    tool: &str,
+) -> Result<RunResult, HarnessError> {
     let stats = dir.join("stats.json");
     let started = Instant::now();
     let status = tokio::process::Command::new(exe)
-        .args(["pull", "--no-progress", "--feed", "bench", "--config"])
+        .args(["pull", "--no-progress", "--feed", feed, "--config"])
         .arg(config)
         .arg("--stats-json")
         .arg(&stats)
@@ -253,7 +396,7 @@ async fn run_tidemark(exe: &Path, config: &Path, dir: &Path) -> Result<RunResult
     let records = s["records"].as_u64().unwrap_or(0);
     let seconds = s["elapsed_secs"].as_f64().unwrap_or(wall_seconds);
     Ok(RunResult {
-        tool: "tidemark pull".into(),
+        tool: tool.into(),
         records,
         seconds,
         wall_seconds,
