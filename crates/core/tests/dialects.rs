@@ -390,9 +390,13 @@ fn errors_inside_200_answers() {
             .contains("Resource not accessible by integration"),
         "{e}"
     );
-    // An empty errors list is no error.
-    let body = br#"{"errors":[],"data":{"records":{"edges":[],"pageInfo":{"endCursor":null,"hasNextPage":false}}}}"#;
-    assert!(w.advance(&req, &h, body).is_ok());
+    // An empty or null errors list is no error.
+    for errors in ["[]", "[ ]", "null", "{}"] {
+        let body = format!(
+            r#"{{"errors":{errors},"data":{{"records":{{"edges":[],"pageInfo":{{"endCursor":null,"hasNextPage":false}}}}}}}}"#
+        );
+        assert!(w.advance(&req, &h, body.as_bytes()).is_ok(), "{errors}");
+    }
     // Slack: ok false.
     let text = format!(
         "{SOURCE}  - name: f\n    source: s\n    path: /conversations.history\n    records: /messages\n    key: /ts\n    pagination: {{ cursor_param: cursor, next_cursor: /response_metadata/next_cursor }}\n    error_when:\n      - {{ pointer: /error, equals: ratelimited, transient: true }}\n      - {{ pointer: /ok, equals: false, message: /error }}\n"

@@ -176,3 +176,71 @@ fn the_inline_list_passes_validation_and_plain_configs_are_unchanged() {
         "https://api.example/v1"
     );
 }
+
+#[test]
+fn templates_fill_a_body_for_each_tenant_and_each_parent() {
+    let text = r#"sources:
+  api:
+    base_url: "https://api.example"
+    tenants: { list: [ { name: acme, vars: { org: acme-inc } } ] }
+feeds:
+  - name: repos
+    source: api
+    path: /graphql
+    method: POST
+    read_only: true
+    body:
+      query: "{ organization(login: \"{vars.org}\") { repositories { nodes { name } } } }"
+      variables: { account: "{tenant}", tags: ["{tenant}", 7] }
+    records: /data/organization/repositories/nodes
+    key: /name
+    pagination: { cursor_param: "body:/variables/after", next_cursor: /data/organization/repositories/pageInfo/endCursor }
+  - name: issues
+    source: api
+    parent: { feed: repos, vars: { repo: /name } }
+    path: /graphql
+    method: POST
+    read_only: true
+    body:
+      query: "{ repository(name: \"{repo}\") { issues { nodes { id } } } }"
+    records: /data/repository/issues/nodes
+    key: /id
+    pagination: { cursor_param: "body:/variables/after", next_cursor: /data/repository/issues/pageInfo/endCursor }
+    mode: snapshot
+"#;
+    let cfg = load_str("feeds.yaml", text).unwrap();
+    assert_eq!(
+        tenant_vars_used(&cfg, "api").keys().collect::<Vec<_>>(),
+        ["org"]
+    );
+    let acme = Tenant {
+        name: "acme".into(),
+        vars: BTreeMap::from([("org".to_string(), "acme-inc".to_string())]),
+    };
+    let repos = cfg.feeds[0].for_tenant(&acme).unwrap();
+    let body = repos.body.unwrap();
+    assert_eq!(
+        body["query"],
+        "{ organization(login: \"acme-inc\") { repositories { nodes { name } } } }"
+    );
+    assert_eq!(body["variables"]["account"], "acme");
+    assert_eq!(body["variables"]["tags"], serde_json::json!(["acme", 7]));
+    // A child's {name} fills the body too; GraphQL's own braces stay.
+    let vars = BTreeMap::from([("repo".to_string(), "tidemark".to_string())]);
+    let issues = tidemark_core::child::fill(&cfg.feeds[1], &vars).unwrap();
+    assert_eq!(
+        issues.body.unwrap()["query"],
+        "{ repository(name: \"tidemark\") { issues { nodes { id } } } }"
+    );
+    // A template in the body of a source without tenants is refused.
+    let untenanted = text.replace(
+        "    tenants: { list: [ { name: acme, vars: { org: acme-inc } } ] }\n",
+        "",
+    );
+    let errs = errors(&untenanted);
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("feeds[0].body.query") && e.contains("has no tenants")),
+        "{errs:#?}"
+    );
+}

@@ -1031,16 +1031,19 @@ fn rule_holds(rule: &ErrorWhen, raw: Option<&RawValue>) -> bool {
     if let Some(want) = &rule.equals {
         return serde_json::from_str::<Value>(raw.get()).is_ok_and(|v| &v == want);
     }
-    rule.not_empty
-        && !matches!(raw.get().trim(), "null" | "\"\"" | "[]" | "{}")
-        && !is_blank_container(raw.get())
+    rule.not_empty && !is_empty_json(raw.get())
 }
 
-/// `[ ]` or `{ }` with whitespace inside.
-fn is_blank_container(s: &str) -> bool {
+/// `null`, `""`, or an array or object with nothing inside (whitespace aside).
+fn is_empty_json(s: &str) -> bool {
     let s = s.trim();
-    (s.starts_with('[') && s.ends_with(']') || s.starts_with('{') && s.ends_with('}'))
-        && s[1..s.len() - 1].trim().is_empty()
+    let blank_inside = |open: char, close: char| {
+        s.len() >= 2
+            && s.starts_with(open)
+            && s.ends_with(close)
+            && s[1..s.len() - 1].trim().is_empty()
+    };
+    s == "null" || s == "\"\"" || blank_inside('[', ']') || blank_inside('{', '}')
 }
 
 /// The error a rule that holds makes of the answer.
