@@ -563,12 +563,11 @@ pub async fn apply(
         && config.feed(feed).is_some_and(|f| f.cursor_is_json())
     {
         // Kept as JSON text: checked, and written the way the chain writes it.
-        let v: serde_json::Value = serde_json::from_str(c).map_err(|e| {
+        *c = tidemark_core::pagination::tidy_json_cursor(c).ok_or_else(|| {
             OpError::Invalid(format!(
-                "feed {feed:?} sends its cursor in the request body, as JSON: give --cursor as JSON, e.g. '\"abc\"' or '[1704067200,\"r-1\"]' ({e})"
+                "feed {feed:?} sends its cursor in the request body, as JSON: give --cursor as JSON, e.g. '\"abc\"' or '[1704067200,\"r-1\"]'"
             ))
         })?;
-        *c = v.to_string();
     }
     let tenanted = match &sel.tenant {
         Some(_) => tenanted_feeds(load_config(store).await?.map(|(_, c)| c).as_ref()),

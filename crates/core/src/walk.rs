@@ -111,6 +111,11 @@ impl Walk {
     /// Continue the chain at `cursor` (a cursor, next URL, page or offset).
     pub fn at(mut self, cursor: Option<String>) -> Walk {
         self.pos = match cursor {
+            // A JSON cursor as the chain stores it, so `[1, "a"]` given by
+            // hand compares equal to the `[1,"a"]` the API hands back.
+            Some(c) if self.paginator.cursor_in_body() => {
+                Position::At(crate::pagination::tidy_json_cursor(&c).unwrap_or(c))
+            }
             Some(c) => Position::At(c),
             None => Position::Start {
                 from: self.chain_from,

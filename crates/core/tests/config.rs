@@ -584,3 +584,34 @@ fn request_dialect_mistakes() {
         "{msg}"
     );
 }
+
+#[test]
+fn body_places_must_fit_the_template_and_each_other() {
+    let base = "sources:\n  s: { base_url: \"http://api.test\" }\nfeeds:\n  - name: f\n    source: s\n    path: /q\n    method: POST\n    read_only: true\n    records: /r\n    key: /id\n";
+    // The page size's place holds the cursor's.
+    let text = format!(
+        "{base}    pagination: {{ cursor_param: \"body:/variables/after\", next_cursor: /n, page_size_param: \"body:/variables\", page_size: 5 }}\n"
+    );
+    let e = errors(&text);
+    assert!(
+        e.iter().any(|e| e.to_string().contains(
+            "feeds[0].pagination.page_size_param: body:/variables and pagination.cursor_param's body:/variables/after overlap"
+        )),
+        "{e:#?}"
+    );
+    // A template value on the way that is a string.
+    let text = format!(
+        "{base}    body: {{ variables: none }}\n    pagination: {{ cursor_param: \"body:/variables/after\", next_cursor: /n }}\n"
+    );
+    let msg = one(&text);
+    assert!(
+        msg.contains("feeds[0].pagination.cursor_param: the body template has no place for it"),
+        "{msg}"
+    );
+    // `equals: null` is a condition on null, not a missing one.
+    let text = format!(
+        "{base}    body: {{}}\n    pagination: {{ cursor_param: \"body:/after\", next_cursor: /n }}\n    error_when:\n      - {{ pointer: /data, equals: null, message: /errors/0/message }}\n"
+    );
+    let cfg = load_str("feeds.yaml", &text).unwrap();
+    assert_eq!(cfg.feeds[0].error_when[0].equals, Some(serde_json::Value::Null));
+}

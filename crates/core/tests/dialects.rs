@@ -465,3 +465,43 @@ fn a_body_cursor_that_is_not_json_is_refused_not_sent() {
     assert!(feed.cursor_is_json());
     assert!(!config(Dialect::NextPageHeader).feeds[0].cursor_is_json());
 }
+
+#[test]
+fn cursors_go_back_with_the_exact_text_the_api_sent() {
+    // Floats and integers beyond 64 bits, as a search API's sort values:
+    // never parsed into numbers and written again.
+    let cfg = config(Dialect::Search);
+    let feed = &cfg.feeds[0];
+    let partition = feed.partition("all", chrono::Utc::now()).unwrap().unwrap();
+    let mut w = Walk::new(feed, &cfg.sources["s"], &partition, Stage::Bulk).unwrap();
+    let req = w.request().unwrap();
+    let h: Vec<(String, String)> = vec![];
+    let body = br#"{"hits":{"hits":[{"_source":{"id":"a"},"sort":[1.0715660391465826e-75, 17555555555555555557200, "a\u00e9"]}]}}"#;
+    let step = w.advance(&req, &h, body).unwrap();
+    let sent = r#"[1.0715660391465826e-75,17555555555555555557200,"a\u00e9"]"#;
+    assert_eq!(step.next, Next::More(sent.into()));
+    let next = w.request().unwrap();
+    let text = String::from_utf8(next.body.unwrap()).unwrap();
+    assert!(text.contains(&format!(r#""search_after":{sent}"#)), "{text}");
+    // Given by hand with spaces, the cursor is stored tidied.
+    let w = w.at(Some("[1, \"a\"]".into()));
+    assert_eq!(w.cursor(), Some(r#"[1,"a"]"#));
+    // A number in a query parameter keeps its literal.
+    let text = format!(
+        "{SOURCE}  - name: f\n    source: s\n    path: /x\n    records: /r\n    key: /id\n    pagination: {{ cursor_param: after, next_cursor: /next }}\n"
+    );
+    let cfg = load_str("t.yaml", &text).unwrap();
+    let mut w = Walk::new(&cfg.feeds[0], &cfg.sources["s"], &partition, Stage::Bulk).unwrap();
+    let req = w.request().unwrap();
+    let step = w
+        .advance(&req, &h, br#"{"r":[{"id":1}],"next":12345678901234567890123.50}"#)
+        .unwrap();
+    assert_eq!(step.next, Next::More("12345678901234567890123.50".into()));
+    assert!(
+        w.request()
+            .unwrap()
+            .url
+            .as_str()
+            .ends_with("after=12345678901234567890123.50")
+    );
+}

@@ -939,11 +939,49 @@ fn check_request(
         }
     }
     let mut in_body = None;
+    let mut body_places: Vec<(&str, crate::pointer::JsonPointer)> = Vec::new();
     for (field, name) in &places {
         match Place::parse(name) {
             Err(e) => out.push((format!("{at}.{field}"), e)),
-            Ok(Place::Body(_)) => in_body = in_body.or(Some(field.clone())),
+            Ok(Place::Body(p)) => {
+                in_body = in_body.or(Some(field.clone()));
+                body_places.push((field.as_str(), p));
+            }
             Ok(Place::Query(_)) => {}
+        }
+    }
+    // Two values at one place, or one inside the other, overwrite each
+    // other; a template value on the way that is not an object or array
+    // (or an array too short) cannot take one.
+    for (i, (field, p)) in body_places.iter().enumerate() {
+        let incremental = field.starts_with("incremental.");
+        if let Some((other, q)) = body_places[..i].iter().find(|(other, q)| {
+            other.starts_with("incremental.") == incremental
+                && (p.segments().starts_with(q.segments())
+                    || q.segments().starts_with(p.segments()))
+        }) {
+            out.push((
+                format!("{at}.{field}"),
+                format!(
+                    "body:{p} and {other}'s body:{q} overlap: each value needs a place of its own"
+                ),
+            ));
+        }
+        let template = match (
+            incremental,
+            feed.incremental.as_ref().and_then(|i| i.body.as_ref()),
+        ) {
+            (true, Some(b)) => Some(b),
+            _ => feed.body.as_ref(),
+        };
+        if let Some(t) = template.filter(|t| t.is_object()) {
+            let mut probe = t.clone();
+            if let Err(e) = crate::pagination::set_at(&mut probe, p, serde_json::Value::Null) {
+                out.push((
+                    format!("{at}.{field}"),
+                    format!("the body template has no place for it: {e}"),
+                ));
+            }
         }
     }
     for k in feed

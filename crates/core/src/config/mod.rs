@@ -588,8 +588,12 @@ pub struct ErrorWhen {
     /// The body value the condition reads.
     pub pointer: JsonPointer,
     /// The condition holds when the value equals this (JSON equality:
-    /// `false` is not `"false"`). Set this or `not_empty`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `false` is not `"false"`; `null` is a value). Set this or `not_empty`.
+    #[serde(
+        default,
+        deserialize_with = "present_value",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub equals: Option<serde_json::Value>,
     /// The condition holds when the value is present and not null, `""`,
     /// `[]` or `{}`. Set this or `equals`.
@@ -895,6 +899,11 @@ pub enum DeliveryPer {
     Record,
     /// One `{"records": [...]}` message per page.
     Page,
+}
+
+/// A field that is written is `Some`, even when it is written `null`.
+fn present_value<'de, D: Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 fn scalar_to_string<E: serde::de::Error>(v: serde_json::Value) -> Result<String, E> {

@@ -450,7 +450,7 @@ impl Paginator {
                 out.put(k, Value::from(*n))?;
             }
             let url = self.same_origin(u, &self.base)?;
-            return Ok(self.finish(url, out.body));
+            return Ok(self.finish(url, &out));
         }
         for (k, v) in &self.params {
             out.put(k, Value::String(v.clone()))?;
@@ -473,15 +473,16 @@ impl Paginator {
                 }
             }
             (Position::At(c), Strategy::Cursor { param, .. }) => {
-                let value = if self.cursor_in_body {
-                    serde_json::from_str(c).map_err(|e| ReadError::BadPosition {
+                if self.cursor_in_body {
+                    serde_json::from_str::<&RawValue>(c).map_err(|e| ReadError::BadPosition {
                         field: "cursor",
                         reason: format!("{c:?} is not JSON ({e}); a cursor placed in the body is stored as JSON text"),
-                    })?
+                    })?;
+                    out.put(param, Value::String(CURSOR_MARK.to_string()))?;
+                    out.cursor = Some(c.trim().to_string());
                 } else {
-                    Value::String(c.clone())
-                };
-                out.put(param, value)?;
+                    out.put(param, Value::String(c.clone()))?;
+                }
             }
             (Position::At(n), Strategy::Pages(style)) => {
                 let (param, field) = match style {
@@ -506,14 +507,14 @@ impl Paginator {
         if url.query() == Some("") {
             url.set_query(None);
         }
-        Ok(self.finish(url, out.body))
+        Ok(self.finish(url, &out))
     }
 
-    fn finish(&self, url: Url, body: Option<Value>) -> PageRequest {
+    fn finish(&self, url: Url, values: &Values) -> PageRequest {
         PageRequest {
             method: self.method,
             url,
-            body: body.map(|b| serde_json::to_vec(&b).unwrap_or_default()),
+            body: values.body_bytes(),
             read_only: self.read_only,
         }
     }
@@ -901,36 +902,69 @@ impl Paginator {
                 "a string or number (an array or object needs cursor_param: body:/…)"
             },
         };
-        let v: Value = serde_json::from_str(raw.get()).map_err(|_| wrong("broken JSON"))?;
-        cursor_text(&v, self.cursor_in_body).map_err(wrong)
+        cursor_text(raw, self.cursor_in_body).map_err(wrong)
     }
 }
 
-/// A cursor value as the chain stores it. Null and `""` mean none. Placed
-/// in the body (`json`), it is its JSON text, so a string, a number, an
-/// array or an object goes back exactly as it came (`[]` and `{}` mean
-/// none); in a query parameter a string or a number is its text.
-fn cursor_text(v: &Value, json: bool) -> Result<Option<String>, &'static str> {
-    Ok(match v {
-        Value::Null => None,
-        Value::Bool(_) => return Err("a boolean"),
-        Value::String(s) if s.is_empty() => None,
-        Value::String(s) if !json => Some(s.clone()),
+/// A cursor value as the chain stores it, from the exact text the API
+/// sent (never parsed into numbers and written again, which can change a
+/// float's last digit or an integer beyond 64 bits). Null and `""` mean
+/// none. Placed in the body (`json`), it is its JSON text without the
+/// whitespace outside strings, so a string, a number, an array or an
+/// object goes back exactly as it came (`[]` and `{}` mean none); in a
+/// query parameter a string is its text and a number its literal.
+fn cursor_text(raw: &RawValue, json: bool) -> Result<Option<String>, &'static str> {
+    let text = raw.get().trim();
+    Ok(match text.as_bytes().first() {
+        None => None,
+        Some(b'n') => None,
+        Some(b't' | b'f') => return Err("a boolean"),
+        Some(b'"') => {
+            let s: String = serde_json::from_str(text).map_err(|_| "a broken string")?;
+            match (s.is_empty(), json) {
+                (true, _) => None,
+                (false, true) => Some(text.to_string()),
+                (false, false) => Some(s),
+            }
+        }
         // In a query parameter only text goes back as it came: an array or
         // an object needs `cursor_param: body:/…`.
-        Value::Array(_) if !json => return Err("an array"),
-        Value::Object(_) if !json => return Err("an object"),
-        Value::Array(a) if a.is_empty() => None,
-        Value::Object(o) if o.is_empty() => None,
-        other => Some(other.to_string()),
+        Some(b'[') if !json => return Err("an array"),
+        Some(b'{') if !json => return Err("an object"),
+        Some(b'[' | b'{') => {
+            let compact = compact_text(text);
+            (compact != "[]" && compact != "{}").then_some(compact)
+        }
+        _ => Some(text.to_string()),
     })
 }
+
+/// `text` (JSON) without the whitespace outside its strings.
+pub fn compact_text(text: &str) -> String {
+    let mut out = Vec::with_capacity(text.len());
+    crate::jsonbytes::compact_json(text.as_bytes(), &mut out);
+    // Only ASCII whitespace was taken out of valid UTF-8.
+    String::from_utf8(out).unwrap_or_else(|_| text.to_string())
+}
+
+/// A JSON text used as a cursor in the body, tidied as the chain stores
+/// it (`[1, "a"]` becomes `[1,"a"]`); `None` when it is not JSON.
+pub fn tidy_json_cursor(text: &str) -> Option<String> {
+    serde_json::from_str::<&RawValue>(text).ok()?;
+    Some(compact_text(text.trim()))
+}
+
+/// Stands in a request body for a cursor, whose exact text replaces it once
+/// the body is written (a cursor is never parsed into numbers).
+const CURSOR_MARK: &str = "\u{0}tidemark:cursor\u{0}";
 
 /// The value of one request: query parameters and the body, each value
 /// put where its name says (`name` or `body:/pointer`).
 struct Values {
     query: Vec<(String, String)>,
     body: Option<Value>,
+    /// The cursor's JSON text, written where [`CURSOR_MARK`] stands.
+    cursor: Option<String>,
 }
 
 impl Values {
@@ -938,7 +972,23 @@ impl Values {
         Values {
             query: Vec::new(),
             body,
+            cursor: None,
         }
+    }
+
+    /// The body as sent: the template with every value in place, the
+    /// cursor's text written as it is.
+    fn body_bytes(&self) -> Option<Vec<u8>> {
+        let body = self.body.as_ref()?;
+        // A Value serializes without fail (its keys are strings).
+        let text = serde_json::to_string(body).unwrap_or_default();
+        Some(match &self.cursor {
+            Some(c) => {
+                let mark = Value::String(CURSOR_MARK.to_string()).to_string();
+                text.replacen(&mark, c, 1).into_bytes()
+            }
+            None => text.into_bytes(),
+        })
     }
 
     fn put(&mut self, name: &str, v: Value) -> Result<(), ReadError> {
@@ -986,9 +1036,15 @@ pub fn set_at(root: &mut Value, ptr: &JsonPointer, v: Value) -> Result<(), Strin
                 m.entry(seg.clone()).or_insert(Value::Null)
             }
             Value::Array(a) => {
-                let idx: usize = seg
-                    .parse()
-                    .map_err(|_| format!("{ptr}: {seg:?} is not an index of the array there"))?;
+                // RFC 6901: digits, no leading zero (so not `+1` or `01`).
+                let canonical = seg == "0"
+                    || (!seg.starts_with('0')
+                        && !seg.is_empty()
+                        && seg.bytes().all(|b| b.is_ascii_digit()));
+                let idx: usize =
+                    seg.parse().ok().filter(|_| canonical).ok_or_else(|| {
+                        format!("{ptr}: {seg:?} is not an index of the array there")
+                    })?;
                 if idx == a.len() {
                     a.push(Value::Null);
                 }
@@ -1113,10 +1169,8 @@ fn record_cursor(
     ptr: &JsonPointer,
     json: bool,
 ) -> Result<Option<String>, ReadError> {
-    // Records are small: a Value parse is simplest and exact.
-    let v: Value =
-        serde_json::from_str(record.get()).map_err(|e| ReadError::NotJson(e.to_string()))?;
-    match ptr.get(&v) {
+    let raw = raw_at(record.get(), ptr).map_err(|e| ReadError::NotJson(e.to_string()))?;
+    match raw {
         None => Ok(None),
         Some(c) => cursor_text(c, json).map_err(|kind| ReadError::WrongType {
             field: "next_cursor",
