@@ -613,5 +613,8 @@ fn body_places_must_fit_the_template_and_each_other() {
         "{base}    body: {{}}\n    pagination: {{ cursor_param: \"body:/after\", next_cursor: /n }}\n    error_when:\n      - {{ pointer: /data, equals: null, message: /errors/0/message }}\n"
     );
     let cfg = load_str("feeds.yaml", &text).unwrap();
-    assert_eq!(cfg.feeds[0].error_when[0].equals, Some(serde_json::Value::Null));
+    assert_eq!(
+        cfg.feeds[0].error_when[0].equals,
+        Some(serde_json::Value::Null)
+    );
 }

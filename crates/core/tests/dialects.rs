@@ -337,6 +337,26 @@ fn cursors_are_stored_as_the_json_they_are() {
     };
     let w = walk(&mut api).unwrap();
     assert_eq!(w.cursors[0], "http://api.test/records?_token=3");
+    // Two Next-Page headers are not one URL.
+    let cfg = config(Dialect::NextPageHeader);
+    let feed = &cfg.feeds[0];
+    let partition = feed.partition("all", chrono::Utc::now()).unwrap().unwrap();
+    let mut w = Walk::new(feed, &cfg.sources["s"], &partition, Stage::Bulk).unwrap();
+    let req = w.request().unwrap();
+    let two = vec![
+        (
+            "Next-Page".to_string(),
+            "http://api.test/records?_token=3".to_string(),
+        ),
+        (
+            "next-page".to_string(),
+            "http://api.test/records?_token=9".to_string(),
+        ),
+    ];
+    let err = w
+        .advance(&req, &two, br#"{"data":[{"id":"a"}]}"#)
+        .unwrap_err();
+    assert!(err.to_string().contains("several"), "{err}");
 }
 
 #[test]
@@ -482,7 +502,10 @@ fn cursors_go_back_with_the_exact_text_the_api_sent() {
     assert_eq!(step.next, Next::More(sent.into()));
     let next = w.request().unwrap();
     let text = String::from_utf8(next.body.unwrap()).unwrap();
-    assert!(text.contains(&format!(r#""search_after":{sent}"#)), "{text}");
+    assert!(
+        text.contains(&format!(r#""search_after":{sent}"#)),
+        "{text}"
+    );
     // Given by hand with spaces, the cursor is stored tidied.
     let w = w.at(Some("[1, \"a\"]".into()));
     assert_eq!(w.cursor(), Some(r#"[1,"a"]"#));
@@ -494,7 +517,11 @@ fn cursors_go_back_with_the_exact_text_the_api_sent() {
     let mut w = Walk::new(&cfg.feeds[0], &cfg.sources["s"], &partition, Stage::Bulk).unwrap();
     let req = w.request().unwrap();
     let step = w
-        .advance(&req, &h, br#"{"r":[{"id":1}],"next":12345678901234567890123.50}"#)
+        .advance(
+            &req,
+            &h,
+            br#"{"r":[{"id":1}],"next":12345678901234567890123.50}"#,
+        )
         .unwrap();
     assert_eq!(step.next, Next::More("12345678901234567890123.50".into()));
     assert!(

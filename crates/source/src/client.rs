@@ -45,14 +45,13 @@ impl FetchedPage {
 }
 
 impl Headers for FetchedPage {
-    fn header(&self, name: &str) -> Option<String> {
-        let vals: Vec<&str> = self
-            .headers
+    fn header_values(&self, name: &str) -> Vec<String> {
+        self.headers
             .get_all(name)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .collect();
-        (!vals.is_empty()).then(|| vals.join(", "))
+            .map(str::to_string)
+            .collect()
     }
 }
 

@@ -82,23 +82,26 @@ impl PageRequest {
 /// Response headers as the engine sees them. Repeated headers are joined
 /// with ", ".
 pub trait Headers {
-    fn header(&self, name: &str) -> Option<String>;
+    fn header(&self, name: &str) -> Option<String> {
+        let vals = self.header_values(name);
+        (!vals.is_empty()).then(|| vals.join(", "))
+    }
+    /// Each value of the header, in order.
+    fn header_values(&self, name: &str) -> Vec<String>;
 }
 
 impl Headers for [(String, String)] {
-    fn header(&self, name: &str) -> Option<String> {
-        let vals: Vec<&str> = self
-            .iter()
+    fn header_values(&self, name: &str) -> Vec<String> {
+        self.iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect();
-        (!vals.is_empty()).then(|| vals.join(", "))
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 }
 
 impl Headers for Vec<(String, String)> {
-    fn header(&self, name: &str) -> Option<String> {
-        self.as_slice().header(name)
+    fn header_values(&self, name: &str) -> Vec<String> {
+        self.as_slice().header_values(name)
     }
 }
 
@@ -704,10 +707,19 @@ impl Paginator {
             NextUrlFrom::LinkNext => headers
                 .header("link")
                 .and_then(|h| link::find_rel(&h, "next").map(str::to_string)),
-            NextUrlFrom::Header(name) => headers
-                .header(name)
-                .map(|h| h.trim().to_string())
-                .filter(|h| !h.is_empty()),
+            NextUrlFrom::Header(name) => {
+                let mut values = headers.header_values(name);
+                if values.len() > 1 {
+                    return Err(ReadError::BadUrl {
+                        url: format!("{} {name} headers", values.len()),
+                        reason: "one next URL is expected, the API sent several".into(),
+                    });
+                }
+                values
+                    .pop()
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+            }
         };
         let here = req.url.to_string();
         if seen.declared_end || (seen.empty && self.spec.stop_on_empty_page) {
