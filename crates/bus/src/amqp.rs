@@ -1,25 +1,37 @@
 //! RabbitMQ: topology, supervision, page tasks and downstream publishing.
 //!
-//! A supervisor task owns the connection. It connects with backoff, declares
-//! the topology (idempotent, so whichever role starts first creates it),
-//! opens a confirm-mode publishing channel and, for consumers, a consuming
-//! channel with bounded prefetch, then watches the connection. On any error
-//! it drops that generation and starts over. Deliveries taken on a lost
-//! channel keep their old acker, so acking them fails (`Abandoned`) instead
-//! of touching the new channel; the broker redelivers them. Publishes whose
-//! confirms were pending fail with the connection, or at the confirm timeout
-//! at the latest.
+//! A supervisor task owns the connection. The broker URL may list several
+//! nodes of a cluster ([`crate::endpoints`]): on every connection and
+//! every reconnection the supervisor tries them in a fresh random order
+//! (the node it just lost last) until one takes the connection, the
+//! topology declarations and the channels. It declares the topology
+//! (idempotent, so whichever role starts first creates it, on whichever
+//! node), opens a confirm-mode publishing channel and, for consumers, a
+//! consuming channel with bounded prefetch, then watches the connection and
+//! both channels. On any error it drops that generation and starts over.
+//! Deliveries taken on a lost channel keep their old acker, so acking them
+//! fails (`Abandoned`) instead of touching the new channel; the broker
+//! redelivers them. Publishes whose confirms were pending fail with the
+//! connection (the client rejects every pending confirm of a channel that
+//! goes away), or at the confirm timeout at the latest: never confirmed.
 //!
-//! Topology under a prefix `P` (default `tidemark`):
-//! - `P.tasks`: quorum queue of page tasks, `x-delivery-limit`, dead-letters to `P.dead`;
-//! - `P.retry.<ms>`: one classic queue per delay tier with `x-message-ttl`,
-//!   dead-lettering back to `P.tasks` (a delayed retry with what RabbitMQ 3.10 has);
-//! - `P.dead`: quorum queue of dead letters; tidemark's own carry `x-reason`
-//!   and `x-last-error` headers, the broker's carry `x-first-death-reason`;
+//! Topology under a prefix `P` (default `tidemark`), every queue a quorum
+//! queue (replicated; it survives the loss of a minority of its replicas):
+//! - `P.tasks`: page tasks, `x-delivery-limit`, dead-letters to `P.dead`;
+//! - `P.delay.<ms>`: one queue per delay tier with `x-message-ttl`,
+//!   dead-lettering (at least once) back to `P.tasks`: a delayed retry;
+//! - `P.dead`: dead letters; tidemark's own carry `x-reason` and
+//!   `x-last-error` headers, the broker's carry `x-death` (the latest
+//!   reason first, e.g. `delivery_limit`);
 //! - the downstream topic exchange (default `tidemark.records`), durable.
 //!
-//! Every connection is opened by [`open_connection`]: `amqps://` goes over
-//! rustls, trusting the system's roots plus the configured CA bundle.
+//! Older versions kept the delay tiers in classic queues named
+//! `P.retry.<ms>`, which live on one node: a cluster could not declare them
+//! while that node was down. Nothing declares those any more; what waits in
+//! them still expires into `P.tasks` by their own arguments.
+//!
+//! Every connection is opened through [`open_connection`]'s path: `amqps://`
+//! goes over rustls, trusting the system's roots plus the configured CA bundle.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +51,8 @@ use lapin::{
 use tidemark_core::config::DeliveryPer;
 use tokio::sync::{Mutex, Semaphore, mpsc, watch};
 
+use crate::endpoints::shuffled;
+pub use crate::endpoints::{AmqpUrl, Endpoint};
 use crate::message::Acker;
 use crate::{
     BusError, DeadLetter, Downstream, OutPage, PageTask, TaskDelivery, TaskQueue, routing_key,
@@ -47,8 +61,9 @@ use crate::{
 /// How to reach and lay out the broker.
 #[derive(Debug, Clone)]
 pub struct BusConfig {
-    /// The broker's URL; its `Debug` hides the password.
-    pub url: tidemark_core::ServiceUrl,
+    /// The broker's URL, or a comma-separated list of a cluster's nodes
+    /// ([`crate::endpoints`]); its `Debug` hides every password.
+    pub url: AmqpUrl,
     /// PEM CA certificates an `amqps://` broker's certificate may chain to,
     /// besides the system's roots (`--tls-ca-file`).
     pub tls_ca_pem: Option<String>,
@@ -66,6 +81,18 @@ pub struct BusConfig {
     pub retry_tiers: Vec<Duration>,
     /// Longest wait for a connection before an operation fails.
     pub connect_wait: Duration,
+    /// Longest wait for one node of the list to take a connection (TCP,
+    /// TLS, the AMQP handshake) before the next one is tried; a URL's
+    /// `connection_timeout` query parameter (ms) overrides it. The topology
+    /// declarations that follow may take up to `confirm_timeout`.
+    pub connect_timeout: Duration,
+    /// Replicas each quorum queue starts with when it is created
+    /// (`x-quorum-initial-group-size`); `None`: the broker's default (3, or
+    /// the cluster's size when smaller). RabbitMQ compares it on every
+    /// declaration, so every role must be given the same value, and the
+    /// value of a queue's creation: changing it for existing queues fails
+    /// (see [`crate::BusError::Topology`]).
+    pub quorum_initial_group_size: Option<u32>,
     /// Downstream bytes awaiting the broker's confirms at once, across all
     /// pages; a page that would exceed it waits its turn (first come, first
     /// served). Each record counts its body plus [`MESSAGE_OVERHEAD`], in
@@ -82,7 +109,7 @@ pub struct BusConfig {
 impl BusConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
-            url: tidemark_core::ServiceUrl::new(url),
+            url: AmqpUrl::new(url),
             tls_ca_pem: None,
             prefix: "tidemark".into(),
             records_exchange: "tidemark.records".into(),
@@ -94,6 +121,8 @@ impl BusConfig {
                 .map(Duration::from_secs)
                 .collect(),
             connect_wait: Duration::from_secs(10),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            quorum_initial_group_size: None,
             max_unconfirmed_bytes: 16 * 1024 * 1024,
             max_unconfirmed_messages: 4096,
         }
@@ -104,7 +133,13 @@ impl BusConfig {
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.prefix)
     }
+    /// The quorum queue of a delay tier.
     pub fn retry_queue(&self, tier: Duration) -> String {
+        format!("{}.delay.{}", self.prefix, tier.as_millis())
+    }
+    /// The classic queue older versions kept a delay tier in (module doc):
+    /// nothing declares it any more; delete it once it is empty.
+    pub fn legacy_retry_queue(&self, tier: Duration) -> String {
         format!("{}.retry.{}", self.prefix, tier.as_millis())
     }
     /// Every queue this layout declares: tasks, dead letters, retry tiers.
@@ -124,8 +159,13 @@ impl BusConfig {
     }
 }
 
+/// [`BusConfig::connect_timeout`]'s default, and [`open_connection`]'s.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 struct Generation {
     connection: Connection,
+    /// The node of the list it is connected to.
+    endpoint: Endpoint,
     /// Confirm-mode channel shared by concurrent page publishes: each awaits
     /// its own messages' confirms; order holds within a page, and a partition
     /// never has two pages in flight (one chain per job).
@@ -173,7 +213,15 @@ struct Shared {
     stop: watch::Sender<bool>,
     /// Why the supervisor's last attempt to connect failed, while it has
     /// not connected since: what `start` reports when it gives up waiting.
-    last_error: watch::Receiver<Option<String>>,
+    last_error: watch::Receiver<Option<LastError>>,
+}
+
+/// Why the last attempt to connect failed.
+#[derive(Debug, Clone)]
+struct LastError {
+    text: String,
+    /// A topology mismatch: the same on every node, and not fixed by waiting.
+    topology: bool,
 }
 
 /// Page tasks and downstream publishing on RabbitMQ.
@@ -192,8 +240,11 @@ fn long(v: &str) -> AMQPValue {
 
 impl AmqpBus {
     /// Start the supervisor. With `consume`, also consume page tasks.
-    /// Returns once connected for the first time (or after `connect_wait`).
+    /// Returns once connected for the first time (or after `connect_wait`);
+    /// at once for a URL that does not parse or a topology that differs
+    /// from the one on the broker ([`BusError::Topology`]).
     pub async fn start(cfg: BusConfig, consume: bool) -> Result<Self, BusError> {
+        let endpoints = cfg.url.endpoints()?;
         let (gen_tx, gen_rx) = watch::channel(None);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (error_tx, error_rx) = watch::channel(None);
@@ -215,15 +266,35 @@ impl AmqpBus {
             stop: stop_rx,
             last_error: error_tx,
         };
-        tokio::spawn(supervise(cfg, supervisor));
-        match bus.generation().await {
-            Ok(_) => Ok(bus),
-            Err(BusError::NotConnected) => {
-                let why = bus.shared.last_error.borrow().clone();
+        tokio::spawn(supervise(cfg, endpoints, supervisor));
+        let mut errors = bus.shared.last_error.clone();
+        let mismatch = async move {
+            errors
+                .wait_for(|e| e.as_ref().is_some_and(|e| e.topology))
+                .await
+                .ok()
+                .and_then(|e| e.clone())
+        };
+        tokio::select! {
+            connected = bus.generation() => match connected {
+                Ok(_) => Ok(bus),
+                Err(BusError::NotConnected) => {
+                    let why = bus.shared.last_error.borrow().clone();
+                    let _ = bus.shared.stop.send(true);
+                    Err(why.map_or(BusError::NotConnected, |e| {
+                        if e.topology {
+                            BusError::Topology(e.text)
+                        } else {
+                            BusError::Unreachable(e.text)
+                        }
+                    }))
+                }
+                Err(e) => Err(e),
+            },
+            Some(e) = mismatch => {
                 let _ = bus.shared.stop.send(true);
-                Err(why.map_or(BusError::NotConnected, BusError::Unreachable))
+                Err(BusError::Topology(e.text))
             }
-            Err(e) => Err(e),
         }
     }
 
@@ -234,6 +305,16 @@ impl AmqpBus {
     /// True while connected (for readiness probes).
     pub fn is_connected(&self) -> bool {
         self.shared.current.borrow().is_some()
+    }
+
+    /// The node of the list the bus is connected to (its URL without the
+    /// password), while connected.
+    pub fn connected_to(&self) -> Option<String> {
+        self.shared
+            .current
+            .borrow()
+            .as_ref()
+            .map(|g| g.endpoint.redacted().to_string())
     }
 
     /// Stop the supervisor and close the connection; unacked deliveries go back to the queue.
@@ -284,13 +365,20 @@ impl AmqpBus {
                     .await?;
                 confirms.push(c);
             }
-            let (mut nacked, mut returned) = (0usize, 0usize);
+            // A confirm pending when the channel or connection goes away
+            // comes back as an error (lapin rejects every pending one), so
+            // the `?` fails the whole publish: never taken for an ack.
+            let (mut nacked, mut returned, mut unconfirmed) = (0usize, 0usize, 0usize);
             for c in confirms {
                 match c.await? {
-                    Confirmation::Ack(None) | Confirmation::NotRequested => {}
+                    Confirmation::Ack(None) => {}
                     Confirmation::Ack(Some(_)) => returned += 1,
                     Confirmation::Nack(_) => nacked += 1,
+                    Confirmation::NotRequested => unconfirmed += 1,
                 }
+            }
+            if unconfirmed > 0 {
+                return Err(BusError::Unconfirmed(unconfirmed));
             }
             if returned > 0 {
                 return Err(BusError::Unroutable {
@@ -299,6 +387,13 @@ impl AmqpBus {
                 });
             }
             if nacked > 0 {
+                // A quorum queue's new leader can keep refusing a channel
+                // whose first publish fell in its election (RabbitMQ
+                // 3.10, seen in the private cluster's test): close this
+                // channel, so the supervisor opens a new one, and the
+                // publish is retried there, not on a channel that nacks.
+                let closing = g.publish.close(200, s("nacked: opening a new channel"));
+                let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
                 return Err(BusError::Nacked(nacked));
             }
             Ok(())
@@ -450,7 +545,24 @@ impl TaskQueue for AmqpBus {
                 Some(AMQPValue::ShortString(v)) => Some(v.as_str().to_string()),
                 _ => None,
             };
+            // The broker's latest death first: `x-death` lists the most
+            // recent one first, while `x-first-death-reason` of a task that
+            // waited in a delay tier before is that tier's `expired`.
+            let latest = match headers.inner().get("x-death") {
+                Some(AMQPValue::FieldArray(deaths)) => match deaths.as_slice().first() {
+                    Some(AMQPValue::FieldTable(death)) => match death.inner().get("reason") {
+                        Some(AMQPValue::LongString(v)) => {
+                            Some(String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        }
+                        Some(AMQPValue::ShortString(v)) => Some(v.as_str().to_string()),
+                        _ => None,
+                    },
+                    _ => None,
+                },
+                _ => None,
+            };
             let reason = text("x-reason")
+                .or(latest)
                 .or_else(|| text("x-first-death-reason"))
                 .unwrap_or_else(|| "unknown".into());
             DeadLetter {
@@ -478,23 +590,86 @@ pub async fn delete_topology(cfg: &BusConfig) -> Result<(), BusError> {
     Ok(())
 }
 
-/// Open a connection to the broker at `url`: the one place tidemark
-/// connects to RabbitMQ. `amqps://` goes over rustls and trusts the
-/// system's roots plus the PEM CA certificates in `ca_pem`, if any (which
-/// `amqp://` does not use). Certificates that do not parse in `ca_pem` are
-/// skipped, so check a bundle before handing it over (the CLI does).
+/// Open a connection to the broker at `url`: the one way tidemark connects
+/// to RabbitMQ. `url` may list several nodes ([`crate::endpoints`]): they
+/// are tried in a fresh random order until one takes the connection, each
+/// for at most [`DEFAULT_CONNECT_TIMEOUT`] (or its `connection_timeout`).
+/// `amqps://` goes over rustls and trusts the system's roots plus the PEM
+/// CA certificates in `ca_pem`, if any (which `amqp://` does not use).
+/// Certificates that do not parse in `ca_pem` are skipped, so check a
+/// bundle before handing it over (the CLI does).
 pub async fn open_connection(url: &str, ca_pem: Option<&str>) -> Result<Connection, BusError> {
+    let endpoints = AmqpUrl::new(url).endpoints()?;
+    let (connection, endpoint) = connect_any(&endpoints, ca_pem, DEFAULT_CONNECT_TIMEOUT).await?;
+    tracing::debug!(endpoint = endpoint.redacted(), "connected to the broker");
+    Ok(connection)
+}
+
+/// The first of `endpoints`, in a fresh random order, that takes a connection.
+async fn connect_any(
+    endpoints: &[Endpoint],
+    ca_pem: Option<&str>,
+    timeout: Duration,
+) -> Result<(Connection, Endpoint), BusError> {
+    let mut failures = Failures::default();
+    for ep in shuffled(endpoints, None) {
+        match open_endpoint(&ep, ca_pem, timeout).await {
+            Ok(c) => return Ok((c, ep)),
+            Err(e) => failures.add(&ep, e, endpoints.len()),
+        }
+    }
+    Err(failures.into_error())
+}
+
+/// What went wrong with each node tried.
+#[derive(Default)]
+struct Failures {
+    each: Vec<(String, BusError)>,
+}
+
+impl Failures {
+    fn add(&mut self, ep: &Endpoint, e: BusError, of: usize) {
+        if of > 1 {
+            tracing::warn!(endpoint = ep.redacted(), error = %e, "cannot use this broker node; trying the next one");
+        }
+        self.each.push((ep.redacted().to_string(), e));
+    }
+    /// One node: its own error, as before lists. Several: each one's.
+    fn into_error(mut self) -> BusError {
+        match self.each.len() {
+            0 => BusError::NotConnected,
+            1 => self.each.pop().map_or(BusError::NotConnected, |(_, e)| e),
+            _ => BusError::NoNode(
+                self.each
+                    .iter()
+                    .map(|(ep, e)| format!("{ep}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+        }
+    }
+}
+
+/// Connect to one node, within its `connection_timeout` or `timeout`. A
+/// connection that comes after the timeout is closed as it is dropped.
+async fn open_endpoint(
+    ep: &Endpoint,
+    ca_pem: Option<&str>,
+    timeout: Duration,
+) -> Result<Connection, BusError> {
+    let timeout = ep.connection_timeout().unwrap_or(timeout);
     let tls = OwnedTLSConfig {
         identity: None,
         cert_chain: ca_pem.map(str::to_owned),
     };
-    let connection = DefaultConnectionBuilder::new()?
-        .with_uri_str(url.to_owned())
+    let builder = DefaultConnectionBuilder::new()?
+        .with_uri_str(ep.url().to_owned())
         .with_properties(ConnectionProperties::default())
-        .with_tls_config(tls)
-        .connect()
-        .await?;
-    Ok(connection)
+        .with_tls_config(tls);
+    match tokio::time::timeout(timeout, builder.connect()).await {
+        Ok(connected) => Ok(connected?),
+        Err(_) => Err(BusError::ConnectTimeout(timeout)),
+    }
 }
 
 /// Declare the downstream records exchange: topic, durable. Idempotent.
@@ -508,50 +683,191 @@ pub async fn declare_records_exchange(ch: &Channel, name: &str) -> Result<(), Bu
         },
         FieldTable::default(),
     )
-    .await?;
+    .await
+    .map_err(|e| mismatch(e, Declared::Exchange, name))?;
     Ok(())
 }
 
-/// Declare everything; safe to run again and from every role.
+/// What a declaration was of, for [`mismatch`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Declared {
+    Exchange,
+    Queue,
+}
+
+/// A declaration's error; PRECONDITION_FAILED (the broker has `name` with
+/// other arguments, or refuses these) becomes [`BusError::Topology`], with
+/// what differs (the broker's words) and how to migrate.
+fn mismatch(e: lapin::Error, what: Declared, name: &str) -> BusError {
+    let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return e.into();
+    };
+    if amqp.get_id() != 406 {
+        return e.into();
+    }
+    let broker = amqp.get_message().as_str();
+    let kind = match what {
+        Declared::Exchange => "exchange",
+        Declared::Queue => "queue",
+    };
+    if !broker.contains("inequivalent") {
+        // Not a difference with what exists: arguments this broker does
+        // not take (quorum queues with a message TTL and at-least-once
+        // dead-lettering need RabbitMQ 3.10 or later).
+        return BusError::Topology(format!(
+            "the broker refused to declare the {kind} `{name}` ({broker}); \
+             tidemark needs RabbitMQ 3.10 or later"
+        ));
+    }
+    let how = match what {
+        Declared::Exchange => {
+            "tidemark needs a durable topic exchange there: name another one \
+             (--records-exchange), or delete this one (its bindings go with it) \
+             and let tidemark declare it again"
+        }
+        Declared::Queue if broker.contains("'x-quorum-initial-group-size'") => {
+            "the initial group size counts only when a queue is created, but \
+             RabbitMQ compares it on every declaration: give every role the value \
+             the queue was created with (--quorum-initial-group-size, or none if \
+             it was created without), and change an existing queue's replicas with \
+             `rabbitmq-queues add_member`/`delete_member` (or `grow`/`shrink`)"
+        }
+        Declared::Queue if broker.contains("'x-queue-type'") => {
+            "tidemark's queues are quorum queues and this one is of another type \
+             (an older setup, or made by hand). To migrate: stop every tidemark \
+             role, let the queue drain or move its messages to a new quorum queue \
+             (a shovel), delete it (`rabbitmqctl delete_queue NAME`), then start \
+             the roles, which declare it again; or start afresh under another \
+             --queue-prefix"
+        }
+        Declared::Queue => {
+            "it was declared otherwise (by another tidemark version, with other \
+             settings, as a classic queue, or by hand; the broker names only the \
+             first difference; tidemark's queues are quorum queues). Give every \
+             role the settings it was declared with; or migrate: stop every \
+             tidemark role, let the queue drain or move its messages to a new \
+             quorum queue (a shovel), delete it (`rabbitmqctl delete_queue NAME`), \
+             then start the roles, which declare it again; or start afresh under \
+             another --queue-prefix"
+        }
+    };
+    BusError::Topology(format!(
+        "the {kind} `{name}` exists with other arguments than tidemark declares \
+         (the broker: {broker}): {how}"
+    ))
+}
+
+/// A quorum queue's arguments: the type, and the initial group size if set.
+fn quorum(cfg: &BusConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(s("x-queue-type"), long("quorum"));
+    if let Some(n) = cfg.quorum_initial_group_size {
+        args.insert(
+            s("x-quorum-initial-group-size"),
+            AMQPValue::LongLongInt(i64::from(n)),
+        );
+    }
+    args
+}
+
+/// Declare everything; safe to run again, from every role, on every node
+/// of a cluster, and after a reconnection: every queue is a durable quorum
+/// queue (its metadata and replicas are the cluster's, not one node's)
+/// declared with the same arguments each time, and the exchange likewise.
 async fn declare(ch: &Channel, cfg: &BusConfig) -> Result<(), BusError> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
     declare_records_exchange(ch, &cfg.records_exchange).await?;
-    let mut dead = FieldTable::default();
-    dead.insert(s("x-queue-type"), long("quorum"));
-    ch.queue_declare(s(&cfg.dead_queue()), durable, dead)
-        .await?;
-    let mut tasks = FieldTable::default();
-    tasks.insert(s("x-queue-type"), long("quorum"));
+    let queue = |name: String, args: FieldTable| async move {
+        ch.queue_declare(s(&name), durable, args)
+            .await
+            .map_err(|e| mismatch(e, Declared::Queue, &name))
+    };
+    queue(cfg.dead_queue(), quorum(cfg)).await?;
+    let mut tasks = quorum(cfg);
     tasks.insert(
         s("x-delivery-limit"),
         AMQPValue::LongLongInt(i64::from(cfg.delivery_limit)),
     );
     tasks.insert(s("x-dead-letter-exchange"), long(""));
     tasks.insert(s("x-dead-letter-routing-key"), long(&cfg.dead_queue()));
-    ch.queue_declare(s(&cfg.tasks_queue()), durable, tasks)
-        .await?;
+    queue(cfg.tasks_queue(), tasks).await?;
     for tier in &cfg.retry_tiers {
-        let mut retry = FieldTable::default();
-        retry.insert(
+        let mut delay = quorum(cfg);
+        delay.insert(
             s("x-message-ttl"),
             AMQPValue::LongLongInt(tier.as_millis() as i64),
         );
-        retry.insert(s("x-dead-letter-exchange"), long(""));
-        retry.insert(s("x-dead-letter-routing-key"), long(&cfg.tasks_queue()));
-        ch.queue_declare(s(&cfg.retry_queue(*tier)), durable, retry)
-            .await?;
+        delay.insert(s("x-dead-letter-exchange"), long(""));
+        delay.insert(s("x-dead-letter-routing-key"), long(&cfg.tasks_queue()));
+        // An expired task moves to the tasks queue only once the tasks
+        // queue has it (the default, at-most-once, could drop it while the
+        // tasks queue elects a leader); that strategy needs reject-publish,
+        // which does nothing here: the queue has no length limit.
+        delay.insert(s("x-dead-letter-strategy"), long("at-least-once"));
+        delay.insert(s("x-overflow"), long("reject-publish"));
+        queue(cfg.retry_queue(*tier), delay).await?;
     }
     Ok(())
 }
 
+/// Connect to one of the nodes, in a fresh random order with `lost_on`
+/// (where the last connection was lost) last, and set up there. A topology
+/// mismatch stops the round: every node would say the same.
 async fn connect(
     cfg: &BusConfig,
+    endpoints: &[Endpoint],
+    lost_on: Option<&Endpoint>,
     deliveries: Option<&mpsc::Sender<TaskDelivery>>,
 ) -> Result<(Arc<Generation>, Option<tokio::task::JoinHandle<()>>), BusError> {
-    let connection = open_connection(&cfg.url, cfg.tls_ca_pem.as_deref()).await?;
+    let mut failures = Failures::default();
+    for ep in shuffled(endpoints, lost_on) {
+        match connect_to(cfg, &ep, deliveries).await {
+            Ok(connected) => return Ok(connected),
+            Err(e @ BusError::Topology(_)) => return Err(e),
+            Err(e) => failures.add(&ep, e, endpoints.len()),
+        }
+    }
+    Err(failures.into_error())
+}
+
+/// Connect to `ep`, declare the topology, open the channels: a generation.
+async fn connect_to(
+    cfg: &BusConfig,
+    ep: &Endpoint,
+    deliveries: Option<&mpsc::Sender<TaskDelivery>>,
+) -> Result<(Arc<Generation>, Option<tokio::task::JoinHandle<()>>), BusError> {
+    let connection = open_endpoint(ep, cfg.tls_ca_pem.as_deref(), cfg.connect_timeout).await?;
+    let setting_up =
+        tokio::time::timeout(cfg.confirm_timeout, set_up(&connection, cfg, deliveries));
+    let failed = match setting_up.await {
+        Ok(Ok((publish, forwarder))) => {
+            return Ok((
+                Arc::new(Generation {
+                    connection,
+                    endpoint: ep.clone(),
+                    publish,
+                }),
+                forwarder,
+            ));
+        }
+        Ok(Err(e)) => e,
+        Err(_) => BusError::ConfirmTimeout(cfg.confirm_timeout),
+    };
+    let closing = connection.close(200, s("tidemark: setting up failed"));
+    let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
+    Err(failed)
+}
+
+/// On a new connection: the topology, the confirm-mode publishing channel
+/// and, for a consumer, the consuming channel and its forwarder.
+async fn set_up(
+    connection: &Connection,
+    cfg: &BusConfig,
+    deliveries: Option<&mpsc::Sender<TaskDelivery>>,
+) -> Result<(Channel, Option<tokio::task::JoinHandle<()>>), BusError> {
     let publish = connection.create_channel().await?;
     declare(&publish, cfg).await?;
     publish
@@ -588,13 +904,7 @@ async fn connect(
             }))
         }
     };
-    Ok((
-        Arc::new(Generation {
-            connection,
-            publish,
-        }),
-        forwarder,
-    ))
+    Ok((publish, forwarder))
 }
 
 /// The supervisor's ends of the bus's channels.
@@ -602,10 +912,10 @@ struct Supervisor {
     current: watch::Sender<Option<Arc<Generation>>>,
     deliveries: Option<mpsc::Sender<TaskDelivery>>,
     stop: watch::Receiver<bool>,
-    last_error: watch::Sender<Option<String>>,
+    last_error: watch::Sender<Option<LastError>>,
 }
 
-async fn supervise(cfg: BusConfig, ends: Supervisor) {
+async fn supervise(cfg: BusConfig, endpoints: Vec<Endpoint>, ends: Supervisor) {
     let Supervisor {
         current,
         deliveries,
@@ -613,15 +923,17 @@ async fn supervise(cfg: BusConfig, ends: Supervisor) {
         last_error,
     } = ends;
     let mut backoff = Duration::from_millis(100);
+    // The node the last connection was lost on: tried last next time.
+    let mut lost_on: Option<Endpoint> = None;
     loop {
         if *stop.borrow() {
             break;
         }
-        match connect(&cfg, deliveries.as_ref()).await {
+        match connect(&cfg, &endpoints, lost_on.as_ref(), deliveries.as_ref()).await {
             Ok((generation, forwarder)) => {
                 backoff = Duration::from_millis(100);
                 let _ = last_error.send(None);
-                tracing::info!(prefix = %cfg.prefix, "connected to the broker");
+                tracing::info!(prefix = %cfg.prefix, endpoint = generation.endpoint.redacted(), "connected to the broker");
                 let mut events = generation.connection.events_listener();
                 let _ = current.send(Some(generation.clone()));
                 let lost = async {
@@ -641,12 +953,25 @@ async fn supervise(cfg: BusConfig, ends: Supervisor) {
                         None => std::future::pending::<()>().await,
                     }
                 };
+                // The broker may close the publishing channel alone (an
+                // exchange deleted under it): publishes would fail until the
+                // connection went, so start over.
+                let publish_closed = async {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        if !generation.publish.status().connected() {
+                            return;
+                        }
+                    }
+                };
                 tokio::select! {
-                    reason = lost => tracing::warn!(%reason, "broker connection lost; reconnecting"),
-                    _ = consumer_ended => tracing::warn!("task consumer ended; reconnecting"),
+                    reason = lost => tracing::warn!(%reason, endpoint = generation.endpoint.redacted(), "broker connection lost; reconnecting"),
+                    _ = consumer_ended => tracing::warn!(endpoint = generation.endpoint.redacted(), "task consumer ended; reconnecting"),
+                    _ = publish_closed => tracing::warn!(endpoint = generation.endpoint.redacted(), "publishing channel closed; reconnecting"),
                     _ = stop.changed() => {}
                 }
                 let _ = current.send(None);
+                lost_on = Some(generation.endpoint.clone());
                 if !generation.connection.status().connected() {
                     // Already gone.
                 } else {
@@ -667,8 +992,16 @@ async fn supervise(cfg: BusConfig, ends: Supervisor) {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, delay_ms = backoff.as_millis() as u64, "cannot connect to the broker; retrying");
-                let _ = last_error.send(Some(e.to_string()));
+                let topology = matches!(e, BusError::Topology(_));
+                if topology {
+                    tracing::error!(error = %e, delay_ms = backoff.as_millis() as u64, "the broker's topology differs; retrying");
+                } else {
+                    tracing::warn!(error = %e, delay_ms = backoff.as_millis() as u64, "cannot connect to the broker; retrying");
+                }
+                let _ = last_error.send(Some(LastError {
+                    text: e.to_string(),
+                    topology,
+                }));
             }
         }
         tokio::select! {
@@ -696,7 +1029,8 @@ pub struct SubscribeOptions<'a> {
     pub tls_ca_pem: Option<&'a str>,
 }
 
-/// A downstream subscriber's queue: private, deleted when its connection
+/// A downstream subscriber's queue, on the broker at `url` (a URL or a
+/// list of a cluster's nodes: [`open_connection`]): private, deleted when its connection
 /// closes, bound to the records `exchange` with `pattern` (`#` for all,
 /// `<feed>.#` for one feed), consumed with manual acks. Keep the connection
 /// alive as long as the consumer is used.
@@ -776,4 +1110,30 @@ pub async fn subscribe_with(
         )
         .await?;
     Ok((conn, consumer, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_of_a_list_hides_every_password() {
+        let cfg =
+            BusConfig::new("amqps://tm:canary1@r0:5671/%2f,amqps://tm:canary2@r1:5671/%2f,r2");
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("canary"), "{shown}");
+        assert!(shown.contains("amqps://tm:***@r1:5671/%2f,r2"), "{shown}");
+    }
+
+    #[test]
+    fn delay_tiers_have_new_names_and_the_old_ones_are_known() {
+        let cfg = BusConfig::new("amqp://h");
+        let tier = Duration::from_secs(5);
+        assert_eq!(cfg.retry_queue(tier), "tidemark.delay.5000");
+        assert_eq!(cfg.legacy_retry_queue(tier), "tidemark.retry.5000");
+        assert!(
+            cfg.queue_names()
+                .contains(&"tidemark.delay.600000".to_string())
+        );
+    }
 }

@@ -6,11 +6,13 @@
 //! broker has confirmed every one: a nack, a returned (unroutable) message,
 //! a lost connection or a timeout is an error, never a success.
 //! [`amqp::AmqpBus`] implements both on RabbitMQ with a supervisor that
-//! reconnects; [`memory`] implements both in process for embedded mode.
+//! reconnects, to any node of a cluster's list ([`endpoints`]); [`memory`]
+//! implements both in process for embedded mode.
 //! [`subscriber::Subscription`] reads the records exchange, as a downstream
 //! consumer does.
 
 pub mod amqp;
+pub mod endpoints;
 pub mod memory;
 mod message;
 pub mod subscriber;
@@ -55,6 +57,19 @@ pub enum BusError {
     Amqp(#[from] lapin::Error),
     #[error("not connected to the broker (reconnecting)")]
     NotConnected,
+    /// `AMQP_URL` is not a URL or a list of them (no password in the text).
+    #[error("AMQP URL: {0}")]
+    Url(String),
+    /// One broker node did not take a connection in time.
+    #[error("no connection within {0:?}")]
+    ConnectTimeout(Duration),
+    /// Every node of the list failed; each one's error, by its redacted URL.
+    #[error("no broker node of the list could be used: {0}")]
+    NoNode(String),
+    /// A queue or exchange exists with other arguments than tidemark
+    /// declares (PRECONDITION_FAILED): what differs and how to migrate.
+    #[error("{0}")]
+    Topology(String),
     /// The first connection did not come within `connect_wait`; the last attempt's error.
     #[error("not connected to the broker (last attempt: {0})")]
     Unreachable(String),
@@ -62,6 +77,9 @@ pub enum BusError {
     ConfirmTimeout(Duration),
     #[error("the broker refused (nacked) {0} message(s)")]
     Nacked(usize),
+    /// The channel was not in confirm mode: never taken for a confirm.
+    #[error("{0} message(s) published without publisher confirms: not known to be stored")]
+    Unconfirmed(usize),
     #[error(
         "{count} message(s) could not be routed to any queue (routing key {routing_key}): nothing is bound to receive them"
     )]
@@ -99,7 +117,7 @@ impl TaskDelivery {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
     pub body: bytes::Bytes,
-    /// `x-reason`, or the broker's own (`delivery_limit`, `expired`, ...).
+    /// `x-reason`, or the broker's own, its latest (`delivery_limit`, ...).
     pub reason: String,
     pub last_error: Option<String>,
 }

@@ -34,10 +34,7 @@ pub struct Target {
 impl Target {
     async fn redis(&self) -> Result<Arc<dyn StateStore>, Failure> {
         let ca_pem = self.tls.ca_pem()?;
-        Ok(
-            crate::roles::connect_store(&self.redis.url, &self.redis_prefix, ca_pem.as_deref())
-                .await?,
-        )
+        Ok(crate::roles::connect_store(&self.redis, &self.redis_prefix, ca_pem.as_deref()).await?)
     }
 
     /// The store to read from.

@@ -33,6 +33,13 @@ pub struct Infra {
     /// Prefix of the task, retry and dead-letter queue names.
     #[arg(long, env = "TIDEMARK_QUEUE_PREFIX", default_value = "tidemark")]
     pub queue_prefix: String,
+    /// Replicas of each quorum queue when it is created
+    /// (x-quorum-initial-group-size); unset, the broker's default (3, or
+    /// fewer nodes). Give every role the same value, the one the queues were
+    /// created with: RabbitMQ refuses a declaration that differs.
+    #[arg(long, env = "TIDEMARK_QUORUM_INITIAL_GROUP_SIZE",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub quorum_initial_group_size: Option<u32>,
     /// The downstream topic exchange.
     #[arg(
         long,
@@ -75,16 +82,22 @@ pub struct WorkerArgs {
     pub max_unconfirmed_messages: u32,
 }
 
-/// Connect to Redis and check that it answers. `ca_pem`: the checked
-/// `--tls-ca-file` bundle, for `rediss://`.
+/// Connect to Redis (`--redis-url`, and `--redis-wait-replicas` for its
+/// writes) and check that it answers. `ca_pem`: the checked
+/// `--tls-ca-file` bundle, for `rediss://` and `rediss+sentinel://`.
 pub(crate) async fn connect_store(
-    url: &str,
+    redis: &crate::services::RedisArg,
     prefix: &str,
     ca_pem: Option<&str>,
 ) -> Result<Arc<RedisStore>, Failure> {
-    let store = RedisStore::connect_with_ca(url, prefix, ca_pem)
+    let store = RedisStore::connect_with_ca(&redis.url, prefix, ca_pem)
         .await
-        .map_err(|e| Failure::runtime(format!("cannot connect to Redis: {}", explain(e))))?;
+        .map_err(|e| match e {
+            // The URL itself: a usage error (the message quotes no password).
+            tidemark_state::StateError::Url(why) => Failure::usage(format!("--redis-url: {why}")),
+            e => Failure::runtime(format!("cannot connect to Redis: {}", explain(e))),
+        })?
+        .with_wait(redis.wait());
     store
         .ping()
         .await
@@ -106,6 +119,7 @@ async fn connect_bus(
         cfg.max_unconfirmed_messages = messages as usize;
     }
     cfg.prefix = infra.queue_prefix.clone();
+    cfg.quorum_initial_group_size = infra.quorum_initial_group_size;
     cfg.records_exchange = infra.records_exchange.clone();
     cfg.prefetch = prefetch;
     AmqpBus::start(cfg, consume)
@@ -194,7 +208,7 @@ impl Wiring {
         err: &mut (dyn Write + Send),
     ) -> Result<Self, Failure> {
         let ca_pem = infra.tls.ca_pem()?;
-        let store = connect_store(&infra.redis.url, &infra.redis_prefix, ca_pem.as_deref()).await?;
+        let store = connect_store(&infra.redis, &infra.redis_prefix, ca_pem.as_deref()).await?;
         let bus = connect_bus(infra, ca_pem, consume, prefetch, window).await?;
         let metrics = Metrics::new();
         let listen = infra.listen.as_deref().unwrap_or(default_listen);

@@ -212,12 +212,29 @@ impl ServiceUrl {
     /// The URL with its password (if any) replaced by `***`.
     pub fn redacted(&self) -> String {
         match url::Url::parse(&self.0) {
-            Ok(mut u) if u.password().is_some() => {
-                // Only fails for URLs that cannot have a password.
-                let _ = u.set_password(Some("***"));
+            Ok(mut u) => {
+                if u.password().is_some() {
+                    // Only fails for URLs that cannot have a password.
+                    let _ = u.set_password(Some("***"));
+                }
+                // A password in the query (`sentinel_password=`) too.
+                let secret = |k: &str| k.to_ascii_lowercase().contains("pass");
+                if u.query_pairs().any(|(k, _)| secret(&k)) {
+                    let pairs: Vec<(String, String)> = u
+                        .query_pairs()
+                        .map(|(k, v)| {
+                            let v = if secret(&k) {
+                                "***".into()
+                            } else {
+                                v.into_owned()
+                            };
+                            (k.into_owned(), v)
+                        })
+                        .collect();
+                    u.query_pairs_mut().clear().extend_pairs(pairs);
+                }
                 u.to_string()
             }
-            Ok(u) => u.to_string(),
             Err(_) => "<not a URL>".into(),
         }
     }
@@ -325,5 +342,29 @@ mod tests {
             .resolve_with(|_| None)
             .unwrap_err();
         assert!(err.to_string().contains("absolute"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod service_url_tests {
+    use super::ServiceUrl;
+
+    #[test]
+    fn passwords_are_hidden_in_the_user_info_and_the_query() {
+        let u = ServiceUrl::from(
+            "redis+sentinel://:data-pw@10.0.0.1:26379/mymaster?sentinel_password=s-pw&db=2"
+                .to_string(),
+        );
+        let shown = u.redacted();
+        assert!(
+            !shown.contains("data-pw") && !shown.contains("s-pw"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("db=2") && shown.contains("sentinel_password=***"),
+            "{shown}"
+        );
+        let plain = ServiceUrl::from("amqp://guest:guest@127.0.0.1:5672/%2f".to_string());
+        assert_eq!(plain.redacted(), "amqp://guest:***@127.0.0.1:5672/%2f");
     }
 }

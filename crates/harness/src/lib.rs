@@ -3,13 +3,18 @@
 //! address they got), one way to find Redis and RabbitMQ ([`services`]:
 //! the given URL, else a container with the `containers` feature), one
 //! private `redis-server` for the suites that kill or restart Redis
-//! ([`redis_server`]), and the benchmark itself ([`bench`], `tidemark bench`).
+//! ([`redis_server`]) and a private Redis Sentinel deployment
+//! ([`sentinel`]), a private RabbitMQ cluster for the suites that kill
+//! broker nodes ([`rabbit_cluster`]), and the benchmark itself ([`bench`],
+//! `tidemark bench`).
 
 pub mod bench;
 mod error;
 pub mod legacy;
 pub mod proc;
+pub mod rabbit_cluster;
 pub mod redis_server;
+pub mod sentinel;
 pub mod services;
 
 pub use error::HarnessError;

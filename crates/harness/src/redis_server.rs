@@ -9,6 +9,9 @@
 //! with a CA and server certificate from files (tidemark-tests' `TestCa`
 //! makes them).
 //!
+//! [`RedisServer::start_with`] starts a node with a password or as a
+//! replica of another (the Sentinel suites: [`crate::sentinel`]).
+//!
 //! The one private Redis of the workspace: the end-to-end suites and the
 //! state crate's crash tests start it.
 
@@ -25,16 +28,29 @@ const READY_WITHIN: Duration = Duration::from_secs(15);
 const STOP_WITHIN: Duration = Duration::from_secs(10);
 
 /// The PEM files of a TLS server: the CA, and the server's certificate and key.
+#[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
+/// How to start a [`RedisServer`] beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// `requirepass` (and `masterauth`, for when it replicates).
+    pub password: Option<String>,
+    /// Start as a replica of the node on this loopback port.
+    pub replica_of: Option<u16>,
+    /// Speak only TLS, as [`RedisServer::start_tls`] (and replicate over TLS).
+    pub tls: Option<TlsFiles>,
+}
+
 /// A `redis-server` child process on 127.0.0.1. Dropping it SIGKILLs the
 /// server and removes its directory.
 pub struct RedisServer {
     port: u16,
+    options: NodeOptions,
     // Kept alive for the AOF across restarts; deleted on drop.
     dir: TempDir,
     // None while killed or stopped.
@@ -48,17 +64,25 @@ impl RedisServer {
     /// waits until it answers `PING`. Panics (with the server's log) if it
     /// does not within 15 s.
     pub fn start_aof() -> RedisServer {
-        Self::start_in(None)
+        Self::start_in(None, NodeOptions::default())
+    }
+
+    /// [`RedisServer::start_aof`] with `options`: a password, or as a
+    /// replica of another node (it is ready once it answers, not once it
+    /// has synced).
+    pub fn start_with(options: NodeOptions) -> RedisServer {
+        let tls = options.tls.clone();
+        Self::start_in(tls.as_ref(), options)
     }
 
     /// [`RedisServer::start_aof`], speaking only TLS on its port, with the
     /// server certificate of `ca` (copied, so `ca` may be dropped). It does
     /// not ask clients for certificates. [`RedisServer::url`] is `rediss://`.
     pub fn start_tls(tls: &TlsFiles) -> RedisServer {
-        Self::start_in(Some(tls))
+        Self::start_in(Some(tls), NodeOptions::default())
     }
 
-    fn start_in(tls: Option<&TlsFiles>) -> RedisServer {
+    fn start_in(tls: Option<&TlsFiles>, options: NodeOptions) -> RedisServer {
         let dir = tempfile::tempdir().expect("a temp dir for redis-server");
         let mut tls_ca = None;
         if let Some(tls) = tls {
@@ -73,6 +97,7 @@ impl RedisServer {
         }
         let mut server = RedisServer {
             port: 0,
+            options,
             dir,
             child: None,
             tls_ca,
@@ -96,14 +121,29 @@ impl RedisServer {
         panic!("no free port after 20 tries: {failure}");
     }
 
-    /// `redis://127.0.0.1:<port>`, or `rediss://` for a TLS server.
+    /// `redis://127.0.0.1:<port>`, or `rediss://` for a TLS server; with
+    /// the password, if it has one.
     pub fn url(&self) -> String {
         let scheme = if self.tls_ca.is_some() {
             "rediss"
         } else {
             "redis"
         };
-        format!("{scheme}://127.0.0.1:{}", self.port)
+        let auth = match &self.options.password {
+            Some(p) => format!(":{p}@"),
+            None => String::new(),
+        };
+        format!("{scheme}://{auth}127.0.0.1:{}", self.port)
+    }
+
+    /// The CA's PEM, for a TLS server.
+    pub fn tls_ca_pem(&self) -> Option<&str> {
+        self.tls_ca.as_deref()
+    }
+
+    /// Whether the process is running (not killed or stopped).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn port(&self) -> u16 {
@@ -131,6 +171,36 @@ impl RedisServer {
         if let Err(e) = self.spawn() {
             panic!("{e}");
         }
+    }
+
+    /// SIGSTOP: the process stays, its connections stay open, and it
+    /// answers nothing (a stalled node) until [`RedisServer::thaw`].
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`RedisServer::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn signal(&self, signal: &str) {
+        let Some(pid) = self.pid() else {
+            return;
+        };
+        // No unsafe in the workspace (no libc call): ask kill(1).
+        let sent = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(sent, "kill {signal} {pid} failed");
     }
 
     /// SIGTERM (Redis fsyncs the AOF and exits), then waits for the exit;
@@ -191,12 +261,27 @@ impl RedisServer {
                 file("tls-ca.pem"),
                 "--tls-auth-clients".into(),
                 "no".into(),
+                "--tls-replication".into(),
+                "yes".into(),
             ]
         } else {
             vec!["--port".into(), port]
         };
+        let mut node: Vec<String> = Vec::new();
+        if let Some(p) = &self.options.password {
+            node.extend([
+                "--requirepass".into(),
+                p.clone(),
+                "--masterauth".into(),
+                p.clone(),
+            ]);
+        }
+        if let Some(port) = self.options.replica_of {
+            node.extend(["--replicaof".into(), "127.0.0.1".into(), port.to_string()]);
+        }
         let child = Command::new("redis-server")
             .args(&listen)
+            .args(&node)
             .args(["--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -209,6 +294,10 @@ impl RedisServer {
                 "",
                 "--daemonize",
                 "no",
+                // A replica's first sync starts at once (the default waits
+                // 5 s for more replicas to share a diskless transfer).
+                "--repl-diskless-sync-delay",
+                "0",
             ])
             .stdin(Stdio::null())
             .stdout(log)
@@ -241,7 +330,7 @@ impl RedisServer {
             // Connecting is not enough: while it loads the AOF Redis
             // accepts but answers -LOADING.
             let answers = match &self.tls_ca {
-                None => pong(addr),
+                None => pong_auth(addr, self.options.password.as_deref()),
                 Some(ca) => tls_pong(&self.url(), ca),
             };
             if answers {
@@ -272,19 +361,29 @@ impl Drop for RedisServer {
 /// The `i`th port to try, spread from `seed` over 20000..32000: below the
 /// ephemeral range (32768+), so that while the server is down for a restart
 /// no outgoing connection is given its port.
-fn port_to_try(seed: u32, i: u32) -> u16 {
+pub(crate) fn port_to_try(seed: u32, i: u32) -> u16 {
     20_000 + (seed.wrapping_add(i.wrapping_mul(7919)) % 12_000) as u16
 }
 
-fn pong(addr: SocketAddr) -> bool {
+/// PING (after AUTH with `password`, when given) answered with PONG.
+pub(crate) fn pong_auth(addr: SocketAddr, password: Option<&str>) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = [0u8; 64];
+    if let Some(p) = password {
+        let auth = format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{p}\r\n", p.len());
+        if s.write_all(auth.as_bytes()).is_err() {
+            return false;
+        }
+        if !matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+OK")) {
+            return false;
+        }
+    }
     if s.write_all(b"*1\r\n$4\r\nPING\r\n").is_err() {
         return false;
     }
-    let mut buf = [0u8; 64];
     matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
 }
 
@@ -316,7 +415,10 @@ mod tests {
         // appendfsync everysec: give the AOF its fsync before the kill.
         std::thread::sleep(Duration::from_millis(1200));
         server.kill9();
-        assert!(!pong(SocketAddr::from(([127, 0, 0, 1], server.port()))));
+        assert!(!pong_auth(
+            SocketAddr::from(([127, 0, 0, 1], server.port())),
+            None
+        ));
         server.restart();
         let mut con = redis::Client::open(server.url())?.get_connection()?;
         let got: Option<String> = con.get("tidemark:test:key")?;

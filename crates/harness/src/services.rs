@@ -85,7 +85,9 @@ fn find(service: Service) -> Result<String, HarnessError> {
 pub fn host_port(url: &str) -> &str {
     let rest = url.split("://").nth(1).unwrap_or(url);
     let rest = rest.rsplit('@').next().unwrap_or(rest);
-    rest.split('/').next().unwrap_or(rest)
+    let rest = rest.split('/').next().unwrap_or(rest);
+    // A list (Sentinel's hosts, a cluster's nodes): its first entry.
+    rest.split(',').next().unwrap_or(rest)
 }
 
 /// True when a TCP connection to `hostport` succeeds within 2 s.
@@ -163,6 +165,10 @@ mod tests {
             "127.0.0.1:5672"
         );
         assert_eq!(host_port("redis://127.0.0.1:6379"), "127.0.0.1:6379");
+        assert_eq!(
+            host_port("redis+sentinel://:pw@10.0.0.1:26379,10.0.0.2:26379/mymaster"),
+            "10.0.0.1:26379"
+        );
         assert_eq!(host_port("127.0.0.1:1"), "127.0.0.1:1");
     }
 

@@ -25,11 +25,13 @@
 
 mod capabilities;
 mod client;
+mod conn;
 mod embedded;
 mod keys;
 mod leader;
 mod redis_store;
 pub mod registry;
+pub mod sentinel;
 
 use tidemark_core::checkpoint::{Checkpoint, JobId, Phase};
 
@@ -37,9 +39,11 @@ pub use capabilities::{
     FeedRegistry, Fleet, Jobs, Leadership, Leases, Operate, Schedule, SourceLimits, StateStore,
     TenantRegistry,
 };
-pub use client::{is_tls, redis_client};
+pub use client::{is_tls, redacted_url, redis_client};
+pub use conn::WaitReplicas;
 pub use embedded::EmbeddedStore;
 pub use keys::{member, partition};
+pub use sentinel::{SentinelUrl, is_sentinel_url};
 
 pub use leader::LeaderGuard;
 pub use redis_store::{DEFAULT_PREFIX, RedisStore};
@@ -48,6 +52,9 @@ pub use redis_store::{DEFAULT_PREFIX, RedisStore};
 pub enum StateError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// A Redis URL that cannot be used (the message quotes no password).
+    #[error("Redis URL: {0}")]
+    Url(String),
     #[error("state file {path}: {reason}")]
     File { path: String, reason: String },
     #[error("job {0} does not exist")]

@@ -1,6 +1,9 @@
 //! The Redis implementation: one hash per job, every state change a
 //! server-side Lua script that checks before it writes (loaded with EVALSHA,
-//! reloaded on NOSCRIPT by `redis::Script`), times from the server's clock.
+//! reloaded on NOSCRIPT by `redis::Script`: a new master after a Sentinel
+//! failover, whose script cache is empty, gets them on first use), times
+//! from the server's clock (so epochs stay above every earlier one across a
+//! failover: tidemark_core::checkpoint::next_epoch).
 //! The scripts that change a job also keep the scheduler's indexes
 //! (lua/index.lua describes them) in the same atomic step.
 
@@ -8,14 +11,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
-use redis::{AsyncCommands, Script};
+use redis::{AsyncCommands, FromRedisValue, Script, ScriptInvocation};
 use tidemark_core::checkpoint::{
     Checkpoint, Commit, CommitOutcome, JobId, Phase, Stage, normalize_version,
 };
 use tidemark_core::clock::now_ms;
 use tidemark_core::tenant::Tenant;
 
+use crate::conn::{Conn, Durable, WaitReplicas};
 use crate::keys::{Keys, member, running_job};
 use crate::{
     Acquire, ActiveTenant, Control, FeedCensus, FeedRegistry, Fleet, JobPage, JobQuery, Jobs,
@@ -52,17 +55,22 @@ fn job_script(body: &str) -> Script {
     Script::new(&format!("{}\n{body}", include_str!("lua/index.lua")))
 }
 
-/// Job state in Redis. Cheap to clone; the connection reconnects by itself.
+/// Job state in Redis. Cheap to clone; the connection reconnects by itself
+/// (to the same server, or, for a Sentinel URL, to the master the
+/// sentinels name after a failure).
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
     scripts: std::sync::Arc<Scripts>,
+    /// With [`RedisStore::with_wait`]: the writes that wait for replicas.
+    durable: Option<std::sync::Arc<Durable>>,
 }
 
 impl RedisStore {
     /// Connect to `url` (`redis://` or `rediss://`, trusting the system's
-    /// roots) and keep every key under `prefix`.
+    /// roots, or `redis+sentinel://` / `rediss+sentinel://`: see
+    /// [`crate::sentinel`]) and keep every key under `prefix`.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StateError> {
         Self::connect_with_ca(url, prefix, None).await
     }
@@ -74,32 +82,7 @@ impl RedisStore {
         prefix: &str,
         ca_pem: Option<&str>,
     ) -> Result<Self, StateError> {
-        let client = crate::client::redis_client(url, ca_pem)?;
-        if crate::client::is_tls(url) {
-            // An untrusted certificate stays untrusted: say so now, not
-            // after the connection manager's retries (minutes).
-            let probe = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Duration::from_secs(5))
-                .set_response_timeout(Duration::from_secs(5));
-            if let Err(e) = client
-                .get_multiplexed_async_connection_with_config(&probe)
-                .await
-                && crate::client::is_tls_failure(&e)
-            {
-                return Err(e.into());
-            }
-        }
-        // redis 0.32 hands `factor` to its backoff as the growth per
-        // attempt (from a 1 s start): its default of 100 made a Redis that
-        // does not answer take over two minutes to report. Double instead,
-        // at most 2 s apart: 3 retries, about 5 s.
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_secs(5))
-            .set_response_timeout(Duration::from_secs(5))
-            .set_number_of_retries(3)
-            .set_factor(2)
-            .set_max_delay(2000);
-        let conn = ConnectionManager::new_with_config(client, config).await?;
+        let conn = crate::client::open(url, ca_pem).await?;
         Ok(RedisStore {
             conn,
             keys: Keys::new(prefix),
@@ -119,6 +102,42 @@ impl RedisStore {
                 registry: Script::new(include_str!("lua/registry.lua")),
                 purge: job_script(include_str!("lua/purge.lua")),
             }),
+            durable: None,
+        })
+    }
+
+    /// This store, its writes that matter followed by `WAIT` for
+    /// `wait.replicas` replicas (at most `wait.timeout`): commits, new
+    /// epochs (acquire, pause, resume, rewind, retire) and lease changes
+    /// (renew, release, fail, recover, T0; not a page's take, which only
+    /// lengthens the lease before that page's commit). A write acknowledged by
+    /// fewer replicas in time is still done; it is logged (at most one
+    /// warning per 10 s) and counted ([`RedisStore::wait_shortfalls`]).
+    /// `None` or 0 replicas: no waiting.
+    pub fn with_wait(mut self, wait: Option<WaitReplicas>) -> Self {
+        self.durable = wait
+            .filter(|w| w.replicas > 0)
+            .map(|w| std::sync::Arc::new(Durable::new(self.conn.clone(), w)));
+        self
+    }
+
+    /// What [`RedisStore::with_wait`] set.
+    pub fn wait_replicas(&self) -> Option<WaitReplicas> {
+        self.durable.as_ref().map(|d| d.wait())
+    }
+
+    /// Writes acknowledged by fewer replicas than [`RedisStore::with_wait`]
+    /// asked for, since the store was made.
+    pub fn wait_shortfalls(&self) -> u64 {
+        self.durable.as_ref().map_or(0, |d| d.shortfalls())
+    }
+
+    /// Run a script that writes what a failover must not lose: with
+    /// [`RedisStore::with_wait`], then wait for the replicas.
+    async fn write<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> Result<T, StateError> {
+        Ok(match &self.durable {
+            Some(d) => d.invoke(inv).await?,
+            None => inv.invoke_async(&mut self.conn.clone()).await?,
         })
     }
 
@@ -335,8 +354,7 @@ impl Jobs for RedisStore {
 
     async fn retire(&self, job: &JobId) -> Result<bool, StateError> {
         let r: i64 = self
-            .job_call(&self.scripts.retire, job)
-            .invoke_async(&mut self.conn.clone())
+            .write(&self.job_call(&self.scripts.retire, job))
             .await?;
         Ok(r == 1)
     }
@@ -422,10 +440,11 @@ impl Jobs for RedisStore {
         force: bool,
     ) -> Result<Acquire, StateError> {
         let (status, value): (String, String) = self
-            .job_call(&self.scripts.acquire, job)
-            .arg(lease.as_millis() as u64)
-            .arg(if force { "1" } else { "0" })
-            .invoke_async(&mut self.conn.clone())
+            .write(
+                self.job_call(&self.scripts.acquire, job)
+                    .arg(lease.as_millis() as u64)
+                    .arg(if force { "1" } else { "0" }),
+            )
             .await?;
         let parse = |v: &str| {
             v.parse::<u64>().map_err(|_| StateError::Corrupt {
@@ -455,11 +474,12 @@ impl Jobs for RedisStore {
             Control::Rewind(Rewind::Time(t)) => ("rewind", "time", t.clone()),
         };
         let e: String = self
-            .job_call(&self.scripts.control, job)
-            .arg(op)
-            .arg(target)
-            .arg(value)
-            .invoke_async(&mut self.conn.clone())
+            .write(
+                self.job_call(&self.scripts.control, job)
+                    .arg(op)
+                    .arg(target)
+                    .arg(value),
+            )
             .await?;
         if e.is_empty() {
             return Err(StateError::NoSuchJob(job.clone()));
@@ -712,6 +732,8 @@ impl Leases for RedisStore {
         seq: u64,
         lease: Duration,
     ) -> Result<Option<Checkpoint>, StateError> {
+        // Not waited for: a page's take only lengthens the lease, and the
+        // page's commit (waited for) follows it on the same job.
         let h: HashMap<String, String> = self
             .job_call(&self.scripts.lease, job)
             .arg("take")
@@ -793,7 +815,7 @@ impl Leases for RedisStore {
                 inv.arg(partition).arg(version);
             }
         }
-        let out: String = inv.invoke_async(&mut self.conn.clone()).await?;
+        let out: String = self.write(&inv).await?;
         CommitOutcome::parse(&out).ok_or_else(|| StateError::Corrupt {
             job: job.to_string(),
             reason: format!("commit answered {out:?}"),
@@ -1029,11 +1051,12 @@ impl RedisStore {
         arg: String,
     ) -> Result<bool, StateError> {
         let r: i64 = self
-            .job_call(&self.scripts.lease, job)
-            .arg(op)
-            .arg(epoch)
-            .arg(arg)
-            .invoke_async(&mut self.conn.clone())
+            .write(
+                self.job_call(&self.scripts.lease, job)
+                    .arg(op)
+                    .arg(epoch)
+                    .arg(arg),
+            )
             .await?;
         Ok(r == 1)
     }
