@@ -5,8 +5,9 @@
 Built-in kinds are checked by kubernetes-validate against Kubernetes' own
 OpenAPI schemas in strict mode (an unknown field is an error), for every
 version given. Custom resources (KEDA's ScaledObject and
-TriggerAuthentication, the Prometheus Operator's ServiceMonitor) are checked
-against the JSON Schemas in k8s/schemas/, named <group>-<version>-<Kind>.json.
+TriggerAuthentication, the Prometheus Operator's ServiceMonitor, the RabbitMQ
+cluster operator's RabbitmqCluster) are checked against the JSON Schemas in
+k8s/schemas/, named <group>-<version>-<Kind>.json.
 A kind with no schema anywhere is an error, never a silent pass.
 
 Exit 0 when every document of every file passes; 1 with one line per

@@ -8,7 +8,8 @@
 //! - k8s/: every overlay renders with `kubectl kustomize` and passes the
 //!   strict schema check (`k8s/check`), the check fails on a broken
 //!   manifest, and the manifests agree with the binary: ports, probes,
-//!   shutdown grace, queue names, config, secrets, selectors;
+//!   shutdown grace, queue names, config, secrets, selectors; the ha
+//!   overlay's URLs name the sentinels and RabbitMQ nodes it deploys;
 //! - deploy/Dockerfile: a multi-stage build of the `tidemark` binary into a
 //!   distroless, non-root image that has every library the binary needs.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test: a panic is the failure report
@@ -679,6 +680,54 @@ fn selects(selector: &Value, labels: &BTreeMap<String, String>) -> bool {
     !wanted.is_empty() && wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// The ports a connection URL reaches and the passwords it holds, as
+/// tidemark's own parsers read them: a Sentinel URL's sentinels, every node
+/// of an `AMQP_URL` list.
+fn connection(key: &str, url: &str) -> (Vec<u16>, Vec<String>) {
+    if key == "REDIS_URL" && tidemark_state::is_sentinel_url(url) {
+        let s =
+            tidemark_state::SentinelUrl::parse(url).unwrap_or_else(|e| panic!("REDIS_URL: {e}"));
+        let ports = s.sentinels.iter().map(|(_, p)| *p).collect();
+        return (
+            ports,
+            [s.password, s.sentinel_password]
+                .into_iter()
+                .flatten()
+                .collect(),
+        );
+    }
+    let urls: Vec<String> = match key {
+        "AMQP_URL" => tidemark_bus::endpoints::AmqpUrl::new(url)
+            .endpoints()
+            .unwrap_or_else(|e| panic!("AMQP_URL: {e}"))
+            .iter()
+            .map(|e| e.url().to_string())
+            .collect(),
+        _ => vec![url.to_string()],
+    };
+    let mut out = (Vec::new(), Vec::new());
+    for u in urls {
+        let u = reqwest::Url::parse(&u).expect("URL");
+        out.0.push(u.port_or_known_default().unwrap_or(match key {
+            "REDIS_URL" => 6379,
+            _ => 5672,
+        }));
+        out.1.extend(u.password().map(str::to_string));
+    }
+    out
+}
+
+/// The names of a value's `$(NAME)`s, which Kubernetes fills in from the
+/// container's variables listed before it.
+fn var_refs(value: &str) -> Vec<String> {
+    value
+        .split("$(")
+        .skip(1)
+        .filter_map(|s| s.split_once(')'))
+        .map(|(name, _)| name.to_string())
+        .collect()
+}
+
 /// A tidemark role's Deployment in an overlay.
 struct Role<'a> {
     /// What the Deployment runs: `tidemark <role>`.
@@ -734,6 +783,17 @@ impl<'a> Role<'a> {
             .find(|p| text(&p["name"]) == name)
             .and_then(|p| p["containerPort"].as_u64())
             .unwrap_or_else(|| panic!("{}: no container port {name}", self.name())) as u16
+    }
+    /// The variables listed before `var` whose values come from a Secret.
+    fn secret_vars_before(&self, var: &str) -> Vec<String> {
+        self.container["env"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .take_while(|e| text(&e["name"]) != var)
+            .filter(|e| at(e, "valueFrom.secretKeyRef").is_mapping())
+            .map(|e| text(&e["name"]))
+            .collect()
     }
     fn secret_refs(&self) -> Vec<(String, String)> {
         self.container["env"]
@@ -807,6 +867,17 @@ fn k8s_check_rejects_a_broken_manifest() {
         "{err}"
     );
 
+    // A misspelled RabbitmqCluster field (the ha overlay's), as the schema
+    // derived from the operator's CRD sees it.
+    let mut rabbit = named(&rendered()["ha"], "RabbitmqCluster", "rabbit")
+        .expect("the ha overlay's RabbitmqCluster")
+        .clone();
+    let spec = rabbit["spec"].as_mapping_mut().expect("spec");
+    let replicas = spec.remove("replicas").expect("replicas");
+    spec.insert(Value::from("replica"), replicas);
+    let (ok, err) = check(&[rabbit]);
+    assert!(!ok && err.contains("'replica'"), "{err}");
+
     // A kind nobody has a schema for is an error, not a pass.
     let mut unknown = docs.clone();
     unknown.push(
@@ -837,31 +908,29 @@ fn k8s_manifests_agree_with_the_binary() {
             ctx("coordinator replicas")
         );
 
-        // What both roles connect to: the ports of the URLs in the Secret
-        // the overlay ships, else Redis's and RabbitMQ's defaults.
-        let connections: Vec<(String, u16)> = match named(&docs, "Secret", "tidemark-connections") {
-            Some(secret) => ["REDIS_URL", "AMQP_URL"]
-                .into_iter()
-                .map(|key| {
-                    let b64 = text(&secret["data"][key]);
-                    let url = String::from_utf8(
-                        base64::engine::general_purpose::STANDARD
-                            .decode(b64)
-                            .expect("base64"),
-                    )
-                    .expect("utf-8");
-                    let port = reqwest::Url::parse(&url)
-                        .expect("URL")
-                        .port_or_known_default()
-                        .unwrap_or(match key {
-                            "REDIS_URL" => 6379,
-                            _ => 5672,
-                        });
-                    (key.to_string(), port)
-                })
-                .collect(),
-            None => vec![("Redis".into(), 6379), ("RabbitMQ".into(), 5672)],
-        };
+        // What both roles connect to: the ports of the URLs written in the
+        // Deployment or in the Secret the overlay ships, else Redis's and
+        // RabbitMQ's defaults.
+        let shipped = named(&docs, "Secret", "tidemark-connections");
+        let mut connections: Vec<(String, u16)> = Vec::new();
+        for (key, default) in [("REDIS_URL", 6379), ("AMQP_URL", 5672)] {
+            let url = coordinator.env.get(key).cloned().or_else(|| {
+                let b64 = text(&shipped?["data"][key]);
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .expect("base64");
+                Some(String::from_utf8(bytes).expect("utf-8"))
+            });
+            match url {
+                Some(url) => connections.extend(
+                    connection(key, &url)
+                        .0
+                        .into_iter()
+                        .map(|p| (key.to_string(), p)),
+                ),
+                None => connections.push((key.to_string(), default)),
+            }
+        }
 
         // The feeds, as the coordinator reads them from the ConfigMap it mounts.
         let config_path = {
@@ -970,11 +1039,33 @@ fn k8s_manifests_agree_with_the_binary() {
             // Secret has every key the roles read.
             let refs = r.secret_refs();
             for var in ["REDIS_URL", "AMQP_URL"] {
-                assert!(
-                    refs.iter().any(|(_, k)| k == var),
-                    "{}",
-                    what(&format!("{var} from a Secret"))
-                );
+                let Some(url) = r.env.get(var) else {
+                    assert!(
+                        refs.iter().any(|(_, k)| k == var),
+                        "{}",
+                        what(&format!("{var} from a Secret"))
+                    );
+                    continue;
+                };
+                // A URL written in the Deployment holds no password: each
+                // is a $(VAR) of a variable from a Secret, listed before it.
+                let from_secrets = r.secret_vars_before(var);
+                for name in var_refs(url) {
+                    assert!(
+                        from_secrets.contains(&name),
+                        "{}",
+                        what(&format!(
+                            "$({name}) in {var} comes from a Secret, listed before it"
+                        ))
+                    );
+                }
+                for password in connection(var, url).1 {
+                    assert!(
+                        password.starts_with("$(") && password.ends_with(')'),
+                        "{}",
+                        what(&format!("{var} has a literal password"))
+                    );
+                }
             }
             for (name, key) in &refs {
                 if let Some(secret) = named(&docs, "Secret", name) {
@@ -1156,6 +1247,186 @@ fn k8s_manifests_agree_with_the_binary() {
                 );
             }
         }
+    }
+}
+
+/// The ha overlay: tidemark against the Redis with Sentinel and the
+/// three-node RabbitMQ cluster it deploys, by the names their Services and
+/// the operator give them.
+#[test]
+fn k8s_ha_overlay_wires_tidemark_to_sentinel_and_a_rabbitmq_cluster() {
+    if k8s_skipped() {
+        return;
+    }
+    let docs = &rendered()["ha"];
+    let ns = text(at(
+        named(docs, "Deployment", "tidemark-worker").expect("worker"),
+        "metadata.namespace",
+    ));
+    let statefulset = |name: &str| {
+        let sts = named(docs, "StatefulSet", name).unwrap_or_else(|| panic!("StatefulSet {name}"));
+        assert_eq!(
+            at(sts, "spec.replicas").as_u64(),
+            Some(3),
+            "{name} replicas"
+        );
+        // Its per-pod names come from a headless Service that selects it.
+        let svc_name = text(at(sts, "spec.serviceName"));
+        let svc = named(docs, "Service", &svc_name).unwrap_or_else(|| panic!("Service {svc_name}"));
+        assert_eq!(
+            text(at(svc, "spec.clusterIP")),
+            "None",
+            "{svc_name} is headless"
+        );
+        let labels = string_map(at(sts, "spec.template.metadata.labels"));
+        assert!(
+            selects(&svc["spec"]["selector"], &labels),
+            "{svc_name} selects {name}"
+        );
+        let pdbs = of_kind(docs, "PodDisruptionBudget")
+            .into_iter()
+            .filter(|p| selects(&p["spec"]["selector"], &labels))
+            .count();
+        assert_eq!(pdbs, 1, "one PodDisruptionBudget for {name}");
+        let cm = at(sts, "spec.template.spec.volumes")
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find_map(|v| v.get("configMap"))
+            .map(|c| text(&c["name"]))
+            .unwrap_or_else(|| panic!("{name} mounts its config"));
+        let data = named(docs, "ConfigMap", &cm).expect("the Redis ConfigMap")["data"].clone();
+        (sts, svc_name, data)
+    };
+
+    // Redis: three data nodes with the append-only file, three sentinels
+    // that start from redis-0 as master, with a quorum of 2.
+    let (redis, redis_svc, data) = statefulset("redis");
+    let conf = |file: &str| -> Vec<Vec<String>> {
+        text(&data[file])
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .filter(|w| !w.is_empty() && !w[0].starts_with('#'))
+            .collect()
+    };
+    assert!(conf("redis.conf").contains(&vec!["appendonly".into(), "yes".into()]));
+    let monitor = conf("sentinel.conf")
+        .into_iter()
+        .find(|w| w.len() == 6 && w[..2] == ["sentinel", "monitor"])
+        .expect("sentinel monitor");
+    assert_eq!(
+        monitor[3..],
+        [
+            format!("redis-0.{redis_svc}.{ns}.svc"),
+            "6379".into(),
+            "2".into()
+        ],
+        "{monitor:?}"
+    );
+    let redis_port = at(
+        redis,
+        "spec.template.spec.containers.0.ports.0.containerPort",
+    )
+    .as_u64()
+    .expect("Redis port");
+    let (sentinel, sentinel_svc, _) = statefulset("redis-sentinel");
+    assert_eq!(
+        strings(at(sentinel, "spec.template.spec.containers.0.args")),
+        ["redis-server", "/etc/redis/sentinel.conf", "--sentinel"]
+    );
+
+    // RabbitMQ: the operator's three-node cluster, pause_minority.
+    let rabbit = named(docs, "RabbitmqCluster", "rabbit").expect("RabbitmqCluster rabbit");
+    assert_eq!(at(rabbit, "spec.replicas").as_u64(), Some(3));
+    assert!(
+        !at(rabbit, "spec.persistence.storage").is_null(),
+        "persistence"
+    );
+    assert!(
+        text(at(rabbit, "spec.rabbitmq.additionalConfig"))
+            .lines()
+            .any(|l| l.trim() == "cluster_partition_handling = pause_minority"),
+        "pause_minority"
+    );
+    // The operator labels its pods app.kubernetes.io/name: <cluster>.
+    let rabbit_pods =
+        BTreeMap::from([("app.kubernetes.io/name".to_string(), "rabbit".to_string())]);
+    assert!(
+        of_kind(docs, "PodDisruptionBudget")
+            .iter()
+            .any(|p| selects(&p["spec"]["selector"], &rabbit_pods)),
+        "a PodDisruptionBudget for the RabbitMQ pods"
+    );
+
+    for role in ["coordinator", "worker"] {
+        let r = Role::find(docs, role);
+        // Sentinel's URL lists the three sentinels and the master's name.
+        let redis_url = tidemark_state::SentinelUrl::parse(&r.env["REDIS_URL"])
+            .unwrap_or_else(|e| panic!("{role}: REDIS_URL: {e}"));
+        let sentinels: Vec<(String, u16)> = (0..3)
+            .map(|i| (format!("redis-sentinel-{i}.{sentinel_svc}.{ns}.svc"), 26379))
+            .collect();
+        assert_eq!(redis_url.sentinels, sentinels, "{role}");
+        assert_eq!(
+            redis_url.master_name, monitor[2],
+            "{role}: the monitored name"
+        );
+        assert!(
+            redis_url.sentinel_password.is_some(),
+            "{role}: the sentinels' password"
+        );
+        // AMQP_URL lists the three RabbitMQ pods by the operator's names.
+        let nodes: Vec<String> = tidemark_bus::endpoints::AmqpUrl::new(r.env["AMQP_URL"].as_str())
+            .endpoints()
+            .unwrap_or_else(|e| panic!("{role}: AMQP_URL: {e}"))
+            .iter()
+            .map(|e| {
+                let u = reqwest::Url::parse(e.url()).expect("URL");
+                format!(
+                    "{}:{}",
+                    u.host_str().unwrap_or_default(),
+                    u.port_or_known_default().unwrap_or(0)
+                )
+            })
+            .collect();
+        let expected: Vec<String> = (0..3)
+            .map(|i| format!("rabbit-server-{i}.rabbit-nodes.{ns}.svc:5672"))
+            .collect();
+        assert_eq!(nodes, expected, "{role}");
+        // The settings, from the ConfigMap in its environment: WAIT for one
+        // of the two replicas, a quorum queue replica on each node.
+        let mut settings = r.env.clone();
+        for from in r.container["envFrom"].as_sequence().into_iter().flatten() {
+            if let Some(cm) = from.get("configMapRef") {
+                let cm = named(docs, "ConfigMap", &text(&cm["name"])).expect("envFrom ConfigMap");
+                settings.extend(string_map(&cm["data"]));
+            }
+        }
+        assert_eq!(
+            settings
+                .get("TIDEMARK_REDIS_WAIT_REPLICAS")
+                .map(String::as_str),
+            Some("1"),
+            "{role}"
+        );
+        assert_eq!(
+            settings
+                .get("TIDEMARK_QUORUM_INITIAL_GROUP_SIZE")
+                .map(String::as_str),
+            Some("3"),
+            "{role}"
+        );
+        // The pods reach the data nodes too (the sentinels give their names).
+        let np = named(docs, "NetworkPolicy", "tidemark").expect("NetworkPolicy");
+        assert!(
+            np["spec"]["egress"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .flat_map(|rule| rule["ports"].as_sequence().into_iter().flatten())
+                .any(|p| p["port"].as_u64() == Some(redis_port)),
+            "egress to the Redis data nodes on {redis_port}"
+        );
     }
 }
 
