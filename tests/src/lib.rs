@@ -202,6 +202,11 @@ pub struct Cluster {
     /// The Redis the roles use (default: [`redis_url`]); set it before starting them.
     pub redis: String,
     store: OnceLock<Arc<RedisStore>>,
+    /// The RabbitMQ the roles use; `None`: the shared one ([`amqp_url`]).
+    amqp: Option<String>,
+    /// Started with [`Cluster::start_on`]: its Redis and RabbitMQ are the
+    /// test's own, so dropping it leaves the shared services alone.
+    own_services: bool,
 }
 
 impl Cluster {
@@ -221,6 +226,32 @@ impl Cluster {
         mock_args: &[&str],
         source: impl FnOnce(&str, &Path) -> String,
     ) -> Cluster {
+        Cluster::assemble(feeds_yaml, mock_args, source, None)
+    }
+
+    /// [`Cluster::start`] against a Redis and a RabbitMQ of the test's own
+    /// (a Sentinel URL, a list of a cluster's nodes: anything the roles
+    /// take in `REDIS_URL` and `AMQP_URL`) instead of the shared services,
+    /// which it never touches: not to start, not to clean up. The
+    /// deployment's names are still its own, but nothing is deleted when it
+    /// is dropped (the services are thrown away with the test).
+    pub fn start_on(feeds_yaml: &str, mock_args: &[&str], redis: &str, amqp: &str) -> Cluster {
+        Cluster::assemble(
+            feeds_yaml,
+            mock_args,
+            |mock_url, _| format!("    base_url: {mock_url}\n    timeout: 10s\n"),
+            Some((redis.to_string(), amqp.to_string())),
+        )
+    }
+
+    /// The mock, the config and the names; `services`: (REDIS_URL,
+    /// AMQP_URL) of the test's own, else the shared ones.
+    fn assemble(
+        feeds_yaml: &str,
+        mock_args: &[&str],
+        source: impl FnOnce(&str, &Path) -> String,
+        services: Option<(String, String)>,
+    ) -> Cluster {
         let prefix = format!("tme2e{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let dir = tempfile::Builder::new()
             .prefix(&format!("{prefix}-"))
@@ -239,6 +270,11 @@ impl Cluster {
             ),
         )
         .expect("write config");
+        let own_services = services.is_some();
+        let (redis, amqp) = match services {
+            Some((redis, amqp)) => (redis, Some(amqp)),
+            None => (redis_url(), None),
+        };
         Cluster {
             prefix,
             dir,
@@ -247,9 +283,17 @@ impl Cluster {
             config,
             procs: Vec::new(),
             env: Vec::new(),
-            redis: redis_url(),
+            redis,
             store: OnceLock::new(),
+            amqp,
+            own_services,
         }
+    }
+
+    /// The RabbitMQ the roles use: the shared one, or the test's own
+    /// ([`Cluster::start_on`]).
+    pub fn amqp_url(&self) -> String {
+        self.amqp.clone().unwrap_or_else(amqp_url)
     }
 
     /// Point the config's source at `base_url` (e.g. a proxy in front of the mock).
@@ -394,7 +438,7 @@ impl Cluster {
     pub fn role_env(&self) -> Vec<(String, String)> {
         let mut env = vec![
             ("REDIS_URL".to_string(), self.redis.clone()),
-            ("AMQP_URL".to_string(), amqp_url()),
+            ("AMQP_URL".to_string(), self.amqp_url()),
         ];
         env.extend(prefix_env(&self.prefix));
         env.extend([
@@ -507,9 +551,15 @@ impl Cluster {
 
     /// Messages waiting in the dead-letter queue.
     pub async fn dead_letters(&self) -> u32 {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("amqp");
+        let conn = match &self.amqp {
+            None => Connection::connect(&amqp_url(), ConnectionProperties::default())
+                .await
+                .expect("amqp"),
+            // One URL or a list of a cluster's nodes.
+            Some(url) => tidemark_bus::amqp::open_connection(url, None)
+                .await
+                .expect("amqp"),
+        };
         let ch = conn.create_channel().await.expect("channel");
         let q = ch
             .queue_declare(
@@ -552,7 +602,9 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.procs.clear();
-        block_on_cleanup(Cluster::cleanup(self.prefix.clone()));
+        if !self.own_services {
+            block_on_cleanup(Cluster::cleanup(self.prefix.clone()));
+        }
     }
 }
 
