@@ -363,12 +363,13 @@ pub async fn status(store: &dyn Operate, q: &StatusQuery) -> Result<StatusReport
         .as_deref()
         .map(|all| tenant_summaries(all, now))
         .unwrap_or_default();
-    let json_cursor = |feed: &str| {
-        config
-            .as_ref()
-            .and_then(|c| c.feed(feed))
-            .is_some_and(|f| f.cursor_is_json())
-    };
+    // Resolved once per feed, not once per job listed.
+    let json_feeds: std::collections::HashSet<&str> = config
+        .iter()
+        .flat_map(|c| &c.feeds)
+        .filter(|f| f.cursor_is_json())
+        .map(|f| f.name.as_str())
+        .collect();
     Ok(StatusReport {
         now_ms: now,
         feeds,
@@ -376,7 +377,7 @@ pub async fn status(store: &dyn Operate, q: &StatusQuery) -> Result<StatusReport
             .iter()
             .map(|(j, cp)| {
                 let mut s = JobStatus::new(j, cp, now);
-                if json_cursor(&j.feed) {
+                if json_feeds.contains(j.feed.as_str()) {
                     s.cursor_json = cp
                         .cursor
                         .as_deref()
