@@ -57,8 +57,10 @@ impl Rng {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Fault {
     CrashAfterFetch,
+    CrashAfterPrefetch,
     CrashAfterPublish,
     CrashAfterCommit,
+    CrashAfterLocalHandOn,
     CrashBeforeAck,
     KillWorker,
     FreezeWorkerPastLease,
@@ -74,10 +76,12 @@ enum Fault {
     ApiExpiredCursors,
 }
 
-const ALL: [Fault; 16] = [
+const ALL: [Fault; 18] = [
     Fault::CrashAfterFetch,
+    Fault::CrashAfterPrefetch,
     Fault::CrashAfterPublish,
     Fault::CrashAfterCommit,
+    Fault::CrashAfterLocalHandOn,
     Fault::CrashBeforeAck,
     Fault::KillWorker,
     Fault::FreezeWorkerPastLease,
@@ -97,6 +101,12 @@ impl Fault {
     fn describe(self) -> &'static str {
         match self {
             Fault::CrashAfterFetch => "worker crash after the fetch (failpoint)",
+            Fault::CrashAfterPrefetch => {
+                "worker crash after fetching the next page ahead, before the page before it is committed (failpoint)"
+            }
+            Fault::CrashAfterLocalHandOn => {
+                "worker crash after carrying a hot chain on to its next page, before that page's commit (failpoint)"
+            }
             Fault::CrashAfterPublish => {
                 "worker crash after publishing, before the commit (failpoint)"
             }
@@ -139,6 +149,8 @@ impl Fault {
     fn failpoint(self) -> Option<&'static str> {
         match self {
             Fault::CrashAfterFetch => Some("worker::after_fetch"),
+            Fault::CrashAfterPrefetch => Some("worker::after_prefetch"),
+            Fault::CrashAfterLocalHandOn => Some("worker::after_local_hand_on"),
             Fault::CrashAfterPublish => Some("worker::after_publish"),
             Fault::CrashAfterCommit => Some("worker::after_commit"),
             Fault::CrashBeforeAck => Some("worker::before_ack"),
@@ -456,7 +468,13 @@ impl Rig {
                 if status.is_some() {
                     break;
                 }
-                self.c.admin("/_admin/insert?n=2", None).await;
+                // A hot chain's points need chains of more than one page
+                // (pages of 50).
+                let n = match fault {
+                    Fault::CrashAfterPrefetch | Fault::CrashAfterLocalHandOn => 60,
+                    _ => 2,
+                };
+                self.c.admin(&format!("/_admin/insert?n={n}"), None).await;
                 self.c.admin("/_admin/update?n=2", None).await;
             }
             assert_eq!(

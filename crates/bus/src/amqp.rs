@@ -179,7 +179,7 @@ pub const MESSAGE_OVERHEAD: usize = 512;
 /// A publish window: `size` units (bytes or messages) awaiting confirms at
 /// once, handed out first come, first served.
 struct Window {
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     size: u32,
 }
 
@@ -187,7 +187,7 @@ impl Window {
     fn new(size: usize) -> Self {
         let size = u32::try_from(size.max(1)).unwrap_or(u32::MAX);
         Window {
-            permits: Semaphore::new(size as usize),
+            permits: Arc::new(Semaphore::new(size as usize)),
             size,
         }
     }
@@ -199,6 +199,16 @@ impl Window {
             .acquire_many(n)
             .await
             .map_err(|_| BusError::Closed)
+    }
+
+    /// `n` units if they are free now (at most the whole window).
+    fn try_reserve(&self, n: usize) -> Option<crate::Reservation> {
+        let n = n.min(self.size as usize) as u32;
+        self.permits
+            .clone()
+            .try_acquire_many_owned(n)
+            .ok()
+            .map(crate::Reservation::held)
     }
 }
 
@@ -342,7 +352,7 @@ impl AmqpBus {
         &self,
         exchange: &str,
         rk: &str,
-        messages: impl Iterator<Item = (Vec<u8>, BasicProperties)>,
+        messages: impl Iterator<Item = (bytes::Bytes, BasicProperties)>,
         mandatory: bool,
     ) -> Result<(), BusError> {
         let g = self.generation().await?;
@@ -414,6 +424,30 @@ fn persistent() -> BasicProperties {
 #[async_trait]
 impl Downstream for AmqpBus {
     async fn publish_page(&self, page: &OutPage) -> Result<(), BusError> {
+        self.publish_page_in_window(page, None).await
+    }
+
+    async fn publish_page_then(
+        &self,
+        page: &OutPage,
+        sent: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<(), BusError> {
+        self.publish_page_in_window(page, Some(sent)).await
+    }
+
+    fn try_reserve(&self, bytes: usize) -> Option<crate::Reservation> {
+        self.shared.window_bytes.try_reserve(bytes)
+    }
+}
+
+impl AmqpBus {
+    /// Publish `page` within the unconfirmed windows, telling `sent` once
+    /// it has its room.
+    async fn publish_page_in_window(
+        &self,
+        page: &OutPage,
+        sent: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<(), BusError> {
         // Messages first, then bytes, in every publish: no two pages can
         // each hold what the other waits for.
         let messages = match page.per {
@@ -427,6 +461,9 @@ impl Downstream for AmqpBus {
             .map(|r| r.body.len() + MESSAGE_OVERHEAD)
             .sum();
         let _bytes = self.shared.window_bytes.acquire(bytes).await?;
+        if let Some(sent) = sent {
+            let _ = sent.send(());
+        }
         let rk = routing_key(&page.feed, page.tenant.as_deref(), &page.partition);
         let base_headers = |h: &mut FieldTable| {
             h.insert(s("x-feed"), long(&page.feed));
@@ -453,7 +490,7 @@ impl Downstream for AmqpBus {
                         h.insert(s("x-parent-key"), long(k));
                     }
                     (
-                        r.body.to_vec(),
+                        r.body.clone(),
                         persistent()
                             .with_message_id(s(&r.message_id))
                             .with_headers(h),
@@ -474,7 +511,7 @@ impl Downstream for AmqpBus {
                 self.publish_confirmed(
                     &exchange,
                     &rk,
-                    std::iter::once((page.page_body(), props)),
+                    std::iter::once((page.page_body().into(), props)),
                     true,
                 )
                 .await
@@ -492,8 +529,13 @@ impl TaskQueue for AmqpBus {
             Some(d) if !d.is_zero() => cfg.retry_queue(cfg.tier_for(d)),
             _ => cfg.tasks_queue(),
         };
-        self.publish_confirmed("", &queue, std::iter::once((body, persistent())), true)
-            .await
+        self.publish_confirmed(
+            "",
+            &queue,
+            std::iter::once((body.into(), persistent())),
+            true,
+        )
+        .await
     }
 
     async fn next_delivery(&self) -> Result<TaskDelivery, BusError> {
@@ -520,7 +562,7 @@ impl TaskQueue for AmqpBus {
         self.publish_confirmed(
             "",
             &dead,
-            std::iter::once((delivery.body.to_vec(), props)),
+            std::iter::once((delivery.body.clone(), props)),
             true,
         )
         .await?;

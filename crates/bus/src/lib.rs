@@ -143,4 +143,47 @@ pub trait TaskQueue: Send + Sync {
 pub trait Downstream: Send + Sync {
     /// Publish a page and wait for every confirm.
     async fn publish_page(&self, page: &OutPage) -> Result<(), BusError>;
+
+    /// [`Downstream::publish_page`], telling `sent` once the page has its
+    /// room in the unconfirmed window and its messages are going out: from
+    /// then on, room taken with [`Downstream::try_reserve`] can no longer
+    /// hold this page up. A downstream without a window tells at once.
+    async fn publish_page_then(
+        &self,
+        page: &OutPage,
+        sent: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<(), BusError> {
+        let _ = sent.send(());
+        self.publish_page(page).await
+    }
+
+    /// Room for `bytes` of a page read ahead of its turn, taken from the
+    /// unconfirmed-bytes window if it has that much free now (never waits):
+    /// `None` when it has not. The room is given back when the
+    /// [`Reservation`] is dropped. A downstream without a window always
+    /// has room.
+    fn try_reserve(&self, bytes: usize) -> Option<Reservation> {
+        let _ = bytes;
+        Some(Reservation::default())
+    }
+}
+
+/// Room held in a downstream's unconfirmed-bytes window by a page read
+/// ahead of its turn (see [`Downstream::try_reserve`]); given back on drop.
+#[derive(Debug, Default)]
+pub struct Reservation {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Reservation {
+    pub(crate) fn held(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Reservation {
+            permit: Some(permit),
+        }
+    }
+
+    /// The bytes held (0 for a downstream without a window).
+    pub fn bytes(&self) -> usize {
+        self.permit.as_ref().map_or(0, |p| p.num_permits())
+    }
 }

@@ -9,6 +9,8 @@ use crate::BusError;
 #[derive(Debug, Clone)]
 pub struct OutRecord {
     pub key: String,
+    /// The record's message id; empty in a page delivered as one message
+    /// (`per: page`), which carries the page's id instead.
     pub message_id: String,
     /// The record exactly as the API sent it.
     pub body: Bytes,

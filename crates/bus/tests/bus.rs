@@ -500,3 +500,54 @@ async fn the_in_process_downstream_hands_pages_to_its_sink_or_fails() {
         .unwrap_err();
     assert!(err.to_string().contains("disk full"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_page_read_ahead_holds_room_in_the_unconfirmed_window() {
+    within(body_a_page_read_ahead_holds_room_in_the_unconfirmed_window()).await;
+}
+
+/// Room taken for a page read ahead comes out of the unconfirmed-bytes
+/// window: never waited for (no room, no read-ahead), and a page that
+/// needs it waits until it is given back. `sent` tells when a page has its
+/// room.
+async fn body_a_page_read_ahead_holds_room_in_the_unconfirmed_window() {
+    let mut cfg = test_config(&amqp_url());
+    cfg.max_unconfirmed_bytes = 100_000;
+    let bus = AmqpBus::start(cfg.clone(), false).await.unwrap();
+    let (_conn, _consumer) = subscriber(&cfg).await;
+    let held = bus.try_reserve(60_000).expect("room in an empty window");
+    assert_eq!(held.bytes(), 60_000);
+    assert!(
+        bus.try_reserve(60_000).is_none(),
+        "room was handed out twice"
+    );
+    // 100 records of ~330 bytes (plus their overhead) need more than is left.
+    let (sent, has_room) = tokio::sync::oneshot::channel();
+    let publishing = {
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            bus.publish_page_then(&page("orders", "a", 0, 100, DeliveryPer::Record), sent)
+                .await
+        })
+    };
+    let mut has_room = has_room;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut has_room)
+            .await
+            .is_err(),
+        "the page went out without its room"
+    );
+    drop(held);
+    has_room.await.expect("told once it has its room");
+    publishing.await.unwrap().unwrap();
+    let all = bus
+        .try_reserve(100_000)
+        .expect("everything given back once confirmed");
+    assert_eq!(all.bytes(), 100_000);
+    drop(all);
+    // A downstream without a window always has room, and says so at once.
+    let sink = tidemark_bus::memory::MemoryDownstream::new(|_| Ok(()));
+    assert!(sink.try_reserve(usize::MAX).is_some());
+    bus.close().await;
+    cleanup(&cfg).await;
+}

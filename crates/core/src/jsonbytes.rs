@@ -32,14 +32,31 @@ impl Strings {
 }
 
 /// True when `body` nests arrays and objects deeper than `limit`.
+///
+/// Most of a page's bytes are inside strings: those are skipped with
+/// `memchr` (to the next quote or backslash) rather than byte by byte.
 pub fn nested_deeper_than(body: &[u8], limit: usize) -> bool {
-    let mut strings = Strings::default();
     let mut depth = 0usize;
-    for &b in body {
-        if strings.inside(b) {
-            continue;
-        }
-        match b {
+    let mut i = 0usize;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                // Find the closing quote, stepping over escapes.
+                i += 1;
+                loop {
+                    let Some(rest) = body.get(i..) else {
+                        return false;
+                    };
+                    match memchr::memchr2(b'"', b'\\', rest) {
+                        None => return false,
+                        Some(j) if body[i + j] == b'\\' => i += j + 2,
+                        Some(j) => {
+                            i += j;
+                            break;
+                        }
+                    }
+                }
+            }
             b'[' | b'{' => {
                 depth += 1;
                 if depth > limit {
@@ -49,6 +66,7 @@ pub fn nested_deeper_than(body: &[u8], limit: usize) -> bool {
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     false
 }
@@ -89,5 +107,40 @@ mod tests {
         assert!(nested_deeper_than(br#"[[{"a":[1]}]]"#, 3));
         assert!(!nested_deeper_than(br#"[[{"a":[1]}]]"#, 4));
         assert!(!nested_deeper_than(b"[][][][]", 1));
+        // A string cut off after its backslash ends the scan.
+        assert!(!nested_deeper_than(b"\"ab\\", 0));
+        assert!(!nested_deeper_than(b"{\"a\":\"\\", 1));
+    }
+
+    /// The byte-by-byte scan the memchr one replaced.
+    fn reference(body: &[u8], limit: usize) -> bool {
+        let mut strings = super::Strings::default();
+        let mut depth = 0usize;
+        for &b in body {
+            if strings.inside(b) {
+                continue;
+            }
+            match b {
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > limit {
+                        return true;
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        false
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_fast_scan_agrees_with_the_byte_by_byte_one(
+            body in proptest::collection::vec(proptest::sample::select(b"[]{}\"\\a,:".to_vec()), 0..64),
+            limit in 0usize..6,
+        ) {
+            proptest::prop_assert_eq!(nested_deeper_than(&body, limit), reference(&body, limit));
+        }
     }
 }

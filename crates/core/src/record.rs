@@ -9,6 +9,7 @@
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
+use crate::pagination::extract::PointsPlan;
 use crate::pointer::JsonPointer;
 
 /// Why a record's identity could not be read.
@@ -62,6 +63,69 @@ pub fn identity(
         None => None,
     };
     Ok(Identity { key: k, version })
+}
+
+/// Reads records' keys and versions as [`identity`] does, without building
+/// a tree of each record: one borrowed pass per record, guided by a plan of
+/// the two pointers built once (a walk keeps one per feed).
+#[derive(Clone)]
+pub struct IdentityPlan {
+    key: JsonPointer,
+    version: Option<JsonPointer>,
+    plan: PointsPlan,
+}
+
+impl IdentityPlan {
+    pub fn new(key: JsonPointer, version: Option<JsonPointer>) -> Self {
+        let mut ptrs = vec![&key];
+        ptrs.extend(version.as_ref());
+        let plan = PointsPlan::new(&ptrs);
+        IdentityPlan { key, version, plan }
+    }
+
+    pub fn key(&self) -> &JsonPointer {
+        &self.key
+    }
+
+    /// The key and version of one record.
+    pub fn read(&self, record: &RawValue) -> Result<Identity, IdentityError> {
+        let found = self
+            .plan
+            .run(record.get())
+            .map_err(|e| IdentityError::NotJson(e.to_string()))?;
+        let key = raw_text(found.first().copied().flatten(), &self.key)?
+            .ok_or_else(|| IdentityError::NoKey(self.key.to_string()))?;
+        let version = match &self.version {
+            Some(p) => raw_text(found.get(1).copied().flatten(), p)?,
+            None => None,
+        };
+        Ok(Identity { key, version })
+    }
+}
+
+/// A key or version as text: a string's value, a number as serde_json
+/// writes it (what [`identity`] gives), nothing for null or absent.
+fn raw_text(raw: Option<&RawValue>, ptr: &JsonPointer) -> Result<Option<String>, IdentityError> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    let text = raw.get();
+    let bad = |kind| IdentityError::BadKey {
+        ptr: ptr.to_string(),
+        kind,
+    };
+    match text.as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<String>(text)
+            .map(Some)
+            .map_err(|e| IdentityError::NotJson(e.to_string())),
+        Some(b'n') => Ok(None),
+        Some(b't' | b'f') => Err(bad("a boolean")),
+        Some(b'[') => Err(bad("an array")),
+        Some(b'{') => Err(bad("an object")),
+        _ => serde_json::from_str::<serde_json::Number>(text)
+            .map(|n| Some(n.to_string()))
+            .map_err(|e| IdentityError::NotJson(e.to_string())),
+    }
 }
 
 fn digest(parts: &[&str]) -> String {

@@ -28,7 +28,7 @@ use crate::pagination::{
     empty_run_error,
 };
 use crate::pointer::JsonPointer;
-use crate::record::{Identity, IdentityError, identity};
+use crate::record::{Identity, IdentityError, IdentityPlan};
 use crate::timefmt::parse_timestamp;
 
 /// Where one chain is, and how to read its next page.
@@ -39,7 +39,7 @@ pub struct Walk {
     chain_from: Option<DateTime<Utc>>,
     empty_run: u32,
     /// The feed's key and version pointers, when records are identified.
-    identify: Option<(JsonPointer, Option<JsonPointer>)>,
+    identify: Option<IdentityPlan>,
 }
 
 /// One page read by a walk.
@@ -132,7 +132,7 @@ impl Walk {
 
     /// Identify every record (key, version) and find the page's high-water mark.
     pub fn identifying(mut self, key: JsonPointer, version: Option<JsonPointer>) -> Walk {
-        self.identify = Some((key, version));
+        self.identify = Some(IdentityPlan::new(key, version));
         self
     }
 
@@ -196,10 +196,11 @@ impl Walk {
             .collect();
         let mut identities = Vec::new();
         let mut high_water: Option<String> = None;
-        if let Some((key, version)) = &self.identify {
+        if let Some(plan) = &self.identify {
             identities.reserve(page.records.len());
             for (index, rec) in page.records.iter().enumerate() {
-                let id = identity(rec, key, version.as_ref())
+                let id = plan
+                    .read(rec)
                     .map_err(|error| WalkError::Identity { index, error })?;
                 if let Some(v) = &id.version
                     && high_water

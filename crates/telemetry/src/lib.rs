@@ -76,6 +76,8 @@ pub struct Metrics {
     pub cursor_recoveries: Family<Labels, Counter>,
     pub jobs_failed: Family<Labels, Counter>,
     pub tasks_in_flight: Gauge,
+    pub pages_carried: Family<Labels, Counter>,
+    pub prefetches: Family<Labels, Counter>,
     pub chains_started: Family<Labels, Counter>,
     pub chains_reissued: Family<Labels, Counter>,
     pub feed_lag_seconds: Family<Labels, FloatGauge>,
@@ -200,6 +202,16 @@ impl Metrics {
                 "tasks_in_flight",
                 "Page tasks this worker is working on",
             ),
+            pages_carried: reg(
+                &mut r,
+                "pages_carried",
+                "Pages a worker took on itself after committing the page before (a hot chain), not through the task queue, by feed",
+            ),
+            prefetches: reg(
+                &mut r,
+                "prefetches",
+                "Pages fetched ahead while the page before was published and committed, by feed and result (used, discarded, no_room)",
+            ),
             chains_started: reg(
                 &mut r,
                 "chains_started",
@@ -293,6 +305,9 @@ impl Metrics {
     }
     pub fn feed_kind(feed: &str, kind: &str) -> Labels {
         vec![("feed", feed.to_string()), ("kind", kind.to_string())]
+    }
+    pub fn feed_result(feed: &str, result: &str) -> Labels {
+        vec![("feed", feed.to_string()), ("result", result.to_string())]
     }
     pub fn feed_tenant(feed: &str, tenant: &str) -> Labels {
         vec![("feed", feed.to_string()), ("tenant", tenant.to_string())]

@@ -55,7 +55,7 @@ pub(crate) fn crash<T>(name: &str) -> T {
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -98,6 +98,17 @@ pub struct WorkerOptions {
     /// How often the feed registry's version is checked for a new config.
     #[arg(long, env = "TIDEMARK_REGISTRY_REFRESH", default_value = "2s", value_parser = parse_duration)]
     pub registry_refresh: Duration,
+    /// A hot chain: after committing a page, the worker goes on with the
+    /// next page itself (fetched ahead while the page was published and
+    /// committed) for up to this many pages before it hands the chain back
+    /// through the task queue, so other jobs get their turn. 0: every page
+    /// goes through the queue, and nothing is fetched ahead.
+    #[arg(long, env = "TIDEMARK_HOT_CHAIN_PAGES", default_value = "100")]
+    pub hot_chain_pages: u32,
+    /// The longest a worker keeps one chain before handing it back through
+    /// the task queue (whichever of this and --hot-chain-pages comes first).
+    #[arg(long, env = "TIDEMARK_HOT_CHAIN_TIME", default_value = "10s", value_parser = parse_duration)]
+    pub hot_chain_time: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -157,6 +168,8 @@ pub struct Worker {
     opts: WorkerOptions,
     in_flight: Mutex<HashMap<u64, (JobId, u64)>>,
     next_id: AtomicU64,
+    /// Set at shutdown: hot chains are handed back through the queue.
+    stopping: AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +194,7 @@ pub async fn run(
         opts: opts.clone(),
         in_flight: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(0),
+        stopping: AtomicBool::new(false),
     });
     #[cfg(feature = "failpoints")]
     arm_failpoints();
@@ -219,6 +233,7 @@ pub async fn run(
             }
         }
     };
+    worker.stopping.store(true, Ordering::SeqCst);
     tracing::info!(in_flight = running.len(), "worker stopping: no new tasks");
     beating.abort();
     if let Err(e) = deps.fleet.leave(&id, concurrency).await {
@@ -279,17 +294,21 @@ impl Worker {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, (task.job.clone(), task.epoch));
         self.metrics.tasks_in_flight.inc();
-        let outcome = self.process(&task).await;
+        let (outcome, at) = self.process(task).await;
         self.metrics.tasks_in_flight.dec();
         self.in_flight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
-        self.settle(d, &task, outcome).await;
+        self.settle(d, &at, outcome).await;
     }
 
-    /// Ack, retry, fail or give back the delivery according to `outcome`.
-    async fn settle(&self, d: TaskDelivery, task: &PageTask, outcome: Outcome) {
+    /// Ack, retry, fail or give back the delivery according to `outcome`
+    /// of the page `at` ended on: the delivery's own, or one the worker
+    /// carried the chain on to (its task is what is retried, dead-lettered
+    /// or handed back then).
+    async fn settle(&self, mut d: TaskDelivery, at: &page::Carried, outcome: Outcome) {
+        let task = &at.task;
         let job = &task.job;
         match outcome {
             Outcome::Done | Outcome::Recovered => {
@@ -331,9 +350,32 @@ impl Worker {
                     }
                 }
             }
-            Outcome::Fail { error } => self.fail(d, task, &error).await,
+            Outcome::Fail { error } => {
+                if at.carried {
+                    // The dead letter holds the page that failed, not the
+                    // one the delivery named.
+                    match serde_json::to_vec(task) {
+                        Ok(body) => d.body = body.into(),
+                        Err(e) => {
+                            tracing::warn!(job = %job, error = %e, "cannot encode the failed page's task")
+                        }
+                    }
+                }
+                self.fail(d, task, &error).await
+            }
             Outcome::Requeue { error } => {
                 tracing::warn!(job = %job, seq = task.seq, error = %error, "infrastructure error; giving the task back");
+                if at.carried {
+                    // The delivery names a page already committed: hand on
+                    // the carried page's task instead.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    match self.tasks.publish_task(task, None).await {
+                        Ok(()) => return ack(d).await,
+                        Err(e) => {
+                            tracing::warn!(job = %job, error = %e, "cannot hand the chain back; the coordinator re-issues it when its lease runs out");
+                        }
+                    }
+                }
                 self.give_back(d).await;
             }
         }
@@ -428,6 +470,8 @@ mod tests {
         assert_eq!(d.queue_lease, Duration::from_secs(120));
         assert_eq!(d.grace, Duration::from_secs(25));
         assert_eq!(d.registry_refresh, Duration::from_secs(2));
+        assert_eq!(d.hot_chain_pages, 100);
+        assert_eq!(d.hot_chain_time, Duration::from_secs(10));
         let flags = Cli::try_parse_from(["worker", "--concurrency", "3", "--grace", "500ms"])
             .expect("flags parse")
             .opts;

@@ -13,18 +13,18 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
-use tidemark_bus::{OutPage, OutRecord, PageTask, ParentRecord};
+use tidemark_bus::{OutPage, OutRecord, PageTask, ParentRecord, Reservation};
 use tidemark_core::SourceConfig;
 use tidemark_core::checkpoint::{Checkpoint, Commit, CommitOutcome, NEVER_DUE_MS, Phase};
 use tidemark_core::child::{self, fill, fill_batch, parent_key};
 use tidemark_core::clock::now_ms;
-use tidemark_core::config::{FeedConfig, OnMissing, Partition, RetryConfig};
-use tidemark_core::pagination::{Next, ReadError, redact_query};
+use tidemark_core::config::{DeliveryPer, FeedConfig, OnMissing, Partition, RetryConfig};
+use tidemark_core::pagination::{Next, PageRequest, ReadError, redact_query};
 use tidemark_core::pointer::JsonPointer;
 use tidemark_core::record::{page_message_id, positional_message_id, record_message_id};
 use tidemark_core::tenant::{Tenant, job_partition, split_job_partition};
 use tidemark_core::walk::{Step, Walk, WalkError, restart_at_end, restart_point};
-use tidemark_source::{FetchError, HttpSource, backoff_delay};
+use tidemark_source::{FetchError, FetchedPage, HttpSource, backoff_delay};
 use tidemark_telemetry::Metrics;
 
 use crate::feeds::{Snapshot, TenantView};
@@ -169,21 +169,94 @@ struct ReadPage {
     note: Option<String>,
 }
 
+/// The page a chain is at in this worker: the delivery's own, or one the
+/// worker carried the chain on to after committing the page before.
+pub(crate) struct Carried {
+    pub task: PageTask,
+    /// Not the delivery's page: the worker took it on itself.
+    pub carried: bool,
+}
+
+/// The next page, fetched (and read) while the page before it was
+/// published and committed. Used only if the committed page's successor
+/// asks for exactly this request under the same feed definitions; thrown
+/// away otherwise, and whenever the commit before it does not happen.
+struct Ahead {
+    /// The registry snapshot and stage the request was built from.
+    snap: Arc<Snapshot>,
+    stage: tidemark_core::checkpoint::Stage,
+    req: PageRequest,
+    fetched: Result<FetchedPage, FetchError>,
+    /// The page read by the walk of the page before (already at the page
+    /// after this one), when it could be read.
+    read: Option<(String, Step, Walk)>,
+    /// Its room in the unconfirmed-bytes window, until it is published.
+    _room: Reservation,
+}
+
+/// How a page ends: the chain handed on (through the queue, or finished),
+/// or carried on by this worker to the next page.
+enum Then {
+    Settled(Outcome),
+    Carry(PageTask, Option<Box<Ahead>>),
+}
+
 impl Worker {
-    /// Steps 1 to 7 for one task.
-    pub(crate) async fn process(&self, task: &PageTask) -> Outcome {
-        match self.life_of_a_page(task).await {
-            Ok(outcome) | Err(outcome) => outcome,
+    /// Steps 1 to 7 for one task, and for the pages the worker carries the
+    /// chain on to (a hot chain): up to `--hot-chain-pages` pages or
+    /// `--hot-chain-time`, until the worker stops, or until a page does not
+    /// commit. Returns the outcome and the page it is about.
+    pub(crate) async fn process(&self, task: PageTask) -> (Outcome, Carried) {
+        let started = Instant::now();
+        let mut at = Carried {
+            task,
+            carried: false,
+        };
+        let mut ahead = None;
+        let mut pages = 0u32;
+        loop {
+            pages += 1;
+            let carry_on = pages < self.opts.hot_chain_pages
+                && started.elapsed() < self.opts.hot_chain_time
+                && !self.stopping.load(std::sync::atomic::Ordering::SeqCst);
+            match self.life_of_a_page(&at, ahead.take(), carry_on).await {
+                Ok(Then::Carry(next, next_ahead)) => {
+                    self.metrics
+                        .pages_carried
+                        .get_or_create(&Metrics::feed(&next.job.feed))
+                        .inc();
+                    at = Carried {
+                        task: next,
+                        carried: true,
+                    };
+                    ahead = next_ahead;
+                }
+                Ok(Then::Settled(outcome)) | Err(outcome) => {
+                    if ahead.is_some() {
+                        self.count_prefetch(&at.task.job.feed, "discarded");
+                    }
+                    return (outcome, at);
+                }
+            }
         }
     }
 
-    async fn life_of_a_page(&self, task: &PageTask) -> Result<Outcome, Outcome> {
+    async fn life_of_a_page(
+        &self,
+        at: &Carried,
+        ahead: Option<Box<Ahead>>,
+        carry_on: bool,
+    ) -> Result<Then, Outcome> {
+        let task = &at.task;
         let cp = self.check(task).await?;
+        if at.carried {
+            crash_point!("worker::after_local_hand_on");
+        }
         let r = self.resolve(task, &cp).await?;
         // The lease outlives slow pages: renew it while this page works; a
         // refused renewal means a newer epoch owns the job, so stop.
         tokio::select! {
-            out = self.work(task, &cp, &r) => out,
+            out = self.work(task, &cp, &r, ahead, carry_on) => out,
             () = self.keep_lease(task) => Err(Outcome::Dropped("fenced")),
         }
     }
@@ -193,12 +266,100 @@ impl Worker {
         task: &PageTask,
         cp: &Checkpoint,
         r: &Resolved,
-    ) -> Result<Outcome, Outcome> {
-        self.permit(r).await?;
-        let page = self.fetch_and_read(task, cp, r).await?;
-        self.publish(task, r, &page).await?;
-        self.commit(task, cp, r, &page).await?;
-        self.hand_on(task, cp, page).await
+        ahead: Option<Box<Ahead>>,
+        carry_on: bool,
+    ) -> Result<Then, Outcome> {
+        let began = Instant::now();
+        let page = self.fetch_and_read(task, cp, r, ahead).await?;
+        let read = began.elapsed();
+        let carry_on = carry_on && matches!(page.step.next, Next::More(_));
+        // Publish and commit this page; meanwhile fetch the next one. A
+        // failed publish or commit drops the fetch where it is.
+        let (sent, room) = tokio::sync::oneshot::channel();
+        let deliver = async {
+            self.publish(task, r, &page, sent).await?;
+            let published = began.elapsed();
+            self.commit(task, cp, r, &page, carry_on).await?;
+            Ok((published, began.elapsed()))
+        };
+        let fetch_ahead = async {
+            let ahead = match carry_on {
+                true => self.prefetch(cp, r, &page, room).await,
+                false => None,
+            };
+            Ok((ahead, began.elapsed()))
+        };
+        let ((published, committed), (ahead, fetched_ahead)) =
+            tokio::try_join!(deliver, fetch_ahead)?;
+        tracing::debug!(
+            job = %task.job,
+            seq = task.seq,
+            read_ms = read.as_secs_f64() * 1e3,
+            published_ms = published.as_secs_f64() * 1e3,
+            committed_ms = committed.as_secs_f64() * 1e3,
+            fetched_ahead_ms = fetched_ahead.as_secs_f64() * 1e3,
+            ahead = ahead.is_some(),
+            "page timings"
+        );
+        self.hand_on(task, cp, page, carry_on, ahead).await
+    }
+
+    /// Fetch, and read, the page after `page` while `page` is published
+    /// and committed: only a request that just reads (GET, QUERY, a POST
+    /// marked `read_only`), after a permit of the source's limiter like any
+    /// request. Held ahead of its turn, the page is counted in the
+    /// unconfirmed-bytes window: once `page` has its own room there
+    /// (`room`), room for this one is taken if the window has it free,
+    /// never waited for (so a page held ahead cannot keep another page from
+    /// its room); without room it is thrown away.
+    async fn prefetch(
+        &self,
+        cp: &Checkpoint,
+        r: &Resolved,
+        page: &ReadPage,
+        room: tokio::sync::oneshot::Receiver<()>,
+    ) -> Option<Box<Ahead>> {
+        let req = page.walk.request().ok()?;
+        if !req.retriable() {
+            return None;
+        }
+        let feed = &r.feed().name;
+        self.permit(r).await.ok()?;
+        let started = Instant::now();
+        let fetched = r.http.fetch_once(&req).await;
+        self.metrics
+            .fetch_seconds
+            .get_or_create(&Metrics::feed(feed))
+            .observe(started.elapsed().as_secs_f64());
+        let read = fetched.as_ref().ok().and_then(|p| {
+            let mut walk = page.walk.clone();
+            let page_cursor = walk.page_cursor();
+            let step = walk.advance(&req, p, &p.body).ok()?;
+            Some((page_cursor, step, walk))
+        });
+        room.await.ok()?;
+        let size = fetched.as_ref().map_or(0, |p| p.body.len());
+        let Some(room) = self.downstream.try_reserve(size.max(1)) else {
+            self.count_prefetch(feed, "no_room");
+            return None;
+        };
+        crash_point!("worker::after_prefetch");
+        Some(Box::new(Ahead {
+            snap: r.snap.clone(),
+            stage: cp.stage,
+            req,
+            fetched,
+            read,
+            _room: room,
+        }))
+    }
+
+    /// Count a page fetched ahead by what became of it.
+    fn count_prefetch(&self, feed: &str, result: &str) {
+        self.metrics
+            .prefetches
+            .get_or_create(&Metrics::feed_result(feed, result))
+            .inc();
     }
 
     /// Step 1: take the task: the job's checkpoint, and (when the task is
@@ -479,6 +640,7 @@ impl Worker {
         task: &PageTask,
         cp: &Checkpoint,
         r: &Resolved,
+        ahead: Option<Box<Ahead>>,
     ) -> Result<ReadPage, Outcome> {
         let feed = r.feed();
         let fail = |error: String| Outcome::Fail { error };
@@ -500,12 +662,36 @@ impl Worker {
         let req = walk
             .request()
             .map_err(|e| fail(format!("cannot build the request: {e}")))?;
-        let started = Instant::now();
-        let fetched = r.http.fetch_once(&req).await;
-        self.metrics
-            .fetch_seconds
-            .get_or_create(&Metrics::feed(&feed.name))
-            .observe(started.elapsed().as_secs_f64());
+        // The page fetched ahead, if it answers this very request under the
+        // same feed definitions.
+        let ahead = match ahead {
+            Some(a) if Arc::ptr_eq(&a.snap, &r.snap) && a.stage == cp.stage && a.req == req => {
+                self.count_prefetch(&feed.name, "used");
+                Some(a)
+            }
+            Some(_) => {
+                self.count_prefetch(&feed.name, "discarded");
+                None
+            }
+            None => None,
+        };
+        let (fetched, read) = match ahead {
+            Some(a) => {
+                let a = *a;
+                (a.fetched, a.read)
+            }
+            None => {
+                // Step 2 (the limiter) for a page not fetched ahead.
+                self.permit(r).await?;
+                let started = Instant::now();
+                let fetched = r.http.fetch_once(&req).await;
+                self.metrics
+                    .fetch_seconds
+                    .get_or_create(&Metrics::feed(&feed.name))
+                    .observe(started.elapsed().as_secs_f64());
+                (fetched, None)
+            }
+        };
         let page = match fetched {
             Ok(p) => p,
             Err(e) => {
@@ -529,33 +715,39 @@ impl Worker {
         if let Some(pause) = page.pause {
             self.pause_for(r, pause).await;
         }
-        let page_cursor = walk.page_cursor();
-        let step = match walk.advance(&req, &page, &page.body) {
-            Ok(step) => step,
-            Err(e) => {
-                let error = match &e {
-                    WalkError::Read(e @ ReadError::Api { .. }) => {
-                        let error = page.scrub(&format!("page {}: {e}", task.seq));
-                        if e.is_transient() {
-                            self.count_fetch_error(r, "api_error_transient");
-                            let wait = e.retry_after().map(|d| d.min(r.max_pause()));
-                            if let Some(w) = wait {
-                                self.pause_for(r, w).await;
+        let (page_cursor, step, walk) = match read {
+            Some(read) => read,
+            None => {
+                let page_cursor = walk.page_cursor();
+                let step = match walk.advance(&req, &page, &page.body) {
+                    Ok(step) => step,
+                    Err(e) => {
+                        let error = match &e {
+                            WalkError::Read(e @ ReadError::Api { .. }) => {
+                                let error = page.scrub(&format!("page {}: {e}", task.seq));
+                                if e.is_transient() {
+                                    self.count_fetch_error(r, "api_error_transient");
+                                    let wait = e.retry_after().map(|d| d.min(r.max_pause()));
+                                    if let Some(w) = wait {
+                                        self.pause_for(r, w).await;
+                                    }
+                                    let delay = self.backoff(task, r).max(wait.unwrap_or_default());
+                                    return Err(self.retry(task, r, delay, error));
+                                }
+                                self.count_fetch_error(r, "api_error");
+                                error
                             }
-                            let delay = self.backoff(task, r).max(wait.unwrap_or_default());
-                            return Err(self.retry(task, r, delay, error));
-                        }
-                        self.count_fetch_error(r, "api_error");
-                        error
+                            WalkError::Read(e) => {
+                                self.count_fetch_error(r, "unreadable");
+                                format!("page {} ({}): {e}", task.seq, redact_query(&req.url))
+                            }
+                            WalkError::Identity { .. } => format!("page {} {e}", task.seq),
+                            WalkError::EmptyRun => format!("page {}: {e}", task.seq),
+                        };
+                        return Err(fail(error));
                     }
-                    WalkError::Read(e) => {
-                        self.count_fetch_error(r, "unreadable");
-                        format!("page {} ({}): {e}", task.seq, redact_query(&req.url))
-                    }
-                    WalkError::Identity { .. } => format!("page {} {e}", task.seq),
-                    WalkError::EmptyRun => format!("page {}: {e}", task.seq),
                 };
-                return Err(fail(error));
+                (page_cursor, step, walk)
             }
         };
         self.metrics
@@ -631,10 +823,19 @@ impl Worker {
     }
 
     /// Step 5: every record downstream, each confirmed by the broker.
-    async fn publish(&self, task: &PageTask, r: &Resolved, page: &ReadPage) -> Result<(), Outcome> {
+    async fn publish(
+        &self,
+        task: &PageTask,
+        r: &Resolved,
+        page: &ReadPage,
+        sent: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<(), Outcome> {
         let feed = r.feed();
         let partition = &task.job.partition;
         let batch = r.child.as_ref().and_then(|c| c.batch.as_ref());
+        // A page goes out as one message with the page's id: its records'
+        // own ids are not sent, so not computed.
+        let per_record = feed.delivery.per == DeliveryPer::Record;
         let records: Vec<OutRecord> = page
             .step
             .records
@@ -660,6 +861,7 @@ impl Worker {
                 OutRecord {
                     key: id.key.clone(),
                     message_id: match &id.version {
+                        _ if !per_record => String::new(),
                         Some(v) => record_message_id(&feed.name, partition, &id.key, v),
                         None => positional_message_id(&feed.name, partition, &page.page_cursor, i),
                     },
@@ -670,6 +872,7 @@ impl Worker {
             .collect();
         let count = records.len() as u64;
         if count == 0 {
+            let _ = sent.send(());
             return Ok(());
         }
         let out = OutPage {
@@ -682,7 +885,7 @@ impl Worker {
             records,
             parent: r.child.as_ref().map(|c| c.parent.clone()),
         };
-        if let Err(e) = self.downstream.publish_page(&out).await {
+        if let Err(e) = self.downstream.publish_page_then(&out, sent).await {
             return Err(self.retry(
                 task,
                 r,
@@ -712,6 +915,7 @@ impl Worker {
         cp: &Checkpoint,
         r: &Resolved,
         page: &ReadPage,
+        carry_on: bool,
     ) -> Result<(), Outcome> {
         let feed = r.feed();
         let job = &task.job;
@@ -762,8 +966,13 @@ impl Worker {
             } else {
                 now.saturating_add(every)
             },
-            // The next task waits in the queue until a worker takes it.
-            lease_ms: self.opts.queue_lease.as_millis() as u64,
+            // The next task waits in the queue until a worker takes it;
+            // a page this worker carries on to is taken at once.
+            lease_ms: if carry_on {
+                self.opts.lease.as_millis() as u64
+            } else {
+                self.opts.queue_lease.as_millis() as u64
+            },
             restart,
             note: page.note.clone(),
             triggers,
@@ -805,11 +1014,13 @@ impl Worker {
         task: &PageTask,
         cp: &Checkpoint,
         page: ReadPage,
-    ) -> Result<Outcome, Outcome> {
+        carry_on: bool,
+        ahead: Option<Box<Ahead>>,
+    ) -> Result<Then, Outcome> {
         let job = &task.job;
         if !matches!(page.step.next, Next::More(_)) {
             tracing::info!(job = %job, pages = cp.pages + 1, "end of stream");
-            return Ok(Outcome::Done);
+            return Ok(Then::Settled(Outcome::Done));
         }
         let next = PageTask {
             job: job.clone(),
@@ -822,16 +1033,20 @@ impl Worker {
             published_ms: now_ms(),
             vars: task.vars.clone(),
         };
+        if carry_on {
+            // The commit gave this worker the lease for the next page.
+            return Ok(Then::Carry(next, ahead));
+        }
         for attempt in 0..3u32 {
             match self.tasks.publish_task(&next, None).await {
-                Ok(()) => return Ok(Outcome::Done),
+                Ok(()) => return Ok(Then::Settled(Outcome::Done)),
                 Err(e) => {
                     tracing::warn!(job = %job, attempt, error = %e, "cannot publish the next page task");
                     tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                 }
             }
         }
-        Ok(Outcome::Done)
+        Ok(Then::Settled(Outcome::Done))
     }
 
     /// The source's backoff before attempt `task.attempt + 1`.

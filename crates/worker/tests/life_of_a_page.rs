@@ -12,9 +12,12 @@ use std::sync::Arc;
 use support::{World, commit, hostile, inspections, job, mock, now_ms, settle, take_over, tickets};
 use tidemark_core::checkpoint::{CommitOutcome, Phase, Stage};
 use tidemark_mock::Faults;
+use tidemark_state::Leases;
 
 const DROPPED: &str = "tidemark_tasks_dropped_total";
 const COMMITS: &str = "tidemark_commits_total";
+const CARRIED: &str = "tidemark_pages_carried_total";
+const PREFETCHES: &str = "tidemark_prefetches_total";
 
 /// Step 1: a task under an older epoch than the stored one is acked and
 /// dropped before anything is fetched or published.
@@ -120,7 +123,13 @@ async fn a_commit_that_lost_the_race_for_its_seq_is_a_conflict() {
     assert_eq!(cp.cursor.as_deref(), Some("the-rival-cursor"), "{cp:?}");
     assert_eq!((cp.seq, cp.pages, cp.records), (1, 1, 0), "{cp:?}");
     assert_eq!(w.metric(COMMITS, &[("result", "ok")]), 0);
-    assert_eq!(w.requests(), 1, "the losing chain went on to the next page");
+    // The next page may have been fetched ahead; it was thrown away.
+    assert!(
+        w.requests() <= 2,
+        "the losing chain went on past the next page"
+    );
+    assert_eq!(w.received.pages().len(), 1, "the losing chain published on");
+    assert_eq!(w.metric(CARRIED, &[("feed", "tickets")]), 0);
     w.stop().await;
 }
 
@@ -159,7 +168,12 @@ async fn a_newer_epoch_taking_the_job_mid_page_fences_the_commit() {
         (newer, 0, None, 0, None),
         "something was committed under the fenced epoch"
     );
-    assert_eq!(w.requests(), 1, "the fenced chain went on to the next page");
+    // The next page may have been fetched ahead; it was thrown away.
+    assert!(
+        w.requests() <= 2,
+        "the fenced chain went on past the next page"
+    );
+    assert_eq!(w.metric(CARRIED, &[("feed", "tickets")]), 0);
     let first_send = w.received.records();
     assert_eq!(first_send.len(), 10);
 
@@ -589,5 +603,129 @@ async fn each_tenant_has_its_own_url_token_budget_and_failures() {
         ),
         1
     );
+    w.stop().await;
+}
+
+/// A hot chain: after each commit the worker goes on with the next page
+/// itself, fetched while the page before was published and committed. No
+/// page is fetched twice, every record arrives once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_chain_carries_its_pages_on_and_fetches_each_ahead() {
+    let w = World::start(mock(45), &[tickets("tickets")]).await;
+    let j = job("tickets");
+    // While page 0 is published (its successor being fetched ahead), arm
+    // a look at the checkpoint from inside page 1's publish.
+    let (rx, store, hj) = (w.received.clone(), w.store.clone(), j.clone());
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let at_publish = seen.clone();
+    w.received.during_next_page(Box::new(move || {
+        Box::pin(async move {
+            rx.during_next_page(Box::new(move || {
+                Box::pin(async move {
+                    let cp = store.get(&hj).await.unwrap().unwrap();
+                    *at_publish.lock().unwrap() = Some(cp.seq);
+                })
+            }));
+        })
+    }));
+    w.start_chain(&j).await;
+    let cp = w.chain_ended(&j).await;
+    assert_eq!((cp.phase, cp.seq, cp.records), (Phase::Idle, 5, 45));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        Some(1),
+        "page 1 was published before page 0 was committed"
+    );
+    // Five pages: the delivery's, then four carried on, each fetched ahead.
+    assert_eq!(w.metric(CARRIED, &[("feed", "tickets")]), 4);
+    assert_eq!(
+        w.metric(PREFETCHES, &[("feed", "tickets"), ("result", "used")]),
+        4
+    );
+    assert_eq!(w.requests(), 5, "a page was fetched twice");
+    let keys = w.received.keys();
+    assert_eq!(keys.len(), 45);
+    let unique: BTreeSet<&String> = keys.iter().collect();
+    assert_eq!(unique.len(), 45, "a record arrived twice");
+    let seqs: Vec<u64> = w.received.pages().iter().map(|p| p.seq).collect();
+    assert_eq!(seqs, [0, 1, 2, 3, 4], "pages out of order");
+    w.stop().await;
+}
+
+/// `--hot-chain-pages` bounds how long one worker keeps a chain: past it
+/// the next page goes back through the task queue (where another job's
+/// task may come first); 0 sends every page through the queue and fetches
+/// nothing ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_chain_pages_bounds_a_chain_before_it_goes_back_through_the_queue() {
+    for (bound, carried) in [(2u32, 2u64), (0, 0)] {
+        let mut w = World::new(mock(45), &[tickets("tickets")]).await;
+        w.hot_chain_pages = bound;
+        w.start_worker();
+        let j = job("tickets");
+        w.start_chain(&j).await;
+        let cp = w.chain_ended(&j).await;
+        assert_eq!((cp.seq, cp.records), (5, 45), "--hot-chain-pages {bound}");
+        // Pages 2 and 4 carried on; 3 and 5 came through the queue.
+        assert_eq!(
+            w.metric(CARRIED, &[("feed", "tickets")]),
+            carried,
+            "--hot-chain-pages {bound}"
+        );
+        assert_eq!(
+            w.metric(PREFETCHES, &[("feed", "tickets"), ("result", "used")]),
+            carried,
+            "--hot-chain-pages {bound}"
+        );
+        assert_eq!(w.requests(), 5, "--hot-chain-pages {bound}");
+        assert_eq!(w.received.records().len(), 45);
+        w.stop().await;
+    }
+}
+
+/// Only reads are fetched ahead: a POST the feed does not mark
+/// `read_only: true` is sent once its turn comes, never before the page
+/// before it is committed (the chain is still carried on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_that_may_write_is_never_fetched_ahead() {
+    for read_only in [false, true] {
+        let feed = format!(
+            "  - name: gql\n    source: mock\n    path: /graphql\n    method: POST\n    read_only: {read_only}\n    \
+             body:\n      query: \"{{ records {{ edges {{ cursor node }} pageInfo {{ endCursor hasNextPage }} }} }}\"\n      variables: {{}}\n    \
+             records: /data/records/edges\n    record: /node\n    key: /id\n    version: /updated_at\n    every: 1h\n    \
+             pagination:\n      cursor_param: body:/variables/after\n      next_cursor: /data/records/pageInfo/endCursor\n      \
+             has_more: /data/records/pageInfo/hasNextPage\n      page_size_param: body:/variables/first\n      page_size: 10\n"
+        );
+        let w = World::start(mock(25), &[feed]).await;
+        let j = job("gql");
+        w.start_chain(&j).await;
+        let cp = w.chain_ended(&j).await;
+        assert_eq!((cp.phase, cp.records), (Phase::Idle, 25), "{cp:?}");
+        assert_eq!(w.metric(CARRIED, &[("feed", "gql")]), 2);
+        let used = w.metric(PREFETCHES, &[("feed", "gql"), ("result", "used")]);
+        assert_eq!(
+            used,
+            if read_only { 2 } else { 0 },
+            "read_only: {read_only}"
+        );
+        assert_eq!(w.requests(), 3);
+        w.stop().await;
+    }
+}
+
+/// A carried page that fails the job dead-letters its own task (the page
+/// that failed), not the delivery the chain came in on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_carried_page_that_fails_dead_letters_its_own_task() {
+    let w = World::start(mock(5), &[hostile("bad", "types")]).await;
+    let j = job("bad");
+    let first = w.start_chain(&j).await;
+    let cp = w.chain_ended(&j).await;
+    assert_eq!(cp.phase, Phase::Failed, "{cp:?}");
+    assert_eq!(w.metric(CARRIED, &[("feed", "bad")]), 1);
+    let dead = w.dead_letter().await;
+    let task: tidemark_bus::PageTask = serde_json::from_slice(&dead.body).unwrap();
+    assert_eq!((task.epoch, task.seq), (first.epoch, first.seq + 1));
+    assert_eq!(dead.reason, "failed");
     w.stop().await;
 }

@@ -138,6 +138,58 @@ impl ValuePlan {
     }
 }
 
+/// A reusable plan that picks a few values out of a small document (a
+/// record's key and version) in one borrowed pass: built once per feed,
+/// run once per record. The same pointer twice shares one slot.
+#[derive(Clone)]
+pub(crate) struct PointsPlan {
+    root: Node,
+    /// Per pointer asked for, its slot.
+    slots: Vec<usize>,
+    distinct: usize,
+}
+
+impl PointsPlan {
+    pub fn new(ptrs: &[&JsonPointer]) -> Self {
+        let mut root = Node::default();
+        let mut seen: Vec<&JsonPointer> = Vec::new();
+        let mut slots = Vec::with_capacity(ptrs.len());
+        for p in ptrs {
+            let slot = match seen.iter().position(|q| q == p) {
+                Some(i) => i,
+                None => {
+                    seen.push(p);
+                    root.insert(p.segments(), seen.len() - 1);
+                    seen.len() - 1
+                }
+            };
+            slots.push(slot);
+        }
+        PointsPlan {
+            root,
+            slots,
+            distinct: seen.len(),
+        }
+    }
+
+    /// The value at each pointer (in the order given to [`PointsPlan::new`]).
+    pub fn run<'a>(&self, json: &'a str) -> Result<Vec<Option<&'a RawValue>>, serde_json::Error> {
+        let mut out = Extracted {
+            records: None,
+            records_wrong_kind: None,
+            values: vec![None; self.distinct],
+        };
+        let mut de = serde_json::Deserializer::from_str(json);
+        Walk {
+            node: &self.root,
+            out: &mut out,
+        }
+        .deserialize(&mut de)?;
+        de.end()?;
+        Ok(self.slots.iter().map(|&i| out.values[i]).collect())
+    }
+}
+
 struct Walk<'n, 'o, 'a> {
     node: &'n Node,
     out: &'o mut Extracted<'a>,

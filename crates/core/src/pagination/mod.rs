@@ -10,7 +10,7 @@
 //! [`ReadError::Loop`], and every malformed response is a [`ReadError`] that
 //! leaves the caller's position where it was.
 
-mod extract;
+pub(crate) mod extract;
 #[cfg(test)]
 mod fuzz_regressions;
 pub mod link;

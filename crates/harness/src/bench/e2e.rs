@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::prom::{Buckets, Scrape};
 use super::sink::{self, Ceiling, Sink};
-use super::{children, scale, tenants};
+use super::{children, one_chain, scale, tenants};
 use crate::HarnessError;
 use crate::proc::{Proc, Spawn, tail};
 use crate::services::{self, Service};
@@ -41,12 +41,18 @@ pub enum Scenario {
     /// parent feed and a child feed): children/s, coordinator CPU and
     /// Redis memory per child, duplicates and missing child records.
     Children,
+    /// One feed of one partition, 200,000 records in 1000-record pages, per
+    /// page and per record, one and two workers, and the same through the
+    /// task queue alone; beside `pull` on the same pages and the broker's
+    /// ceiling for one page at a time.
+    OneChain,
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct E2eBench {
-    /// Scenarios to run, comma-separated (default: throughput, scale-out
-    /// and many-jobs; `scale`, `tenants` and `children` run only when named).
+    /// Scenarios to run, comma-separated (default: throughput, scale-out,
+    /// many-jobs and one-chain; `scale`, `tenants` and `children` run only
+    /// when named).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub scenario: Vec<Scenario>,
     /// Redis URL (default: REDIS_URL, else the local server).
@@ -178,6 +184,17 @@ pub struct E2eBench {
     #[arg(long, default_value_t = 0)]
     pub children_latency_ms: u64,
 
+    /// One chain: records of the one feed.
+    #[arg(long, default_value_t = 200_000)]
+    pub one_chain_records: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub one_chain_page_size: usize,
+    /// One chain: worker process counts, one run each (per page and per record).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub one_chain_workers: Vec<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub one_chain_concurrency: usize,
+
     /// Also run bench/compare.py (dlt's RESTClient, a Singer SDK tap) over
     /// the throughput scenario's pages; needs bench/setup-python.sh.
     #[arg(long)]
@@ -198,12 +215,24 @@ pub struct E2eBench {
     /// columns are then the wrapper's.
     #[arg(long, allow_hyphen_values = true)]
     pub worker_wrapper: Option<String>,
+    /// Environment for every worker of every run, `NAME=VALUE`, repeatable
+    /// (e.g. `--worker-env TIDEMARK_HOT_CHAIN_PAGES=0` to measure without
+    /// hot chains).
+    #[arg(long, value_name = "NAME=VALUE", value_parser = parse_env)]
+    pub worker_env: Vec<(String, String)>,
     /// Give up on a run after this long.
     #[arg(long, default_value = "10m")]
     pub timeout: tidemark_core::Duration,
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got {s:?}")),
+    }
 }
 
 /// What one run of the system is.
@@ -223,6 +252,19 @@ pub(super) struct Spec {
     /// A tenanted source: its tenants file, and the tenants to add to it
     /// once the initial sync is in.
     pub tenants: Option<tenants::Plan>,
+    /// Environment of this run's workers, beyond the deployment's and
+    /// `--worker-env`.
+    pub worker_env: Vec<(String, String)>,
+    /// Serve the feeds from this server instead of the mock (which then
+    /// idles): its base URL, and when it saw its first request (unix ms,
+    /// 0 before; reset by the caller before the run).
+    pub external: Option<External>,
+}
+
+/// A page server the bench runs itself (the one-chain scenario's static pages).
+pub(super) struct External {
+    pub url: String,
+    pub first_request_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What one run measured.
@@ -300,6 +342,7 @@ pub struct Report {
     pub scale: Vec<RunResult>,
     pub tenants: Vec<RunResult>,
     pub children: Vec<children::ChildrenRun>,
+    pub one_chain: Option<one_chain::OneChain>,
     pub compare: Vec<ToolResult>,
 }
 
@@ -337,12 +380,13 @@ pub async fn run(
         Scenario::Throughput,
         Scenario::ScaleOut,
         Scenario::ManyJobs,
+        Scenario::OneChain,
         Scenario::Scale,
         Scenario::Tenants,
         Scenario::Children,
     ];
     let scenarios: Vec<Scenario> = if b.scenario.is_empty() {
-        all[..3].to_vec()
+        all[..4].to_vec()
     } else {
         all.into_iter().filter(|s| b.scenario.contains(s)).collect()
     };
@@ -377,6 +421,7 @@ pub async fn run(
                 .tenants
                 .push(run_system(b, exe, &tenants::spec(b)).await?),
             Scenario::Children => report.children.push(children::run(b, exe).await?),
+            Scenario::OneChain => report.one_chain = Some(one_chain::run(b, exe).await?),
         }
     }
     if b.json {
@@ -437,6 +482,8 @@ fn throughput_spec(b: &E2eBench, per: &str) -> Spec {
         feeds: 1,
         idle_window: None,
         tenants: None,
+        worker_env: Vec::new(),
+        external: None,
     }
 }
 
@@ -491,6 +538,8 @@ fn scale_out_spec(b: &E2eBench, workers: usize) -> Spec {
         feeds: b.scale_feeds,
         idle_window: None,
         tenants: None,
+        worker_env: Vec::new(),
+        external: None,
     }
 }
 
@@ -515,6 +564,8 @@ fn many_jobs_spec(b: &E2eBench) -> Spec {
         feeds: 1,
         idle_window: None,
         tenants: None,
+        worker_env: Vec::new(),
+        external: None,
     }
 }
 
@@ -609,7 +660,7 @@ pub(super) async fn stop(procs: Vec<Proc>, within: Duration) {
     futures::future::join_all(stopping).await;
 }
 
-async fn start_mock(
+pub(super) async fn start_mock(
     exe: &Path,
     dir: &Path,
     records: usize,
@@ -672,7 +723,11 @@ pub(super) fn ms(s: Option<f64>) -> Option<f64> {
 }
 
 /// Start the system for `spec`, wait for every record, measure, tear down.
-async fn run_system(b: &E2eBench, exe: &Path, spec: &Spec) -> Result<RunResult, HarnessError> {
+pub(super) async fn run_system(
+    b: &E2eBench,
+    exe: &Path,
+    spec: &Spec,
+) -> Result<RunResult, HarnessError> {
     let dir = tempfile::Builder::new()
         .prefix("tidemark-bench-")
         .tempdir()
@@ -712,7 +767,13 @@ async fn run_in(
     let config = dir.join("feeds.yaml");
     let source = match &spec.tenants {
         Some(plan) => tenants::source(plan, mock.url()?, dir)?,
-        None => format!("  mock:\n    base_url: {}\n    timeout: 30s\n", mock.url()?),
+        None => format!(
+            "  mock:\n    base_url: {}\n    timeout: 30s\n",
+            match &spec.external {
+                Some(e) => e.url.as_str(),
+                None => mock.url()?,
+            }
+        ),
     };
     std::fs::write(
         &config,
@@ -724,6 +785,12 @@ async fn run_in(
         None => Sink::start(&d.amqp_url, d.tls_ca_pem.as_deref(), &d.exchange()).await?,
     };
     let env = d.env();
+    let worker_env: Vec<(String, String)> = env
+        .iter()
+        .chain(&b.worker_env)
+        .chain(&spec.worker_env)
+        .cloned()
+        .collect();
     let mut workers = Vec::new();
     for i in 0..spec.workers {
         let args = vec![
@@ -743,7 +810,7 @@ async fn run_in(
         let worker = Spawn::new(exe, &format!("worker-{i}"), dir)
             .wrapper(wrapper)
             .args(&args)
-            .envs(&env)
+            .envs(&worker_env)
             .ready("metrics on");
         workers.push(start(worker).await?);
     }
@@ -825,10 +892,18 @@ async fn run_in(
         .map_err(|e| HarnessError::bench(format!("mock /_stats: {e}")))?;
     let mock_stats: serde_json::Value = serde_json::from_slice(&stats_body)
         .map_err(|e| HarnessError::bench(format!("mock /_stats: {e}")))?;
-    let mock_cpu = mock.cpu().map(|c| c.as_secs_f64());
-    let first_ms = mock_stats["first_request_ms"]
-        .as_f64()
-        .ok_or_else(|| HarnessError::bench("the mock saw no request"))?;
+    let (mock_cpu, first_ms) = match &spec.external {
+        None => (
+            mock.cpu().map(|c| c.as_secs_f64()),
+            mock_stats["first_request_ms"]
+                .as_f64()
+                .ok_or_else(|| HarnessError::bench("the mock saw no request"))?,
+        ),
+        Some(e) => match e.first_request_ms.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => return Err(HarnessError::bench("the page server saw no request")),
+            ms => (None, ms as f64),
+        },
+    };
     // The run's figures are read: now tenants join the synced ones.
     let adds = match &spec.tenants {
         Some(plan) => {
@@ -1097,6 +1172,7 @@ pub fn render(r: &Report) -> String {
         .iter()
         .chain(&r.scale_out)
         .chain(&r.many_jobs)
+        .chain(r.one_chain.iter().flat_map(|c| &c.runs))
         .collect();
     if !runs.is_empty() {
         s.push_str(
@@ -1135,6 +1211,7 @@ pub fn render(r: &Report) -> String {
             ));
         }
     }
+    s.push_str(&one_chain::render(r.one_chain.as_ref()));
     s.push_str(&scale::render(&r.scale));
     s.push_str(&tenants::render(&r.tenants));
     s.push_str(&children::render(&r.children));
@@ -1206,6 +1283,7 @@ fn targets(r: &Report) -> String {
             Some(peak * 1.048576 < 100.0),
         ));
     }
+    rows.extend(one_chain::targets(r.one_chain.as_ref()));
     rows.extend(scale::targets(&r.scale));
     rows.extend(tenants::targets(&r.tenants));
     rows.extend(children::targets(&r.children));

@@ -11,6 +11,7 @@
 
 mod children;
 mod e2e;
+mod one_chain;
 mod prom;
 mod pull;
 mod scale;
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 pub use children::{ChildrenRun, RedisCost};
 pub use e2e::{E2eBench, Report, RunResult, Scenario, ToolResult, render};
+pub use one_chain::OneChain;
 pub use pull::{PullBench, RunResult as PullResult};
 pub use tenants::TenantAdd;
 

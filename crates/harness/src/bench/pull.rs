@@ -77,7 +77,7 @@ fn record(i: usize, bytes: usize) -> String {
 }
 
 /// Write the pages; page k names page k+1 as its `next`.
-fn write_pages(dir: &Path, base: &str, b: &PullBench) -> std::io::Result<u64> {
+pub(super) fn write_pages(dir: &Path, base: &str, b: &PullBench) -> std::io::Result<u64> {
     std::fs::create_dir_all(dir.join("pages"))?;
     let mut total = 0u64;
     for p in 1..=b.pages {
@@ -309,7 +309,7 @@ fn graphql_pages(b: &PullBench) -> std::collections::HashMap<String, bytes::Byte
 /// from memory, so the benchmark measures the clients, not disk reads; and
 /// `/graphql`, the GraphQL pages by the cursor in the query (`after`) or in
 /// the POST body (`variables.after`).
-fn static_files(
+pub(super) fn static_files(
     dir: &Path,
     graphql: std::sync::Arc<std::collections::HashMap<String, bytes::Bytes>>,
 ) -> std::io::Result<axum::Router> {
@@ -364,7 +364,7 @@ fn static_files(
     )
 }
 
-async fn run_tidemark(
+pub(super) async fn run_tidemark(
     exe: &Path,
     config: &Path,
     dir: &Path,

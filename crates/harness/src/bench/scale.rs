@@ -35,6 +35,8 @@ pub(super) fn spec(b: &E2eBench, jobs: usize) -> Spec {
         feeds,
         idle_window: Some(b.jobs_idle_window.std()),
         tenants: None,
+        worker_env: Vec::new(),
+        external: None,
     }
 }
 

@@ -96,6 +96,8 @@ pub(super) fn spec(b: &E2eBench) -> Spec {
             adds: b.tenants_adds,
             tick: b.tenants_tick.std(),
         }),
+        worker_env: Vec::new(),
+        external: None,
     }
 }
 

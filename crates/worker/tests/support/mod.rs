@@ -189,6 +189,8 @@ pub struct World {
     pub received: Received,
     config: Config,
     worker: Option<RunningWorker>,
+    /// `--hot-chain-pages` of the worker [`World::start_worker`] starts.
+    pub hot_chain_pages: u32,
     _dir: tempfile::TempDir,
 }
 
@@ -224,6 +226,7 @@ impl World {
             received: Received::default(),
             config,
             worker: None,
+            hot_chain_pages: WorkerOptions::default().hot_chain_pages,
             _dir: dir,
         }
     }
@@ -286,6 +289,8 @@ impl World {
             queue_lease: LEASE,
             grace: Duration::from_millis(200),
             registry_refresh: Duration::from_millis(10),
+            hot_chain_pages: self.hot_chain_pages,
+            hot_chain_time: Duration::from_secs(10),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let run = tidemark_worker::run(deps, opts, async {
