@@ -132,7 +132,7 @@ impl Metrics {
             page_latency_seconds: register(
                 &mut r,
                 "page_latency_seconds",
-                "Time from a page task's first publish to its committed cursor (queueing, rate-limit waits, retries, fetch, publish and commit), by feed",
+                "Time from a page task's first publish to its committed cursor (queueing, rate-limit waits, retries, fetch, publish and commit; for a page a hot chain carried on, from the commit before it, its fetch possibly done ahead), by feed",
                 Family::new_with_constructor(|| {
                     // Fine below a second, where page latency usually is, so that
                     // quantiles read off the buckets (`tidemark bench`) are close.

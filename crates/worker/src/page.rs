@@ -191,7 +191,7 @@ struct Ahead {
     /// after this one), when it could be read.
     read: Option<(String, Step, Walk)>,
     /// Its room in the unconfirmed-bytes window, until it is published.
-    _room: Reservation,
+    _room: (Reservation, Option<Reservation>),
 }
 
 /// How a page ends: the chain handed on (through the queue, or finished),
@@ -279,8 +279,10 @@ impl Worker {
         let deliver = async {
             self.publish(task, r, &page, sent).await?;
             let published = began.elapsed();
+            // A worker told to stop meanwhile hands the chain back now.
+            let carry_on = carry_on && !self.stopping.load(std::sync::atomic::Ordering::SeqCst);
             self.commit(task, cp, r, &page, carry_on).await?;
-            Ok((published, began.elapsed()))
+            Ok((published, began.elapsed(), carry_on))
         };
         let fetch_ahead = async {
             let ahead = match carry_on {
@@ -289,7 +291,7 @@ impl Worker {
             };
             Ok((ahead, began.elapsed()))
         };
-        let ((published, committed), (ahead, fetched_ahead)) =
+        let ((published, committed, carry_on), (ahead, fetched_ahead)) =
             tokio::try_join!(deliver, fetch_ahead)?;
         tracing::debug!(
             job = %task.job,
@@ -307,11 +309,13 @@ impl Worker {
     /// Fetch, and read, the page after `page` while `page` is published
     /// and committed: only a request that just reads (GET, QUERY, a POST
     /// marked `read_only`), after a permit of the source's limiter like any
-    /// request. Held ahead of its turn, the page is counted in the
-    /// unconfirmed-bytes window: once `page` has its own room there
-    /// (`room`), room for this one is taken if the window has it free,
-    /// never waited for (so a page held ahead cannot keep another page from
-    /// its room); without room it is thrown away.
+    /// request. A page fetched ahead is counted in the unconfirmed-bytes
+    /// window from before it is fetched until it is published: once `page`
+    /// has its own room there (`room`), room for one more page of its size
+    /// is taken if the window has it free, never waited for (so a page
+    /// held ahead cannot keep another page from its room, and a full
+    /// window means no fetching ahead); a page that comes back larger
+    /// takes the rest the same way, or is thrown away.
     async fn prefetch(
         &self,
         cp: &Checkpoint,
@@ -324,6 +328,11 @@ impl Worker {
             return None;
         }
         let feed = &r.feed().name;
+        room.await.ok()?;
+        let Some(held) = self.downstream.try_reserve(page.body.len().max(1)) else {
+            self.count_prefetch(feed, "no_room");
+            return None;
+        };
         self.permit(r).await.ok()?;
         let started = Instant::now();
         let fetched = r.http.fetch_once(&req).await;
@@ -331,18 +340,25 @@ impl Worker {
             .fetch_seconds
             .get_or_create(&Metrics::feed(feed))
             .observe(started.elapsed().as_secs_f64());
+        let size = fetched.as_ref().map_or(0, |p| p.body.len());
+        let more = match size.checked_sub(held.bytes()) {
+            Some(extra) if extra > 0 && held.bytes() > 0 => {
+                match self.downstream.try_reserve(extra) {
+                    Some(more) => Some(more),
+                    None => {
+                        self.count_prefetch(feed, "no_room");
+                        return None;
+                    }
+                }
+            }
+            _ => None,
+        };
         let read = fetched.as_ref().ok().and_then(|p| {
             let mut walk = page.walk.clone();
             let page_cursor = walk.page_cursor();
             let step = walk.advance(&req, p, &p.body).ok()?;
             Some((page_cursor, step, walk))
         });
-        room.await.ok()?;
-        let size = fetched.as_ref().map_or(0, |p| p.body.len());
-        let Some(room) = self.downstream.try_reserve(size.max(1)) else {
-            self.count_prefetch(feed, "no_room");
-            return None;
-        };
         crash_point!("worker::after_prefetch");
         Some(Box::new(Ahead {
             snap: r.snap.clone(),
@@ -350,7 +366,7 @@ impl Worker {
             req,
             fetched,
             read,
-            _room: room,
+            _room: (held, more),
         }))
     }
 
@@ -1036,6 +1052,10 @@ impl Worker {
         if carry_on {
             // The commit gave this worker the lease for the next page.
             return Ok(Then::Carry(next, ahead));
+        }
+        if ahead.is_some() {
+            // Stopping: the next page goes back through the queue.
+            self.count_prefetch(&job.feed, "discarded");
         }
         for attempt in 0..3u32 {
             match self.tasks.publish_task(&next, None).await {

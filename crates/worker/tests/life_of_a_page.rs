@@ -729,3 +729,44 @@ async fn a_carried_page_that_fails_dead_letters_its_own_task() {
     assert_eq!(dead.reason, "failed");
     w.stop().await;
 }
+
+/// A worker told to stop hands its hot chain back through the task queue
+/// after the page in flight: nothing waits for a lease to run out (this
+/// world has no coordinator to re-issue a stranded chain), and the next
+/// worker finishes the chain under the same epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_hands_its_hot_chain_back_through_the_queue() {
+    let mut w = World::start(mock(200), &[tickets("tickets")]).await;
+    w.set_faults(Faults {
+        slow_every: Some(1),
+        slow_ms: 40,
+        ..Faults::default()
+    });
+    let j = job("tickets");
+    let first = w.start_chain(&j).await;
+    support::eventually("a few pages are committed", async || {
+        w.checkpoint(&j).await.seq >= 3
+    })
+    .await;
+    w.stop_worker().await;
+    let stopped = w.checkpoint(&j).await;
+    assert_eq!(stopped.phase, Phase::Running, "{stopped:?}");
+    assert!(
+        stopped.seq < 20,
+        "the chain ended before the stop: {stopped:?}"
+    );
+    assert!(w.metric(CARRIED, &[("feed", "tickets")]) >= 2);
+
+    w.set_faults(Faults::default());
+    w.start_worker();
+    let cp = w.chain_ended(&j).await;
+    assert_eq!((cp.phase, cp.seq, cp.records), (Phase::Idle, 20, 200));
+    assert_eq!(
+        cp.epoch, first.epoch,
+        "the chain was re-issued, not handed back"
+    );
+    let keys = w.received.keys();
+    let unique: BTreeSet<&String> = keys.iter().collect();
+    assert_eq!(unique.len(), 200);
+    w.stop().await;
+}

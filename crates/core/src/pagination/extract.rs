@@ -122,19 +122,7 @@ impl ValuePlan {
         if self.whole {
             return serde_json::from_str::<&RawValue>(json).map(Some);
         }
-        let mut out = Extracted {
-            records: None,
-            records_wrong_kind: None,
-            values: vec![None],
-        };
-        let mut de = serde_json::Deserializer::from_str(json);
-        Walk {
-            node: &self.root,
-            out: &mut out,
-        }
-        .deserialize(&mut de)?;
-        de.end()?;
-        Ok(out.values[0])
+        Ok(values_in(&self.root, 1, json)?[0])
     }
 }
 
@@ -174,20 +162,30 @@ impl PointsPlan {
 
     /// The value at each pointer (in the order given to [`PointsPlan::new`]).
     pub fn run<'a>(&self, json: &'a str) -> Result<Vec<Option<&'a RawValue>>, serde_json::Error> {
-        let mut out = Extracted {
-            records: None,
-            records_wrong_kind: None,
-            values: vec![None; self.distinct],
-        };
-        let mut de = serde_json::Deserializer::from_str(json);
-        Walk {
-            node: &self.root,
-            out: &mut out,
-        }
-        .deserialize(&mut de)?;
-        de.end()?;
-        Ok(self.slots.iter().map(|&i| out.values[i]).collect())
+        let found = values_in(&self.root, self.distinct, json)?;
+        Ok(self.slots.iter().map(|&i| found[i]).collect())
     }
+}
+
+/// The `n` slots of the trie `root` filled from one small document.
+fn values_in<'a>(
+    root: &Node,
+    n: usize,
+    json: &'a str,
+) -> Result<Vec<Option<&'a RawValue>>, serde_json::Error> {
+    let mut out = Extracted {
+        records: None,
+        records_wrong_kind: None,
+        values: vec![None; n],
+    };
+    let mut de = serde_json::Deserializer::from_str(json);
+    Walk {
+        node: root,
+        out: &mut out,
+    }
+    .deserialize(&mut de)?;
+    de.end()?;
+    Ok(out.values)
 }
 
 struct Walk<'n, 'o, 'a> {

@@ -1112,42 +1112,56 @@ async fn compare(b: &E2eBench, exe: &Path) -> Result<Vec<ToolResult>, HarnessErr
         mock.url()?,
         b.throughput_page_size
     );
-    let py = super::python(b.python.as_deref());
     let mut results = Vec::new();
     for tool in ["dlt", "singer"] {
         eprintln!("bench: {tool} over {} records ...", b.compare_records);
-        let output = tokio::process::Command::new(&py)
-            .arg(&b.compare_script)
-            .args(["--tool", tool, "--url", &url])
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .await
-            .map_err(|e| HarnessError::bench(format!("cannot run {}: {e}", py.display())))?;
+        let r = compare_tool(b, tool, &url, &[], b.compare_records as u64).await;
         mock.check_alive()?;
-        if !output.status.success() {
-            return Err(HarnessError::bench(format!(
-                "{} --tool {tool} failed ({}); run bench/setup-python.sh first",
-                b.compare_script.display(),
-                output.status
-            )));
-        }
-        let mut r: ToolResult = serde_json::from_slice(&output.stdout).map_err(|e| {
-            HarnessError::bench(format!(
-                "{} printed no JSON summary: {e}",
-                b.compare_script.display()
-            ))
-        })?;
-        if r.records != b.compare_records as u64 {
-            return Err(HarnessError::bench(format!(
-                "{} walked {} records, expected {}",
-                r.tool, r.records, b.compare_records
-            )));
-        }
-        r.records_per_sec = r.records as f64 / r.seconds.max(1e-6);
-        results.push(r);
+        results.push(r?);
     }
     stop(vec![mock], Duration::from_secs(5)).await;
     Ok(results)
+}
+
+/// bench/compare.py's `tool` walking `url` (with `args`), which must count
+/// `records` records.
+pub(super) async fn compare_tool(
+    b: &E2eBench,
+    tool: &str,
+    url: &str,
+    args: &[&str],
+    records: u64,
+) -> Result<ToolResult, HarnessError> {
+    let py = super::python(b.python.as_deref());
+    let output = tokio::process::Command::new(&py)
+        .arg(&b.compare_script)
+        .args(["--tool", tool, "--url", url])
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .map_err(|e| HarnessError::bench(format!("cannot run {}: {e}", py.display())))?;
+    if !output.status.success() {
+        return Err(HarnessError::bench(format!(
+            "{} --tool {tool} failed ({}); run bench/setup-python.sh first",
+            b.compare_script.display(),
+            output.status
+        )));
+    }
+    let mut r: ToolResult = serde_json::from_slice(&output.stdout).map_err(|e| {
+        HarnessError::bench(format!(
+            "{} printed no JSON summary: {e}",
+            b.compare_script.display()
+        ))
+    })?;
+    if r.records != records {
+        return Err(HarnessError::bench(format!(
+            "{} walked {} records, expected {records}",
+            r.tool, r.records
+        )));
+    }
+    r.records_per_sec = r.records as f64 / r.seconds.max(1e-6);
+    Ok(r)
 }
 
 pub(super) fn opt(v: Option<f64>, digits: usize) -> String {

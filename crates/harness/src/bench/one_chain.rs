@@ -170,46 +170,15 @@ pub(super) async fn run(b: &E2eBench, exe: &Path) -> Result<OneChain, HarnessErr
 
 /// A Singer SDK tap (bench/compare.py) walking the same pages.
 async fn singer(b: &E2eBench, pages: &Pages) -> Result<ToolResult, HarnessError> {
-    let py = super::python(b.python.as_deref());
     eprintln!("bench: one chain: a Singer SDK tap on the same pages ...");
-    let output = tokio::process::Command::new(&py)
-        .arg(&b.compare_script)
-        .args([
-            "--tool",
-            "singer",
-            "--records-path",
-            "data",
-            "--next-path",
-            "next",
-            "--url",
-        ])
-        .arg(format!("{}/pages/1.json", pages.url))
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .await
-        .map_err(|e| HarnessError::bench(format!("cannot run {}: {e}", py.display())))?;
-    if !output.status.success() {
-        return Err(HarnessError::bench(format!(
-            "{} --tool singer failed ({}); run bench/setup-python.sh first",
-            b.compare_script.display(),
-            output.status
-        )));
-    }
-    let mut r: ToolResult = serde_json::from_slice(&output.stdout).map_err(|e| {
-        HarnessError::bench(format!(
-            "{} printed no JSON summary: {e}",
-            b.compare_script.display()
-        ))
-    })?;
-    if r.records != Pages::records(b) as u64 {
-        return Err(HarnessError::bench(format!(
-            "the Singer tap walked {} records, expected {}",
-            r.records,
-            Pages::records(b)
-        )));
-    }
-    r.records_per_sec = r.records as f64 / r.seconds.max(1e-6);
-    Ok(r)
+    e2e::compare_tool(
+        b,
+        "singer",
+        &format!("{}/pages/1.json", pages.url),
+        &["--records-path", "data", "--next-path", "next"],
+        Pages::records(b) as u64,
+    )
+    .await
 }
 
 /// The broker's ceiling for one chain: one page in flight at a time.

@@ -302,6 +302,18 @@ impl World {
         });
     }
 
+    /// Stop the worker (not the world); it must stop within its grace.
+    pub async fn stop_worker(&mut self) {
+        if let Some(RunningWorker { stop, join }) = self.worker.take() {
+            let _ = stop.send(());
+            let result = tokio::time::timeout(PATIENCE, join)
+                .await
+                .expect("the worker stops within its grace")
+                .expect("the worker task");
+            assert!(result.is_ok(), "the worker failed: {result:?}");
+        }
+    }
+
     /// Stop the worker; it must stop cleanly.
     pub async fn stop(mut self) {
         if let Some(RunningWorker { stop, join }) = self.worker.take() {
