@@ -190,7 +190,8 @@ struct Ahead {
     /// The page read by the walk of the page before (already at the page
     /// after this one), when it could be read.
     read: Option<(String, Step, Walk)>,
-    /// Its room in the unconfirmed-bytes window, until it is published.
+    /// Its room in the unconfirmed-bytes window, until its turn (where its
+    /// publish takes room like any page's).
     _room: (Reservation, Option<Reservation>),
 }
 
@@ -310,7 +311,7 @@ impl Worker {
     /// and committed: only a request that just reads (GET, QUERY, a POST
     /// marked `read_only`), after a permit of the source's limiter like any
     /// request. A page fetched ahead is counted in the unconfirmed-bytes
-    /// window from before it is fetched until it is published: once `page`
+    /// window from before it is fetched until its turn: once `page`
     /// has its own room there (`room`), room for one more page of its size
     /// is taken if the window has it free, never waited for (so a page
     /// held ahead cannot keep another page from its room, and a full
