@@ -506,7 +506,13 @@ async fn a_feed_whose_api_keeps_failing_ends_failed_while_others_flow() {
         err.contains("HTTP 500") && err.contains("3 attempts"),
         "{err}"
     );
-    assert_eq!(c.dead_letters().await, 1, "the task is dead-lettered");
+    // The job is marked failed first, then its task is dead-lettered.
+    let dead = eventually(Duration::from_secs(10), async || {
+        c.dead_letters().await == 1
+    })
+    .await;
+    assert!(dead, "the task is dead-lettered{}", c.logs());
+    assert_eq!(c.dead_letters().await, 1, "one dead letter");
     let truth = c.truth().await;
     assert_all_arrive(
         &c,
