@@ -314,16 +314,9 @@ impl World {
         }
     }
 
-    /// Stop the worker; it must stop cleanly.
+    /// Stop the worker, then the mock; the worker must stop cleanly.
     pub async fn stop(mut self) {
-        if let Some(RunningWorker { stop, join }) = self.worker.take() {
-            let _ = stop.send(());
-            let result = tokio::time::timeout(PATIENCE, join)
-                .await
-                .expect("the worker stops within its grace")
-                .expect("the worker task");
-            assert!(result.is_ok(), "the worker failed: {result:?}");
-        }
+        self.stop_worker().await;
         self.mock.shutdown().await;
     }
 
