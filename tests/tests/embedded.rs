@@ -345,12 +345,12 @@ async fn commands_steer_an_embedded_run_while_it_runs_and_after_it_stopped() {
     tidemark_tests::assert_epoch_fenced(&store, &job, epoch, "c2").await;
 }
 
-fn demo_out(dir: &Path) -> [PathBuf; 3] {
-    ["tickets", "events", "items"].map(|f| dir.join("out").join(format!("{f}.jsonl")))
+fn demo_out(dir: &Path) -> [PathBuf; 4] {
+    ["tickets", "events", "items", "graphql"].map(|f| dir.join("out").join(format!("{f}.jsonl")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_syncs_three_feeds_stops_cleanly_and_resumes() {
+async fn the_demo_syncs_its_four_feeds_stops_cleanly_and_resumes() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("demo");
     let args = [

@@ -1499,6 +1499,7 @@ async fn the_sync_rides_through_a_redis_failover_and_the_loss_of_a_broker_node()
     // A moment more, so that a late duplicate is seen too.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let missing = rig.checker.missing(&truth.records);
+    let operated = operator_commands(&rig.c);
 
     // The roles never exited, and are the processes they were.
     let mut exits = Vec::new();
@@ -2085,6 +2086,10 @@ async fn the_sync_rides_through_a_redis_failover_and_the_loss_of_a_broker_node()
         "log lines without a readable timestamp"
     );
     assert!(failed.is_empty(), "failed jobs: {failed:?}");
+    assert_eq!(dead_letters, 0, "tasks were dead-lettered");
+    if let Err(e) = operated {
+        panic!("an operator command over the Sentinel URL: {e}");
+    }
     for (i, r) in redis_rounds.iter().enumerate() {
         assert!(
             r.stale_master_commands.is_empty(),
@@ -2110,6 +2115,39 @@ async fn the_sync_rides_through_a_redis_failover_and_the_loss_of_a_broker_node()
     drop(c);
     drop(set);
     let _ = rabbit.stop().await;
+}
+
+/// The operator commands take the Sentinel URL and the node list too:
+/// `status` reads through the sentinels' master, `pause` and `resume`
+/// write there (a new epoch each), after the failovers.
+fn operator_commands(c: &Cluster) -> Result<(), String> {
+    let env = c.role_env();
+    let phases = || -> Result<Vec<String>, String> {
+        let (code, out, err) = tidemark_tests::tidemark(&["status", "--json"], &env);
+        if code != 0 {
+            return Err(format!("status --json: exit {code}: {err}"));
+        }
+        let st: serde_json::Value =
+            serde_json::from_str(&out).map_err(|e| format!("status --json: {e}: {out}"))?;
+        Ok(st["jobs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|j| j["feed"] == "github")
+            .map(|j| j["phase"].as_str().unwrap_or_default().to_string())
+            .collect())
+    };
+    for (command, want) in [("pause", true), ("resume", false)] {
+        let (code, out, err) = tidemark_tests::tidemark(&[command, "github"], &env);
+        if code != 0 {
+            return Err(format!("{command} github: exit {code}: {out}{err}"));
+        }
+        let got = phases()?;
+        if got.len() != PARTITIONS.len() || got.iter().any(|p| (p == "paused") != want) {
+            return Err(format!("after {command}, the github jobs are {got:?}"));
+        }
+    }
+    Ok(())
 }
 
 impl FlowChecker {

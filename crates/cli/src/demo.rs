@@ -1,5 +1,5 @@
-//! `tidemark demo`: the mock API in this process, three feeds of different
-//! pagination styles synced by the embedded engine into `./tidemark-demo/`,
+//! `tidemark demo`: the mock API in this process, four feeds of different
+//! pagination styles and request dialects synced by the embedded engine into `./tidemark-demo/`,
 //! live progress per feed, then polling for the records the mock keeps
 //! adding. Ctrl-C stops it; running it again resumes from the stored cursors.
 
@@ -42,8 +42,8 @@ pub struct DemoArgs {
     pub listen: Option<String>,
 }
 
-/// The three feeds: seed 003's Zendesk cursor, seed 001's Self/Next, seed
-/// 004's base64 keyset; `BASE_URL` becomes the mock's.
+/// The four feeds: seed 003's Zendesk cursor, seed 001's Self/Next, seed
+/// 004's base64 keyset, and GraphQL over POST; `BASE_URL` becomes the mock's.
 const DEMO_CONFIG: &str = include_str!("demo.yaml");
 
 async fn start_mock(args: &DemoArgs) -> Result<MockServer, Failure> {
@@ -87,11 +87,12 @@ pub async fn run(
     let resumed = owned.store.list().await.is_ok_and(|j| !j.is_empty());
     let _ = writeln!(
         err,
-        "tidemark demo: mock API on {} ({} records); {} 3 feeds into {}/<feed>.jsonl\n\
+        "tidemark demo: mock API on {} ({} records); {} {} feeds into {}/<feed>.jsonl\n\
          config: {}   state: {}   Ctrl-C stops; run it again to resume",
         mock.base_url(),
         mock.state().len(),
         if resumed { "resuming" } else { "syncing" },
+        config.feeds.len(),
         out_dir.display(),
         config_path.display(),
         dir.dir.display(),

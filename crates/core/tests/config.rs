@@ -556,6 +556,15 @@ fn request_dialect_mistakes() {
         ),
         "{msg}"
     );
+    // Rate-limit headers with a name that is no header name.
+    let msg = one(&edit(
+        "    timeout: 30s",
+        "    timeout: 30s\n    rate_limit_headers: { remaining: \"Budget Left\" }",
+    ));
+    assert!(
+        msg.starts_with("feeds.yaml:7:38: sources.helpdesk.rate_limit_headers.remaining: \"Budget Left\" is not a header name"),
+        "{msg}"
+    );
     // error_when: neither condition, retry_after on a permanent rule, a
     // pointer into the records.
     let e = errors(&edit(

@@ -793,3 +793,79 @@ async fn fetch_waits_for_the_reset_the_headers_announce() {
         "the second request waited for the reset"
     );
 }
+
+#[tokio::test]
+async fn a_reset_far_away_pauses_no_longer_than_max_retry_after() {
+    // An hour away, as a unix time and as seconds, with custom header names:
+    // the source's `max_retry_after` (3 s here) is the longest pause.
+    let far = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600)
+        .to_string();
+    let (url, _) = server(move |_, _, uri| {
+        let reset = match uri.path() {
+            "/unix" => far.clone(),
+            _ => "3600".to_string(),
+        };
+        (
+            [
+                ("content-type", "application/json".to_string()),
+                ("budget-left", "2".to_string()),
+                ("budget-reset", reset),
+            ],
+            "[]",
+        )
+            .into_response()
+    })
+    .await;
+    let s = HttpSource::new(
+        "s",
+        &source(
+            &url,
+            "    rate_limit_headers: { remaining: Budget-Left, reset: Budget-Reset, floor: 2 }\n",
+        ),
+    )
+    .unwrap();
+    for path in ["/unix", "/seconds"] {
+        let page = s.fetch_once(&req(&format!("{url}{path}"))).await.unwrap();
+        assert_eq!(page.pause, Some(Duration::from_secs(3)), "{path}");
+    }
+}
+
+#[tokio::test]
+async fn an_error_inside_a_200_that_echoes_the_token_is_scrubbed() {
+    // Some APIs put the credential they were sent into their error text
+    // (an `error_when` message is taken from the body): the job's error
+    // must never carry it.
+    let (url, _) = server(|_, h, _| {
+        let auth = h
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        (
+            [("content-type", "application/json")],
+            format!(r#"{{"ok": false, "error": "invalid_auth for {auth}"}}"#),
+        )
+            .into_response()
+    })
+    .await;
+    token_is_set();
+    for auth in [
+        "    auth: { bearer: \"${TM_SRC_TOKEN}\" }\n",
+        "    auth: { basic: { username: user, password: \"${TM_SRC_TOKEN}\" } }\n",
+    ] {
+        let s = HttpSource::new("s", &source(&url, auth)).unwrap();
+        let page = s.fetch_once(&req(&format!("{url}/x"))).await.unwrap();
+        let body = std::str::from_utf8(&page.body).unwrap();
+        assert!(body.contains("invalid_auth for "), "{body}");
+        let message = page.scrub(&format!("page 3: the API answered an error: {body}"));
+        assert!(message.contains("invalid_auth for "), "{message}");
+        assert!(
+            !message.contains("tok-1") && !message.contains("dXNlcjp0b2stMQ=="),
+            "a secret in the job's error: {message}"
+        );
+    }
+}

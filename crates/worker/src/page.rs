@@ -329,7 +329,10 @@ impl Worker {
             return None;
         }
         let feed = &r.feed().name;
+        let began = Instant::now();
+        let ms = |at: Instant| at.duration_since(began).as_secs_f64() * 1e3;
         room.await.ok()?;
+        let roomed = Instant::now();
         let Some(held) = self.downstream.try_reserve(page.body.len().max(1)) else {
             self.count_prefetch(feed, "no_room");
             return None;
@@ -337,10 +340,11 @@ impl Worker {
         self.permit(r).await.ok()?;
         let started = Instant::now();
         let fetched = r.http.fetch_once(&req).await;
+        let arrived = Instant::now();
         self.metrics
             .fetch_seconds
             .get_or_create(&Metrics::feed(feed))
-            .observe(started.elapsed().as_secs_f64());
+            .observe(arrived.duration_since(started).as_secs_f64());
         let size = fetched.as_ref().map_or(0, |p| p.body.len());
         let more = match size.checked_sub(held.bytes()) {
             Some(extra) if extra > 0 && held.bytes() > 0 => {
@@ -360,6 +364,18 @@ impl Worker {
             let step = walk.advance(&req, p, &p.body).ok()?;
             Some((page_cursor, step, walk))
         });
+        // Where the time of a page fetched ahead goes, from the start of
+        // the page before's publish: waiting for that page's room, the
+        // limiter, the fetch, the read.
+        tracing::debug!(
+            feed = %feed,
+            room_ms = ms(roomed),
+            permit_ms = ms(started),
+            fetched_ms = ms(arrived),
+            read_ms = ms(Instant::now()),
+            bytes = size,
+            "page fetched ahead"
+        );
         crash_point!("worker::after_prefetch");
         Some(Box::new(Ahead {
             snap: r.snap.clone(),

@@ -293,6 +293,21 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
                 "must be a number above 0".into(),
             ));
         }
+        if let Some(h) = &s.rate_limit_headers {
+            for (field, name) in [("remaining", &h.remaining), ("reset", &h.reset)] {
+                if let Some(name) = name
+                    && (name.is_empty()
+                        || !name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+                {
+                    out.push((
+                        format!("{at}.rate_limit_headers.{field}"),
+                        format!("{name:?} is not a header name (letters, digits, - and _)"),
+                    ));
+                }
+            }
+        }
         if s.max_body_bytes == Some(0) {
             out.push((format!("{at}.max_body_bytes"), "must be above 0".into()));
         }
