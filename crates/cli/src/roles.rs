@@ -211,6 +211,10 @@ impl Wiring {
         let store = connect_store(&infra.redis, &infra.redis_prefix, ca_pem.as_deref()).await?;
         let bus = connect_bus(infra, ca_pem, consume, prefetch, window).await?;
         let metrics = Metrics::new();
+        let shortfalls = metrics.redis_wait_shortfalls.clone();
+        store.on_wait_shortfall(move || {
+            shortfalls.inc();
+        });
         let listen = infra.listen.as_deref().unwrap_or(default_listen);
         let http = serve_endpoints(
             role,

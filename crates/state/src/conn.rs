@@ -137,6 +137,8 @@ pub(crate) struct Durable {
     /// Shortfalls not yet in a warning, and when the last warning was.
     unreported: AtomicU64,
     warned_ms: AtomicU64,
+    /// Told of each shortfall (a role counts them in its metrics).
+    on_shortfall: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Durable {
@@ -151,7 +153,13 @@ impl Durable {
             shortfalls: AtomicU64::new(0),
             unreported: AtomicU64::new(0),
             warned_ms: AtomicU64::new(0),
+            on_shortfall: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Call `f` at each shortfall from now on (the first call wins).
+    pub(crate) fn on_shortfall(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_shortfall.set(f);
     }
 
     pub(crate) fn wait(&self) -> WaitReplicas {
@@ -239,6 +247,9 @@ impl Durable {
 
     fn shortfall(&self, acked: u32) {
         self.shortfalls.fetch_add(1, Ordering::Relaxed);
+        if let Some(f) = self.on_shortfall.get() {
+            f();
+        }
         let unreported = self.unreported.fetch_add(1, Ordering::Relaxed) + 1;
         let now = now_ms();
         let last = self.warned_ms.load(Ordering::Relaxed);

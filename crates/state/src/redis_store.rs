@@ -132,6 +132,15 @@ impl RedisStore {
         self.durable.as_ref().map_or(0, |d| d.shortfalls())
     }
 
+    /// Call `f` at each write acknowledged by fewer replicas than
+    /// [`RedisStore::with_wait`] asked for (a role counts them in
+    /// `tidemark_redis_wait_shortfalls_total`). Without waiting, never.
+    pub fn on_wait_shortfall(&self, f: impl Fn() + Send + Sync + 'static) {
+        if let Some(d) = &self.durable {
+            d.on_shortfall(Box::new(f));
+        }
+    }
+
     /// Run a script that writes what a failover must not lose: with
     /// [`RedisStore::with_wait`], then wait for the replicas.
     async fn write<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> Result<T, StateError> {

@@ -467,6 +467,12 @@ async fn wait_acknowledges_with_the_replica_up_and_applies_with_it_down() {
         })
     );
     assert_eq!(plain.wait_replicas(), None);
+    // What a role counts in tidemark_redis_wait_shortfalls_total.
+    let told = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = told.clone();
+    waited.on_wait_shortfall(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    });
 
     // The cost: one job committed page after page, with and without WAIT.
     let n = 200u64;
@@ -501,6 +507,11 @@ async fn wait_acknowledges_with_the_replica_up_and_applies_with_it_down() {
     let took = t.elapsed();
     assert!(took >= timeout, "the commit waited the timeout ({took:?})");
     assert_eq!(waited.wait_shortfalls(), shortfalls + 1);
+    assert_eq!(
+        told.load(std::sync::atomic::Ordering::SeqCst),
+        waited.wait_shortfalls(),
+        "every shortfall is told"
+    );
     assert_eq!(plain.get(&job).await.unwrap().unwrap().seq, 1);
     // Commands not waiting for replicas do not queue behind a wait.
     let other = JobId::new("wait", "other");

@@ -90,6 +90,7 @@ pub struct Metrics {
     pub workers_seen: Gauge,
     pub leader: Gauge,
     pub coordinator_pass_seconds: Histogram,
+    pub redis_wait_shortfalls: Counter,
 }
 
 impl Default for Metrics {
@@ -185,7 +186,7 @@ impl Metrics {
             source_pauses: reg(
                 &mut r,
                 "source_pauses",
-                "Source-wide pauses set after a 429 with Retry-After, by source",
+                "Source-wide pauses set after a 429 with Retry-After, an error_when retry_after or spent rate-limit headers, by source",
             ),
             cursor_recoveries: reg(
                 &mut r,
@@ -266,6 +267,11 @@ impl Metrics {
                 &mut r,
                 "coordinator_leader",
                 "1 while this coordinator is the leader",
+            ),
+            redis_wait_shortfalls: reg(
+                &mut r,
+                "redis_wait_shortfalls",
+                "Redis writes that fewer replicas than --redis-wait-replicas acknowledged within --redis-wait-timeout (applied on the master; a failover now could lose them)",
             ),
             coordinator_pass_seconds: register(
                 &mut r,
