@@ -713,6 +713,53 @@ async fn embedded_runs_sync_every_dialect_and_resume_after_a_sigkill() {
         resumed <= (search_left / 10 + 2) as u64,
         "{resumed} search requests after the restart for {search_left} records left"
     );
+
+    // 3. rewind --cursor on the embedded state: JSON only; the next run
+    // walks again exactly the records after the given search_after array.
+    let search_file = out.join("search.jsonl");
+    let dir = s(&state);
+    let (code, out, err) = tidemark(
+        &[
+            "rewind",
+            "search",
+            "--cursor",
+            "not-json",
+            "--state-dir",
+            &dir,
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "a non-JSON cursor is refused: {out}{err}");
+    let half = &truth.records[RECORDS / 2 - 1];
+    let half_t = BASE_TIME + RECORDS as i64 / 2 - 1;
+    let given = format!("[ {half_t}, \"{}\" ]", half.id);
+    let (code, out, err) = tidemark(
+        &["rewind", "search", "--cursor", &given, "--state-dir", &dir],
+        &[],
+    );
+    assert_eq!(code, 0, "a JSON array cursor is taken: {out}{err}");
+    let row = job_row(&embedded_status(&state), "search");
+    assert_eq!(row["cursor_json"], json!([half_t, half.id]), "{row}");
+    let before = file_records(&search_file).len();
+    let mut third = spawn("run3", &args, &[], c.dir.path(), "tidemark run:");
+    let st = wait_exit(&mut third, Duration::from_secs(60));
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "the run after the rewind did not finish cleanly ({st:?}): {}",
+        third.log_tail(40)
+    );
+    let again: Vec<String> = file_records(&search_file)[before..]
+        .iter()
+        .map(|r| r.id.clone())
+        .collect();
+    let after_cursor: Vec<String> = truth.records[RECORDS / 2..]
+        .iter()
+        .map(|r| r.id.clone())
+        .collect();
+    assert_eq!(
+        again, after_cursor,
+        "the rewound walk starts right after {given}, in order"
+    );
     eprintln!(
         "dialects: embedded, killed with {lines_at_kill:?} lines written; {:?}",
         started.elapsed()
