@@ -10,6 +10,7 @@
 //! the test failed.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is the failure report
 
+pub mod monitor;
 pub mod proxy;
 pub use tidemark_harness::redis_server;
 pub mod tls;

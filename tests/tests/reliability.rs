@@ -20,13 +20,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tidemark_core::checkpoint::compare_versions;
 use tidemark_mock::TruthRecord;
-use tidemark_state::Jobs;
+use tidemark_tests::monitor::Monitor;
 use tidemark_tests::proxy::FaultProxy;
 use tidemark_tests::redis_server::RedisServer;
 use tidemark_tests::{Checker, Cluster, amqp_url, eventually, host_port, missing_by_key, versions};
@@ -242,75 +241,6 @@ const KEYS: [&str; 6] = [
     "sync.a",
     "sync.b",
 ];
-
-/// Watches every checkpoint: a `seq` or high-water mark that goes back is a regression.
-struct Monitor {
-    stop: Arc<AtomicBool>,
-    regressions: Arc<Mutex<Vec<String>>>,
-    samples: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Monitor {
-    async fn start(c: &Cluster) -> Monitor {
-        let store = c.store().await;
-        let stop = Arc::new(AtomicBool::new(false));
-        let regressions = Arc::new(Mutex::new(Vec::new()));
-        let samples = Arc::new(AtomicU64::new(0));
-        let (st, rg, sm) = (stop.clone(), regressions.clone(), samples.clone());
-        let task = tokio::spawn(async move {
-            let mut seen: HashMap<String, (u64, Option<String>)> = HashMap::new();
-            while !st.load(Ordering::SeqCst) {
-                if let Ok(jobs) = store.list().await {
-                    sm.fetch_add(1, Ordering::SeqCst);
-                    for (job, cp) in jobs {
-                        let k = job.to_string();
-                        if let Some((seq, hw)) = seen.get(&k) {
-                            if cp.seq < *seq {
-                                rg.lock()
-                                    .unwrap()
-                                    .push(format!("{k}: seq {seq} -> {}", cp.seq));
-                            }
-                            if let (Some(old), Some(new)) = (hw, &cp.high_water)
-                                && compare_versions(new, old).is_lt()
-                            {
-                                rg.lock()
-                                    .unwrap()
-                                    .push(format!("{k}: high-water {old} -> {new}"));
-                            }
-                        }
-                        let hw = match (seen.get(&k).and_then(|s| s.1.clone()), cp.high_water) {
-                            (Some(a), Some(b)) => Some(if compare_versions(&a, &b).is_lt() {
-                                b
-                            } else {
-                                a
-                            }),
-                            (a, b) => a.or(b),
-                        };
-                        let seq = seen.get(&k).map_or(cp.seq, |s| s.0.max(cp.seq));
-                        seen.insert(k, (seq, hw));
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-        Monitor {
-            stop,
-            regressions,
-            samples,
-            task,
-        }
-    }
-
-    async fn finish(self) -> (Vec<String>, u64) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.task.await;
-        (
-            self.regressions.lock().unwrap().clone(),
-            self.samples.load(Ordering::SeqCst),
-        )
-    }
-}
 
 /// What the workers' `commit` log lines show.
 #[derive(Default, Debug)]
@@ -682,7 +612,13 @@ async fn faults_while_syncing_lose_nothing() {
         all_arrived(&checker, &truth.records)
     })
     .await;
-    let (regressions, samples) = monitor.finish().await;
+    let watch = monitor.finish().await;
+    let regressions: Vec<String> = watch
+        .regressions
+        .iter()
+        .map(|g| format!("{}: {}", g.job, g.what))
+        .collect();
+    let samples = watch.samples;
     let logs: Vec<std::path::PathBuf> = rig
         .c
         .procs
@@ -764,6 +700,11 @@ async fn faults_while_syncing_lose_nothing() {
         "cursor regressions: {regressions:?}"
     );
     assert!(samples > 50, "the monitor barely ran ({samples} samples)");
+    assert!(
+        watch.epoch_violations.is_empty(),
+        "new epochs not above every earlier one: {:?}",
+        watch.epoch_violations
+    );
     assert!(audit.stale_applied.is_empty(), "{:?}", audit.stale_applied);
     assert!(
         audit.applied > 100,
