@@ -296,10 +296,7 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
         if let Some(h) = &s.rate_limit_headers {
             for (field, name) in [("remaining", &h.remaining), ("reset", &h.reset)] {
                 if let Some(name) = name
-                    && (name.is_empty()
-                        || !name
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+                    && !super::preset::is_header_name(name)
                 {
                     out.push((
                         format!("{at}.rate_limit_headers.{field}"),

@@ -443,14 +443,19 @@ fn parse_cursor_source(s: &str) -> Result<Source, String> {
         .map_err(|e| format!("{e}, or one of link:next, header:NAME, last_record:/pointer"))
 }
 
+/// Whether `name` is a header name as a config may write one: letters,
+/// digits, `-` and `_`, not empty.
+pub(super) fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// The NAME of `header:NAME`, if it is a header name.
 fn header_name(name: &str) -> Result<String, String> {
     let name = name.trim();
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if !is_header_name(name) {
         return Err(format!(
             "header:NAME needs a valid header name, got {:?}",
             format!("header:{name}")
